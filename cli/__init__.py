@@ -1,0 +1,1 @@
+"""The typer command line (installed as ``securegmi.cli``): the composition root."""

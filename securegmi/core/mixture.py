@@ -1,0 +1,81 @@
+"""K VAEs in ONE module, so that a joint per-sample gradient covers every component.
+
+Holding all components in a single module is what lets DP-SGD clip each sample's gradient
+jointly over the K components: one subsampled Gaussian mechanism per step, not K (DESIGN §1).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+from securegmi.core.vae import VAE, Likelihood
+
+
+class MixtureOfVAEs(nn.Module):
+    """K independent VAE components with a shared architecture."""
+
+    def __init__(
+        self,
+        components: int,
+        data_dim: int,
+        hidden: int,
+        latent: int,
+        likelihood: Likelihood,
+        seed: int,
+    ) -> None:
+        super().__init__()
+        # Distinct, public seeds per component: the first symmetry breaker (DESIGN §1).
+        generator_state = torch.random.get_rng_state()
+        vaes = []
+        for k in range(components):
+            torch.manual_seed(seed * 1_000_003 + k)
+            vaes.append(VAE(data_dim, hidden, latent, likelihood))
+        torch.random.set_rng_state(generator_state)
+        self.components = nn.ModuleList(vaes)
+
+    @property
+    def n_components(self) -> int:
+        return len(self.components)
+
+    def component(self, k: int) -> VAE:
+        vae = self.components[k]
+        assert isinstance(vae, VAE)
+        return vae
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The (batch, K) matrix of per-sample ELBOs, one column per component."""
+        return self.elbo_matrix(x)
+
+    def elbo_matrix(self, x: Tensor, samples: int = 1) -> Tensor:
+        return torch.stack([self.component(k).elbo(x, samples) for k in range(len(self.components))], dim=1)
+
+    def iwae_matrix(self, x: Tensor, samples: int) -> Tensor:
+        return torch.stack([self.component(k).iwae(x, samples) for k in range(len(self.components))], dim=1)
+
+    def parameter_count(self) -> int:
+        """Number of parameters of ONE component (all components share the architecture)."""
+        return sum(p.numel() for p in self.component(0).parameters())
+
+    def get_component_vectors(self) -> np.ndarray:
+        """The (K, P) float32 matrix of flattened component parameters."""
+        rows = [
+            parameters_to_vector(self.component(k).parameters()).detach().cpu().numpy()
+            for k in range(self.n_components)
+        ]
+        return np.stack(rows).astype(np.float32)
+
+    def set_component_vectors(self, vectors: np.ndarray) -> None:
+        if vectors.shape != (self.n_components, self.parameter_count()):
+            raise ValueError(
+                f"expected component vectors of shape {(self.n_components, self.parameter_count())},"
+                f" got {vectors.shape}"
+            )
+        with torch.no_grad():
+            for k in range(self.n_components):
+                vector_to_parameters(
+                    torch.as_tensor(vectors[k], dtype=torch.float32),
+                    self.component(k).parameters(),
+                )

@@ -1,0 +1,130 @@
+"""A FedGMI client: E-step, pi update, local training and the pre-weighted upload (DESIGN §1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from securegmi.core.em import infer_mixture
+from securegmi.core.mixture import MixtureOfVAEs
+from securegmi.core.training import e_step_elbo, train_components
+from securegmi.engine.seeding import seed_torch
+from securegmi.errors import ProtocolViolation
+from securegmi.protocol import Message, NonPrivate
+from securegmi.protocol.fields import Ciphertext
+
+Weighting = Literal["mass", "size"]
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    local_epochs: int
+    batch_size: int
+    learning_rate: float
+    elbo_samples: int
+    e_step_iterations: int
+    pi_floor: float
+    weighting: Weighting = "mass"  # "size": FedEM's weighting by client size, for comparison
+    top_b: int | None = None
+    warm_start_rounds: int = 0
+
+
+def payload_array(message: Message, name: str) -> np.ndarray:
+    field = message.payload.get(name)
+    if field is None or isinstance(field, Ciphertext):
+        raise ProtocolViolation(f"{message.stage}: expected a plaintext field {name!r}")
+    return field.value
+
+
+class FedGMIClient:
+    """Holds one client's training data, its model copy and its mixture estimate pi.
+
+    It never sees ground truth: the simulation keeps sources beside the data, not in here.
+    """
+
+    def __init__(
+        self, client_id: str, x_train: np.ndarray, model: MixtureOfVAEs, settings: ClientSettings, seed: int
+    ) -> None:
+        self.client_id = client_id
+        self.x_train = np.ascontiguousarray(x_train, dtype=np.float32)
+        self.model = model
+        self.settings = settings
+        self.seed = seed
+        self.index = int(client_id.rsplit("-", 1)[-1]) if client_id[-1].isdigit() else 0
+        k = model.n_components
+        self.pi = np.full(k, 1.0 / k)
+        # Warm start: the client trains one publicly assigned component on all its data.
+        self.warm_component = int(np.random.default_rng([seed, self.index, 17]).integers(k))
+        import os
+
+        if os.environ.get("PERSIST"):
+            self._opt = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
+        else:
+            self._opt = None
+
+    def handle(self, message: Message) -> Message:
+        """Answer the server's broadcast with this round's update."""
+        if message.stage != "broadcast":
+            raise ProtocolViolation(f"client {self.client_id} cannot answer stage {message.stage!r}")
+        self.load_aggregate(
+            payload_array(message, "component_sums"), payload_array(message, "component_masses")
+        )
+        masses = self.local_round(message.round, float(payload_array(message, "temperature")))
+        return self.update_message(message.round, masses)
+
+    def load_aggregate(self, sums: np.ndarray, masses: np.ndarray) -> None:
+        """theta_k = S_k / W_k; a component nobody sent (W_k = 0) keeps its current value."""
+        current = self.model.get_component_vectors()
+        present = masses > 0
+        current[present] = sums[present] / masses[present, None]
+        self.model.set_component_vectors(current.astype(np.float32))
+
+    def local_round(self, round_index: int, temperature: float) -> np.ndarray:
+        """E-step with this client's pi as prior, pi update, then the M-step; returns soft counts."""
+        rng = seed_torch(self.seed, round_index, self.index)
+        s = self.settings
+        if round_index < s.warm_start_rounds:
+            k = self.model.n_components
+            resp = torch.zeros(len(self.x_train), k)
+            resp[:, self.warm_component] = 1.0
+            masses = resp.sum(0).numpy().astype(np.float64)
+        else:
+            elbo = e_step_elbo(self.model, self.x_train, s.elbo_samples)
+            resp, masses, self.pi = infer_mixture(elbo, self.pi, temperature, s.e_step_iterations, s.pi_floor)
+        opt = self._opt or torch.optim.Adam(self.model.parameters(), lr=s.learning_rate)
+        train_components(
+            self.model,
+            self.x_train,
+            resp,
+            opt,
+            epochs=s.local_epochs,
+            batch_size=s.batch_size,
+            generator=rng,
+        )
+        return masses
+
+    def update_message(self, round_index: int, masses: np.ndarray) -> Message:
+        """u_ck = w_ck theta_ck for the B heaviest components, pre-weighted so the server only adds."""
+        k = self.model.n_components
+        if self.settings.weighting == "size":
+            weights = np.full(k, float(len(self.x_train)))
+        else:
+            weights = np.maximum(masses, 0.0)
+        b = k if self.settings.top_b is None else self.settings.top_b
+        index = np.sort(np.argsort(-weights, kind="stable")[:b]).astype(np.int64)
+        sent = np.zeros(k)
+        sent[index] = weights[index]
+        vectors = self.model.get_component_vectors()[index]
+        return Message(
+            stage="update",
+            round=round_index,
+            sender=self.client_id,
+            payload={
+                "masses": NonPrivate(sent),
+                "component_index": NonPrivate(index),
+                "weighted_components": NonPrivate((weights[index, None] * vectors).astype(np.float32)),
+            },
+        )

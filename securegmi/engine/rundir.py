@@ -1,0 +1,83 @@
+"""The run directory: config, per-round metrics, transcript, checkpoint and results.
+
+Files are written atomically (temporary file, then rename) or appended line by line, so a run
+that fails leaves every completed round on disk. Checkpoints are safetensors, never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from securegmi.errors import RunDirectoryError
+
+CONFIG = "config.json"
+RESULTS = "results.json"
+METRICS = "metrics.jsonl"
+TRANSCRIPT = "transcript.jsonl"
+CHECKPOINT = "model.safetensors"
+
+
+class RunDirectory:
+    def __init__(self, path: Path, *, overwrite: bool = False) -> None:
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirectoryError(f"{self.path} exists and is not a directory")
+        if self.path.exists() and any(self.path.iterdir()) and not overwrite:
+            raise RunDirectoryError(
+                f"{self.path} already holds a run; choose another --out or pass --overwrite"
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+        for stale in (RESULTS, METRICS, TRANSCRIPT, CHECKPOINT):
+            (self.path / stale).unlink(missing_ok=True)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def write_json(self, name: str, data: Any) -> None:
+        target = self.path / name
+        tmp = target.with_suffix(target.suffix + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, target)
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        with (self.path / METRICS).open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row, sort_keys=True) + "\n")
+
+    def save_checkpoint(self, components: np.ndarray, pis: np.ndarray, metadata: dict[str, str]) -> None:
+        target = self.path / CHECKPOINT
+        tmp = target.with_suffix(".tmp")
+        save_file(
+            {"components": np.ascontiguousarray(components), "pi": np.ascontiguousarray(pis)},
+            str(tmp),
+            metadata=metadata,
+        )
+        os.replace(tmp, target)
+
+
+def read_run(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """results.json and the per-round metrics of a finished run, with a clear error otherwise."""
+    path = Path(path)
+    results_file = path / RESULTS
+    if not results_file.exists():
+        raise RunDirectoryError(f"{path} has no {RESULTS}: not a finished securegmi run directory")
+    try:
+        results = json.loads(results_file.read_text(encoding="utf-8"))
+        metrics_file = path / METRICS
+        metrics = (
+            [
+                json.loads(line)
+                for line in metrics_file.read_text(encoding="utf-8").splitlines()
+                if line.strip()
+            ]
+            if metrics_file.exists()
+            else []
+        )
+    except json.JSONDecodeError as exc:
+        raise RunDirectoryError(f"{path}: corrupt run file ({exc})") from exc
+    return results, metrics

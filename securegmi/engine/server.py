@@ -1,0 +1,40 @@
+"""The aggregation server: additions only (DESIGN §1), so the same logic holds under CKKS."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from securegmi.engine.client import payload_array
+from securegmi.protocol import SERVER, Message, NonPrivate, Public
+
+
+class AggregationServer:
+    """Keeps S_k = sum_c u_ck and W_k = sum_c w_ck; it never divides, clients do."""
+
+    def __init__(self, initial_components: np.ndarray) -> None:
+        # Round 0 broadcasts the public initialisation as S = theta, W = 1.
+        self.sums = np.asarray(initial_components, dtype=np.float32).copy()
+        self.masses = np.ones(len(self.sums))
+
+    def broadcast(self, round_index: int, temperature: float) -> Message:
+        return Message(
+            stage="broadcast",
+            round=round_index,
+            sender=SERVER,
+            payload={
+                "component_sums": NonPrivate(self.sums),
+                "component_masses": NonPrivate(self.masses),
+                "temperature": Public(np.asarray(temperature, dtype=np.float64)),
+            },
+        )
+
+    def aggregate(self, updates: Mapping[str, Message]) -> None:
+        sums = np.zeros_like(self.sums, dtype=np.float64)
+        masses = np.zeros(len(self.sums))
+        for message in updates.values():
+            index = payload_array(message, "component_index")
+            sums[index] += payload_array(message, "weighted_components")
+            masses += payload_array(message, "masses")
+        self.sums, self.masses = sums.astype(np.float32), masses

@@ -1,0 +1,103 @@
+"""Transports carry encoded messages between the server and its clients.
+
+Both ends validate every message against the protocol: the client end before anything leaves
+the client (an undeclared field is never sent), the server end on receipt (a client that skips
+its own check is still refused). The in-process transport is the twin that Flower later replaces.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from securegmi.errors import ProtocolViolation
+from securegmi.protocol import SERVER, Message, ProtocolSpec, TranscriptWriter, decode, encode
+
+Handler = Callable[[Message], Message]
+
+
+class ClientEndpoint:
+    """The client's end of a link: validate inbound, handle, validate outbound, encode."""
+
+    def __init__(self, client_id: str, handler: Handler, spec: ProtocolSpec) -> None:
+        self.client_id = client_id
+        self.handler = handler
+        self.spec = spec
+
+    def receive(self, wire: bytes) -> bytes:
+        inbound = decode(wire)
+        self.spec.validate(inbound, sender_role="server")
+        reply = self.handler(inbound)
+        # The outbound check runs before encoding: a violation means nothing leaves the client.
+        self.spec.validate(reply, sender_role="client", sender=self.client_id)
+        return encode(reply)
+
+
+class ServerEndpoint:
+    """The server's end: validate and record what it sends, decode, validate and record replies."""
+
+    def __init__(self, spec: ProtocolSpec, transcript: TranscriptWriter | None) -> None:
+        self.spec = spec
+        self.transcript = transcript
+
+    def send(self, client_id: str, message: Message) -> bytes:
+        self.spec.validate(message, sender_role="server")
+        wire = encode(message)
+        if self.transcript is not None:
+            self.transcript.record(message, wire, receiver=client_id)
+        return wire
+
+    def accept(self, client_id: str, wire: bytes) -> Message:
+        reply = decode(wire)
+        try:
+            self.spec.validate(reply, sender_role="client", sender=client_id)
+        except ProtocolViolation:
+            if self.transcript is not None:
+                self.transcript.record(reply, wire, receiver=SERVER, status="rejected")
+            raise
+        if self.transcript is not None:
+            self.transcript.record(reply, wire, receiver=SERVER)
+        return reply
+
+    def refuse(self, client_id: str, message: Message, reason: str) -> None:
+        if self.transcript is not None:
+            self.transcript.record_refusal(
+                round=message.round, stage=message.stage, sender=client_id, receiver=SERVER, reason=reason
+            )
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """The replies the server accepted, and why each other client's reply was refused."""
+
+    replies: dict[str, Message]
+    refused: dict[str, str] = field(default_factory=dict)
+
+
+class Transport(ABC):
+    @abstractmethod
+    def exchange(self, outgoing: Mapping[str, Message]) -> Exchange:
+        """Deliver each message to its client and collect the validated replies."""
+
+
+class InProcessTransport(Transport):
+    def __init__(self, server: ServerEndpoint, clients: Mapping[str, ClientEndpoint]) -> None:
+        self.server = server
+        self.clients = dict(clients)
+
+    def deliver(self, client_id: str, wire: bytes) -> bytes:
+        """Hand bytes to a client and return its reply bytes (a test spy overrides this)."""
+        return self.clients[client_id].receive(wire)
+
+    def exchange(self, outgoing: Mapping[str, Message]) -> Exchange:
+        replies: dict[str, Message] = {}
+        refused: dict[str, str] = {}
+        for client_id, message in outgoing.items():
+            wire = self.server.send(client_id, message)
+            try:
+                replies[client_id] = self.server.accept(client_id, self.deliver(client_id, wire))
+            except ProtocolViolation as exc:
+                refused[client_id] = str(exc)
+                self.server.refuse(client_id, message, str(exc))
+        return Exchange(replies, refused)

@@ -1,0 +1,27 @@
+"""The one exception tree of securegmi.
+
+Every error a user can cause derives from :class:`SecureGMIError`, so callers (the CLI above all)
+can report it as a message instead of a traceback. Messages say what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+
+class SecureGMIError(Exception):
+    """Base class of every error securegmi raises on purpose."""
+
+
+class ConfigError(SecureGMIError, ValueError):
+    """A configuration value is invalid; the message names the field and the accepted range."""
+
+
+class DataError(SecureGMIError, ValueError):
+    """A dataset cannot be loaded or split as requested."""
+
+
+class ProtocolViolation(SecureGMIError):
+    """A message does not match its protocol's declaration; nothing was sent or accepted."""
+
+
+class RunDirectoryError(SecureGMIError):
+    """A run directory is missing, incomplete or would be overwritten."""

@@ -1,0 +1,110 @@
+"""`Message`: the only thing that crosses a client boundary, and its byte encoding.
+
+The wire format is safetensors (arrays) with the message's metadata as JSON in the safetensors
+header: no pickle, and a reader in any language can parse it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from securegmi.errors import ProtocolViolation
+from securegmi.protocol.fields import (
+    FIELD_TYPES,
+    Ciphertext,
+    DpRelease,
+    Field,
+    FieldKind,
+    NonPrivate,
+    Public,
+    field_array,
+)
+
+SERVER = "server"
+_META_KEY = "securegmi.message"
+
+
+@dataclass(frozen=True)
+class Message:
+    """One protocol message: a stage, a round, a sender, and either a payload or an error."""
+
+    stage: str
+    round: int
+    sender: str
+    payload: Mapping[str, Field] = field(default_factory=dict)
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, value in self.payload.items():
+            if not isinstance(value, FIELD_TYPES):
+                raise ProtocolViolation(
+                    f"payload field {name!r} is a {type(value).__name__}; wrap it in Public, "
+                    "NonPrivate, DpRelease or Ciphertext to declare what it discloses"
+                )
+        if self.error is not None and self.payload:
+            raise ProtocolViolation("an error message carries no payload")
+        object.__setattr__(self, "payload", MappingProxyType(dict(self.payload)))
+
+
+def encode(message: Message) -> bytes:
+    arrays = {name: field_array(f) for name, f in message.payload.items()}
+    fields: dict[str, dict[str, str]] = {}
+    for name, f in message.payload.items():
+        entry = {"kind": f.kind.value}
+        if isinstance(f, DpRelease):
+            entry["event"] = f.event
+        if isinstance(f, Ciphertext):
+            entry["key_id"] = f.key_id
+        fields[name] = entry
+    header = {
+        "stage": message.stage,
+        "round": message.round,
+        "sender": message.sender,
+        "error": message.error,
+        "fields": fields,
+    }
+    return bytes(st_save(arrays, metadata={_META_KEY: json.dumps(header, sort_keys=True)}))
+
+
+def _read_metadata(raw: bytes) -> dict[str, Any]:
+    # safetensors' numpy loader drops the metadata; the header layout (8-byte little-endian
+    # length, then JSON) is part of the format's specification.
+    size = int.from_bytes(raw[:8], "little")
+    meta = json.loads(raw[8 : 8 + size]).get("__metadata__", {})
+    return dict(json.loads(meta[_META_KEY]))
+
+
+def decode(raw: bytes) -> Message:
+    try:
+        header = _read_metadata(raw)
+        arrays = st_load(raw)
+        fields_meta = header["fields"]
+        if set(fields_meta) != set(arrays):
+            raise ValueError("field metadata and arrays disagree")
+        payload: dict[str, Field] = {}
+        for name, meta in fields_meta.items():
+            kind = FieldKind(meta["kind"])
+            value = arrays[name]
+            if kind is FieldKind.PUBLIC:
+                payload[name] = Public(value)
+            elif kind is FieldKind.NON_PRIVATE:
+                payload[name] = NonPrivate(value)
+            elif kind is FieldKind.DP_RELEASE:
+                payload[name] = DpRelease(value, str(meta["event"]))
+            else:
+                payload[name] = Ciphertext(np.asarray(value, np.uint8).tobytes(), str(meta["key_id"]))
+        return Message(
+            str(header["stage"]), int(header["round"]), str(header["sender"]), payload, header["error"]
+        )
+    except ProtocolViolation:
+        raise
+    except Exception as exc:  # any malformed input is a protocol violation, never a crash
+        raise ProtocolViolation(f"message bytes do not decode: {exc}") from exc

@@ -1,0 +1,74 @@
+"""The transcript: one JSON line per field of every message, metadata only, never values."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from securegmi.protocol.fields import field_array
+from securegmi.protocol.message import Message
+
+
+class TranscriptWriter:
+    """Appends to RUN_DIR/transcript.jsonl; each line is flushed before the message is delivered."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fh = path.open("a", encoding="utf-8")
+
+    def record(self, message: Message, wire: bytes, *, receiver: str, status: str = "delivered") -> None:
+        base = {
+            "round": message.round,
+            "stage": message.stage,
+            "sender": message.sender,
+            "receiver": receiver,
+            "status": status,
+            "message_bytes": len(wire),
+            "message_sha256": hashlib.sha256(wire).hexdigest(),
+        }
+        if message.error is not None or not message.payload:
+            self._write({**base, "field": None, "error": message.error})
+        for name, f in message.payload.items():
+            array = field_array(f)
+            self._write(
+                {
+                    **base,
+                    "field": name,
+                    "kind": f.kind.value,
+                    "shape": list(array.shape),
+                    "dtype": str(array.dtype),
+                    "bytes": int(array.nbytes),
+                    "sha256": hashlib.sha256(array.tobytes()).hexdigest(),
+                }
+            )
+        self._fh.flush()
+
+    def record_refusal(self, *, round: int, stage: str, sender: str, receiver: str, reason: str) -> None:
+        self._write(
+            {
+                "round": round,
+                "stage": stage,
+                "sender": sender,
+                "receiver": receiver,
+                "status": "refused",
+                "field": None,
+                "reason": reason,
+            }
+        )
+        self._fh.flush()
+
+    def _write(self, row: dict[str, Any]) -> None:
+        self._fh.write(json.dumps(row, sort_keys=True) + "\n")
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def read_transcript(path: Path) -> Iterator[dict[str, Any]]:
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                yield json.loads(line)

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from securegmi.cli.main import app
+
+runner = CliRunner()
+SMALL = ["--dataset", "synthetic", "--clients", "4", "--rounds", "2", "--local-epochs", "1"]
+
+
+@pytest.mark.slow
+def test_simulate_then_report(tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["simulate", *SMALL, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "Summary" in result.output and "source accuracy" in result.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["clients"] == 4 and results["method"] == "fedgmi"
+    report = runner.invoke(app, ["report", str(out)])
+    assert report.exit_code == 0, report.output
+    for name in ("pi.png", "rounds.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_simulate_json_output_is_machine_readable(tmp_path):
+    result = runner.invoke(app, ["simulate", *SMALL, "--out", str(tmp_path / "r"), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout[result.stdout.index("{") :])
+    assert data["dataset"] == "synthetic"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["simulate", "--alpha", "-1"], "alpha must be positive"),
+        (["simulate", "--method", "magic"], "method must be one of"),
+        (["simulate", "--protocol", "nope"], "unknown protocol"),
+        (["simulate", "--dataset", "cifar"], "dataset must be one of"),
+        (["report", "/nonexistent/run"], "not a finished securegmi run"),
+    ],
+)
+def test_user_mistakes_are_messages_not_tracebacks(args, message):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.slow
+def test_refuses_to_overwrite_a_run(tmp_path):
+    out = tmp_path / "run"
+    assert runner.invoke(app, ["simulate", *SMALL, "--out", str(out)]).exit_code == 0
+    again = runner.invoke(app, ["simulate", *SMALL, "--out", str(out)])
+    assert again.exit_code == 2 and "--overwrite" in again.output

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from securegmi.errors import ProtocolViolation
+from securegmi.protocol import SERVER, Message, NonPrivate, Public
+from securegmi.protocols import plain
+
+SPEC = plain.build(components=3, parameters=5)
+
+
+def _update(**changes) -> Message:
+    payload = {
+        "masses": NonPrivate(np.array([1.0, 2.0, 3.0])),
+        "component_index": NonPrivate(np.arange(3, dtype=np.int64)),
+        "weighted_components": NonPrivate(np.zeros((3, 5), np.float32)),
+    }
+    payload.update(changes)
+    return Message("update", 0, "client-0", {k: v for k, v in payload.items() if v is not None})
+
+
+def test_a_declared_update_validates():
+    SPEC.validate(_update(), sender_role="client", sender="client-0")
+
+
+@pytest.mark.parametrize(
+    ("message", "match"),
+    [
+        (_update(n_samples=NonPrivate(np.array([61.0]))), "undeclared"),
+        (_update(masses=None), "missing"),
+        (_update(masses=Public(np.array([1.0, 2.0, 3.0]))), "declared non-private"),
+        (_update(masses=NonPrivate(np.array([1.0, 2.0]))), "float64\\[3\\]"),
+        (_update(masses=NonPrivate(np.array([1, 2, 3]))), "float64"),
+        (_update(masses=NonPrivate(np.array([1.0, np.nan, 3.0]))), "NaN"),
+        (Message("nonsense", 0, "client-0"), "no stage"),
+        (Message("broadcast", 0, "client-0"), "sent by the server"),
+    ],
+)
+def test_every_deviation_is_refused(message, match):
+    with pytest.raises(ProtocolViolation, match=match):
+        SPEC.validate(message, sender_role="client", sender="client-0")
+
+
+def test_a_client_cannot_speak_for_another():
+    with pytest.raises(ProtocolViolation, match="claims"):
+        SPEC.validate(_update(), sender_role="client", sender="client-7")
+
+
+def test_server_messages_must_come_from_the_server():
+    m = Message("broadcast", 0, "client-0", {})
+    with pytest.raises(ProtocolViolation, match=SERVER):
+        SPEC.validate(m, sender_role="server")
+
+
+def test_top_b_binds_the_uplink_shape():
+    spec = plain.build(components=3, parameters=5, top_b=1)
+    ok = _update(
+        component_index=NonPrivate(np.array([2], np.int64)),
+        weighted_components=NonPrivate(np.zeros((1, 5), np.float32)),
+    )
+    spec.validate(ok, sender_role="client", sender="client-0")
+    with pytest.raises(ProtocolViolation, match="weighted_components"):
+        spec.validate(
+            _update(component_index=NonPrivate(np.array([2], np.int64))),
+            sender_role="client",
+            sender="client-0",
+        )
+    with pytest.raises(ValueError, match="top_b"):
+        plain.build(components=3, parameters=5, top_b=4)

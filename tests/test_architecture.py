@@ -1,0 +1,90 @@
+"""The layering of DESIGN §4: imports point downward only, and the install layout is right."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LIB = ROOT / "securegmi"
+
+# For each library package, the securegmi packages and third-party libraries it must not import.
+FORBIDDEN = {
+    "core": {
+        "securegmi.data",
+        "securegmi.protocol",
+        "securegmi.engine",
+        "securegmi.privacy",
+        "securegmi.crypto",
+        "securegmi.adapters",
+        "opacus",
+        "tenseal",
+        "flwr",
+        "typer",
+    },
+    "data": {
+        "securegmi.protocol",
+        "securegmi.engine",
+        "securegmi.privacy",
+        "securegmi.crypto",
+        "opacus",
+        "tenseal",
+        "flwr",
+        "typer",
+    },
+    "protocol": {"securegmi.engine", "securegmi.adapters", "torch", "typer"},
+    "engine": {"securegmi.adapters", "flwr", "typer"},
+}
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def _violations(package: str) -> list[str]:
+    bad = []
+    for path in (LIB / package).rglob("*.py"):
+        for name in _imports(path):
+            if any(name == f or name.startswith(f + ".") for f in FORBIDDEN[package]):
+                bad.append(f"{path.relative_to(ROOT)} imports {name}")
+    return bad
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_imports_point_downward(package):
+    assert _violations(package) == []
+
+
+def test_library_never_imports_protocols_or_cli():
+    for path in LIB.rglob("*.py"):
+        for name in _imports(path):
+            assert not name.startswith(("securegmi.protocols", "securegmi.cli", "protocols", "cli")), path
+
+
+def test_layering_check_catches_an_upward_import(tmp_path, monkeypatch):
+    # Negative control: a core module importing the engine is reported.
+    fake = tmp_path / "securegmi" / "core"
+    fake.mkdir(parents=True)
+    (fake / "bad.py").write_text("from securegmi.engine.run import run_simulation\n")
+    this = sys.modules[__name__]
+    monkeypatch.setattr(this, "LIB", tmp_path / "securegmi")
+    monkeypatch.setattr(this, "ROOT", tmp_path)
+    assert _violations("core") == ["securegmi/core/bad.py imports securegmi.engine.run"]
+
+
+def test_protocols_and_cli_install_inside_the_securegmi_namespace():
+    assert importlib.import_module("securegmi.protocols").__name__ == "securegmi.protocols"
+    assert importlib.import_module("securegmi.cli.main").app is not None
+    spec = importlib.util.find_spec("cli")
+    assert spec is None or Path(spec.origin or "").parent == ROOT / "cli"  # only via the source tree
