@@ -42,7 +42,7 @@ def simulate(
     components: Annotated[int, typer.Option(help="number of mixture components K")] = 3,
     alpha: Annotated[float, typer.Option(help="Dirichlet concentration of each client's pi*")] = 0.5,
     rounds: Annotated[int, typer.Option(help="communication rounds")] = 60,
-    local_epochs: Annotated[int, typer.Option(help="local epochs per round")] = 2,
+    local_epochs: Annotated[int, typer.Option(help="local epochs per round")] = 5,
     method: Annotated[str, typer.Option(help=f"one of {', '.join(METHODS)}")] = "fedgmi",
     protocol: Annotated[str, typer.Option(help="protocol of the federated methods: plain")] = "plain",
     top_b: Annotated[int | None, typer.Option(help="send only each client's B heaviest components")] = None,

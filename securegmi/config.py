@@ -33,7 +33,7 @@ class SimulationConfig:
     components: int = 3
     alpha: float = 0.5
     rounds: int = 60
-    local_epochs: int = 2
+    local_epochs: int = 5
     method: str = "fedgmi"
     top_b: int | None = None
     seed: int = 0
@@ -48,7 +48,6 @@ class SimulationConfig:
     pi_floor: float = 1e-3
     test_fraction: float = 0.2
     samples_per_client: int | None = None
-    warm_start_rounds: int = 0
 
     def __post_init__(self) -> None:
         _check(self.dataset in DATASETS, "dataset", f"must be one of {DATASETS}", self.dataset)

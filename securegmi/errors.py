@@ -25,3 +25,12 @@ class ProtocolViolation(SecureGMIError):
 
 class RunDirectoryError(SecureGMIError):
     """A run directory is missing, incomplete or would be overwritten."""
+
+
+class BudgetExceededError(SecureGMIError):
+    """A round's privacy events would exceed a client's budget; the round is refused and
+    nothing is sent."""
+
+
+class PrivacyError(SecureGMIError):
+    """A privacy configuration or module that cannot give the stated guarantee."""

@@ -29,7 +29,6 @@ class ClientSettings:
     pi_floor: float
     weighting: Weighting = "mass"  # "size": FedEM's weighting by client size, for comparison
     top_b: int | None = None
-    warm_start_rounds: int = 0
 
 
 def payload_array(message: Message, name: str) -> np.ndarray:
@@ -56,14 +55,6 @@ class FedGMIClient:
         self.index = int(client_id.rsplit("-", 1)[-1]) if client_id[-1].isdigit() else 0
         k = model.n_components
         self.pi = np.full(k, 1.0 / k)
-        # Warm start: the client trains one publicly assigned component on all its data.
-        self.warm_component = int(np.random.default_rng([seed, self.index, 17]).integers(k))
-        import os
-
-        if os.environ.get("PERSIST"):
-            self._opt = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
-        else:
-            self._opt = None
 
     def handle(self, message: Message) -> Message:
         """Answer the server's broadcast with this round's update."""
@@ -86,20 +77,16 @@ class FedGMIClient:
         """E-step with this client's pi as prior, pi update, then the M-step; returns soft counts."""
         rng = seed_torch(self.seed, round_index, self.index)
         s = self.settings
-        if round_index < s.warm_start_rounds:
-            k = self.model.n_components
-            resp = torch.zeros(len(self.x_train), k)
-            resp[:, self.warm_component] = 1.0
-            masses = resp.sum(0).numpy().astype(np.float64)
-        else:
-            elbo = e_step_elbo(self.model, self.x_train, s.elbo_samples)
-            resp, masses, self.pi = infer_mixture(elbo, self.pi, temperature, s.e_step_iterations, s.pi_floor)
-        opt = self._opt or torch.optim.Adam(self.model.parameters(), lr=s.learning_rate)
+        elbo = e_step_elbo(self.model, self.x_train, s.elbo_samples)
+        resp, masses, self.pi = infer_mixture(elbo, self.pi, temperature, s.e_step_iterations, s.pi_floor)
+        # A fresh Adam each round: moments kept across rounds go stale once the parameters are
+        # replaced by the aggregate (measured on digits-PM tuning seeds: 0.68 vs 0.95 accuracy).
+        optimiser = torch.optim.Adam(self.model.parameters(), lr=s.learning_rate)
         train_components(
             self.model,
             self.x_train,
             resp,
-            opt,
+            optimiser,
             epochs=s.local_epochs,
             batch_size=s.batch_size,
             generator=rng,

@@ -89,7 +89,6 @@ def _settings(config: SimulationConfig) -> ClientSettings:
         pi_floor=config.pi_floor,
         weighting="size" if config.method == "fedem-weights" else "mass",
         top_b=config.top_b,
-        warm_start_rounds=config.warm_start_rounds,
     )
 
 

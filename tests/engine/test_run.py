@@ -13,7 +13,7 @@ from securegmi.engine.run import run_simulation
 from securegmi.errors import ConfigError, RunDirectoryError
 from securegmi.protocols import plain
 
-FAST = {"dataset": "synthetic", "clients": 6, "rounds": 12, "local_epochs": 2, "hidden": 32, "latent": 2}
+FAST = {"dataset": "synthetic", "clients": 10, "rounds": 15, "local_epochs": 2, "hidden": 32, "latent": 2}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_results_contract_and_run_directory(fedgmi_run):
     config = json.loads((out / "config.json").read_text())
     assert SimulationConfig.from_dict(config) == SimulationConfig(**FAST)
     checkpoint = load_file(str(out / "model.safetensors"))
-    assert checkpoint["components"].shape[0] == 3 and checkpoint["pi"].shape == (6, 3)
+    assert checkpoint["components"].shape[0] == 3 and checkpoint["pi"].shape == (10, 3)
     # Uplink: K float64 masses + K int64 indices + K x P float32 weighted components.
     p = checkpoint["components"].shape[1]
     assert results["uplink_bytes_per_client_round"] == 3 * 8 + 3 * 8 + 3 * p * 4
