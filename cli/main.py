@@ -13,6 +13,7 @@ from rich.table import Table
 
 from securegmi.config import METHODS, SimulationConfig
 from securegmi.errors import SecureGMIError
+from securegmi.privacy.dpsgd import NOT_CSPRNG
 
 app = typer.Typer(
     help="Privacy-enhanced federated learning for probabilistic mixtures (FedGMI).",
@@ -44,7 +45,13 @@ def simulate(
     rounds: Annotated[int, typer.Option(help="communication rounds")] = 60,
     local_epochs: Annotated[int, typer.Option(help="local epochs per round")] = 5,
     method: Annotated[str, typer.Option(help=f"one of {', '.join(METHODS)}")] = "fedgmi",
-    protocol: Annotated[str, typer.Option(help="protocol of the federated methods: plain")] = "plain",
+    protocol: Annotated[
+        str | None, typer.Option(help="plain or dp (default: dp with --epsilon, else plain)")
+    ] = None,
+    epsilon: Annotated[
+        float | None, typer.Option(help="whole-run (epsilon, delta)-DP budget per client")
+    ] = None,
+    delta: Annotated[float, typer.Option(help="delta of the budget")] = 1e-5,
     top_b: Annotated[int | None, typer.Option(help="send only each client's B heaviest components")] = None,
     temperature: Annotated[
         float | None, typer.Option(help="initial likelihood temperature (default: by dataset)")
@@ -75,10 +82,13 @@ def simulate(
             top_b=top_b,
             temperature=temperature,
             seed=seed,
+            protocol=protocol or ("dp" if epsilon is not None else "plain"),
+            epsilon=epsilon,
+            delta=delta,
         )
         if threads < 1:
             raise typer.BadParameter("--threads must be at least 1")
-        builder = protocols.builder(protocol)
+        builder = protocols.builder(config.protocol)
         torch.set_num_threads(threads)
         run_dir = out if out is not None else Path("runs") / f"{method}-seed{seed}"
         with Progress(
@@ -99,12 +109,17 @@ def simulate(
                     status=(f"T={m.temperature:5.2f} acc={m.source_accuracy:.3f} pi-TV={m.pi_tv_error:.3f}"),
                 )
 
+            def on_plan(plan: dict[str, Any]) -> None:
+                bar.console.print(_plan_table(plan))
+                bar.console.print(f"[yellow]note:[/] {NOT_CSPRNG}")
+
             result = run_simulation(
                 config,
                 protocol=builder,
                 out=run_dir,
                 overwrite=overwrite,
                 progress=on_round,
+                on_plan=on_plan,
             )
     except SecureGMIError as exc:
         raise _fail(exc) from None
@@ -114,6 +129,27 @@ def simulate(
         return
     _print_clients(results)
     _print_summary(results, run_dir)
+
+
+def _plan_table(plan: dict[str, Any]) -> Table:
+    table = Table(title="Privacy plan (per client, whole run)", show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    for key, value in (
+        ("budget", f"epsilon {plan['epsilon']:g}, delta {plan['delta']:g} (add/remove one record)"),
+        (
+            "rounds x DP-SGD steps",
+            f"{plan['rounds']} x {plan['steps_per_round']} (Poisson rate {plan['sample_rate']:g})",
+        ),
+        ("DP-SGD", f"clip {plan['clip_norm']:g}, noise multiplier {plan['sgd_noise_multiplier']:.3f}"),
+        (
+            "soft counts",
+            f"Gaussian, sensitivity 1, sigma {plan['count_noise_multiplier']:.3f} "
+            f"({plan['count_share']:.0%} of epsilon alone)",
+        ),
+    ):
+        table.add_row(key, value)
+    return table
 
 
 def _print_clients(results: dict[str, Any]) -> None:
@@ -151,17 +187,21 @@ def _print_summary(results: dict[str, Any], run_dir: Path) -> None:
         ("mean pi TV error", f"{results['pi_tv_error']:.3f}"),
         ("held-out NLL bound (nats)", "n/a" if nll is None else f"{nll:.2f}"),
         ("uplink per client per round", f"{results['uplink_bytes_per_client_round'] / 1024:.1f} KiB"),
-        (
-            "privacy",
-            "none: every uplink field is sent in the clear"
-            if results["epsilon"] is None
-            else str(results["epsilon"]),
-        ),
+        ("privacy", _privacy_line(results["epsilon"])),
         ("wall time", f"{results['wall_seconds']:.1f} s"),
         ("run directory", str(run_dir)),
     ):
         table.add_row(key, value)
     console.print(table)
+
+
+def _privacy_line(privacy: dict[str, Any] | None) -> str:
+    if privacy is None:
+        return "none: every uplink field is sent in the clear"
+    return (
+        f"epsilon spent {privacy['max_spent']:.3f} (RDP; PLD {privacy['max_spent_pld']:.3f}) of "
+        f"{privacy['target']:g}, delta {privacy['delta']:g}, per client; noise not from a CSPRNG"
+    )
 
 
 @app.command()
@@ -177,6 +217,85 @@ def report(
         raise _fail(exc) from None
     for path in paths:
         console.print(f"wrote {path}")
+
+
+@app.command()
+def audit(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory written by `securegmi simulate`")],
+    json_output: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+) -> None:
+    """Report what left every client, its protection, and the privacy spent; exit 1 on any
+    uncovered field or exceeded budget."""
+    from securegmi import protocols
+    from securegmi.engine.audit import audit_run
+
+    try:
+        report = audit_run(run_dir, protocols.builder)
+    except SecureGMIError as exc:
+        raise _fail(exc) from None
+    if json_output:
+        console.print_json(json.dumps(report.to_dict()))
+    else:
+        _print_audit(report)
+    if not report.ok:
+        raise typer.Exit(code=1)
+
+
+def _print_audit(report: Any) -> None:
+    if report.budgets:
+        table = Table(title=f"Privacy spent per client (protocol {report.protocol})")
+        for col in (
+            "client",
+            "releases",
+            "epsilon (RDP)",
+            "epsilon (PLD)",
+            "delta",
+            "budget",
+            "remaining",
+            "",
+        ):
+            table.add_column(col, justify="left" if col in ("client", "") else "right")
+        for b in report.budgets:
+            table.add_row(
+                b.client,
+                str(b.releases),
+                f"{b.epsilon_rdp:.4f}",
+                f"{b.epsilon_pld:.4f}",
+                f"{b.delta:g}",
+                f"{b.budget:g}",
+                f"{b.remaining:.4f}",
+                "[red]EXCEEDED[/]" if b.exceeded else "[green]ok[/]",
+            )
+        console.print(table)
+    else:
+        console.print(f"No privacy ledgers: protocol {report.protocol!r} spends no DP budget.")
+    summary: dict[tuple[str, str, str], list[Any]] = {}
+    for d in report.disclosures:
+        summary.setdefault((d.field, d.kind, d.protection), []).append(d)
+    table = Table(title="What left the clients (from the transcript, checked against the spec and ledgers)")
+    for col in ("field", "kind", "protection", "clients", "messages", "bytes", "uncovered events"):
+        table.add_column(col, justify="right" if col in ("clients", "messages", "bytes") else "left")
+    for (name, kind, protection), rows in sorted(summary.items()):
+        style = "green" if protection in ("dp", "encrypted", "public") else "red"
+        uncovered = sorted({e for r in rows for e in r.uncovered_events})
+        table.add_row(
+            name,
+            kind,
+            f"[{style}]{protection}[/]",
+            str(len(rows)),
+            str(sum(r.messages for r in rows)),
+            str(sum(r.bytes for r in rows)),
+            ", ".join(uncovered[:3]) + (" ..." if len(uncovered) > 3 else ""),
+        )
+    console.print(table)
+    if report.problems:
+        console.print(f"[bold red]{len(report.problems)} problem(s):[/]")
+        for p in report.problems[:20]:
+            console.print(f"  - {p}")
+        if len(report.problems) > 20:
+            console.print(f"  ... and {len(report.problems) - 20} more (see --json)")
+    else:
+        console.print("[bold green]audit passed:[/] every field that left a client is declared and covered.")
 
 
 def main() -> None:

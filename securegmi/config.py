@@ -48,6 +48,15 @@ class SimulationConfig:
     pi_floor: float = 1e-3
     test_fraction: float = 0.2
     samples_per_client: int | None = None
+    protocol: str = "plain"
+    # Differential privacy (protocol "dp"): the whole run's budget per client, and DP-SGD's
+    # public sampling: Poisson rate q, clipping norm, and the public divisor of the noisy sum.
+    epsilon: float | None = None
+    delta: float = 1e-5
+    clip_norm: float = 1.0
+    sample_rate: float = 0.25
+    dp_batch_normaliser: float = 16.0
+    count_share: float = 0.2
 
     def __post_init__(self) -> None:
         _check(self.dataset in DATASETS, "dataset", f"must be one of {DATASETS}", self.dataset)
@@ -86,12 +95,36 @@ class SimulationConfig:
                 "applies to fedgmi and fedem-weights only",
                 self.method,
             )
+        self._check_privacy()
         if self.samples_per_client is not None:
             _check(
                 self.samples_per_client >= 10,
                 "samples_per_client",
                 "must be at least 10",
                 self.samples_per_client,
+            )
+
+    def _check_privacy(self) -> None:
+        private = self.protocol == "dp"
+        if private and self.epsilon is None:
+            raise ConfigError("protocol 'dp' needs a budget: pass --epsilon (and optionally --delta)")
+        if self.epsilon is None:
+            return
+        _check(private, "protocol", "must be 'dp' when --epsilon is given", self.protocol)
+        _check(0 < self.epsilon < float("inf"), "epsilon", "must be positive and finite", self.epsilon)
+        _check(0 < self.delta < 1, "delta", "must be in (0, 1)", self.delta)
+        _check(self.clip_norm > 0, "clip_norm", "must be positive", self.clip_norm)
+        _check(0 < self.sample_rate <= 1, "sample_rate", "must be in (0, 1]", self.sample_rate)
+        _check(
+            self.dp_batch_normaliser > 0, "dp_batch_normaliser", "must be positive", self.dp_batch_normaliser
+        )
+        _check(0 < self.count_share < 1, "count_share", "must be in (0, 1)", self.count_share)
+        if self.method in ("local", "oracle"):
+            raise ConfigError(f"method {self.method} sends nothing, so --epsilon does not apply to it")
+        if self.method == "fedem-weights":
+            raise ConfigError(
+                "fedem-weights weights components by each client's raw sample count, which is not "
+                "released with DP; under --epsilon use fedgmi (weights are the DP counts)"
             )
 
     @property

@@ -34,3 +34,7 @@ class BudgetExceededError(SecureGMIError):
 
 class PrivacyError(SecureGMIError):
     """A privacy configuration or module that cannot give the stated guarantee."""
+
+
+class RunAbortedError(SecureGMIError):
+    """A run could not go on (e.g. every client refused a round); completed rounds are on disk."""

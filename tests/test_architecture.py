@@ -38,6 +38,15 @@ FORBIDDEN = {
         "typer",
     },
     "protocol": {"securegmi.engine", "securegmi.adapters", "torch", "typer"},
+    "privacy": {
+        "securegmi.crypto",
+        "securegmi.protocol",
+        "securegmi.engine",
+        "securegmi.adapters",
+        "tenseal",
+        "flwr",
+        "typer",
+    },
     "engine": {"securegmi.adapters", "flwr", "typer"},
 }
 

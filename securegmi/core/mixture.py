@@ -49,11 +49,31 @@ class MixtureOfVAEs(nn.Module):
         """The (batch, K) matrix of per-sample ELBOs, one column per component."""
         return self.elbo_matrix(x)
 
+    def _draws(self, x: Tensor, samples: int) -> Tensor:
+        """(batch, K, samples, latent) standard normals for every component at once, record by
+        record: a record's draws never depend on which other records share its batch (the
+        coupling that DP's neighbour analysis and its test rely on).
+
+        numpy fills arrays sequentially; torch's CPU randn fills in vectorised blocks, so its
+        first n-1 values change with n. One torch draw seeds numpy, so torch's global seed still
+        determines everything.
+        """
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+        shape = (x.shape[0], self.n_components, samples, self.component(0).latent)
+        eps = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+        return torch.from_numpy(eps).to(device=x.device, dtype=x.dtype)
+
     def elbo_matrix(self, x: Tensor, samples: int = 1) -> Tensor:
-        return torch.stack([self.component(k).elbo(x, samples) for k in range(len(self.components))], dim=1)
+        eps = self._draws(x, samples)
+        return torch.stack(
+            [self.component(k).elbo(x, samples, eps[:, k]) for k in range(self.n_components)], dim=1
+        )
 
     def iwae_matrix(self, x: Tensor, samples: int) -> Tensor:
-        return torch.stack([self.component(k).iwae(x, samples) for k in range(len(self.components))], dim=1)
+        eps = self._draws(x, samples)
+        return torch.stack(
+            [self.component(k).iwae(x, samples, eps[:, k]) for k in range(self.n_components)], dim=1
+        )
 
     def parameter_count(self) -> int:
         """Number of parameters of ONE component (all components share the architecture)."""

@@ -49,25 +49,37 @@ class VAE(nn.Module):
         log_density: Tensor = -0.5 * (((x - mean) / log_scale.exp()) ** 2 + 2.0 * log_scale + _LOG_2PI)
         return log_density.sum(-1)
 
-    def elbo(self, x: Tensor, samples: int = 1) -> Tensor:
-        """Per-sample evidence lower bound in nats, averaged over `samples` latent draws."""
+    def elbo(self, x: Tensor, samples: int = 1, eps: Tensor | None = None) -> Tensor:
+        """Per-sample evidence lower bound in nats, averaged over `samples` latent draws.
+
+        `eps` (batch, samples, latent) are the standard-normal draws, batch-major, so that each
+        record's draws are its own whatever else is in the batch; drawn here if not given.
+        With one draw every tensor keeps the batch on dimension 0, as Opacus' hooks require.
+        """
         mu, logvar = self.encode(x)
         std = (0.5 * logvar).exp()
-        z = mu + std * torch.randn((samples, *mu.shape), device=x.device, dtype=x.dtype)
-        rec = self.log_likelihood(x, z).mean(0)
+        if eps is None:
+            eps = torch.randn((mu.shape[0], samples, mu.shape[1]), device=mu.device, dtype=mu.dtype)
+        if eps.shape[1] == 1:
+            rec = self.log_likelihood(x, mu + std * eps[:, 0])
+        else:
+            z = mu + std * eps.transpose(0, 1)
+            rec = self.log_likelihood(x, z).mean(0)
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
         return rec - kl
 
-    def iwae(self, x: Tensor, samples: int) -> Tensor:
+    def iwae(self, x: Tensor, samples: int, eps: Tensor | None = None) -> Tensor:
         """Importance-weighted bound log (1/S) sum_s p(x, z_s) / q(z_s | x) (Burda et al. 2016).
 
         Tighter than the ELBO; used for scoring held-out likelihood, never for training.
         """
         mu, logvar = self.encode(x)
         std = (0.5 * logvar).exp()
-        eps = torch.randn((samples, *mu.shape), device=x.device, dtype=x.dtype)
-        z = mu + std * eps
+        if eps is None:
+            eps = torch.randn((mu.shape[0], samples, mu.shape[1]), device=mu.device, dtype=mu.dtype)
+        e = eps.transpose(0, 1)
+        z = mu + std * e
         log_pz = -0.5 * (z.pow(2) + _LOG_2PI).sum(-1)
-        log_qz = -0.5 * (eps.pow(2) + logvar + _LOG_2PI).sum(-1)
+        log_qz = -0.5 * (e.pow(2) + logvar + _LOG_2PI).sum(-1)
         log_w = self.log_likelihood(x, z) + log_pz - log_qz
         return torch.logsumexp(log_w, dim=0) - math.log(samples)

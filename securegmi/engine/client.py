@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -13,10 +14,12 @@ from securegmi.core.mixture import MixtureOfVAEs
 from securegmi.core.training import e_step_elbo, train_components
 from securegmi.engine.seeding import seed_torch
 from securegmi.errors import ProtocolViolation
-from securegmi.protocol import Message, NonPrivate
+from securegmi.protocol import Message, ProtocolSpec
 from securegmi.protocol.fields import Ciphertext
+from securegmi.protocol.payload import build_payload
 
 Weighting = Literal["mass", "size"]
+UPDATE, BROADCAST = "update", "broadcast"
 
 
 @dataclass(frozen=True)
@@ -45,12 +48,19 @@ class FedGMIClient:
     """
 
     def __init__(
-        self, client_id: str, x_train: np.ndarray, model: MixtureOfVAEs, settings: ClientSettings, seed: int
+        self,
+        client_id: str,
+        x_train: np.ndarray,
+        model: MixtureOfVAEs,
+        settings: ClientSettings,
+        spec: ProtocolSpec,
+        seed: int,
     ) -> None:
         self.client_id = client_id
         self.x_train = np.ascontiguousarray(x_train, dtype=np.float32)
         self.model = model
         self.settings = settings
+        self.spec = spec
         self.seed = seed
         self.index = int(client_id.rsplit("-", 1)[-1]) if client_id[-1].isdigit() else 0
         k = model.n_components
@@ -58,7 +68,7 @@ class FedGMIClient:
 
     def handle(self, message: Message) -> Message:
         """Answer the server's broadcast with this round's update."""
-        if message.stage != "broadcast":
+        if message.stage != BROADCAST:
             raise ProtocolViolation(f"client {self.client_id} cannot answer stage {message.stage!r}")
         self.load_aggregate(
             payload_array(message, "component_sums"), payload_array(message, "component_masses")
@@ -93,6 +103,10 @@ class FedGMIClient:
         )
         return masses
 
+    def release_events(self, round_index: int) -> Mapping[str, str]:
+        """The ledger event covering each uplink field; none without a privacy ledger."""
+        return {}
+
     def update_message(self, round_index: int, masses: np.ndarray) -> Message:
         """u_ck = w_ck theta_ck for the B heaviest components, pre-weighted so the server only adds."""
         k = self.model.n_components
@@ -105,13 +119,10 @@ class FedGMIClient:
         sent = np.zeros(k)
         sent[index] = weights[index]
         vectors = self.model.get_component_vectors()[index]
-        return Message(
-            stage="update",
-            round=round_index,
-            sender=self.client_id,
-            payload={
-                "masses": NonPrivate(sent),
-                "component_index": NonPrivate(index),
-                "weighted_components": NonPrivate((weights[index, None] * vectors).astype(np.float32)),
-            },
-        )
+        values = {
+            "masses": sent,
+            "component_index": index,
+            "weighted_components": (weights[index, None] * vectors).astype(np.float32),
+        }
+        payload = build_payload(self.spec.stage(UPDATE), values, self.release_events(round_index))
+        return Message(stage=UPDATE, round=round_index, sender=self.client_id, payload=payload)

@@ -18,12 +18,18 @@ from securegmi.core.training import e_step_elbo, train_components
 from securegmi.data.datasets import load_dataset
 from securegmi.data.mixture import FederatedData, make_federated_data
 from securegmi.engine.client import ClientSettings, FedGMIClient
+from securegmi.engine.dp_client import ClientPrivacy, DpFedGMIClient
 from securegmi.engine.evaluation import Evaluation, evaluate
-from securegmi.engine.rundir import CONFIG, RESULTS, TRANSCRIPT, RunDirectory
+from securegmi.engine.rundir import CONFIG, LEDGERS, PLAN, RESULTS, TRANSCRIPT, RunDirectory
 from securegmi.engine.seeding import seed_torch
 from securegmi.engine.server import AggregationServer
 from securegmi.engine.transport import ClientEndpoint, InProcessTransport, ServerEndpoint
+from securegmi.errors import RunAbortedError
+from securegmi.privacy.calibration import DpPlan, calibrate
+from securegmi.privacy.dpsgd import DpSgdConfig
+from securegmi.privacy.ledger import PrivacyBudget
 from securegmi.protocol import ProtocolSpec, TranscriptWriter
+from securegmi.protocol.fields import field_array
 
 ProtocolBuilder = Callable[..., ProtocolSpec]
 
@@ -51,6 +57,7 @@ class RunResult:
     uplink_bytes_per_client_round: float
     wall_seconds: float
     source_names: tuple[str, ...]
+    privacy: dict[str, Any] | None = None  # epsilon target, delta, spent (RDP and PLD), noise
 
     def to_dict(self) -> dict[str, Any]:
         c = self.config
@@ -69,14 +76,16 @@ class RunResult:
             "nll": self.evaluation.nll,
             "uplink_bytes_per_client_round": self.uplink_bytes_per_client_round,
             "wall_seconds": self.wall_seconds,
-            "epsilon": None,  # no differential privacy in these methods
+            "epsilon": self.privacy,  # None: no differential privacy
             "per_client": list(self.evaluation.per_client),
         }
 
 
 ProgressCallback = Callable[[RoundMetrics], None]
+PlanCallback = Callable[[dict[str, Any]], None]  # receives the DP plan before the first round
 
 _IWAE_SAMPLES = 64
+_NO_MESSAGES = ProtocolSpec("none", "local training: nothing is sent", ())
 
 
 def _settings(config: SimulationConfig) -> ClientSettings:
@@ -177,6 +186,7 @@ def run_simulation(
     out: Path | None = None,
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
+    on_plan: PlanCallback | None = None,
 ) -> RunResult:
     """Run one simulated study and, with `out`, write its run directory.
 
@@ -190,10 +200,11 @@ def run_simulation(
         run_dir.write_json(CONFIG, config.to_dict())
     loop = _Loop(config, data, run_dir, progress)
     spec: ProtocolSpec | None = None
+    privacy: dict[str, Any] | None = None
     if config.method in ("fedgmi", "fedem-weights", "fedavg"):
         if protocol is None:
             raise ValueError(f"method {config.method} needs a protocol builder")
-        models, pis, uplink, spec = _run_federated(loop, protocol)
+        models, pis, uplink, spec, privacy = _run_federated(loop, protocol, on_plan)
     elif config.method == "local":
         models, pis, uplink = *_run_local(loop), 0.0
     else:
@@ -207,6 +218,7 @@ def run_simulation(
         uplink,
         time.perf_counter() - started,
         data.source_names,
+        privacy,
     )
     if run_dir is not None:
         if config.method != "local":
@@ -220,19 +232,32 @@ def run_simulation(
 
 
 def _run_federated(
-    loop: _Loop, builder: ProtocolBuilder
-) -> tuple[list[MixtureOfVAEs], list[np.ndarray], float, ProtocolSpec]:
+    loop: _Loop, builder: ProtocolBuilder, on_plan: PlanCallback | None
+) -> tuple[list[MixtureOfVAEs], list[np.ndarray], float, ProtocolSpec, dict[str, Any] | None]:
     config, data = loop.config, loop.data
     settings = _settings(config)
-    clients = {
-        f"client-{i}": FedGMIClient(f"client-{i}", c.x_train, _new_model(config, data), settings, config.seed)
-        for i, c in enumerate(data.clients)
-    }
     reference = _new_model(config, data)
     spec = builder(
         components=reference.n_components, parameters=reference.parameter_count(), top_b=config.top_b
     )
-    server = AggregationServer(reference.get_component_vectors())
+    plan = _dp_plan(config) if config.epsilon is not None else None
+    if plan is not None:
+        if loop.run_dir is not None:
+            loop.run_dir.write_json(PLAN, plan.to_dict())
+            loop.run_dir.file(LEDGERS).mkdir(exist_ok=True)
+        if on_plan is not None:
+            on_plan(plan.to_dict())
+    clients: dict[str, FedGMIClient] = {}
+    for i, c in enumerate(data.clients):
+        cid = f"client-{i}"
+        model = _new_model(config, data)
+        if plan is None:
+            clients[cid] = FedGMIClient(cid, c.x_train, model, settings, spec, config.seed)
+        else:
+            ledger = loop.run_dir.file(LEDGERS) / f"{cid}.json" if loop.run_dir is not None else None
+            privacy = ClientPrivacy(plan, config.dp_batch_normaliser, ledger)
+            clients[cid] = DpFedGMIClient(cid, c.x_train, model, settings, spec, config.seed, privacy)
+    server = AggregationServer(reference.get_component_vectors(), spec)
     transcript = TranscriptWriter(loop.run_dir.file(TRANSCRIPT)) if loop.run_dir is not None else None
     transport = InProcessTransport(
         ServerEndpoint(spec, transcript),
@@ -244,13 +269,12 @@ def _run_federated(
             t0 = time.perf_counter()
             broadcast = server.broadcast(t, loop.temperature(t))
             exchange = transport.exchange({cid: broadcast for cid in clients})
+            if not exchange.replies:
+                raise RunAbortedError(
+                    f"round {t}: every client refused ({next(iter(exchange.refused.values()))})"
+                )
             server.aggregate(exchange.replies)
-            uplink = sum(
-                f.value.nbytes
-                for m in exchange.replies.values()
-                for f in m.payload.values()
-                if hasattr(f, "value")
-            )
+            uplink = sum(field_array(f).nbytes for m in exchange.replies.values() for f in m.payload.values())
             uplink_total += uplink
             # Evaluate what a client would hold after decrypting/dividing this round's aggregate.
             reference.set_component_vectors(_divide(server.sums, server.masses, reference))
@@ -266,7 +290,33 @@ def _run_federated(
         if transcript is not None:
             transcript.close()
     per_client_round = uplink_total / max(1, config.rounds * len(clients))
-    return [reference] * len(clients), [c.pi for c in clients.values()], per_client_round, spec
+    summary = None
+    if plan is not None:
+        ledgers = [c.ledger for c in clients.values() if isinstance(c, DpFedGMIClient)]
+        summary = {
+            "target": plan.epsilon,
+            "delta": plan.delta,
+            "max_spent": max(ledger.spent for ledger in ledgers),
+            "max_spent_pld": max(ledger.spent_pld() for ledger in ledgers),
+            "sgd_noise_multiplier": plan.sgd_noise_multiplier,
+            "count_noise_multiplier": plan.count_noise_multiplier,
+            "secure_rng": False,
+        }
+    return [reference] * len(clients), [c.pi for c in clients.values()], per_client_round, spec, summary
+
+
+def _dp_plan(config: SimulationConfig) -> DpPlan:
+    assert config.epsilon is not None
+    q = config.sample_rate
+    steps_per_epoch = DpSgdConfig(0.0, config.clip_norm, q, config.dp_batch_normaliser).steps_per_epoch
+    return calibrate(
+        PrivacyBudget(config.epsilon, config.delta),
+        rounds=config.rounds,
+        steps_per_round=config.local_epochs * steps_per_epoch,
+        sample_rate=q,
+        clip_norm=config.clip_norm,
+        count_share=config.count_share,
+    )
 
 
 def _divide(sums: np.ndarray, masses: np.ndarray, current: MixtureOfVAEs) -> np.ndarray:
@@ -280,7 +330,7 @@ def _run_local(loop: _Loop) -> tuple[list[MixtureOfVAEs], list[np.ndarray]]:
     config, data = loop.config, loop.data
     settings = _settings(config)
     clients = [
-        FedGMIClient(f"client-{i}", c.x_train, _new_model(config, data), settings, config.seed)
+        FedGMIClient(f"client-{i}", c.x_train, _new_model(config, data), settings, _NO_MESSAGES, config.seed)
         for i, c in enumerate(data.clients)
     ]
     for t in range(config.rounds):

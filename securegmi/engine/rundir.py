@@ -21,6 +21,8 @@ RESULTS = "results.json"
 METRICS = "metrics.jsonl"
 TRANSCRIPT = "transcript.jsonl"
 CHECKPOINT = "model.safetensors"
+PLAN = "dp_plan.json"
+LEDGERS = "ledgers"
 
 
 class RunDirectory:
@@ -33,8 +35,11 @@ class RunDirectory:
                 f"{self.path} already holds a run; choose another --out or pass --overwrite"
             )
         self.path.mkdir(parents=True, exist_ok=True)
-        for stale in (RESULTS, METRICS, TRANSCRIPT, CHECKPOINT):
+        for stale in (RESULTS, METRICS, TRANSCRIPT, CHECKPOINT, PLAN):
             (self.path / stale).unlink(missing_ok=True)
+        if (self.path / LEDGERS).is_dir():
+            for old in (self.path / LEDGERS).glob("*.json"):
+                old.unlink()
 
     def file(self, name: str) -> Path:
         return self.path / name

@@ -6,29 +6,33 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from securegmi.engine.client import payload_array
-from securegmi.protocol import SERVER, Message, NonPrivate, Public
+from securegmi.engine.client import BROADCAST, payload_array
+from securegmi.protocol import SERVER, Message, ProtocolSpec
+from securegmi.protocol.payload import build_payload
+
+AGGREGATE = "aggregate"
 
 
 class AggregationServer:
     """Keeps S_k = sum_c u_ck and W_k = sum_c w_ck; it never divides, clients do."""
 
-    def __init__(self, initial_components: np.ndarray) -> None:
+    def __init__(self, initial_components: np.ndarray, spec: ProtocolSpec) -> None:
         # Round 0 broadcasts the public initialisation as S = theta, W = 1.
         self.sums = np.asarray(initial_components, dtype=np.float32).copy()
         self.masses = np.ones(len(self.sums))
+        self.spec = spec
 
     def broadcast(self, round_index: int, temperature: float) -> Message:
-        return Message(
-            stage="broadcast",
-            round=round_index,
-            sender=SERVER,
-            payload={
-                "component_sums": NonPrivate(self.sums),
-                "component_masses": NonPrivate(self.masses),
-                "temperature": Public(np.asarray(temperature, dtype=np.float64)),
-            },
-        )
+        values: dict[str, np.ndarray | bytes] = {
+            "component_sums": self.sums,
+            "component_masses": self.masses,
+            "temperature": np.asarray(temperature, dtype=np.float64),
+        }
+        # Under a DP protocol the aggregate is post-processing of the clients' last releases.
+        provenance = f"{AGGREGATE}@round{round_index - 1}"
+        events = {"component_sums": provenance, "component_masses": provenance}
+        payload = build_payload(self.spec.stage(BROADCAST), values, events)
+        return Message(stage=BROADCAST, round=round_index, sender=SERVER, payload=payload)
 
     def aggregate(self, updates: Mapping[str, Message]) -> None:
         sums = np.zeros_like(self.sums, dtype=np.float64)

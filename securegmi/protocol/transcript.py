@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from securegmi.protocol.fields import field_array
+from securegmi.protocol.fields import Ciphertext, DpRelease, field_array
 from securegmi.protocol.message import Message
 
 
@@ -33,9 +33,15 @@ class TranscriptWriter:
             self._write({**base, "field": None, "error": message.error})
         for name, f in message.payload.items():
             array = field_array(f)
+            extra = {}
+            if isinstance(f, DpRelease):
+                extra["event"] = f.event
+            if isinstance(f, Ciphertext):
+                extra["key_id"] = f.key_id
             self._write(
                 {
                     **base,
+                    **extra,
                     "field": name,
                     "kind": f.kind.value,
                     "shape": list(array.shape),

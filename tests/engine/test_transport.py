@@ -51,14 +51,14 @@ def _setup(tmp_path, leaky: set[str] = frozenset(), bypass: set[str] = frozenset
     for i, c in enumerate(data.clients):
         cid = f"client-{i}"
         cls = LeakyClient if cid in leaky | bypass else FedGMIClient
-        client = cls(cid, c.x_train, _new_model(CONFIG, data), _settings(CONFIG), 0)
+        client = cls(cid, c.x_train, _new_model(CONFIG, data), _settings(CONFIG), spec, 0)
         # A client whose own check is skipped (a modified client) must still be refused.
         endpoint_spec = plain.build(components=ref.n_components, parameters=ref.parameter_count())
         if cid in bypass:
             endpoint_spec = _permissive(endpoint_spec)
         endpoints[cid] = ClientEndpoint(cid, client.handle, endpoint_spec)
     transport = SpyTransport(ServerEndpoint(spec, transcript), endpoints)
-    return transport, AggregationServer(ref.get_component_vectors()), transcript
+    return transport, AggregationServer(ref.get_component_vectors(), spec), transcript
 
 
 def _permissive(spec):  # type: ignore[no-untyped-def]

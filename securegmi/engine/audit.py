@@ -1,0 +1,149 @@
+"""The disclosure audit of a run directory: what left each client, under which protection, and
+how much privacy it cost, derived from the protocol spec, the transcript and the ledgers."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from securegmi.config import SimulationConfig
+from securegmi.engine.rundir import CONFIG, LEDGERS, TRANSCRIPT
+from securegmi.errors import RunDirectoryError
+from securegmi.privacy.ledger import PrivacyLedger
+from securegmi.protocol import SERVER, FieldKind, ProtocolSpec, read_transcript
+
+ProtocolBuilder = Callable[..., ProtocolSpec]
+
+
+@dataclass(frozen=True)
+class ClientBudget:
+    client: str
+    releases: int
+    epsilon_rdp: float
+    epsilon_pld: float
+    delta: float
+    budget: float
+    remaining: float
+    exceeded: bool
+
+
+@dataclass(frozen=True)
+class Disclosure:
+    client: str
+    field: str
+    kind: str
+    messages: int
+    bytes: int
+    protection: str  # "dp" (every release on the ledger), "encrypted", "public", "none"
+    uncovered_events: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    run_dir: str
+    protocol: str
+    budgets: tuple[ClientBudget, ...]
+    disclosures: tuple[Disclosure, ...]
+    problems: tuple[str, ...] = field(default=())
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+def _parameter_count(rows: list[dict[str, Any]]) -> int:
+    for row in rows:
+        if row.get("field") == "component_sums":
+            return int(row["shape"][1])
+    raise RunDirectoryError("the transcript has no broadcast of component_sums: cannot rebuild the spec")
+
+
+def audit_run(run_dir: Path, builder_for: Callable[[str], ProtocolBuilder]) -> AuditReport:
+    run_dir = Path(run_dir)
+    config_file, transcript_file = run_dir / CONFIG, run_dir / TRANSCRIPT
+    if not config_file.exists() or not transcript_file.exists():
+        raise RunDirectoryError(
+            f"{run_dir} has no {CONFIG} and {TRANSCRIPT}: not the run directory of a federated run"
+        )
+    config = SimulationConfig.from_dict(json.loads(config_file.read_text(encoding="utf-8")))
+    rows = list(read_transcript(transcript_file))
+    spec = builder_for(config.protocol)(
+        components=config.model_components, parameters=_parameter_count(rows), top_b=config.top_b
+    )
+    uplink = {f.name: f for s in spec.stages if s.sender == "client" for f in s.fields}
+
+    ledgers: dict[str, PrivacyLedger] = {}
+    if (run_dir / LEDGERS).is_dir():
+        for path in sorted((run_dir / LEDGERS).glob("*.json")):
+            ledger = PrivacyLedger.load(path)
+            ledgers[ledger.client_id] = ledger
+
+    problems: list[str] = []
+    grouped: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row["sender"] == SERVER or row.get("field") is None:
+            continue
+        grouped[(row["sender"], row["field"], row["kind"])].append(row)
+
+    disclosures = []
+    unprotected: dict[str, set[str]] = defaultdict(set)
+    for (client, name, kind), items in sorted(grouped.items()):
+        declared = uplink.get(name)
+        if declared is None or declared.kind.value != kind:
+            problems.append(
+                f"{client} sent {name!r} as {kind}, which protocol {spec.name!r} does not declare"
+            )
+        uncovered: tuple[str, ...] = ()
+        if kind == FieldKind.DP_RELEASE.value:
+            owner = ledgers.get(client)
+            uncovered = tuple(
+                sorted({r["event"] for r in items if owner is None or not owner.covers(r["event"])})
+            )
+            protection = "dp" if not uncovered else "none"
+            if uncovered:
+                problems.append(
+                    f"{client}: {name!r} names events no ledger entry covers: {', '.join(uncovered)}"
+                )
+        elif kind == FieldKind.CIPHERTEXT.value:
+            protection = "encrypted"
+        elif kind == FieldKind.PUBLIC.value:
+            protection = "public"
+        else:
+            protection = "none"
+            unprotected[name].add(client)
+        disclosures.append(
+            Disclosure(
+                client, name, kind, len(items), sum(int(r["bytes"]) for r in items), protection, uncovered
+            )
+        )
+
+    for name, clients in sorted(unprotected.items()):
+        problems.append(f"{name!r} left {len(clients)} client(s) without protection (non-private)")
+    budgets = []
+    for client, ledger in sorted(ledgers.items()):
+        spent = ledger.spent
+        exceeded = spent > ledger.budget.epsilon * (1 + 1e-6)
+        if exceeded:
+            problems.append(
+                f"{client}: spent epsilon {spent:.4f} exceeds its budget {ledger.budget.epsilon:g}"
+            )
+        budgets.append(
+            ClientBudget(
+                client,
+                len(ledger.entries),
+                spent,
+                ledger.spent_pld(),
+                ledger.budget.delta,
+                ledger.budget.epsilon,
+                ledger.remaining,
+                exceeded,
+            )
+        )
+    return AuditReport(str(run_dir), spec.name, tuple(budgets), tuple(disclosures), tuple(problems))

@@ -1,0 +1,141 @@
+"""DP-SGD with Opacus: one front door that wraps the caller's module and optimiser.
+
+Each step is one Poisson-subsampled Gaussian mechanism over the whole module: with all K VAEs
+in one module, a sample's gradient is clipped jointly over every component (DESIGN §1).
+The sample rate is public (declared by the protocol) and the noisy gradient sum is divided by a
+public normaliser, never by the client's private dataset size.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from securegmi.errors import ConfigError, PrivacyError
+
+PerSampleLoss = Callable[[nn.Module, Tensor], Tensor]  # (module, batch indices) -> (batch,) losses
+GradObserver = Callable[[list[Tensor]], None]  # receives each step's clipped gradient sum
+
+NOT_CSPRNG = (
+    "DP noise is drawn from torch's default generator, not a cryptographically secure one: "
+    "Opacus' secure_mode needs torchcsprng, which is not installed. The (epsilon, delta) figures "
+    "assume ideal Gaussian noise."
+)
+
+
+@dataclass(frozen=True)
+class DpSgdConfig:
+    noise_multiplier: float
+    clip_norm: float
+    sample_rate: float  # public Poisson rate, the same for every client
+    batch_normaliser: float  # public divisor of the noisy sum (an expected batch size)
+
+    def __post_init__(self) -> None:
+        if self.noise_multiplier < 0 or self.clip_norm <= 0:
+            raise ConfigError("noise_multiplier must be >= 0 and clip_norm > 0")
+        if not 0 < self.sample_rate <= 1:
+            raise ConfigError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
+        if self.batch_normaliser <= 0:
+            raise ConfigError("batch_normaliser must be positive")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Public: 1/q Poisson batches make one expected pass over the data, whatever its size."""
+        return max(1, round(1.0 / self.sample_rate))
+
+
+def check_privatisable(module: nn.Module) -> None:
+    """Refuse, with the reason and the fix, a module Opacus cannot give per-sample gradients."""
+    from opacus.validators import ModuleValidator
+
+    errors = ModuleValidator.validate(module, strict=False)
+    if errors:
+        reasons = "; ".join(sorted({str(e) for e in errors}))
+        raise PrivacyError(
+            f"this module cannot be trained with DP-SGD: {reasons}. Replace BatchNorm with GroupNorm "
+            "or LayerNorm (opacus.validators.ModuleValidator.fix does it), and avoid layers that mix "
+            "samples within a batch."
+        )
+
+
+class PrivateTrainer:
+    """Trains `module` with DP-SGD (Opacus ghost clipping) on Poisson batches of a tensor."""
+
+    def __init__(self, module: nn.Module, optimiser: torch.optim.Optimizer, config: DpSgdConfig) -> None:
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
+        from opacus.optimizers import DPOptimizerFastGradientClipping
+
+        check_privatisable(module)
+        self.config = config
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+            self.module = GradSampleModuleFastGradientClipping(
+                module, max_grad_norm=config.clip_norm, use_ghost_clipping=True, loss_reduction="mean"
+            )
+            self.optimiser = DPOptimizerFastGradientClipping(
+                optimiser,
+                noise_multiplier=config.noise_multiplier,
+                max_grad_norm=config.clip_norm,
+                expected_batch_size=config.batch_normaliser,  # public, never len(private data)
+                loss_reduction="mean",
+            )
+
+    def _accumulate_clipped(self, loss_fn: PerSampleLoss, batch: Tensor) -> None:
+        """Leave sum_i clip(g_i) in p.grad (Opacus' two-pass ghost clipping), noise not yet added."""
+        from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+
+        self.optimiser.zero_grad()
+        if len(batch) > 0:
+            losses = loss_fn(self.module, batch)
+            with warnings.catch_warnings():
+                # Inputs never require grad here; Opacus' hooks still fire correctly.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                DPTensorFastGradientClipping(self.module, self.optimiser, losses, "mean").backward()
+        else:
+            # Nothing sampled: the mechanism still releases noise, so the step is taken on a zero
+            # gradient sum rather than skipped (skipping would reveal the empty batch).
+            for p in self.module.parameters():
+                if p.requires_grad:
+                    p.grad = torch.zeros_like(p)
+
+    def clipped_sum(self, loss_fn: PerSampleLoss, batch: Tensor) -> list[Tensor]:
+        """The clipped per-sample gradient sum of `batch` at the current parameters; no step."""
+        self._accumulate_clipped(loss_fn, batch)
+        grads = [p.grad.detach().clone() for p in self.module.parameters() if p.grad is not None]
+        self.optimiser.zero_grad()
+        return grads
+
+    def step(self, loss_fn: PerSampleLoss, batch: Tensor, observe: GradObserver | None = None) -> None:
+        """One DP-SGD step on the records `batch` (indices); an empty batch still adds noise."""
+        self._accumulate_clipped(loss_fn, batch)
+        if observe is not None:
+            observe([p.grad.detach().clone() for p in self.module.parameters() if p.grad is not None])
+        self.optimiser.step()
+
+    def poisson_batch(self, n_records: int, seed: int, step: int) -> Tensor:
+        """Every record joins with probability q, independently.
+
+        A fresh generator per step, one draw per record in record order: removing the last
+        record leaves every other record's membership in every step unchanged, which is what
+        lets the neighbour test compare the two runs step by step.
+        """
+        draws = np.random.default_rng([seed, step]).random(n_records)
+        return torch.as_tensor(np.nonzero(draws < self.config.sample_rate)[0])
+
+    def train(
+        self,
+        loss_fn: PerSampleLoss,
+        n_records: int,
+        steps: int,
+        seed: int,
+        observe: GradObserver | None = None,
+    ) -> None:
+        """`steps` DP-SGD steps on Poisson batches."""
+        self.module.train()
+        for step in range(steps):
+            self.step(loss_fn, self.poisson_batch(n_records, seed, step), observe)

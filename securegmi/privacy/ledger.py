@@ -1,0 +1,150 @@
+"""One privacy ledger per client for the whole run: a value, checked before it is committed.
+
+Like dp-accounting's events, a ledger is immutable: `check` returns the projected ledger or
+raises, and the caller persists the projected ledger (write-ahead) before any message leaves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import dp_accounting
+
+from securegmi.errors import BudgetExceededError, ConfigError, PrivacyError
+from securegmi.privacy.accounting import ADJACENCY, epsilon_pld, epsilon_rdp
+from securegmi.privacy.events import event_from_json, event_to_json
+
+# Slack for floating-point noise in the accountant when a plan is calibrated exactly to budget.
+_RELATIVE_SLACK = 1e-6
+
+
+@dataclass(frozen=True)
+class PrivacyBudget:
+    """The whole run's (epsilon, delta) per client."""
+
+    epsilon: float
+    delta: float
+
+    def __post_init__(self) -> None:
+        if not (self.epsilon > 0 and math.isfinite(self.epsilon)):
+            raise ConfigError(f"epsilon must be a positive finite number, got {self.epsilon!r}")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"delta must be in (0, 1), got {self.delta!r}")
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One data-derived release: the round, what was released, and the event that covers it."""
+
+    round: int
+    name: str
+    event_json: str  # canonical JSON of the DpEvent (see privacy.events)
+
+    @classmethod
+    def of(cls, round_index: int, name: str, event: dp_accounting.DpEvent) -> LedgerEntry:
+        return cls(round_index, name, json.dumps(event_to_json(event), sort_keys=True))
+
+    @property
+    def event(self) -> dp_accounting.DpEvent:
+        return event_from_json(json.loads(self.event_json))
+
+    @property
+    def event_id(self) -> str:
+        """The id a DpRelease field names: what was released in which round."""
+        return f"{self.name}@round{self.round}"
+
+
+@dataclass(frozen=True)
+class PrivacyLedger:
+    client_id: str
+    budget: PrivacyBudget
+    entries: tuple[LedgerEntry, ...] = field(default=())
+    adjacency: str = ADJACENCY
+
+    def composed_events(self) -> list[dp_accounting.DpEvent]:
+        """Every entry's event, identical ones folded into one self-composition (same privacy
+        loss, and the accountant's cost no longer grows with the number of rounds)."""
+        counts = Counter(e.event_json for e in self.entries)
+        events = []
+        for event_json, count in sorted(counts.items()):
+            event = event_from_json(json.loads(event_json))
+            events.append(event if count == 1 else dp_accounting.SelfComposedDpEvent(event, count))
+        return events
+
+    @cached_property
+    def spent(self) -> float:
+        """Epsilon spent at the budget's delta, by the RDP accountant (the primary figure)."""
+        return epsilon_rdp(self.composed_events(), self.budget.delta) if self.entries else 0.0
+
+    def spent_pld(self) -> float:
+        """The same by the PLD accountant: a cross-check, usually a little tighter."""
+        return epsilon_pld(self.composed_events(), self.budget.delta) if self.entries else 0.0
+
+    @property
+    def remaining(self) -> float:
+        return max(0.0, self.budget.epsilon - self.spent)
+
+    def project(self, entries: Sequence[LedgerEntry]) -> PrivacyLedger:
+        return PrivacyLedger(self.client_id, self.budget, (*self.entries, *entries), self.adjacency)
+
+    def check(self, entries: Sequence[LedgerEntry]) -> PrivacyLedger:
+        """The ledger with `entries` added, or BudgetExceededError if it would exceed the budget."""
+        projected = self.project(entries)
+        if projected.spent > self.budget.epsilon * (1 + _RELATIVE_SLACK):
+            names = ", ".join(e.event_id for e in entries)
+            raise BudgetExceededError(
+                f"{self.client_id}: releasing {names} would spend epsilon {projected.spent:.4f} of a "
+                f"budget of {self.budget.epsilon:g} (delta {self.budget.delta:g}); the round is refused "
+                "and nothing was sent. Raise --epsilon, or plan fewer rounds."
+            )
+        return projected
+
+    def covers(self, event_id: str) -> bool:
+        return any(e.event_id == event_id for e in self.entries)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "client": self.client_id,
+            "budget": {"epsilon": self.budget.epsilon, "delta": self.budget.delta},
+            "adjacency": self.adjacency,
+            "entries": [
+                {"round": e.round, "name": e.name, "event": json.loads(e.event_json)} for e in self.entries
+            ],
+            "epsilon_rdp": self.spent,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PrivacyLedger:
+        try:
+            budget = PrivacyBudget(float(data["budget"]["epsilon"]), float(data["budget"]["delta"]))
+            entries = tuple(
+                LedgerEntry(int(e["round"]), str(e["name"]), json.dumps(e["event"], sort_keys=True))
+                for e in data["entries"]
+            )
+            ledger = cls(str(data["client"]), budget, entries, str(data["adjacency"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PrivacyError(f"malformed ledger: {exc}") from exc
+        for e in ledger.entries:
+            e.event  # noqa: B018 - parse every event now, so a bad file fails on load
+        return ledger
+
+    def save(self, path: Path) -> None:
+        """Write atomically: the file on disk is always a complete ledger."""
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> PrivacyLedger:
+        try:
+            return cls.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise PrivacyError(f"cannot read ledger {path}: {exc}") from exc

@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from securegmi.cli.main import app
+from securegmi.config import SimulationConfig
+from securegmi.engine.run import run_simulation
+from securegmi.protocols import dp, plain
+
+runner = CliRunner()
+SMALL = {"dataset": "synthetic", "clients": 3, "rounds": 2, "local_epochs": 1, "hidden": 16, "latent": 2}
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("audit") / "dp"
+    result = run_simulation(SimulationConfig(**SMALL, protocol="dp", epsilon=2.0), protocol=dp.build, out=out)
+    return out, result
+
+
+@pytest.mark.slow
+def test_a_dp_run_passes_the_audit(dp_run):
+    out, result = dp_run
+    assert result.privacy is not None
+    assert result.privacy["max_spent"] <= 2.0 * (1 + 1e-6)
+    assert result.privacy["max_spent_pld"] <= result.privacy["max_spent"]
+    assert result.privacy["secure_rng"] is False
+    results = json.loads((out / "results.json").read_text())
+    assert results["epsilon"]["target"] == 2.0 and results["protocol"] == "dp"
+    audit = runner.invoke(app, ["audit", str(out)])
+    assert audit.exit_code == 0, audit.output
+    assert "audit passed" in audit.output
+    report = json.loads(runner.invoke(app, ["audit", str(out), "--json"]).stdout)
+    assert report["ok"] and {d["protection"] for d in report["disclosures"]} == {"dp"}
+    assert len(report["budgets"]) == 3
+
+
+@pytest.mark.slow
+def test_an_uncovered_release_fails_the_audit(dp_run, tmp_path):
+    out, _ = dp_run
+    tampered = tmp_path / "tampered"
+    _copy(out, tampered)
+    ledger_file = tampered / "ledgers" / "client-1.json"
+    ledger = json.loads(ledger_file.read_text())
+    ledger["entries"] = [e for e in ledger["entries"] if e["round"] != 1]  # "forget" round 1
+    ledger_file.write_text(json.dumps(ledger))
+    audit = runner.invoke(app, ["audit", str(tampered)])
+    assert audit.exit_code == 1
+    assert "client-1" in audit.output and "counts@round1" in audit.output
+
+
+@pytest.mark.slow
+def test_an_exceeded_budget_fails_the_audit(dp_run, tmp_path):
+    out, _ = dp_run
+    tampered = tmp_path / "over"
+    _copy(out, tampered)
+    ledger_file = tampered / "ledgers" / "client-0.json"
+    ledger = json.loads(ledger_file.read_text())
+    ledger["budget"]["epsilon"] = 0.5
+    ledger_file.write_text(json.dumps(ledger))
+    audit = runner.invoke(app, ["audit", str(tampered), "--json"])
+    assert audit.exit_code == 1
+    report = json.loads(audit.stdout)
+    assert any("exceeds its budget" in p for p in report["problems"])
+
+
+@pytest.mark.slow
+def test_a_plain_run_fails_the_audit(tmp_path):
+    run_simulation(SimulationConfig(**SMALL), protocol=plain.build, out=tmp_path / "plain")
+    audit = runner.invoke(app, ["audit", str(tmp_path / "plain")])
+    assert audit.exit_code == 1
+    assert "without protection" in audit.output
+
+
+def test_audit_of_a_missing_run_is_a_clear_error(tmp_path):
+    audit = runner.invoke(app, ["audit", str(tmp_path / "nothing")])
+    assert audit.exit_code == 2 and "not the run directory" in audit.output
+
+
+def _copy(src, dst):  # type: ignore[no-untyped-def]
+    import shutil
+
+    shutil.copytree(src, dst)
