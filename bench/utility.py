@@ -6,12 +6,14 @@ time, and writes bench/results/utility.json.
 
     python bench/utility.py                 # all methods, seeds 0-4, 2 worker processes
     python bench/utility.py --methods fedgmi oracle --seeds 0 1 2
+    python bench/utility.py --methods fedgmi --epsilons 1 4 8 inf --out bench/results/utility_dp.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -25,18 +27,22 @@ METHODS = ["fedgmi", "oracle", "local", "fedem-weights", "fedavg"]
 RESULTS = Path(__file__).parent / "results" / "utility.json"
 
 
-def run_one(method: str, seed: int, overrides: dict[str, Any]) -> dict[str, Any]:
+def run_one(method: str, seed: int, overrides: dict[str, Any], epsilon: float | None) -> dict[str, Any]:
     import torch
 
     from securegmi.config import SimulationConfig
     from securegmi.engine.run import run_simulation
-    from securegmi.protocols import plain
+    from securegmi.protocols import dp, plain
 
     torch.set_num_threads(1)  # one process per core is faster than threads for these models
-    config = SimulationConfig(method=method, seed=seed, **overrides)
-    result = run_simulation(config, protocol=plain.build)
+    privacy = {} if epsilon is None else {"protocol": "dp", "epsilon": epsilon}
+    config = SimulationConfig(method=method, seed=seed, **overrides, **privacy)
+    result = run_simulation(config, protocol=plain.build if epsilon is None else dp.build)
+    label = method if epsilon is None else f"{method} eps={epsilon:g}"
     return {
-        "method": method,
+        "method": label,
+        "epsilon": epsilon,
+        "epsilon_spent": None if result.privacy is None else result.privacy["max_spent"],
         "seed": seed,
         "source_accuracy": result.evaluation.source_accuracy,
         "pi_tv_error": result.evaluation.pi_tv_error,
@@ -66,6 +72,13 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--rounds", type=int, default=None, help="override the default rounds")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--epsilons",
+        nargs="*",
+        type=float,
+        default=[],
+        help="also run these DP budgets (protocol dp) for each method",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     overrides: dict[str, Any] = {"dataset": "digits", "clients": 20, "components": 3, "alpha": 0.5}
@@ -73,18 +86,20 @@ def main() -> None:
         overrides["rounds"] = args.rounds
 
     started = time.perf_counter()
-    jobs = [(m, s) for m in args.methods for s in args.seeds]
+    # "inf" means no DP: the plain protocol.
+    budgets: list[float | None] = [None if math.isinf(e) else e for e in args.epsilons] or [None]
+    jobs = [(m, s, e) for m in args.methods for e in budgets for s in args.seeds]
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        futures = [pool.submit(run_one, m, s, overrides) for m, s in jobs]
+        futures = [pool.submit(run_one, m, s, overrides, e) for m, s, e in jobs]
         runs = []
-        for (m, s), f in zip(jobs, futures, strict=True):
+        for (_, s, _), f in zip(jobs, futures, strict=True):
             runs.append(f.result())
             print(
-                f"{m:14s} seed {s}: acc {runs[-1]['source_accuracy']:.3f} "
+                f"{runs[-1]['method']:14s} seed {s}: acc {runs[-1]['source_accuracy']:.3f} "
                 f"pi-TV {runs[-1]['pi_tv_error']:.3f} {runs[-1]['wall_seconds']:.1f}s",
                 flush=True,
             )
-    summary = summarise(runs, args.methods)
+    summary = summarise(runs, list(dict.fromkeys(r["method"] for r in runs)))
 
     table = Table(title=f"digits-PM, 20 clients, K=3, alpha=0.5, seeds {args.seeds}")
     for col in ("method", "source accuracy", "pi TV error", "NLL (nats)", "wall s / run"):
