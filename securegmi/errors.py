@@ -38,3 +38,7 @@ class PrivacyError(SecureGMIError):
 
 class RunAbortedError(SecureGMIError):
     """A run could not go on (e.g. every client refused a round); completed rounds are on disk."""
+
+
+class CryptoError(SecureGMIError):
+    """Unsafe CKKS parameters, a wrong key, or a ciphertext that fails its structure checks."""

@@ -38,6 +38,16 @@ FORBIDDEN = {
         "typer",
     },
     "protocol": {"securegmi.engine", "securegmi.adapters", "torch", "typer"},
+    "crypto": {
+        "securegmi.privacy",
+        "securegmi.protocol",
+        "securegmi.engine",
+        "securegmi.adapters",
+        "torch",
+        "opacus",
+        "flwr",
+        "typer",
+    },
     "privacy": {
         "securegmi.crypto",
         "securegmi.protocol",

@@ -1,0 +1,75 @@
+"""Additions-only aggregation with the public context, after structure checks per update.
+
+TenSEAL alone would add a ciphertext under another key with identical parameters, silently,
+into garbage; so would a wrong level or scale. Every update is checked before it is added, and
+one that fails is rejected with its reason while the others are summed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import tenseal as ts
+
+from securegmi.crypto.envelope import EnvelopeHeader, _header_for, _pack, read_envelope
+from securegmi.crypto.keys import PublicContext
+from securegmi.errors import CryptoError
+
+
+def check_update(ctx: PublicContext, data: bytes, length: int, max_bytes: int) -> list[ts.CKKSVector]:
+    """Parse one envelope and check its structure; raise CryptoError with the reason."""
+    if len(data) > max_bytes:
+        raise CryptoError(f"update of {len(data)} bytes exceeds the {max_bytes}-byte limit")
+    header, chunks = read_envelope(data)
+    expected = _header_for(ctx, length)
+    if header.key_id != ctx.key_id:
+        raise CryptoError("ciphertext is under another key (key id mismatch)")
+    if header != expected:
+        raise CryptoError(f"envelope header {header} does not match the expected {expected}")
+    p = ctx.params
+    vectors = []
+    for i, chunk in enumerate(chunks):
+        try:
+            vector = ts.ckks_vector_from(ctx.context, chunk)
+        except Exception as exc:
+            raise CryptoError(f"chunk {i} does not parse: {exc}") from exc
+        for ct in vector.ciphertext():
+            if ct.poly_modulus_degree() != p.poly_modulus_degree:
+                raise CryptoError(
+                    f"chunk {i}: ring degree {ct.poly_modulus_degree()} != {p.poly_modulus_degree}"
+                )
+            if ct.coeff_modulus_size() != p.data_primes:
+                raise CryptoError(f"chunk {i}: level {ct.coeff_modulus_size()} is not a fresh ciphertext's")
+            if ct.scale != p.scale:
+                raise CryptoError(f"chunk {i}: scale {ct.scale:g} != 2^{p.scale_bits}")
+            if ct.size() != 2:
+                raise CryptoError(f"chunk {i}: ciphertext size {ct.size()} != 2")
+        vectors.append(vector)
+    return vectors
+
+
+@dataclass(frozen=True)
+class AggregateResult:
+    data: bytes | None  # the summed envelope; None when nothing was accepted
+    accepted: tuple[str, ...]
+    rejected: dict[str, str] = field(default_factory=dict)
+
+
+def add_updates(
+    ctx: PublicContext, updates: Mapping[str, bytes], length: int, max_bytes: int
+) -> AggregateResult:
+    total: list[ts.CKKSVector] | None = None
+    accepted, rejected = [], {}
+    for sender, data in updates.items():
+        try:
+            vectors = check_update(ctx, data, length, max_bytes)
+        except CryptoError as exc:
+            rejected[sender] = str(exc)
+            continue
+        total = vectors if total is None else [a + b for a, b in zip(total, vectors, strict=True)]
+        accepted.append(sender)
+    if total is None:
+        return AggregateResult(None, (), rejected)
+    header: EnvelopeHeader = _header_for(ctx, length)
+    return AggregateResult(_pack(header, [v.serialize() for v in total]), tuple(accepted), rejected)

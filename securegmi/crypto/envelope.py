@@ -1,0 +1,100 @@
+"""Ciphertext envelopes: a flat float vector as CKKS chunks of one slot-count each, with the key
+id, parameters and layout in a header (safetensors: no pickle).
+
+Chunking is ours: one TenSEAL vector over more than N/2 values prints warnings to C++ stdout
+that Python cannot silence, and a per-chunk layout is what the server must check anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import tenseal as ts
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from securegmi.crypto.keys import PublicContext, SecretContext
+from securegmi.errors import CryptoError
+
+_META = "securegmi.ckks"
+
+
+@dataclass(frozen=True)
+class EnvelopeHeader:
+    key_id: str
+    poly_modulus_degree: int
+    coeff_mod_bit_sizes: tuple[int, ...]
+    scale_bits: int
+    length: int  # number of plaintext values
+    chunks: int
+
+
+def _header_for(ctx: SecretContext | PublicContext, length: int) -> EnvelopeHeader:
+    p = ctx.params
+    return EnvelopeHeader(
+        ctx.key_id,
+        p.poly_modulus_degree,
+        tuple(p.coeff_mod_bit_sizes),
+        p.scale_bits,
+        length,
+        max(1, math.ceil(length / p.slot_count)),
+    )
+
+
+def _pack(header: EnvelopeHeader, chunks: list[bytes]) -> bytes:
+    arrays = {f"c{i:05d}": np.frombuffer(c, dtype=np.uint8) for i, c in enumerate(chunks)}
+    meta = {**header.__dict__, "coeff_mod_bit_sizes": list(header.coeff_mod_bit_sizes)}
+    return bytes(st_save(arrays, metadata={_META: json.dumps(meta, sort_keys=True)}))
+
+
+def read_envelope(data: bytes) -> tuple[EnvelopeHeader, list[bytes]]:
+    try:
+        size = int.from_bytes(data[:8], "little")
+        meta = json.loads(json.loads(data[8 : 8 + size])["__metadata__"][_META])
+        header = EnvelopeHeader(
+            str(meta["key_id"]),
+            int(meta["poly_modulus_degree"]),
+            tuple(int(b) for b in meta["coeff_mod_bit_sizes"]),
+            int(meta["scale_bits"]),
+            int(meta["length"]),
+            int(meta["chunks"]),
+        )
+        arrays = st_load(data)
+    except Exception as exc:
+        raise CryptoError(f"ciphertext envelope does not parse: {exc}") from exc
+    chunks = [arrays[k].tobytes() for k in sorted(arrays)]
+    if len(chunks) != header.chunks:
+        raise CryptoError(f"envelope declares {header.chunks} chunks and holds {len(chunks)}")
+    return header, chunks
+
+
+def encrypt(ctx: SecretContext, values: np.ndarray) -> bytes:
+    """Encrypt a flat vector; refuses non-finite values and values beyond the declared bound."""
+    flat = np.asarray(values, dtype=np.float64).ravel()
+    if not np.all(np.isfinite(flat)):
+        raise CryptoError("refusing to encrypt NaN or infinity: it would poison the whole aggregate")
+    bound = ctx.params.value_bound
+    if flat.size and np.max(np.abs(flat)) > bound:
+        raise CryptoError(
+            f"a value of magnitude {np.max(np.abs(flat)):.3g} exceeds the declared bound {bound:g}: "
+            "the encrypted sum could wrap around the modulus"
+        )
+    header = _header_for(ctx, flat.size)
+    slots = ctx.params.slot_count
+    chunks = [
+        ts.ckks_vector(ctx.context, flat[i * slots : (i + 1) * slots].tolist()).serialize()
+        for i in range(header.chunks)
+    ]
+    return _pack(header, chunks)
+
+
+def decrypt(ctx: SecretContext, data: bytes) -> np.ndarray:
+    header, chunks = read_envelope(data)
+    if header.key_id != ctx.key_id:
+        raise CryptoError("this aggregate is under another key than this client's")
+    parts = [np.asarray(ts.ckks_vector_from(ctx.context, c).decrypt()) for c in chunks]
+    out = np.concatenate(parts) if parts else np.zeros(0)
+    return out[: header.length]

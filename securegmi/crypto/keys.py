@@ -1,0 +1,106 @@
+"""Keys: a secret context that only clients hold, and a public one that the server gets.
+
+The secret context is created by a key ceremony and shared among clients out of band. It uses
+SEAL's symmetric encryption: its public form can neither decrypt nor encrypt, so a server holding
+it can only add what clients sent.
+
+The key id is the SHA-256 of the public context's bytes as written by the ceremony. It is fixed
+then: SEAL stores some key material seeded, so re-serialising a loaded context gives other bytes
+(measured: a reloaded context's public serialisation hashed differently).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import tenseal as ts
+
+from securegmi.crypto.params import CkksParameters
+from securegmi.errors import CryptoError
+
+SECRET_FILE = "secret.ckks"
+PUBLIC_FILE = "public.ckks"
+
+
+def key_id_of(public_bytes: bytes) -> str:
+    return hashlib.sha256(public_bytes).hexdigest()
+
+
+class PublicContext:
+    """The evaluation-only context: parse, check and add ciphertexts. Never a secret key."""
+
+    def __init__(self, public_bytes: bytes, params: CkksParameters) -> None:
+        try:
+            context = ts.context_from(public_bytes)
+        except Exception as exc:
+            raise CryptoError(f"public context bytes do not parse: {exc}") from exc
+        if context.has_secret_key() or context.is_private():
+            raise CryptoError("refusing a context that holds a secret key: the server must never have one")
+        self.context = context
+        self.params = params
+        self.public_bytes = public_bytes
+        self.key_id = key_id_of(public_bytes)
+
+    def __repr__(self) -> str:
+        return f"PublicContext(key_id={self.key_id[:12]}..., N={self.params.poly_modulus_degree})"
+
+
+class SecretContext:
+    """The clients' context: encrypt and decrypt. Its safe export is the public context; the
+    secret bytes are written only by `save_secret`, with owner-only permissions."""
+
+    def __init__(self, context: ts.Context, params: CkksParameters, public_bytes: bytes) -> None:
+        if not context.has_secret_key():
+            raise CryptoError("a secret context needs its secret key")
+        self.context = context
+        self.params = params
+        self.public_bytes = public_bytes
+        self.key_id = key_id_of(public_bytes)
+
+    @classmethod
+    def generate(cls, params: CkksParameters) -> SecretContext:
+        """The key ceremony: fresh keys for one study."""
+        context = ts.context(
+            ts.SCHEME_TYPE.CKKS,
+            poly_modulus_degree=params.poly_modulus_degree,
+            coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes),
+            encryption_type=ts.ENCRYPTION_TYPE.SYMMETRIC,
+        )
+        context.global_scale = params.scale
+        return cls(context, params, context.serialize(save_secret_key=False))
+
+    def public(self) -> PublicContext:
+        return PublicContext(self.public_bytes, self.params)
+
+    def __repr__(self) -> str:  # never the key material
+        return f"SecretContext(key_id={self.key_id[:12]}..., N={self.params.poly_modulus_degree})"
+
+    def save(self, directory: Path) -> tuple[Path, Path]:
+        """Write the secret context (mode 0600) and the public context to `directory`."""
+        directory.mkdir(parents=True, exist_ok=True)
+        secret_path, public_path = directory / SECRET_FILE, directory / PUBLIC_FILE
+        if secret_path.exists():
+            raise CryptoError(f"{secret_path} exists: refusing to overwrite a key")
+        fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(self.context.serialize(save_secret_key=True))
+        public_path.write_bytes(self.public_bytes)
+        return secret_path, public_path
+
+    @classmethod
+    def load(cls, directory: Path, params: CkksParameters) -> SecretContext:
+        """Load a ceremony's secret context together with its public context (the key id)."""
+        secret_path, public_path = directory / SECRET_FILE, directory / PUBLIC_FILE
+        if not secret_path.exists() or not public_path.exists():
+            raise CryptoError(
+                f"{directory} needs both {SECRET_FILE} and {PUBLIC_FILE} from `securegmi keys new`"
+            )
+        if secret_path.stat().st_mode & 0o077:
+            raise CryptoError(f"{secret_path} is readable by others: chmod 600 it before use")
+        try:
+            context = ts.context_from(secret_path.read_bytes())
+        except Exception as exc:
+            raise CryptoError(f"{secret_path} is not a secret CKKS context: {exc}") from exc
+        return cls(context, params, public_path.read_bytes())

@@ -1,0 +1,168 @@
+"""CKKS layer: parameters, keys, envelopes and additions-only aggregation, with negative controls."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import tenseal as ts
+
+from securegmi.crypto.aggregation import add_updates, check_update
+from securegmi.crypto.envelope import _header_for, _pack, decrypt, encrypt
+from securegmi.crypto.keys import PublicContext, SecretContext
+from securegmi.crypto.params import MAX_MODULUS_BITS_128, CkksParameters
+from securegmi.crypto.release import release_decrypted
+from securegmi.errors import CryptoError
+
+PARAMS = CkksParameters()
+LENGTH = 3000  # two chunks at N = 4096
+
+
+@pytest.fixture(scope="module")
+def keys() -> SecretContext:
+    return SecretContext.generate(PARAMS)
+
+
+@pytest.fixture(scope="module")
+def server(keys: SecretContext) -> PublicContext:
+    return keys.public()
+
+
+def _values(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(-50, 50, LENGTH)
+
+
+@pytest.mark.parametrize(
+    ("n", "at_bound", "over"),
+    [
+        (4096, (60, 49), (60, 50)),
+        (8192, (60, 40, 58, 60), (60, 40, 59, 60)),
+        (16384, (60,) * 6 + (39, 39), (60,) * 6 + (39, 40)),
+    ],
+)
+def test_security_bound_is_enforced_exactly(n, at_bound, over):
+    assert sum(at_bound) == MAX_MODULUS_BITS_128[n] and sum(over) == MAX_MODULUS_BITS_128[n] + 1
+    CkksParameters(poly_modulus_degree=n, coeff_mod_bit_sizes=at_bound, scale_bits=30, value_bound=1.0)
+    with pytest.raises(CryptoError, match="128-bit security"):
+        CkksParameters(poly_modulus_degree=n, coeff_mod_bit_sizes=over, scale_bits=30, value_bound=1.0)
+
+
+def test_headroom_is_checked_against_bound_and_clients():
+    with pytest.raises(CryptoError, match="no headroom"):
+        CkksParameters(scale_bits=40, value_bound=2.0**15, max_clients=100)  # 40 + 15 + 6.6 + 1 > 60
+    with pytest.raises(CryptoError, match="poly_modulus_degree"):
+        CkksParameters(poly_modulus_degree=2048, coeff_mod_bit_sizes=(30, 24))
+
+
+def test_server_context_can_neither_decrypt_nor_encrypt(keys, server):
+    assert not server.context.has_secret_key()
+    ct = encrypt(keys, _values(0))
+    vectors = check_update(server, ct, LENGTH, 10**7)
+    with pytest.raises(ValueError, match="secret"):
+        vectors[0].decrypt()
+    with pytest.raises(ValueError, match="encryption"):
+        ts.ckks_vector(server.context, [1.0])
+    with pytest.raises(CryptoError, match="secret key"):
+        PublicContext(keys.context.serialize(save_secret_key=True), PARAMS)
+
+
+def test_roundtrip_and_aggregate_of_the_maximum_client_count(keys, server):
+    clients = {f"c{i}": _values(i) for i in range(PARAMS.max_clients)}
+    result = add_updates(server, {c: encrypt(keys, v) for c, v in clients.items()}, LENGTH, 10**7)
+    assert len(result.accepted) == PARAMS.max_clients and not result.rejected
+    assert result.data is not None
+    total = decrypt(keys, result.data)
+    error = np.max(np.abs(total - sum(clients.values())))
+    assert error <= PARAMS.precision()
+
+
+def test_another_key_with_the_same_parameters_is_rejected(keys, server):
+    other = SecretContext.generate(PARAMS)
+    good, foreign = encrypt(keys, _values(1)), encrypt(other, _values(2))
+    with pytest.raises(CryptoError, match="another key"):
+        check_update(server, foreign, LENGTH, 10**7)
+    # Negative control: TenSEAL alone adds it without complaint, into garbage.
+    a = ts.ckks_vector_from(server.context, _chunks(good)[0])
+    b = ts.ckks_vector_from(server.context, _chunks(foreign)[0])
+    garbage = np.asarray(ts.ckks_vector_from(keys.context, (a + b).serialize()).decrypt())
+    assert np.max(np.abs(garbage - (_values(1) + _values(2))[: PARAMS.slot_count])) > 1e6
+    # Limit, stated in the README: the key id catches honest mistakes (a stale key, another
+    # study's key). A client that forges the header passes the structure checks, as it could
+    # send any garbage under the right key: a deviating client is a residual risk.
+    forged = _pack(_header_for(server, LENGTH), _chunks(foreign))
+    assert check_update(server, forged, LENGTH, 10**7)
+
+
+def _chunks(envelope: bytes) -> list[bytes]:
+    from securegmi.crypto.envelope import read_envelope
+
+    return read_envelope(envelope)[1]
+
+
+def _bad_updates(keys: SecretContext, server: PublicContext) -> dict[str, bytes]:
+    good = encrypt(keys, _values(3))
+    other_n_params = CkksParameters(poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 40, 60))
+    other_n = SecretContext.generate(other_n_params)
+    other_n_chunks = [ts.ckks_vector(other_n.context, _values(4)[:2048].tolist()).serialize()] * 2
+    low_scale = [
+        ts.ckks_vector(
+            keys.context, _values(5)[i * 2048 : (i + 1) * 2048].tolist(), scale=2.0**30
+        ).serialize()
+        for i in range(2)
+    ]
+    return {
+        "other-key": encrypt(SecretContext.generate(PARAMS), _values(6)),
+        "other-n": _pack(_header_for(server, LENGTH), other_n_chunks),
+        "other-scale": _pack(_header_for(server, LENGTH), low_scale),
+        "truncated": good[:-500],
+        "oversized": encrypt(keys, _values(7)),
+        "wrong-length": encrypt(keys, _values(8)[:100]),
+    }
+
+
+def test_bad_updates_are_rejected_and_the_round_completes(keys, server):
+    good = {f"good-{i}": _values(10 + i) for i in range(3)}
+    updates = {c: encrypt(keys, v) for c, v in good.items()}
+    bad = _bad_updates(keys, server)
+    max_bytes = max(len(u) for u in updates.values())
+    bad["oversized"] = bad["oversized"] + b"\x00" * 1024  # padded past the limit
+    result = add_updates(server, {**updates, **bad}, LENGTH, max_bytes)
+    assert sorted(result.accepted) == sorted(good)
+    assert set(result.rejected) == set(bad)
+    assert "another key" in result.rejected["other-key"]
+    assert "exceeds" in result.rejected["oversized"]
+    assert "scale" in result.rejected["other-scale"]
+    assert result.data is not None
+    total = decrypt(keys, result.data)
+    assert np.max(np.abs(total - sum(good.values()))) <= PARAMS.precision()
+
+
+def test_nan_and_out_of_bound_values_are_never_encrypted(keys):
+    with pytest.raises(CryptoError, match="NaN"):
+        encrypt(keys, np.array([1.0, np.nan]))
+    with pytest.raises(CryptoError, match="bound"):
+        encrypt(keys, np.array([PARAMS.value_bound * 2]))
+
+
+def test_key_ceremony_files(tmp_path, keys):
+    secret_path, public_path = keys.save(tmp_path / "keys")
+    assert secret_path.stat().st_mode & 0o777 == 0o600
+    assert PublicContext(public_path.read_bytes(), PARAMS).key_id == keys.key_id
+    loaded = SecretContext.load(tmp_path / "keys", PARAMS)
+    assert loaded.key_id == keys.key_id
+    assert np.allclose(decrypt(loaded, encrypt(keys, _values(9))), _values(9), atol=1e-4)
+    with pytest.raises(CryptoError, match="refusing to overwrite"):
+        keys.save(tmp_path / "keys")
+    os.chmod(secret_path, 0o644)
+    with pytest.raises(CryptoError, match="chmod 600"):
+        SecretContext.load(tmp_path / "keys", PARAMS)
+    assert "secret" not in repr(keys).lower().replace("secretcontext", "")
+
+
+def test_release_rounds_away_the_ckks_noise(keys):
+    exact = np.array([0.123456789, -2.5])
+    noisy = decrypt(keys, encrypt(keys, exact))
+    assert not np.array_equal(noisy, exact)  # decryptions carry key-dependent noise
+    released = release_decrypted(noisy, 1e-4)
+    assert np.array_equal(released, release_decrypted(exact, 1e-4))
