@@ -46,7 +46,7 @@ def simulate(
     local_epochs: Annotated[int, typer.Option(help="local epochs per round")] = 5,
     method: Annotated[str, typer.Option(help=f"one of {', '.join(METHODS)}")] = "fedgmi",
     protocol: Annotated[
-        str | None, typer.Option(help="plain or dp (default: dp with --epsilon, else plain)")
+        str | None, typer.Option(help="plain, dp or secure (default: secure with --epsilon, else plain)")
     ] = None,
     epsilon: Annotated[
         float | None, typer.Option(help="whole-run (epsilon, delta)-DP budget per client")
@@ -82,7 +82,7 @@ def simulate(
             top_b=top_b,
             temperature=temperature,
             seed=seed,
-            protocol=protocol or ("dp" if epsilon is not None else "plain"),
+            protocol=protocol or ("secure" if epsilon is not None else "plain"),
             epsilon=epsilon,
             delta=delta,
         )
@@ -219,6 +219,29 @@ def report(
         console.print(f"wrote {path}")
 
 
+keys_app = typer.Typer(help="CKKS key ceremony for the secure protocol.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("new")
+def keys_new(
+    out: Annotated[Path, typer.Option(help="directory for secret.ckks (mode 0600) and public.ckks")],
+) -> None:
+    """Create a study's CKKS keys: share secret.ckks with the clients out of band; give the
+    server public.ckks only (it can add ciphertexts, never decrypt or encrypt)."""
+    from securegmi.crypto.keys import SecretContext
+    from securegmi.crypto.params import CkksParameters
+
+    try:
+        keys = SecretContext.generate(CkksParameters())
+        secret_path, public_path = keys.save(out)
+    except SecureGMIError as exc:
+        raise _fail(exc) from None
+    console.print(f"secret context (clients only, mode 0600): {secret_path}")
+    console.print(f"public context (the server):             {public_path}")
+    console.print(f"key id: {keys.key_id}")
+
+
 @app.command()
 def audit(
     run_dir: Annotated[Path, typer.Argument(help="a run directory written by `securegmi simulate`")],
@@ -276,7 +299,7 @@ def _print_audit(report: Any) -> None:
     for col in ("field", "kind", "protection", "clients", "messages", "bytes", "uncovered events"):
         table.add_column(col, justify="right" if col in ("clients", "messages", "bytes") else "left")
     for (name, kind, protection), rows in sorted(summary.items()):
-        style = "green" if protection in ("dp", "encrypted", "public") else "red"
+        style = "green" if protection in ("dp", "dp+encrypted", "public") else "red"
         uncovered = sorted({e for r in rows for e in r.uncovered_events})
         table.add_row(
             name,

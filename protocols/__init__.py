@@ -7,10 +7,10 @@ from collections.abc import Callable
 from securegmi.errors import ConfigError
 from securegmi.protocol import ProtocolSpec
 
-from . import dp, plain
+from . import dp, plain, secure
 
 Builder = Callable[..., ProtocolSpec]
-PROTOCOLS: dict[str, Builder] = {plain.NAME: plain.build, dp.NAME: dp.build}
+PROTOCOLS: dict[str, Builder] = {plain.NAME: plain.build, dp.NAME: dp.build, secure.NAME: secure.build}
 
 
 def builder(name: str) -> Builder:

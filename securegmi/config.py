@@ -105,12 +105,16 @@ class SimulationConfig:
             )
 
     def _check_privacy(self) -> None:
-        private = self.protocol == "dp"
+        private = self.protocol in ("dp", "secure")
         if private and self.epsilon is None:
-            raise ConfigError("protocol 'dp' needs a budget: pass --epsilon (and optionally --delta)")
+            raise ConfigError(
+                f"protocol {self.protocol!r} needs a budget: pass --epsilon (and optionally --delta)"
+            )
         if self.epsilon is None:
             return
-        _check(private, "protocol", "must be 'dp' when --epsilon is given", self.protocol)
+        _check(private, "protocol", "must be 'dp' or 'secure' when --epsilon is given", self.protocol)
+        if self.protocol == "secure" and self.top_b is not None:
+            raise ConfigError("--top-b needs cleartext component indices; use protocol 'dp' for it")
         _check(0 < self.epsilon < float("inf"), "epsilon", "must be positive and finite", self.epsilon)
         _check(0 < self.delta < 1, "delta", "must be in (0, 1)", self.delta)
         _check(self.clip_norm > 0, "clip_norm", "must be positive", self.clip_norm)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import tenseal as ts
 
-from securegmi.crypto.envelope import EnvelopeHeader, _header_for, _pack, read_envelope
+from securegmi.crypto.envelope import _header_for, _pack, read_envelope
 from securegmi.crypto.keys import PublicContext
 from securegmi.errors import CryptoError
 
@@ -49,6 +49,22 @@ def check_update(ctx: PublicContext, data: bytes, length: int, max_bytes: int) -
     return vectors
 
 
+def max_envelope_bytes(ctx: PublicContext, length: int) -> int:
+    """Upper bound on an honest envelope's size: fresh ciphertexts are 2 polynomials of N
+    coefficients per data prime, 8 bytes each, plus headers (SEAL's zstd only shrinks them)."""
+    p = ctx.params
+    chunks = _header_for(ctx, length).chunks
+    return chunks * (2 * p.poly_modulus_degree * p.data_primes * 8 + 4096) + 4096
+
+
+def pack_sum(ctx: PublicContext, updates: list[list[ts.CKKSVector]], length: int) -> bytes:
+    """The envelope of the chunkwise sum of checked updates (additions only)."""
+    total = updates[0]
+    for vectors in updates[1:]:
+        total = [a + b for a, b in zip(total, vectors, strict=True)]
+    return _pack(_header_for(ctx, length), [v.serialize() for v in total])
+
+
 @dataclass(frozen=True)
 class AggregateResult:
     data: bytes | None  # the summed envelope; None when nothing was accepted
@@ -59,17 +75,15 @@ class AggregateResult:
 def add_updates(
     ctx: PublicContext, updates: Mapping[str, bytes], length: int, max_bytes: int
 ) -> AggregateResult:
-    total: list[ts.CKKSVector] | None = None
+    checked: list[list[ts.CKKSVector]] = []
     accepted, rejected = [], {}
     for sender, data in updates.items():
         try:
-            vectors = check_update(ctx, data, length, max_bytes)
+            checked.append(check_update(ctx, data, length, max_bytes))
         except CryptoError as exc:
             rejected[sender] = str(exc)
             continue
-        total = vectors if total is None else [a + b for a, b in zip(total, vectors, strict=True)]
         accepted.append(sender)
-    if total is None:
+    if not checked:
         return AggregateResult(None, (), rejected)
-    header: EnvelopeHeader = _header_for(ctx, length)
-    return AggregateResult(_pack(header, [v.serialize() for v in total]), tuple(accepted), rejected)
+    return AggregateResult(pack_sum(ctx, checked, length), tuple(accepted), rejected)

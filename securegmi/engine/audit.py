@@ -10,8 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from securegmi.config import SimulationConfig
-from securegmi.engine.rundir import CONFIG, LEDGERS, TRANSCRIPT
+from securegmi.engine.rundir import CONFIG, LEDGERS, PROTOCOL, TRANSCRIPT
 from securegmi.errors import RunDirectoryError
 from securegmi.privacy.ledger import PrivacyLedger
 from securegmi.protocol import SERVER, FieldKind, ProtocolSpec, read_transcript
@@ -38,7 +37,7 @@ class Disclosure:
     kind: str
     messages: int
     bytes: int
-    protection: str  # "dp" (every release on the ledger), "encrypted", "public", "none"
+    protection: str  # "dp", "dp+encrypted" (every release on the ledger), "public", "none", ...
     uncovered_events: tuple[str, ...] = ()
 
 
@@ -58,25 +57,22 @@ class AuditReport:
         return {**asdict(self), "ok": self.ok}
 
 
-def _parameter_count(rows: list[dict[str, Any]]) -> int:
-    for row in rows:
-        if row.get("field") == "component_sums":
-            return int(row["shape"][1])
-    raise RunDirectoryError("the transcript has no broadcast of component_sums: cannot rebuild the spec")
-
-
 def audit_run(run_dir: Path, builder_for: Callable[[str], ProtocolBuilder]) -> AuditReport:
     run_dir = Path(run_dir)
-    config_file, transcript_file = run_dir / CONFIG, run_dir / TRANSCRIPT
-    if not config_file.exists() or not transcript_file.exists():
+    files = [run_dir / name for name in (CONFIG, TRANSCRIPT, PROTOCOL)]
+    if not all(f.exists() for f in files):
         raise RunDirectoryError(
-            f"{run_dir} has no {CONFIG} and {TRANSCRIPT}: not the run directory of a federated run"
+            f"{run_dir} lacks {', '.join(f.name for f in files if not f.exists())}: "
+            "not the run directory of a federated run"
         )
-    config = SimulationConfig.from_dict(json.loads(config_file.read_text(encoding="utf-8")))
-    rows = list(read_transcript(transcript_file))
-    spec = builder_for(config.protocol)(
-        components=config.model_components, parameters=_parameter_count(rows), top_b=config.top_b
-    )
+    try:
+        rows = list(read_transcript(run_dir / TRANSCRIPT))
+        bound = json.loads((run_dir / PROTOCOL).read_text(encoding="utf-8"))
+        dims = {k: int(v) for k, v in bound["dims"].items()}
+        top_b = dims["B"] if dims["B"] != dims["K"] else None
+        spec = builder_for(str(bound["name"]))(components=dims["K"], parameters=dims["P"], top_b=top_b)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RunDirectoryError(f"{run_dir}: corrupt run files ({exc})") from exc
     uplink = {f.name: f for s in spec.stages if s.sender == "client" for f in s.fields}
 
     ledgers: dict[str, PrivacyLedger] = {}
@@ -101,18 +97,28 @@ def audit_run(run_dir: Path, builder_for: Callable[[str], ProtocolBuilder]) -> A
                 f"{client} sent {name!r} as {kind}, which protocol {spec.name!r} does not declare"
             )
         uncovered: tuple[str, ...] = ()
-        if kind == FieldKind.DP_RELEASE.value:
+        if kind in (FieldKind.DP_RELEASE.value, FieldKind.CIPHERTEXT.value):
+            # Encryption is the second layer: an encrypted field must be DP by itself too.
             owner = ledgers.get(client)
             uncovered = tuple(
-                sorted({r["event"] for r in items if owner is None or not owner.covers(r["event"])})
+                sorted(
+                    {
+                        str(r.get("event"))
+                        for r in items
+                        if owner is None or not owner.covers(r.get("event", ""))
+                    }
+                )
             )
-            protection = "dp" if not uncovered else "none"
+            layered = "dp+encrypted" if kind == FieldKind.CIPHERTEXT.value else "dp"
+            protection = (
+                layered
+                if not uncovered
+                else ("encrypted only" if kind == FieldKind.CIPHERTEXT.value else "none")
+            )
             if uncovered:
                 problems.append(
                     f"{client}: {name!r} names events no ledger entry covers: {', '.join(uncovered)}"
                 )
-        elif kind == FieldKind.CIPHERTEXT.value:
-            protection = "encrypted"
         elif kind == FieldKind.PUBLIC.value:
             protection = "public"
         else:

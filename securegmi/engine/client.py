@@ -19,7 +19,7 @@ from securegmi.protocol.fields import Ciphertext
 from securegmi.protocol.payload import build_payload
 
 Weighting = Literal["mass", "size"]
-UPDATE, BROADCAST = "update", "broadcast"
+UPDATE, BROADCAST, START = "update", "broadcast", "start"
 
 
 @dataclass(frozen=True)
@@ -67,14 +67,19 @@ class FedGMIClient:
         self.pi = np.full(k, 1.0 / k)
 
     def handle(self, message: Message) -> Message:
-        """Answer the server's broadcast with this round's update."""
-        if message.stage != BROADCAST:
+        """Answer the server's broadcast (or, in round 0 of some protocols, its start) with this
+        round's update."""
+        if message.stage == BROADCAST:
+            sums, masses = self.read_aggregate(message)
+            self.load_aggregate(sums, masses)
+        elif message.stage != START:
             raise ProtocolViolation(f"client {self.client_id} cannot answer stage {message.stage!r}")
-        self.load_aggregate(
-            payload_array(message, "component_sums"), payload_array(message, "component_masses")
-        )
-        masses = self.local_round(message.round, float(payload_array(message, "temperature")))
-        return self.update_message(message.round, masses)
+        soft_counts = self.local_round(message.round, float(payload_array(message, "temperature")))
+        return self.update_message(message.round, soft_counts)
+
+    def read_aggregate(self, message: Message) -> tuple[np.ndarray, np.ndarray]:
+        """(S, W) from a broadcast; a client that holds keys decrypts them here."""
+        return payload_array(message, "component_sums"), payload_array(message, "component_masses")
 
     def load_aggregate(self, sums: np.ndarray, masses: np.ndarray) -> None:
         """theta_k = S_k / W_k; a component nobody sent (W_k = 0) keeps its current value."""
@@ -119,10 +124,22 @@ class FedGMIClient:
         sent = np.zeros(k)
         sent[index] = weights[index]
         vectors = self.model.get_component_vectors()[index]
-        values = {
+        values: dict[str, np.ndarray | bytes] = {
             "masses": sent,
             "component_index": index,
             "weighted_components": (weights[index, None] * vectors).astype(np.float32),
         }
-        payload = build_payload(self.spec.stage(UPDATE), values, self.release_events(round_index))
+        declared = {f.name for f in self.spec.stage(UPDATE).fields}
+        payload = build_payload(
+            self.spec.stage(UPDATE),
+            self.encode_values({k: v for k, v in values.items() if k in declared}),
+            self.release_events(round_index),
+            self.key_id,
+        )
         return Message(stage=UPDATE, round=round_index, sender=self.client_id, payload=payload)
+
+    key_id: str | None = None  # set by clients that encrypt
+
+    def encode_values(self, values: dict[str, np.ndarray | bytes]) -> dict[str, np.ndarray | bytes]:
+        """How values go on the wire: as they are here; encrypted by a client that holds keys."""
+        return values

@@ -15,12 +15,17 @@ from securegmi.config import SimulationConfig
 from securegmi.core.em import infer_mixture, temperature_at
 from securegmi.core.mixture import MixtureOfVAEs
 from securegmi.core.training import e_step_elbo, train_components
+from securegmi.crypto.envelope import decrypt
+from securegmi.crypto.keys import SecretContext
+from securegmi.crypto.params import CkksParameters
 from securegmi.data.datasets import load_dataset
 from securegmi.data.mixture import FederatedData, make_federated_data
 from securegmi.engine.client import ClientSettings, FedGMIClient
 from securegmi.engine.dp_client import ClientPrivacy, DpFedGMIClient
 from securegmi.engine.evaluation import Evaluation, evaluate
-from securegmi.engine.rundir import CONFIG, LEDGERS, PLAN, RESULTS, TRANSCRIPT, RunDirectory
+from securegmi.engine.rundir import CONFIG, LEDGERS, PLAN, PROTOCOL, RESULTS, TRANSCRIPT, RunDirectory
+from securegmi.engine.secure_client import SecureDpFedGMIClient
+from securegmi.engine.secure_server import SecureAggregationServer
 from securegmi.engine.seeding import seed_torch
 from securegmi.engine.server import AggregationServer
 from securegmi.engine.transport import ClientEndpoint, InProcessTransport, ServerEndpoint
@@ -240,24 +245,40 @@ def _run_federated(
     spec = builder(
         components=reference.n_components, parameters=reference.parameter_count(), top_b=config.top_b
     )
+    if loop.run_dir is not None:
+        loop.run_dir.write_json(PROTOCOL, {"name": spec.name, "dims": dict(spec.dims)})
     plan = _dp_plan(config) if config.epsilon is not None else None
+    secure = config.protocol == "secure"
     if plan is not None:
         if loop.run_dir is not None:
             loop.run_dir.write_json(PLAN, plan.to_dict())
             loop.run_dir.file(LEDGERS).mkdir(exist_ok=True)
         if on_plan is not None:
             on_plan(plan.to_dict())
+    # The key ceremony, in-process for a simulation: clients share the secret context, the
+    # server gets the public one only.
+    keys = SecretContext.generate(CkksParameters(max_clients=max(2, config.clients))) if secure else None
     clients: dict[str, FedGMIClient] = {}
     for i, c in enumerate(data.clients):
         cid = f"client-{i}"
         model = _new_model(config, data)
         if plan is None:
             clients[cid] = FedGMIClient(cid, c.x_train, model, settings, spec, config.seed)
-        else:
-            ledger = loop.run_dir.file(LEDGERS) / f"{cid}.json" if loop.run_dir is not None else None
-            privacy = ClientPrivacy(plan, config.dp_batch_normaliser, ledger)
+            continue
+        ledger = loop.run_dir.file(LEDGERS) / f"{cid}.json" if loop.run_dir is not None else None
+        privacy = ClientPrivacy(plan, config.dp_batch_normaliser, ledger)
+        if keys is None:
             clients[cid] = DpFedGMIClient(cid, c.x_train, model, settings, spec, config.seed, privacy)
-    server = AggregationServer(reference.get_component_vectors(), spec)
+        else:
+            clients[cid] = SecureDpFedGMIClient(
+                cid, c.x_train, model, settings, spec, config.seed, privacy, keys
+            )
+    k, p = reference.n_components, reference.parameter_count()
+    server: AggregationServer | SecureAggregationServer = (
+        AggregationServer(reference.get_component_vectors(), spec)
+        if keys is None
+        else SecureAggregationServer(keys.public(), spec, k, p)
+    )
     transcript = TranscriptWriter(loop.run_dir.file(TRANSCRIPT)) if loop.run_dir is not None else None
     transport = InProcessTransport(
         ServerEndpoint(spec, transcript),
@@ -273,18 +294,20 @@ def _run_federated(
                 raise RunAbortedError(
                     f"round {t}: every client refused ({next(iter(exchange.refused.values()))})"
                 )
-            server.aggregate(exchange.replies)
+            rejected = server.aggregate(exchange.replies) or {}
             uplink = sum(field_array(f).nbytes for m in exchange.replies.values() for f in m.payload.values())
             uplink_total += uplink
-            # Evaluate what a client would hold after decrypting/dividing this round's aggregate.
-            reference.set_component_vectors(_divide(server.sums, server.masses, reference))
+            # Evaluate what a client would hold after decrypting and dividing this aggregate
+            # (the harness plays a client here; the server never decrypts).
+            sums, masses = _aggregate_in_clear(server, keys, k, p)
+            reference.set_component_vectors(_divide(sums, masses, reference))
             loop.finish_round(
                 t,
                 t0,
                 [reference] * len(clients),
                 [c.pi for c in clients.values()],
                 uplink,
-                len(exchange.refused),
+                len(exchange.refused) + len(rejected),
             )
     finally:
         if transcript is not None:
@@ -303,6 +326,15 @@ def _run_federated(
             "secure_rng": False,
         }
     return [reference] * len(clients), [c.pi for c in clients.values()], per_client_round, spec, summary
+
+
+def _aggregate_in_clear(
+    server: AggregationServer | SecureAggregationServer, keys: SecretContext | None, k: int, p: int
+) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(server, AggregationServer):
+        return server.sums, server.masses
+    assert keys is not None and server.sums is not None and server.masses is not None
+    return decrypt(keys, server.sums).reshape(k, p), decrypt(keys, server.masses)
 
 
 def _dp_plan(config: SimulationConfig) -> DpPlan:

@@ -22,6 +22,7 @@ METRICS = "metrics.jsonl"
 TRANSCRIPT = "transcript.jsonl"
 CHECKPOINT = "model.safetensors"
 PLAN = "dp_plan.json"
+PROTOCOL = "protocol.json"  # the protocol's name and bound dimensions, for the audit
 LEDGERS = "ledgers"
 
 
@@ -35,7 +36,7 @@ class RunDirectory:
                 f"{self.path} already holds a run; choose another --out or pass --overwrite"
             )
         self.path.mkdir(parents=True, exist_ok=True)
-        for stale in (RESULTS, METRICS, TRANSCRIPT, CHECKPOINT, PLAN):
+        for stale in (RESULTS, METRICS, TRANSCRIPT, CHECKPOINT, PLAN, PROTOCOL):
             (self.path / stale).unlink(missing_ok=True)
         if (self.path / LEDGERS).is_dir():
             for old in (self.path / LEDGERS).glob("*.json"):

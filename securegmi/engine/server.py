@@ -34,7 +34,8 @@ class AggregationServer:
         payload = build_payload(self.spec.stage(BROADCAST), values, events)
         return Message(stage=BROADCAST, round=round_index, sender=SERVER, payload=payload)
 
-    def aggregate(self, updates: Mapping[str, Message]) -> None:
+    def aggregate(self, updates: Mapping[str, Message]) -> dict[str, str]:
+        """Add every update (they were validated on receipt); nothing is rejected here."""
         sums = np.zeros_like(self.sums, dtype=np.float64)
         masses = np.zeros(len(self.sums))
         for message in updates.values():
@@ -42,3 +43,4 @@ class AggregationServer:
             sums[index] += payload_array(message, "weighted_components")
             masses += payload_array(message, "masses")
         self.sums, self.masses = sums.astype(np.float32), masses
+        return {}

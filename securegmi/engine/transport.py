@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from securegmi.errors import BudgetExceededError, ProtocolViolation
+from securegmi.errors import BudgetExceededError, CryptoError, ProtocolViolation
 from securegmi.protocol import SERVER, Message, ProtocolSpec, TranscriptWriter, decode, encode
 
 Handler = Callable[[Message], Message]
@@ -97,7 +97,7 @@ class InProcessTransport(Transport):
             wire = self.server.send(client_id, message)
             try:
                 replies[client_id] = self.server.accept(client_id, self.deliver(client_id, wire))
-            except (ProtocolViolation, BudgetExceededError) as exc:
+            except (ProtocolViolation, BudgetExceededError, CryptoError) as exc:
                 # The client sent nothing (its own check or its ledger refused) or the server
                 # refused what arrived; either way the round completes with the others.
                 refused[client_id] = str(exc)

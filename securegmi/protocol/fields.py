@@ -70,10 +70,12 @@ class DpRelease:
 
 @dataclass(frozen=True)
 class Ciphertext:
-    """Serialised CKKS ciphertext bytes and the id of the key they are under."""
+    """Serialised CKKS ciphertext bytes, the id of the key they are under, and the ledger event
+    that makes the plaintext DP by itself (encryption is the second layer, never the only one)."""
 
     data: bytes
     key_id: str
+    event: str | None = None
     kind: FieldKind = field(default=FieldKind.CIPHERTEXT, init=False)
 
     def __post_init__(self) -> None:

@@ -63,6 +63,8 @@ def encode(message: Message) -> bytes:
             entry["event"] = f.event
         if isinstance(f, Ciphertext):
             entry["key_id"] = f.key_id
+            if f.event is not None:
+                entry["event"] = f.event
         fields[name] = entry
     header = {
         "stage": message.stage,
@@ -100,7 +102,12 @@ def decode(raw: bytes) -> Message:
             elif kind is FieldKind.DP_RELEASE:
                 payload[name] = DpRelease(value, str(meta["event"]))
             else:
-                payload[name] = Ciphertext(np.asarray(value, np.uint8).tobytes(), str(meta["key_id"]))
+                event = meta.get("event")
+                payload[name] = Ciphertext(
+                    np.asarray(value, np.uint8).tobytes(),
+                    str(meta["key_id"]),
+                    None if event is None else str(event),
+                )
         return Message(
             str(header["stage"]), int(header["round"]), str(header["sender"]), payload, header["error"]
         )

@@ -38,6 +38,8 @@ class TranscriptWriter:
                 extra["event"] = f.event
             if isinstance(f, Ciphertext):
                 extra["key_id"] = f.key_id
+                if f.event is not None:
+                    extra["event"] = f.event
             self._write(
                 {
                     **base,

@@ -256,7 +256,7 @@ def test_a_module_opacus_cannot_privatise_is_refused_with_the_fix():
     ("kwargs", "match"),
     [
         ({"protocol": "dp"}, "needs a budget"),
-        ({"epsilon": 8.0}, "must be 'dp'"),
+        ({"epsilon": 8.0}, "must be 'dp' or 'secure'"),
         ({"protocol": "dp", "epsilon": 8.0, "method": "fedem-weights"}, "raw sample count"),
         ({"protocol": "dp", "epsilon": 8.0, "method": "local"}, "sends nothing"),
         ({"protocol": "dp", "epsilon": 8.0, "sample_rate": 0.0}, "sample_rate"),
