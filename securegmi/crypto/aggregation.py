@@ -1,7 +1,7 @@
 """Additions-only aggregation with the public context, after structure checks per update.
 
-TenSEAL alone would add a ciphertext under another key with identical parameters, silently,
-into garbage; so would a wrong level or scale. Every update is checked before it is added, and
+SEAL alone would add a ciphertext under another key with identical parameters, silently, into
+garbage; so would a wrong level or scale. Every update is checked before it is added, and
 one that fails is rejected with its reason while the others are summed.
 """
 
@@ -10,14 +10,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import tenseal as ts
+from tenseal import sealapi
 
 from securegmi.crypto.envelope import _header_for, _pack, read_envelope
 from securegmi.crypto.keys import PublicContext
+from securegmi.crypto.seal_io import load_ciphertext, save_bytes
 from securegmi.errors import CryptoError
 
 
-def check_update(ctx: PublicContext, data: bytes, length: int, max_bytes: int) -> list[ts.CKKSVector]:
+def check_update(ctx: PublicContext, data: bytes, length: int, max_bytes: int) -> list[sealapi.Ciphertext]:
     """Parse one envelope and check its structure; raise CryptoError with the reason."""
     if len(data) > max_bytes:
         raise CryptoError(f"update of {len(data)} bytes exceeds the {max_bytes}-byte limit")
@@ -28,25 +29,22 @@ def check_update(ctx: PublicContext, data: bytes, length: int, max_bytes: int) -
     if header != expected:
         raise CryptoError(f"envelope header {header} does not match the expected {expected}")
     p = ctx.params
-    vectors = []
+    ciphertexts = []
     for i, chunk in enumerate(chunks):
         try:
-            vector = ts.ckks_vector_from(ctx.context, chunk)
+            ct = load_ciphertext(ctx.seal_context, chunk)
         except Exception as exc:
-            raise CryptoError(f"chunk {i} does not parse: {exc}") from exc
-        for ct in vector.ciphertext():
-            if ct.poly_modulus_degree() != p.poly_modulus_degree:
-                raise CryptoError(
-                    f"chunk {i}: ring degree {ct.poly_modulus_degree()} != {p.poly_modulus_degree}"
-                )
-            if ct.coeff_modulus_size() != p.data_primes:
-                raise CryptoError(f"chunk {i}: level {ct.coeff_modulus_size()} is not a fresh ciphertext's")
-            if ct.scale != p.scale:
-                raise CryptoError(f"chunk {i}: scale {ct.scale:g} != 2^{p.scale_bits}")
-            if ct.size() != 2:
-                raise CryptoError(f"chunk {i}: ciphertext size {ct.size()} != 2")
-        vectors.append(vector)
-    return vectors
+            raise CryptoError(f"chunk {i} does not parse for these parameters: {exc}") from exc
+        if ct.poly_modulus_degree() != p.poly_modulus_degree:
+            raise CryptoError(f"chunk {i}: ring degree {ct.poly_modulus_degree()} != {p.poly_modulus_degree}")
+        if ct.coeff_modulus_size() != p.data_primes:
+            raise CryptoError(f"chunk {i}: level {ct.coeff_modulus_size()} is not a fresh ciphertext's")
+        if ct.scale != p.scale:
+            raise CryptoError(f"chunk {i}: scale {ct.scale:g} != 2^{p.scale_bits}")
+        if ct.size() != 2:
+            raise CryptoError(f"chunk {i}: ciphertext size {ct.size()} != 2")
+        ciphertexts.append(ct)
+    return ciphertexts
 
 
 def max_envelope_bytes(ctx: PublicContext, length: int) -> int:
@@ -57,12 +55,13 @@ def max_envelope_bytes(ctx: PublicContext, length: int) -> int:
     return chunks * (2 * p.poly_modulus_degree * p.data_primes * 8 + 4096) + 4096
 
 
-def pack_sum(ctx: PublicContext, updates: list[list[ts.CKKSVector]], length: int) -> bytes:
+def pack_sum(ctx: PublicContext, updates: list[list[sealapi.Ciphertext]], length: int) -> bytes:
     """The envelope of the chunkwise sum of checked updates (additions only)."""
     total = updates[0]
-    for vectors in updates[1:]:
-        total = [a + b for a, b in zip(total, vectors, strict=True)]
-    return _pack(_header_for(ctx, length), [v.serialize() for v in total])
+    for ciphertexts in updates[1:]:
+        for acc, ct in zip(total, ciphertexts, strict=True):
+            ctx.evaluator.add_inplace(acc, ct)
+    return _pack(_header_for(ctx, length), [save_bytes(ct) for ct in total])
 
 
 @dataclass(frozen=True)
@@ -75,7 +74,7 @@ class AggregateResult:
 def add_updates(
     ctx: PublicContext, updates: Mapping[str, bytes], length: int, max_bytes: int
 ) -> AggregateResult:
-    checked: list[list[ts.CKKSVector]] = []
+    checked: list[list[sealapi.Ciphertext]] = []
     accepted, rejected = [], {}
     for sender, data in updates.items():
         try:

@@ -1,8 +1,8 @@
 """Ciphertext envelopes: a flat float vector as CKKS chunks of one slot-count each, with the key
 id, parameters and layout in a header (safetensors: no pickle).
 
-Chunking is ours: one TenSEAL vector over more than N/2 values prints warnings to C++ stdout
-that Python cannot silence, and a per-chunk layout is what the server must check anyway.
+Each chunk is a SEAL ciphertext of N/2 slots; fresh uploads are seeded symmetric ciphertexts
+(see seal_io). Chunking is ours: a per-chunk layout is what the server must check anyway.
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import tenseal as ts
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
+from tenseal import sealapi
 
 from securegmi.crypto.keys import PublicContext, SecretContext
+from securegmi.crypto.seal_io import load_ciphertext, save_bytes
 from securegmi.errors import CryptoError
 
 _META = "securegmi.ckks"
@@ -84,10 +85,11 @@ def encrypt(ctx: SecretContext, values: np.ndarray) -> bytes:
         )
     header = _header_for(ctx, flat.size)
     slots = ctx.params.slot_count
-    chunks = [
-        ts.ckks_vector(ctx.context, flat[i * slots : (i + 1) * slots].tolist()).serialize()
-        for i in range(header.chunks)
-    ]
+    chunks = []
+    for i in range(header.chunks):
+        plaintext = sealapi.Plaintext()
+        ctx.encoder.encode(flat[i * slots : (i + 1) * slots].tolist(), ctx.params.scale, plaintext)
+        chunks.append(save_bytes(ctx.encryptor.encrypt_symmetric(plaintext)))
     return _pack(header, chunks)
 
 
@@ -95,6 +97,11 @@ def decrypt(ctx: SecretContext, data: bytes) -> np.ndarray:
     header, chunks = read_envelope(data)
     if header.key_id != ctx.key_id:
         raise CryptoError("this aggregate is under another key than this client's")
-    parts = [np.asarray(ts.ckks_vector_from(ctx.context, c).decrypt()) for c in chunks]
-    out = np.concatenate(parts) if parts else np.zeros(0)
-    return out[: header.length]
+    slots = ctx.params.slot_count
+    parts = []
+    for i, chunk in enumerate(chunks):
+        plaintext = sealapi.Plaintext()
+        ctx.decryptor.decrypt(load_ciphertext(ctx.seal_context, chunk), plaintext)
+        n = min(slots, header.length - i * slots)
+        parts.append(np.asarray(ctx.encoder.decode_double(plaintext))[:n])
+    return np.concatenate(parts) if parts else np.zeros(0)

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 import tenseal as ts
+from tenseal import sealapi
 
 from securegmi.crypto.params import CkksParameters
 from securegmi.errors import CryptoError
@@ -42,6 +43,8 @@ class PublicContext:
         self.params = params
         self.public_bytes = public_bytes
         self.key_id = key_id_of(public_bytes)
+        self.seal_context = context.seal_context().data
+        self.evaluator = sealapi.Evaluator(self.seal_context)
 
     def __repr__(self) -> str:
         return f"PublicContext(key_id={self.key_id[:12]}..., N={self.params.poly_modulus_degree})"
@@ -58,6 +61,11 @@ class SecretContext:
         self.params = params
         self.public_bytes = public_bytes
         self.key_id = key_id_of(public_bytes)
+        self.seal_context = context.seal_context().data
+        secret_key = context.secret_key().data
+        self.encoder = sealapi.CKKSEncoder(self.seal_context)
+        self.encryptor = sealapi.Encryptor(self.seal_context, secret_key)
+        self.decryptor = sealapi.Decryptor(self.seal_context, secret_key)
 
     @classmethod
     def generate(cls, params: CkksParameters) -> SecretContext:

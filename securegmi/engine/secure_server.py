@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-import tenseal as ts
+from tenseal import sealapi
 
 from securegmi.crypto.aggregation import check_update, max_envelope_bytes, pack_sum
 from securegmi.crypto.keys import PublicContext
@@ -47,7 +47,7 @@ class SecureAggregationServer:
     def aggregate(self, updates: Mapping[str, Message]) -> dict[str, str]:
         """Add every update whose ciphertexts pass the structure checks; return why the others
         were rejected. A client is added whole or not at all, so S and W stay consistent."""
-        checked: dict[str, list[list[ts.CKKSVector]]] = {name: [] for name in _FIELDS}
+        checked: dict[str, list[list[sealapi.Ciphertext]]] = {name: [] for name in _FIELDS}
         self.rejected = {}
         for sender, message in updates.items():
             try:

@@ -7,12 +7,14 @@ import os
 import numpy as np
 import pytest
 import tenseal as ts
+from tenseal import sealapi
 
-from securegmi.crypto.aggregation import add_updates, check_update
+from securegmi.crypto.aggregation import add_updates, check_update, max_envelope_bytes
 from securegmi.crypto.envelope import _header_for, _pack, decrypt, encrypt
 from securegmi.crypto.keys import PublicContext, SecretContext
 from securegmi.crypto.params import MAX_MODULUS_BITS_128, CkksParameters
 from securegmi.crypto.release import release_decrypted
+from securegmi.crypto.seal_io import load_ciphertext, save_bytes
 from securegmi.errors import CryptoError
 
 PARAMS = CkksParameters()
@@ -57,10 +59,9 @@ def test_headroom_is_checked_against_bound_and_clients():
 
 def test_server_context_can_neither_decrypt_nor_encrypt(keys, server):
     assert not server.context.has_secret_key()
-    ct = encrypt(keys, _values(0))
-    vectors = check_update(server, ct, LENGTH, 10**7)
-    with pytest.raises(ValueError, match="secret"):
-        vectors[0].decrypt()
+    assert check_update(server, encrypt(keys, _values(0)), LENGTH, 10**7)  # it can check and add...
+    with pytest.raises(ValueError, match="secret"):  # ...but holds no key to decrypt with
+        ts.ckks_vector_from(server.context, ts.ckks_vector(keys.context, [1.0]).serialize()).decrypt()
     with pytest.raises(ValueError, match="encryption"):
         ts.ckks_vector(server.context, [1.0])
     with pytest.raises(CryptoError, match="secret key"):
@@ -82,10 +83,12 @@ def test_another_key_with_the_same_parameters_is_rejected(keys, server):
     good, foreign = encrypt(keys, _values(1)), encrypt(other, _values(2))
     with pytest.raises(CryptoError, match="another key"):
         check_update(server, foreign, LENGTH, 10**7)
-    # Negative control: TenSEAL alone adds it without complaint, into garbage.
-    a = ts.ckks_vector_from(server.context, _chunks(good)[0])
-    b = ts.ckks_vector_from(server.context, _chunks(foreign)[0])
-    garbage = np.asarray(ts.ckks_vector_from(keys.context, (a + b).serialize()).decrypt())
+    # Negative control: SEAL alone adds it without complaint, into garbage.
+    a = load_ciphertext(server.seal_context, _chunks(good)[0])
+    server.evaluator.add_inplace(a, load_ciphertext(server.seal_context, _chunks(foreign)[0]))
+    plaintext = sealapi.Plaintext()
+    keys.decryptor.decrypt(load_ciphertext(keys.seal_context, save_bytes(a)), plaintext)
+    garbage = np.asarray(keys.encoder.decode_double(plaintext))
     assert np.max(np.abs(garbage - (_values(1) + _values(2))[: PARAMS.slot_count])) > 1e6
     # Limit, stated in the README: the key id catches honest mistakes (a stale key, another
     # study's key). A client that forges the header passes the structure checks, as it could
@@ -103,14 +106,12 @@ def _chunks(envelope: bytes) -> list[bytes]:
 def _bad_updates(keys: SecretContext, server: PublicContext) -> dict[str, bytes]:
     good = encrypt(keys, _values(3))
     other_n_params = CkksParameters(poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 40, 60))
-    other_n = SecretContext.generate(other_n_params)
-    other_n_chunks = [ts.ckks_vector(other_n.context, _values(4)[:2048].tolist()).serialize()] * 2
-    low_scale = [
-        ts.ckks_vector(
-            keys.context, _values(5)[i * 2048 : (i + 1) * 2048].tolist(), scale=2.0**30
-        ).serialize()
-        for i in range(2)
-    ]
+    other_n_chunks = _chunks(encrypt(SecretContext.generate(other_n_params), _values(4)))[:1] * 2
+    low_scale = []
+    for i in range(2):
+        plaintext = sealapi.Plaintext()
+        keys.encoder.encode(_values(5)[i * 2048 : (i + 1) * 2048].tolist(), 2.0**30, plaintext)
+        low_scale.append(save_bytes(keys.encryptor.encrypt_symmetric(plaintext)))
     return {
         "other-key": encrypt(SecretContext.generate(PARAMS), _values(6)),
         "other-n": _pack(_header_for(server, LENGTH), other_n_chunks),
@@ -125,8 +126,8 @@ def test_bad_updates_are_rejected_and_the_round_completes(keys, server):
     good = {f"good-{i}": _values(10 + i) for i in range(3)}
     updates = {c: encrypt(keys, v) for c, v in good.items()}
     bad = _bad_updates(keys, server)
-    max_bytes = max(len(u) for u in updates.values())
-    bad["oversized"] = bad["oversized"] + b"\x00" * 1024  # padded past the limit
+    max_bytes = max_envelope_bytes(server, LENGTH)
+    bad["oversized"] = bad["oversized"] + b"\x00" * max_bytes  # padded past the limit
     result = add_updates(server, {**updates, **bad}, LENGTH, max_bytes)
     assert sorted(result.accepted) == sorted(good)
     assert set(result.rejected) == set(bad)

@@ -151,3 +151,19 @@ def test_secure_refuses_top_b():
 
     with pytest.raises(ConfigError, match="top-b"):
         SimulationConfig(protocol="secure", epsilon=8.0, top_b=1)
+
+
+@pytest.mark.slow
+def test_the_exported_model_of_a_secure_run_is_rounded(runs):
+    from safetensors.numpy import load_file
+
+    from securegmi.engine.run import RELEASE_PRECISION
+
+    out, _ = runs["secure"]
+    components = load_file(str(out / "model.safetensors"))["components"].astype(np.float64)
+    grid = np.round(components / RELEASE_PRECISION)
+    assert np.allclose(components, grid * RELEASE_PRECISION, rtol=0, atol=1e-7)
+    # Negative control: the dp run's export is not on the grid.
+    d_out, _ = runs["dp"]
+    d = load_file(str(d_out / "model.safetensors"))["components"].astype(np.float64)
+    assert not np.allclose(d, np.round(d / RELEASE_PRECISION) * RELEASE_PRECISION, rtol=0, atol=1e-9)

@@ -1,0 +1,134 @@
+"""CKKS cost, side by side in one run.
+
+1. Bytes on the wire per float32 parameter, for the shipped parameters and the common tutorial
+   default (N=8192, [60,40,40,60], 2^40).
+2. Encrypt / aggregate (10 clients) / decrypt seconds per client per 100k parameters.
+3. The share of round wall time spent in encryption in the default secure simulation (digits,
+   20 clients, --epsilon 8), over a few rounds.
+
+    python bench/he_cost.py            # writes bench/results/he_cost.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from securegmi.crypto.aggregation import add_updates, max_envelope_bytes
+from securegmi.crypto.envelope import decrypt, encrypt
+from securegmi.crypto.keys import SecretContext
+from securegmi.crypto.params import CkksParameters
+
+RESULTS = Path(__file__).parent / "results" / "he_cost.json"
+PARAMS = 100_000
+CLIENTS = 10
+
+PARAMETER_SETS = {
+    "shipped: N=4096 [60,49] 2^40": CkksParameters(),
+    "tutorial: N=8192 [60,40,40,60] 2^40": CkksParameters(
+        poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 40, 40, 60), scale_bits=40
+    ),
+}
+
+
+def costs(params: CkksParameters) -> dict[str, float]:
+    keys = SecretContext.generate(params)
+    server = keys.public()
+    rng = np.random.default_rng(0)
+    values = [rng.uniform(-1, 1, PARAMS) for _ in range(CLIENTS)]
+    t0 = time.perf_counter()
+    envelopes = {f"c{i}": encrypt(keys, v) for i, v in enumerate(values)}
+    t_enc = (time.perf_counter() - t0) / CLIENTS
+    t0 = time.perf_counter()
+    result = add_updates(server, envelopes, PARAMS, max_envelope_bytes(server, PARAMS))
+    t_add = (time.perf_counter() - t0) / CLIENTS
+    assert result.data is not None
+    t0 = time.perf_counter()
+    total = decrypt(keys, result.data)
+    t_dec = time.perf_counter() - t0
+    return {
+        "bytes_per_param": len(envelopes["c0"]) / (4 * PARAMS),
+        "max_abs_error": float(np.max(np.abs(total - sum(values)))),
+        "encrypt_s_per_client": t_enc,
+        "check_and_add_s_per_client": t_add,
+        "decrypt_s": t_dec,
+    }
+
+
+def encryption_share(rounds: int) -> dict[str, float]:
+    """Wrap the secure client's encrypt and decrypt to time them inside a real run."""
+    import torch
+
+    import securegmi.engine.secure_client as sc
+    from securegmi.config import SimulationConfig
+    from securegmi.engine.run import run_simulation
+    from securegmi.protocols import secure
+
+    torch.set_num_threads(1)
+    spent = {"encrypt": 0.0, "decrypt": 0.0}
+    real_encrypt, real_decrypt = sc.encrypt, sc.decrypt
+
+    def timed(name, fn):  # type: ignore[no-untyped-def]
+        def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - t
+
+        return wrapper
+
+    sc.encrypt, sc.decrypt = timed("encrypt", real_encrypt), timed("decrypt", real_decrypt)
+    try:
+        result = run_simulation(
+            SimulationConfig(protocol="secure", epsilon=8.0, rounds=rounds), protocol=secure.build
+        )
+    finally:
+        sc.encrypt, sc.decrypt = real_encrypt, real_decrypt
+    round_seconds = sum(h.seconds for h in result.history)
+    return {
+        "rounds": rounds,
+        "round_seconds": round_seconds,
+        "encrypt_seconds": spent["encrypt"],
+        "decrypt_seconds": spent["decrypt"],
+        "encrypt_share": spent["encrypt"] / round_seconds,
+        "crypto_share": (spent["encrypt"] + spent["decrypt"]) / round_seconds,
+        "uplink_bytes_per_client_round": result.uplink_bytes_per_client_round,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=4, help="rounds of the secure simulation")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    out: dict[str, object] = {"parameters": PARAMS, "clients": CLIENTS, "sets": {}}
+    for name, params in PARAMETER_SETS.items():
+        c = costs(params)
+        out["sets"][name] = c  # type: ignore[index]
+        print(
+            f"{name:38s} {c['bytes_per_param']:5.1f} bytes/param  err {c['max_abs_error']:.1e}  "
+            f"enc {c['encrypt_s_per_client']:.3f}s  check+add {c['check_and_add_s_per_client']:.3f}s  "
+            f"dec {c['decrypt_s']:.3f}s  (per client, {PARAMS // 1000}k params)",
+            flush=True,
+        )
+    share = encryption_share(args.rounds)
+    out["default_simulation"] = share
+    print(
+        f"secure simulate (digits, 20 clients, eps 8, {args.rounds} rounds): encryption "
+        f"{share['encrypt_share']:.1%} of round time, encryption+decryption {share['crypto_share']:.1%}; "
+        f"uplink {share['uplink_bytes_per_client_round'] / 1e6:.2f} MB per client per round"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
