@@ -57,3 +57,15 @@ def test_refuses_to_overwrite_a_run(tmp_path):
     assert runner.invoke(app, ["simulate", *SMALL, "--out", str(out)]).exit_code == 0
     again = runner.invoke(app, ["simulate", *SMALL, "--out", str(out)])
     assert again.exit_code == 2 and "--overwrite" in again.output
+
+
+@pytest.mark.slow
+def test_epsilon_alone_runs_the_secure_protocol_and_shows_the_plan(tmp_path):
+    out = tmp_path / "private"
+    result = runner.invoke(app, ["simulate", *SMALL, "--clients", "3", "--epsilon", "4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "Privacy plan" in text and "not a cryptographically secure" in text
+    results = json.loads((out / "results.json").read_text())
+    assert results["protocol"] == "secure" and results["epsilon"]["target"] == 4.0
+    assert runner.invoke(app, ["audit", str(out)]).exit_code == 0
