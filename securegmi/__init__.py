@@ -5,9 +5,13 @@ from securegmi.core.mixture import MixtureOfVAEs
 from securegmi.core.vae import VAE
 from securegmi.engine.run import RunResult, run_simulation
 from securegmi.errors import (
+    BudgetExceededError,
     ConfigError,
+    CryptoError,
     DataError,
+    PrivacyError,
     ProtocolViolation,
+    RunAbortedError,
     RunDirectoryError,
     SecureGMIError,
 )
@@ -17,12 +21,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "VAE",
+    "BudgetExceededError",
     "ConfigError",
+    "CryptoError",
     "DataError",
     "Message",
     "MixtureOfVAEs",
+    "PrivacyError",
     "ProtocolSpec",
     "ProtocolViolation",
+    "RunAbortedError",
     "RunDirectoryError",
     "RunResult",
     "SecureGMIError",

@@ -9,21 +9,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def run(name: str, overrides: dict[str, Any], seed: int) -> tuple[str, int, float, float]:
     import torch
 
     torch.set_num_threads(1)
-    from protocols import plain
     from securegmi.config import SimulationConfig
     from securegmi.engine.run import run_simulation
+    from securegmi.protocols import plain
 
     r = run_simulation(SimulationConfig(seed=seed, **overrides), protocol=plain.build)
     return name, seed, r.evaluation.source_accuracy, r.evaluation.pi_tv_error

@@ -65,6 +65,7 @@ class FedGMIClient:
         self.index = int(client_id.rsplit("-", 1)[-1]) if client_id[-1].isdigit() else 0
         k = model.n_components
         self.pi = np.full(k, 1.0 / k)
+        self.key_id: str | None = None  # set by clients that encrypt
 
     def handle(self, message: Message) -> Message:
         """Answer the server's broadcast (or, in round 0 of some protocols, its start) with this
@@ -129,16 +130,15 @@ class FedGMIClient:
             "component_index": index,
             "weighted_components": (weights[index, None] * vectors).astype(np.float32),
         }
+        # Only what the protocol declares is encoded at all (secure has no component_index).
         declared = {f.name for f in self.spec.stage(UPDATE).fields}
         payload = build_payload(
             self.spec.stage(UPDATE),
-            self.encode_values({k: v for k, v in values.items() if k in declared}),
+            self.encode_values({name: v for name, v in values.items() if name in declared}),
             self.release_events(round_index),
             self.key_id,
         )
         return Message(stage=UPDATE, round=round_index, sender=self.client_id, payload=payload)
-
-    key_id: str | None = None  # set by clients that encrypt
 
     def encode_values(self, values: dict[str, np.ndarray | bytes]) -> dict[str, np.ndarray | bytes]:
         """How values go on the wire: as they are here; encrypted by a client that holds keys."""
