@@ -57,6 +57,9 @@ class SimulationConfig:
     sample_rate: float = 0.25
     dp_batch_normaliser: float = 16.0
     count_share: float = 0.2
+    # "private": DP noise and sampling from OS entropy. "seeded": reproducible from `seed`, for
+    # tests only; anyone holding config.json could then subtract the noise (the audit fails it).
+    dp_noise: str = "private"
 
     def __post_init__(self) -> None:
         _check(self.dataset in DATASETS, "dataset", f"must be one of {DATASETS}", self.dataset)
@@ -123,6 +126,9 @@ class SimulationConfig:
             self.dp_batch_normaliser > 0, "dp_batch_normaliser", "must be positive", self.dp_batch_normaliser
         )
         _check(0 < self.count_share < 1, "count_share", "must be in (0, 1)", self.count_share)
+        _check(
+            self.dp_noise in ("private", "seeded"), "dp_noise", "must be 'private' or 'seeded'", self.dp_noise
+        )
         if self.method in ("local", "oracle"):
             raise ConfigError(f"method {self.method} sends nothing, so --epsilon does not apply to it")
         if self.method == "fedem-weights":

@@ -130,6 +130,12 @@ def audit_run(run_dir: Path, builder_for: Callable[[str], ProtocolBuilder]) -> A
             )
         )
 
+    run_config = json.loads((run_dir / CONFIG).read_text(encoding="utf-8"))
+    if run_config.get("dp_noise") == "seeded":
+        problems.append(
+            "DP noise was derived from the run seed (dp_noise='seeded', for tests only): anyone holding "
+            "config.json can regenerate and subtract it, so no DP guarantee holds for this run"
+        )
     for name, clients in sorted(unprotected.items()):
         problems.append(f"{name!r} left {len(clients)} client(s) without protection (non-private)")
     budgets = []

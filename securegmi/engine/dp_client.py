@@ -20,14 +20,18 @@ from securegmi.privacy.calibration import COUNTS, DPSGD, DpPlan
 from securegmi.privacy.dpsgd import DpSgdConfig, GradObserver, PrivateTrainer
 from securegmi.privacy.ledger import PrivacyBudget, PrivacyLedger
 from securegmi.privacy.mechanisms import gaussian_release
+from securegmi.privacy.noise import noise_generators
 from securegmi.protocol import ProtocolSpec
 
 
 @dataclass(frozen=True)
 class ClientPrivacy:
     plan: DpPlan
-    batch_normaliser: float  # public divisor of DP-SGD's noisy sum
+    batch_normaliser: float  # public divisor of the noisy DP-SGD sum
     ledger_path: Path | None = None  # written before anything leaves (write-ahead)
+    # None: noise from OS entropy. An int makes the noise reproducible, for tests only: anyone
+    # holding it could subtract the noise (privacy.noise).
+    noise_seed: int | None = None
 
 
 class DpFedGMIClient(FedGMIClient):
@@ -59,12 +63,14 @@ class DpFedGMIClient(FedGMIClient):
         self.privacy = privacy
         plan = privacy.plan
         self.ledger = PrivacyLedger(client_id, PrivacyBudget(plan.epsilon, plan.delta))
+        self.noise_rng, torch_noise = noise_generators(privacy.noise_seed)
         self.trainer = PrivateTrainer(
             model,
             torch.optim.Adam(model.parameters(), lr=settings.learning_rate),
             DpSgdConfig(
                 plan.sgd_noise_multiplier, plan.clip_norm, plan.sample_rate, privacy.batch_normaliser
             ),
+            noise_generator=torch_noise,
         )
         self.observe: GradObserver | None = None  # test hook: each step's clipped sum, pre-noise
         self.pre_noise_counts: np.ndarray | None = None  # test hook: the last sum_x r(x)
@@ -76,13 +82,13 @@ class DpFedGMIClient(FedGMIClient):
         if self.privacy.ledger_path is not None:
             self.ledger.save(self.privacy.ledger_path)
 
-        rng = seed_torch(self.seed, round_index, self.index)
+        seed_torch(self.seed, round_index, self.index)  # public randomness: the ELBO's latent draws
         s = self.settings
         elbo = e_step_elbo(self.model, self.x_train, s.elbo_samples)
         counts = responsibilities(elbo, log_prior(self.pi), temperature).sum(0).numpy().astype(np.float64)
         self.pre_noise_counts = counts
         # L2 sensitivity 1 under add/remove-one: ||r(x)||_2 <= ||r(x)||_1 = 1.
-        noisy = gaussian_release(counts, plan.count_noise_multiplier, 1.0, rng)
+        noisy = gaussian_release(counts, plan.count_noise_multiplier, 1.0, self.noise_rng)
         self.pi = mixture_estimate(noisy, s.pi_floor)
         resp = responsibilities(elbo, log_prior(self.pi), temperature)
 
@@ -93,7 +99,9 @@ class DpFedGMIClient(FedGMIClient):
 
         # A fresh Adam each round, as in the non-private client.
         self.trainer.optimiser.original_optimizer.state.clear()
-        step_seed = int(rng.integers(2**63))
+        # Which records each step samples must stay secret too: subsampling amplification
+        # assumes nobody knows whether a given record was drawn.
+        step_seed = int(self.noise_rng.integers(2**63))
         self.trainer.train(per_sample_loss, len(x), plan.steps_per_round, step_seed, self.observe)
         return noisy
 

@@ -27,7 +27,7 @@ from securegmi.engine.evaluation import Evaluation, evaluate
 from securegmi.engine.rundir import CONFIG, LEDGERS, PLAN, PROTOCOL, RESULTS, TRANSCRIPT, RunDirectory
 from securegmi.engine.secure_client import SecureDpFedGMIClient
 from securegmi.engine.secure_server import SecureAggregationServer
-from securegmi.engine.seeding import seed_torch
+from securegmi.engine.seeding import derive_seed, seed_torch
 from securegmi.engine.server import AggregationServer
 from securegmi.engine.transport import ClientEndpoint, InProcessTransport, ServerEndpoint
 from securegmi.errors import RunAbortedError
@@ -272,7 +272,8 @@ def _run_federated(
             clients[cid] = FedGMIClient(cid, c.x_train, model, settings, spec, config.seed)
             continue
         ledger = loop.run_dir.file(LEDGERS) / f"{cid}.json" if loop.run_dir is not None else None
-        privacy = ClientPrivacy(plan, config.dp_batch_normaliser, ledger)
+        noise_seed = derive_seed(config.seed, 0x5EED, i) if config.dp_noise == "seeded" else None
+        privacy = ClientPrivacy(plan, config.dp_batch_normaliser, ledger, noise_seed)
         if keys is None:
             clients[cid] = DpFedGMIClient(cid, c.x_train, model, settings, spec, config.seed, privacy)
         else:
@@ -330,6 +331,7 @@ def _run_federated(
             "sgd_noise_multiplier": plan.sgd_noise_multiplier,
             "count_noise_multiplier": plan.count_noise_multiplier,
             "secure_rng": False,
+            "noise": config.dp_noise,
         }
     return [reference] * len(clients), [c.pi for c in clients.values()], per_client_round, spec, summary
 

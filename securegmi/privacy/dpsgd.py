@@ -17,14 +17,15 @@ import torch
 from torch import Tensor, nn
 
 from securegmi.errors import ConfigError, PrivacyError
+from securegmi.privacy.noise import private_torch_generator
 
 PerSampleLoss = Callable[[nn.Module, Tensor], Tensor]  # (module, batch indices) -> (batch,) losses
 GradObserver = Callable[[list[Tensor]], None]  # receives each step's clipped gradient sum
 
 NOT_CSPRNG = (
-    "DP noise is drawn from torch's default generator, not a cryptographically secure one: "
-    "Opacus' secure_mode needs torchcsprng, which is not installed. The (epsilon, delta) figures "
-    "assume ideal Gaussian noise."
+    "DP noise is seeded from OS entropy but drawn with torch's and numpy's standard generators, "
+    "not a cryptographically secure one: Opacus' secure_mode needs torchcsprng, which is not "
+    "installed. The (epsilon, delta) figures assume ideal Gaussian noise."
 )
 
 
@@ -66,7 +67,13 @@ def check_privatisable(module: nn.Module) -> None:
 class PrivateTrainer:
     """Trains `module` with DP-SGD (Opacus ghost clipping) on Poisson batches of a tensor."""
 
-    def __init__(self, module: nn.Module, optimiser: torch.optim.Optimizer, config: DpSgdConfig) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        optimiser: torch.optim.Optimizer,
+        config: DpSgdConfig,
+        noise_generator: torch.Generator | None = None,
+    ) -> None:
         from opacus.grad_sample import GradSampleModuleFastGradientClipping
         from opacus.optimizers import DPOptimizerFastGradientClipping
 
@@ -83,6 +90,8 @@ class PrivateTrainer:
                 max_grad_norm=config.clip_norm,
                 expected_batch_size=config.batch_normaliser,  # public, never len(private data)
                 loss_reduction="mean",
+                # The noise must not be reproducible by anyone else: see privacy.noise.
+                generator=noise_generator if noise_generator is not None else private_torch_generator(),
             )
 
     def _accumulate_clipped(self, loss_fn: PerSampleLoss, batch: Tensor) -> None:

@@ -138,7 +138,8 @@ def neighbour_violations(spec: ProtocolSpec, on_d: Message, on_d_minus: Message)
     return problems
 
 
-def _round_on(x: np.ndarray, spec: ProtocolSpec, client_cls=DpFedGMIClient):  # type: ignore[no-untyped-def]
+def _round_on(x: np.ndarray, spec: ProtocolSpec, client_cls=DpFedGMIClient, noise_seed=1):  # type: ignore[no-untyped-def]
+    """One client round; identical noise across calls unless noise_seed is None (private)."""
     data = load_federated_data(CONFIG)
     client = client_cls(
         "client-0",
@@ -147,7 +148,7 @@ def _round_on(x: np.ndarray, spec: ProtocolSpec, client_cls=DpFedGMIClient):  # 
         _settings(CONFIG),
         spec,
         CONFIG.seed,
-        ClientPrivacy(_dp_plan(CONFIG), CONFIG.dp_batch_normaliser),
+        ClientPrivacy(_dp_plan(CONFIG), CONFIG.dp_batch_normaliser, None, noise_seed),
     )
     masses = client.local_round(0, 2.0)
     return client, client.update_message(0, masses)
@@ -265,3 +266,20 @@ def test_a_module_opacus_cannot_privatise_is_refused_with_the_fix():
 def test_unsafe_privacy_configurations_are_refused(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         SimulationConfig(**kwargs)
+
+
+@pytest.mark.slow
+def test_noise_is_private_unless_a_test_seeds_it():
+    spec, _ = _spec(CONFIG)
+    x = load_federated_data(CONFIG).clients[0].x_train
+
+    def released(noise_seed):  # type: ignore[no-untyped-def]
+        _, message = _round_on(x, spec, noise_seed=noise_seed)
+        return {name: f.value for name, f in message.payload.items()}  # type: ignore[union-attr]
+
+    a, b = released(None), released(None)  # same run seed, noise from OS entropy
+    assert not np.array_equal(a["masses"], b["masses"])
+    assert not np.array_equal(a["weighted_components"], b["weighted_components"])
+    c, d = released(7), released(7)  # negative control: seeded noise is reproducible
+    assert np.array_equal(c["masses"], d["masses"])
+    assert np.array_equal(c["weighted_components"], d["weighted_components"])

@@ -32,14 +32,17 @@ SMALL = {
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """dp and secure with the same (seeded, test-only) noise, and a secure run as deployed."""
     base = tmp_path_factory.mktemp("secure")
-    return {
-        name: (
-            base / name,
-            run_simulation(SimulationConfig(protocol=name, **SMALL), protocol=b, out=base / name),
-        )
-        for name, b in (("dp", dp.build), ("secure", secure.build))
-    }
+    out = {}
+    for name, protocol, build, noise in (
+        ("dp", "dp", dp.build, "seeded"),
+        ("secure", "secure", secure.build, "seeded"),
+        ("secure-private", "secure", secure.build, "private"),
+    ):
+        config = SimulationConfig(protocol=protocol, dp_noise=noise, **SMALL)
+        out[name] = (base / name, run_simulation(config, protocol=build, out=base / name))
+    return out
 
 
 @pytest.mark.slow
@@ -53,7 +56,7 @@ def test_secure_and_dp_report_the_same_epsilon_and_utility(runs):
 
 @pytest.mark.slow
 def test_a_secure_run_passes_the_audit_and_encryption_alone_would_not(runs, tmp_path):
-    out, _ = runs["secure"]
+    out, _ = runs["secure-private"]
     runner = CliRunner()
     report = json.loads(runner.invoke(app, ["audit", str(out), "--json"]).stdout)
     assert report["ok"] and {d["protection"] for d in report["disclosures"]} == {"dp+encrypted"}
@@ -167,3 +170,11 @@ def test_the_exported_model_of_a_secure_run_is_rounded(runs):
     d_out, _ = runs["dp"]
     d = load_file(str(d_out / "model.safetensors"))["components"].astype(np.float64)
     assert not np.allclose(d, np.round(d / RELEASE_PRECISION) * RELEASE_PRECISION, rtol=0, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_the_audit_fails_a_run_whose_noise_was_seeded(runs):
+    out, _ = runs["secure"]  # dp_noise="seeded"
+    audit = CliRunner().invoke(app, ["audit", str(out), "--json"])
+    assert audit.exit_code == 1
+    assert any("regenerate and subtract" in p for p in json.loads(audit.stdout)["problems"])
