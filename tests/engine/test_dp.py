@@ -12,7 +12,8 @@ from securegmi.config import SimulationConfig
 from securegmi.core.em import mixture_loss
 from securegmi.engine.client import UPDATE
 from securegmi.engine.dp_client import ClientPrivacy, DpFedGMIClient
-from securegmi.engine.run import _dp_plan, _new_model, _settings, load_federated_data
+from securegmi.engine.federated import dp_plan
+from securegmi.engine.loop import client_settings, load_federated_data, new_model
 from securegmi.engine.server import AggregationServer
 from securegmi.engine.transport import ClientEndpoint, InProcessTransport, ServerEndpoint
 from securegmi.errors import BudgetExceededError, ConfigError, PrivacyError
@@ -35,12 +36,12 @@ CONFIG = SimulationConfig(
 
 def _dp_client(config, x, spec, ledger_path=None, plan=None):  # type: ignore[no-untyped-def]
     data = load_federated_data(config)
-    plan = plan or _dp_plan(config)
+    plan = plan or dp_plan(config)
     return DpFedGMIClient(
         "client-0",
         x,
-        _new_model(config, data),
-        _settings(config),
+        new_model(config, data),
+        client_settings(config),
         spec,
         config.seed,
         ClientPrivacy(plan, config.dp_batch_normaliser, ledger_path),
@@ -49,7 +50,7 @@ def _dp_client(config, x, spec, ledger_path=None, plan=None):  # type: ignore[no
 
 def _spec(config):  # type: ignore[no-untyped-def]
     data = load_federated_data(config)
-    ref = _new_model(config, data)
+    ref = new_model(config, data)
     return dp.build(components=ref.n_components, parameters=ref.parameter_count()), ref
 
 
@@ -75,15 +76,15 @@ class SpyTransport(InProcessTransport):
 def test_planned_rounds_fit_and_the_next_is_refused_with_nothing_sent(tmp_path):
     data = load_federated_data(CONFIG)
     spec, ref = _spec(CONFIG)
-    plan = _dp_plan(CONFIG)
+    plan = dp_plan(CONFIG)
     clients = {}
     for i, c in enumerate(data.clients):
         cid = f"client-{i}"
         clients[cid] = DpFedGMIClient(
             cid,
             c.x_train,
-            _new_model(CONFIG, data),
-            _settings(CONFIG),
+            new_model(CONFIG, data),
+            client_settings(CONFIG),
             spec,
             0,
             ClientPrivacy(plan, CONFIG.dp_batch_normaliser, tmp_path / f"{cid}.json"),
@@ -113,7 +114,7 @@ def test_planned_rounds_fit_and_the_next_is_refused_with_nothing_sent(tmp_path):
 
 def test_a_dp_client_refuses_directly_too():
     spec, _ = _spec(CONFIG)
-    plan = _dp_plan(CONFIG)
+    plan = dp_plan(CONFIG)
     client = _dp_client(CONFIG, load_federated_data(CONFIG).clients[0].x_train, spec, plan=plan)
     for t in range(CONFIG.rounds):
         client.ledger = client.ledger.check(plan.round_entries(t))
@@ -144,11 +145,11 @@ def _round_on(x: np.ndarray, spec: ProtocolSpec, client_cls=DpFedGMIClient, nois
     client = client_cls(
         "client-0",
         x,
-        _new_model(CONFIG, data),
-        _settings(CONFIG),
+        new_model(CONFIG, data),
+        client_settings(CONFIG),
         spec,
         CONFIG.seed,
-        ClientPrivacy(_dp_plan(CONFIG), CONFIG.dp_batch_normaliser, None, noise_seed),
+        ClientPrivacy(dp_plan(CONFIG), CONFIG.dp_batch_normaliser, None, noise_seed),
     )
     masses = client.local_round(0, 2.0)
     return client, client.update_message(0, masses)
@@ -211,7 +212,7 @@ def test_neighbour_test_catches_a_protocol_that_also_sends_the_sample_count():
 def _clipped_sum_differences(clip_declared: float, clip_actual: float) -> list[float]:
     torch.manual_seed(0)
     data = load_federated_data(CONFIG)
-    model = _new_model(CONFIG, data)
+    model = new_model(CONFIG, data)
     x = torch.as_tensor(data.clients[0].x_train)
     resp = torch.softmax(torch.randn(len(x), 3), 1)
     trainer = PrivateTrainer(

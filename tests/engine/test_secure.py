@@ -13,7 +13,8 @@ from securegmi.cli.main import app
 from securegmi.config import SimulationConfig
 from securegmi.crypto.keys import SecretContext
 from securegmi.crypto.params import CkksParameters
-from securegmi.engine.run import _new_model, load_federated_data, run_simulation
+from securegmi.engine.loop import load_federated_data, new_model
+from securegmi.engine.run import run_simulation
 from securegmi.engine.secure_server import SecureAggregationServer
 from securegmi.protocol import Message
 from securegmi.protocol.fields import Ciphertext
@@ -97,7 +98,7 @@ def _secret_holders(obj: object, seen: set[int] | None = None, depth: int = 0) -
 
 def _server(keys: SecretContext) -> SecureAggregationServer:
     config = SimulationConfig(protocol="secure", **SMALL)
-    ref = _new_model(config, load_federated_data(config))
+    ref = new_model(config, load_federated_data(config))
     spec = secure.build(components=3, parameters=ref.parameter_count())
     return SecureAggregationServer(keys.public(), spec, 3, ref.parameter_count())
 

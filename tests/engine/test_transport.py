@@ -9,7 +9,7 @@ import pytest
 
 from securegmi.config import SimulationConfig
 from securegmi.engine.client import FedGMIClient
-from securegmi.engine.run import _new_model, _settings, load_federated_data
+from securegmi.engine.loop import client_settings, load_federated_data, new_model
 from securegmi.engine.server import AggregationServer
 from securegmi.engine.transport import ClientEndpoint, InProcessTransport, ServerEndpoint
 from securegmi.errors import ProtocolViolation
@@ -44,14 +44,14 @@ class LeakyClient(FedGMIClient):
 
 def _setup(tmp_path, leaky: set[str] = frozenset(), bypass: set[str] = frozenset()):  # type: ignore[assignment]
     data = load_federated_data(CONFIG)
-    ref = _new_model(CONFIG, data)
+    ref = new_model(CONFIG, data)
     spec = plain.build(components=ref.n_components, parameters=ref.parameter_count())
     transcript = TranscriptWriter(tmp_path / "transcript.jsonl")
     endpoints = {}
     for i, c in enumerate(data.clients):
         cid = f"client-{i}"
         cls = LeakyClient if cid in leaky | bypass else FedGMIClient
-        client = cls(cid, c.x_train, _new_model(CONFIG, data), _settings(CONFIG), spec, 0)
+        client = cls(cid, c.x_train, new_model(CONFIG, data), client_settings(CONFIG), spec, 0)
         # A client whose own check is skipped (a modified client) must still be refused.
         endpoint_spec = plain.build(components=ref.n_components, parameters=ref.parameter_count())
         if cid in bypass:
