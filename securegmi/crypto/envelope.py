@@ -1,5 +1,5 @@
 """Ciphertext envelopes: a flat float vector as CKKS chunks of one slot-count each, with the key
-id, parameters and layout in a header (safetensors: no pickle).
+id, parameters and layout in a header (safetensors: data only, no executable objects).
 
 Each chunk is a SEAL ciphertext of N/2 slots; fresh uploads are seeded symmetric ciphertexts
 (see seal_io). Chunking is ours: a per-chunk layout is what the server must check anyway.

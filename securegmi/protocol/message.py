@@ -1,7 +1,7 @@
 """`Message`: the only thing that crosses a client boundary, and its byte encoding.
 
 The wire format is safetensors (arrays) with the message's metadata as JSON in the safetensors
-header: no pickle, and a reader in any language can parse it.
+header: no executable object serialisation, and a reader in any language can parse it.
 """
 
 from __future__ import annotations
