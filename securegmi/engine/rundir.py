@@ -1,7 +1,8 @@
 """The run directory: config, per-round metrics, transcript, checkpoint and results.
 
 Files are written atomically (temporary file, then rename) or appended line by line, so a run
-that fails leaves every completed round on disk. Checkpoints are safetensors: data only, never executable objects.
+that fails leaves every completed round on disk. Checkpoints are safetensors: data only, never
+executable objects.
 """
 
 from __future__ import annotations
