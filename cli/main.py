@@ -123,6 +123,13 @@ def simulate(
             )
     except SecureGMIError as exc:
         raise _fail(exc) from None
+    except KeyboardInterrupt:
+        err_console.print(
+            f"[yellow]interrupted:[/] the completed rounds are in {run_dir} (metrics.jsonl, transcript.jsonl"
+            + (", ledgers/" if epsilon is not None else "")
+            + "); results.json is written only by a finished run"
+        )
+        raise typer.Exit(code=130) from None
     results = result.to_dict()
     if json_output:
         console.print_json(json.dumps(results))

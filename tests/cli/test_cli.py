@@ -69,3 +69,15 @@ def test_epsilon_alone_runs_the_secure_protocol_and_shows_the_plan(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["protocol"] == "secure" and results["epsilon"]["target"] == 4.0
     assert runner.invoke(app, ["audit", str(out)]).exit_code == 0
+
+
+def test_an_interrupted_run_says_where_its_rounds_are(tmp_path, monkeypatch):
+    import securegmi.engine.run as run_module
+
+    def interrupted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "run_simulation", interrupted)
+    result = runner.invoke(app, ["simulate", *SMALL, "--out", str(tmp_path / "r")])
+    assert result.exit_code == 130
+    assert "interrupted" in result.output and "Traceback" not in result.output
