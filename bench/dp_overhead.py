@@ -33,7 +33,7 @@ def epoch_seconds(name: str, private: bool, epochs: int) -> list[float]:
     data = load_dataset(name)
     x = torch.as_tensor(data.x)
     n = len(x)
-    model = MixtureOfVAEs(3, x.shape[1], 128, 8, data.likelihood, seed=0)
+    model = MixtureOfVAEs.mlp(3, x.shape[1], 128, 8, data.likelihood, seed=0)
     resp = torch.softmax(torch.randn(n, 3, generator=torch.Generator().manual_seed(0)), 1)
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
     times = []

@@ -6,35 +6,69 @@ jointly over the K components: one subsampled Gaussian mechanism per step, not K
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from securegmi.core.vae import VAE, Likelihood
+from securegmi.errors import ConfigError
+
+ComponentFactory = Callable[[], VAE]
 
 
 class MixtureOfVAEs(nn.Module):
     """K independent VAE components with a shared architecture."""
 
-    def __init__(
-        self,
-        components: int,
-        data_dim: int,
-        hidden: int,
-        latent: int,
-        likelihood: Likelihood,
-        seed: int,
-    ) -> None:
+    def __init__(self, components: Sequence[VAE]) -> None:
         super().__init__()
-        # Distinct, public seeds per component: the first symmetry breaker (DESIGN §1).
+        if len(components) < 1:
+            raise ConfigError("a mixture needs at least one component")
+        for k, vae in enumerate(components):
+            if not isinstance(vae, VAE):
+                raise ConfigError(f"component {k} is a {type(vae).__name__}, not a securegmi VAE")
+        first = components[0]
+        shapes = [tuple(p.shape) for p in first.parameters()]
+        for k, vae in enumerate(components):
+            # The server adds flattened parameter vectors: every component must flatten alike.
+            if [tuple(p.shape) for p in vae.parameters()] != shapes or (vae.latent, vae.likelihood) != (
+                first.latent,
+                first.likelihood,
+            ):
+                raise ConfigError(
+                    f"component {k} differs from component 0 in its parameter shapes, latent size or "
+                    "likelihood: all components must share one architecture"
+                )
+        self.components = nn.ModuleList(components)
+
+    @classmethod
+    def from_factory(cls, factory: ComponentFactory, components: int, seed: int) -> MixtureOfVAEs:
+        """K components from `factory`, each initialised under its own public seed: the first
+        symmetry breaker (DESIGN §1), and every party derives the same initialisation."""
+        if components < 1:
+            raise ConfigError(f"components must be >= 1, got {components}")
         generator_state = torch.random.get_rng_state()
         vaes = []
-        for k in range(components):
-            torch.manual_seed(seed * 1_000_003 + k)
-            vaes.append(VAE(data_dim, hidden, latent, likelihood))
-        torch.random.set_rng_state(generator_state)
-        self.components = nn.ModuleList(vaes)
+        try:
+            for k in range(components):
+                torch.manual_seed(seed * 1_000_003 + k)
+                vaes.append(factory())
+        finally:
+            torch.random.set_rng_state(generator_state)
+        return cls(vaes)
+
+    @classmethod
+    def mlp(
+        cls, components: int, data_dim: int, hidden: int, latent: int, likelihood: Likelihood, seed: int
+    ) -> MixtureOfVAEs:
+        """The built-in mixture of MLP VAEs (`VAE.mlp`)."""
+        return cls.from_factory(lambda: VAE.mlp(data_dim, hidden, latent, likelihood), components, seed)
+
+    def check(self, data_dim: int) -> None:
+        """ConfigError if the components do not fit records of `data_dim` values."""
+        self.component(0).check(data_dim)
 
     @property
     def n_components(self) -> int:

@@ -9,38 +9,90 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from securegmi.errors import ConfigError
+
 Likelihood = Literal["bernoulli", "gaussian"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
-class VAE(nn.Module):
-    """Gaussian-latent VAE with a Bernoulli (intensities in [0, 1]) or Gaussian decoder.
+class MlpEncoder(nn.Module):
+    """x -> [mu | logvar]: one hidden ReLU layer and two linear heads."""
 
-    Only Linear layers and element-wise activations: every layer is one Opacus can privatise
-    (no BatchNorm), so the same module trains with or without DP-SGD.
-    """
-
-    def __init__(self, data_dim: int, hidden: int, latent: int, likelihood: Likelihood) -> None:
+    def __init__(self, data_dim: int, hidden: int, latent: int) -> None:
         super().__init__()
-        self.data_dim = data_dim
-        self.latent = latent
-        self.likelihood: Likelihood = likelihood
-        self.encoder = nn.Sequential(nn.Linear(data_dim, hidden), nn.ReLU())
+        self.body = nn.Sequential(nn.Linear(data_dim, hidden), nn.ReLU())
         self.to_mu = nn.Linear(hidden, latent)
         self.to_logvar = nn.Linear(hidden, latent)
-        # The Gaussian decoder also outputs a per-dimension log-scale, computed per sample so that
-        # per-sample gradients (Opacus) see only ordinary batched layers.
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.body(x)
+        return torch.cat([self.to_mu(h), self.to_logvar(h)], dim=-1)
+
+
+class VAE(nn.Module):
+    """Gaussian-latent VAE around any encoder and decoder, with a Bernoulli (intensities in
+    [0, 1]) or Gaussian decoder likelihood.
+
+    Records are flat vectors (batch, D); a module that wants images reshapes inside.
+      encoder: (batch, D) -> (batch, 2 * latent), the posterior's [mu | log-variance];
+      decoder: (batch, latent) -> (batch, D) Bernoulli logits, or (batch, 2 * D) [mean |
+               log-scale] for a Gaussian likelihood (per sample, so that per-sample gradients,
+               Opacus, see only ordinary batched layers).
+    `check` runs both once and says what is wrong with a module that does not fit.
+    """
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, latent: int, likelihood: Likelihood) -> None:
+        super().__init__()
+        if likelihood not in ("bernoulli", "gaussian"):
+            raise ConfigError(f"likelihood must be 'bernoulli' or 'gaussian', got {likelihood!r}")
+        if latent < 1:
+            raise ConfigError(f"latent must be a positive dimension, got {latent}")
+        self.latent = latent
+        self.likelihood: Likelihood = likelihood
+        self.encoder = encoder
+        self.decoder = decoder
+
+    @classmethod
+    def mlp(cls, data_dim: int, hidden: int, latent: int, likelihood: Likelihood) -> VAE:
+        """The built-in component: one hidden layer each way, Linear and ReLU only, so Opacus can
+        privatise it (no BatchNorm) and the same module trains with or without DP-SGD."""
         out_dim = data_dim if likelihood == "bernoulli" else 2 * data_dim
-        self.decoder = nn.Sequential(nn.Linear(latent, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
+        encoder = MlpEncoder(data_dim, hidden, latent)
+        decoder = nn.Sequential(nn.Linear(latent, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
+        return cls(encoder, decoder, latent, likelihood)
+
+    def check(self, data_dim: int) -> None:
+        """Run the encoder and decoder once on zeros; raise ConfigError naming the wrong shape."""
+        with torch.no_grad():
+            try:
+                code = self.encoder(torch.zeros(2, data_dim))
+            except Exception as exc:
+                raise ConfigError(f"the encoder fails on a (batch, {data_dim}) input: {exc}") from exc
+            if tuple(code.shape) != (2, 2 * self.latent):
+                raise ConfigError(
+                    f"the encoder must map (batch, {data_dim}) to (batch, {2 * self.latent}) = "
+                    f"[mu | logvar] for latent={self.latent}; it returned {tuple(code.shape)}"
+                )
+            out_dim = data_dim if self.likelihood == "bernoulli" else 2 * data_dim
+            try:
+                out = self.decoder(torch.zeros(2, self.latent))
+            except Exception as exc:
+                raise ConfigError(f"the decoder fails on a (batch, {self.latent}) input: {exc}") from exc
+            if tuple(out.shape) != (2, out_dim):
+                raise ConfigError(
+                    f"a {self.likelihood} decoder must map (batch, {self.latent}) to (batch, {out_dim});"
+                    f" it returned {tuple(out.shape)}"
+                )
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.encoder(x)
-        return self.to_mu(h), self.to_logvar(h).clamp(-10.0, 10.0)
+        mu, logvar = self.encoder(x).chunk(2, dim=-1)
+        return mu, logvar.clamp(-10.0, 10.0)
 
     def log_likelihood(self, x: Tensor, z: Tensor) -> Tensor:
-        """log p(x | z), summed over data dimensions; z may carry leading sample dimensions."""
-        out = self.decoder(z)
+        """log p(x | z), summed over data dimensions; z may carry leading sample dimensions,
+        folded into the batch so that a user's decoder only ever sees (batch, latent)."""
+        out = self.decoder(z.reshape(-1, z.shape[-1])).reshape(*z.shape[:-1], -1)
         if self.likelihood == "bernoulli":
             nll: Tensor = F.binary_cross_entropy_with_logits(out, x.expand_as(out), reduction="none")
             return -nll.sum(-1)

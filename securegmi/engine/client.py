@@ -12,7 +12,7 @@ import torch
 from securegmi.core.em import infer_mixture
 from securegmi.core.mixture import MixtureOfVAEs
 from securegmi.core.training import e_step_elbo, train_components
-from securegmi.engine.seeding import seed_torch
+from securegmi.engine.seeding import client_stream, seed_torch
 from securegmi.errors import ProtocolViolation
 from securegmi.protocol import Message, ProtocolSpec
 from securegmi.protocol.fields import Ciphertext
@@ -62,10 +62,24 @@ class FedGMIClient:
         self.settings = settings
         self.spec = spec
         self.seed = seed
-        self.index = int(client_id.rsplit("-", 1)[-1]) if client_id[-1].isdigit() else 0
+        self.index = client_stream(client_id)
         k = model.n_components
         self.pi = np.full(k, 1.0 / k)
         self.key_id: str | None = None  # set by clients that encrypt
+
+    def state_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """What this client carries from round to round, as arrays and string metadata: enough
+        to rebuild it in a fresh process (Flower may start one per message)."""
+        return {"components": self.model.get_component_vectors(), "pi": self.pi.copy()}, {}
+
+    def load_state(self, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
+        self.model.set_component_vectors(np.asarray(arrays["components"], dtype=np.float32))
+        pi = np.asarray(arrays["pi"], dtype=np.float64)
+        if pi.shape != self.pi.shape:
+            raise ProtocolViolation(
+                f"{self.client_id}: saved pi has shape {pi.shape}, expected {self.pi.shape}"
+            )
+        self.pi = pi
 
     def handle(self, message: Message) -> Message:
         """Answer the server's broadcast (or, in round 0 of some protocols, its start) with this

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,17 +64,47 @@ class DpFedGMIClient(FedGMIClient):
         self.privacy = privacy
         plan = privacy.plan
         self.ledger = PrivacyLedger(client_id, PrivacyBudget(plan.epsilon, plan.delta))
-        self.noise_rng, torch_noise = noise_generators(privacy.noise_seed)
+        self.noise_rng, self.torch_noise = noise_generators(privacy.noise_seed)
         self.trainer = PrivateTrainer(
             model,
             torch.optim.Adam(model.parameters(), lr=settings.learning_rate),
             DpSgdConfig(
                 plan.sgd_noise_multiplier, plan.clip_norm, plan.sample_rate, privacy.batch_normaliser
             ),
-            noise_generator=torch_noise,
+            noise_generator=self.torch_noise,
         )
         self.observe: GradObserver | None = None  # test hook: each step's clipped sum, pre-noise
         self.pre_noise_counts: np.ndarray | None = None  # test hook: the last sum_x r(x)
+
+    def state_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        arrays, metadata = super().state_arrays()
+        metadata["ledger"] = json.dumps(self.ledger.to_json(), sort_keys=True)
+        if self.privacy.noise_seed is not None:
+            # Only reproducible test noise is carried over; private noise is never written
+            # down, and a restored client draws fresh OS entropy instead.
+            metadata["noise_rng"] = json.dumps(self.noise_rng.bit_generator.state)
+            arrays["torch_noise"] = self.torch_noise.get_state().numpy()
+        return arrays, metadata
+
+    def load_state(self, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
+        super().load_state(arrays, metadata)
+        ledger = PrivacyLedger.from_json(json.loads(metadata["ledger"]))
+        path = self.privacy.ledger_path
+        if path is not None and path.exists():
+            # The ledger file is written ahead of every release, the state after it: if a
+            # process died in between, the file knows of a spend the state does not.
+            on_disk = PrivacyLedger.load(path)
+            if len(on_disk.entries) >= len(ledger.entries):
+                ledger = on_disk
+        if ledger.client_id != self.client_id or ledger.budget != self.ledger.budget:
+            raise PrivacyError(
+                f"{self.client_id}: the saved ledger belongs to {ledger.client_id!r} with budget "
+                f"{ledger.budget}; refusing to continue under a different identity or budget"
+            )
+        self.ledger = ledger
+        if self.privacy.noise_seed is not None and "noise_rng" in metadata:
+            self.noise_rng.bit_generator.state = json.loads(metadata["noise_rng"])
+            self.torch_noise.set_state(torch.from_numpy(np.asarray(arrays["torch_noise"], dtype=np.uint8)))
 
     def local_round(self, round_index: int, temperature: float) -> np.ndarray:
         plan = self.privacy.plan

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,89 +14,157 @@ import numpy as np
 from securegmi.config import SimulationConfig
 from securegmi.core.mixture import MixtureOfVAEs
 from securegmi.crypto.envelope import decrypt
-from securegmi.crypto.keys import SecretContext
+from securegmi.crypto.keys import PublicContext, SecretContext
 from securegmi.crypto.params import CkksParameters
-from securegmi.engine.client import FedGMIClient
-from securegmi.engine.dp_client import ClientPrivacy, DpFedGMIClient
-from securegmi.engine.loop import Loop, PlanCallback, client_settings, new_model
-from securegmi.engine.rundir import LEDGERS, PLAN, PROTOCOL, TRANSCRIPT
-from securegmi.engine.secure_client import SecureDpFedGMIClient
+from securegmi.data.mixture import FederatedData
+from securegmi.engine.dp_client import ClientPrivacy
+from securegmi.engine.loop import Loop, PlanCallback, client_settings, load_federated_data, new_model
+from securegmi.engine.participant import Client
+from securegmi.engine.rundir import LEDGERS, PLAN, PROTOCOL, TRANSCRIPT, RunDirectory
 from securegmi.engine.secure_server import SecureAggregationServer
 from securegmi.engine.seeding import derive_seed
 from securegmi.engine.server import AggregationServer
-from securegmi.engine.transport import ClientEndpoint, InProcessTransport, ServerEndpoint
+from securegmi.engine.transport import InProcessTransport, ServerEndpoint, Transport
 from securegmi.errors import RunAbortedError
 from securegmi.privacy.calibration import DpPlan, calibrate
 from securegmi.privacy.dpsgd import DpSgdConfig
-from securegmi.privacy.ledger import PrivacyBudget
-from securegmi.protocol import ProtocolSpec, TranscriptWriter
+from securegmi.privacy.ledger import PrivacyBudget, PrivacyLedger
+from securegmi.protocol import Message, ProtocolSpec, TranscriptWriter
 from securegmi.protocol.fields import field_array
 
 ProtocolBuilder = Callable[..., ProtocolSpec]
 
 
+@dataclass(frozen=True)
+class Federation:
+    """What every party of a simulated study derives from the public config before round 0:
+    the clients' data split, the protocol, and the DP plan. Engines (in-process, Flower) build
+    their clients and server from it, so they run the same study."""
+
+    config: SimulationConfig
+    data: FederatedData
+    spec: ProtocolSpec
+    plan: DpPlan | None
+
+    @classmethod
+    def build(
+        cls, config: SimulationConfig, builder: ProtocolBuilder, data: FederatedData | None = None
+    ) -> Federation:
+        data = data if data is not None else load_federated_data(config)
+        reference = new_model(config, data)
+        spec = builder(
+            components=reference.n_components, parameters=reference.parameter_count(), top_b=config.top_b
+        )
+        return cls(config, data, spec, dp_plan(config) if config.epsilon is not None else None)
+
+    @property
+    def client_ids(self) -> list[str]:
+        return [f"client-{i}" for i in range(len(self.data.clients))]
+
+    @property
+    def secure(self) -> bool:
+        return self.config.protocol == "secure"
+
+    def ckks_parameters(self) -> CkksParameters:
+        return CkksParameters(max_clients=max(2, self.config.clients))
+
+    def client(
+        self,
+        index: int,
+        keys: SecretContext | None,
+        ledger_dir: Path | None = None,
+        state_path: Path | None = None,
+        transcript_path: Path | None = None,
+    ) -> Client:
+        """Client `index` (data split, model, privacy and keys), as any engine builds it."""
+        config, cid = self.config, f"client-{index}"
+        privacy = None
+        if self.plan is not None:
+            ledger = ledger_dir / f"{cid}.json" if ledger_dir is not None else None
+            noise_seed = derive_seed(config.seed, 0x5EED, index) if config.dp_noise == "seeded" else None
+            privacy = ClientPrivacy(self.plan, config.dp_batch_normaliser, ledger, noise_seed)
+        return Client(
+            cid,
+            new_model(config, self.data),
+            self.data.clients[index].x_train,
+            self.spec,
+            settings=client_settings(config),
+            privacy=privacy,
+            keys=keys,
+            seed=config.seed,
+            state_path=state_path,
+            transcript_path=transcript_path,
+        )
+
+    def server(self, public: PublicContext | None) -> AggregationServer | SecureAggregationServer:
+        reference = new_model(self.config, self.data)
+        if public is None:
+            return AggregationServer(reference.get_component_vectors(), self.spec)
+        return SecureAggregationServer(public, self.spec, reference.n_components, reference.parameter_count())
+
+    def write_public_files(self, run_dir: RunDirectory) -> None:
+        """The protocol and DP plan beside the transcript, for the audit."""
+        run_dir.write_json(PROTOCOL, {"name": self.spec.name, "dims": dict(self.spec.dims)})
+        if self.plan is not None:
+            run_dir.write_json(PLAN, self.plan.to_dict())
+            run_dir.file(LEDGERS).mkdir(exist_ok=True)
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    replies: dict[str, Message]
+    refused: dict[str, str]  # by the client's own checks or ledger, or on receipt
+    rejected: dict[str, str]  # by the server's ciphertext checks
+    uplink_bytes: int
+
+
+def play_round(
+    server: AggregationServer | SecureAggregationServer,
+    transport: Transport,
+    client_ids: list[str],
+    round_index: int,
+    temperature: float,
+) -> RoundOutcome:
+    """One round: broadcast, collect the validated replies, add them. Whatever the transport."""
+    broadcast = server.broadcast(round_index, temperature)
+    exchange = transport.exchange({cid: broadcast for cid in client_ids})
+    if not exchange.replies:
+        raise RunAbortedError(
+            f"round {round_index}: every client refused ({next(iter(exchange.refused.values()))})"
+        )
+    rejected = server.aggregate(exchange.replies)
+    uplink = sum(field_array(f).nbytes for m in exchange.replies.values() for f in m.payload.values())
+    return RoundOutcome(exchange.replies, exchange.refused, rejected, uplink)
+
+
 def run_federated(
     loop: Loop, builder: ProtocolBuilder, on_plan: PlanCallback | None
 ) -> tuple[list[MixtureOfVAEs], list[np.ndarray], float, ProtocolSpec, dict[str, Any] | None]:
-    config, data = loop.config, loop.data
-    settings = client_settings(config)
-    reference = new_model(config, data)
-    spec = builder(
-        components=reference.n_components, parameters=reference.parameter_count(), top_b=config.top_b
-    )
+    config = loop.config
+    federation = Federation.build(config, builder, loop.data)
+    spec, plan = federation.spec, federation.plan
+    ledger_dir = loop.run_dir.file(LEDGERS) if loop.run_dir is not None and plan is not None else None
     if loop.run_dir is not None:
-        loop.run_dir.write_json(PROTOCOL, {"name": spec.name, "dims": dict(spec.dims)})
-    plan = dp_plan(config) if config.epsilon is not None else None
-    secure = config.protocol == "secure"
-    if plan is not None:
-        if loop.run_dir is not None:
-            loop.run_dir.write_json(PLAN, plan.to_dict())
-            loop.run_dir.file(LEDGERS).mkdir(exist_ok=True)
-        if on_plan is not None:
-            on_plan(plan.to_dict())
+        federation.write_public_files(loop.run_dir)
+    if plan is not None and on_plan is not None:
+        on_plan(plan.to_dict())
     # The key ceremony, in-process for a simulation: clients share the secret context, the
     # server gets the public one only.
-    keys = SecretContext.generate(CkksParameters(max_clients=max(2, config.clients))) if secure else None
-    clients: dict[str, FedGMIClient] = {}
-    for i, c in enumerate(data.clients):
-        cid = f"client-{i}"
-        model = new_model(config, data)
-        if plan is None:
-            clients[cid] = FedGMIClient(cid, c.x_train, model, settings, spec, config.seed)
-            continue
-        ledger = loop.run_dir.file(LEDGERS) / f"{cid}.json" if loop.run_dir is not None else None
-        noise_seed = derive_seed(config.seed, 0x5EED, i) if config.dp_noise == "seeded" else None
-        privacy = ClientPrivacy(plan, config.dp_batch_normaliser, ledger, noise_seed)
-        if keys is None:
-            clients[cid] = DpFedGMIClient(cid, c.x_train, model, settings, spec, config.seed, privacy)
-        else:
-            clients[cid] = SecureDpFedGMIClient(
-                cid, c.x_train, model, settings, spec, config.seed, privacy, keys
-            )
+    keys = SecretContext.generate(federation.ckks_parameters()) if federation.secure else None
+    clients = {cid: federation.client(i, keys, ledger_dir) for i, cid in enumerate(federation.client_ids)}
+    server = federation.server(keys.public() if keys is not None else None)
+    reference = new_model(config, loop.data)
     k, p = reference.n_components, reference.parameter_count()
-    server: AggregationServer | SecureAggregationServer = (
-        AggregationServer(reference.get_component_vectors(), spec)
-        if keys is None
-        else SecureAggregationServer(keys.public(), spec, k, p)
-    )
     transcript = TranscriptWriter(loop.run_dir.file(TRANSCRIPT)) if loop.run_dir is not None else None
     transport = InProcessTransport(
-        ServerEndpoint(spec, transcript),
-        {cid: ClientEndpoint(cid, client.handle, spec) for cid, client in clients.items()},
+        ServerEndpoint(spec, transcript), {cid: client.endpoint for cid, client in clients.items()}
     )
     uplink_total = 0
     try:
         for t in range(config.rounds):
             t0 = time.perf_counter()
-            broadcast = server.broadcast(t, loop.temperature(t))
-            exchange = transport.exchange({cid: broadcast for cid in clients})
-            if not exchange.replies:
-                raise RunAbortedError(
-                    f"round {t}: every client refused ({next(iter(exchange.refused.values()))})"
-                )
-            rejected = server.aggregate(exchange.replies) or {}
-            uplink = sum(field_array(f).nbytes for m in exchange.replies.values() for f in m.payload.values())
-            uplink_total += uplink
+            outcome = play_round(server, transport, list(clients), t, loop.temperature(t))
+            uplink_total += outcome.uplink_bytes
             # Evaluate what a client would hold after decrypting and dividing this aggregate
             # (the harness plays a client here; the server never decrypts).
             sums, masses = _aggregate_in_clear(server, keys, k, p)
@@ -104,8 +174,8 @@ def run_federated(
                 t0,
                 [reference] * len(clients),
                 [c.pi for c in clients.values()],
-                uplink,
-                len(exchange.refused) + len(rejected),
+                outcome.uplink_bytes,
+                len(outcome.refused) + len(outcome.rejected),
             )
     finally:
         if transcript is not None:
@@ -113,18 +183,22 @@ def run_federated(
     per_client_round = uplink_total / max(1, config.rounds * len(clients))
     summary = None
     if plan is not None:
-        ledgers = [c.ledger for c in clients.values() if isinstance(c, DpFedGMIClient)]
-        summary = {
-            "target": plan.epsilon,
-            "delta": plan.delta,
-            "max_spent": max(ledger.spent for ledger in ledgers),
-            "max_spent_pld": max(ledger.spent_pld() for ledger in ledgers),
-            "sgd_noise_multiplier": plan.sgd_noise_multiplier,
-            "count_noise_multiplier": plan.count_noise_multiplier,
-            "secure_rng": False,
-            "noise": config.dp_noise,
-        }
+        ledgers = [c.ledger for c in clients.values() if c.ledger is not None]
+        summary = privacy_summary(config, plan, ledgers)
     return [reference] * len(clients), [c.pi for c in clients.values()], per_client_round, spec, summary
+
+
+def privacy_summary(config: SimulationConfig, plan: DpPlan, ledgers: list[PrivacyLedger]) -> dict[str, Any]:
+    return {
+        "target": plan.epsilon,
+        "delta": plan.delta,
+        "max_spent": max(ledger.spent for ledger in ledgers),
+        "max_spent_pld": max(ledger.spent_pld() for ledger in ledgers),
+        "sgd_noise_multiplier": plan.sgd_noise_multiplier,
+        "count_noise_multiplier": plan.count_noise_multiplier,
+        "secure_rng": False,
+        "noise": config.dp_noise,
+    }
 
 
 def _aggregate_in_clear(

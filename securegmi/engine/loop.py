@@ -54,7 +54,7 @@ def client_settings(config: SimulationConfig) -> ClientSettings:
 
 def new_model(config: SimulationConfig, data: FederatedData) -> MixtureOfVAEs:
     # Every party builds the same public initialisation from the run seed.
-    return MixtureOfVAEs(
+    return MixtureOfVAEs.mlp(
         config.model_components,
         data.data_dim,
         config.hidden,

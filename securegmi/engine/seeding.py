@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
+
 import numpy as np
 import torch
 
@@ -15,3 +18,12 @@ def seed_torch(*parts: int) -> np.random.Generator:
     seed = derive_seed(*parts)
     torch.manual_seed(seed)
     return np.random.default_rng(seed)
+
+
+def client_stream(client_id: str) -> int:
+    """The index of a client's public random streams: i for the simulator's `client-<i>` ids
+    (so simulated runs keep their streams), otherwise a stable hash of the id."""
+    match = re.fullmatch(r"client-(\d+)", client_id)
+    if match:
+        return int(match.group(1))
+    return int.from_bytes(hashlib.sha256(client_id.encode()).digest()[:4], "big")

@@ -20,18 +20,26 @@ Handler = Callable[[Message], Message]
 class ClientEndpoint:
     """The client's end of a link: validate inbound, handle, validate outbound, encode."""
 
-    def __init__(self, client_id: str, handler: Handler, spec: ProtocolSpec) -> None:
+    def __init__(
+        self, client_id: str, handler: Handler, spec: ProtocolSpec, transcript: TranscriptWriter | None = None
+    ) -> None:
         self.client_id = client_id
         self.handler = handler
         self.spec = spec
+        self.transcript = transcript  # the site's own record of what arrived and what left
 
     def receive(self, wire: bytes) -> bytes:
         inbound = decode(wire)
         self.spec.validate(inbound, sender_role="server")
+        if self.transcript is not None:
+            self.transcript.record(inbound, wire, receiver=self.client_id)
         reply = self.handler(inbound)
         # The outbound check runs before encoding: a violation means nothing leaves the client.
         self.spec.validate(reply, sender_role="client", sender=self.client_id)
-        return encode(reply)
+        out = encode(reply)
+        if self.transcript is not None:
+            self.transcript.record(reply, out, receiver=SERVER)
+        return out
 
 
 class ServerEndpoint:
