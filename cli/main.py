@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from securegmi.config import METHODS, SimulationConfig
+from securegmi.engine.run import RunResult
 from securegmi.errors import SecureGMIError
 from securegmi.privacy.dpsgd import NOT_CSPRNG
 
@@ -60,13 +61,15 @@ def simulate(
     out: Annotated[Path | None, typer.Option(help="run directory (default runs/<method>-seed<seed>)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run directory")] = False,
     threads: Annotated[int, typer.Option(help="torch threads; 1 is fastest for these small models")] = 1,
+    engine: Annotated[
+        str, typer.Option(help="inprocess, or flower: Flower's simulation engine (extra 'flower')")
+    ] = "inprocess",
     json_output: Annotated[bool, typer.Option("--json", help="print results.json instead of tables")] = False,
 ) -> None:
     """Run a full simulated federated study on an embedded dataset and write its run directory."""
     import torch
 
     from securegmi import protocols
-    from securegmi.engine.run import RoundMetrics, run_simulation
 
     try:
         config = SimulationConfig(
@@ -91,36 +94,12 @@ def simulate(
         builder = protocols.builder(config.protocol)
         torch.set_num_threads(threads)
         run_dir = out if out is not None else Path("runs") / f"{method}-seed{seed}"
-        with Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(),
-            console=err_console,
-            transient=json_output,
-        ) as bar:
-            task = bar.add_task(f"{method} on {dataset}", total=rounds, status="")
-
-            def on_round(m: RoundMetrics) -> None:
-                bar.update(
-                    task,
-                    advance=1,
-                    status=(f"T={m.temperature:5.2f} acc={m.source_accuracy:.3f} pi-TV={m.pi_tv_error:.3f}"),
-                )
-
-            def on_plan(plan: dict[str, Any]) -> None:
-                bar.console.print(_plan_table(plan))
-                bar.console.print(f"[yellow]note:[/] {NOT_CSPRNG}")
-
-            result = run_simulation(
-                config,
-                protocol=builder,
-                out=run_dir,
-                overwrite=overwrite,
-                progress=on_round,
-                on_plan=on_plan,
-            )
+        if engine == "flower":
+            result = _simulate_on_flower(config, builder, run_dir, overwrite)
+        elif engine != "inprocess":
+            raise typer.BadParameter(f"--engine must be inprocess or flower, got {engine!r}")
+        else:
+            result = _simulate_in_process(config, builder, run_dir, overwrite, json_output)
     except SecureGMIError as exc:
         raise _fail(exc) from None
     except KeyboardInterrupt:
@@ -136,6 +115,56 @@ def simulate(
         return
     _print_clients(results)
     _print_summary(results, run_dir)
+
+
+def _simulate_on_flower(config: SimulationConfig, builder: Any, run_dir: Path, overwrite: bool) -> RunResult:
+    if config.method != "fedgmi":
+        raise typer.BadParameter("--engine flower runs the fedgmi method only")
+    try:
+        from securegmi.adapters.flower import run_flower_simulation
+    except ImportError:
+        raise typer.BadParameter("--engine flower needs Flower: pip install 'securegmi[flower]'") from None
+    status = f"fedgmi on Flower's simulation engine: {config.clients} SuperNodes, {config.rounds} rounds"
+    with err_console.status(status):
+        return run_flower_simulation(config, builder, run_dir, overwrite=overwrite)
+
+
+def _simulate_in_process(
+    config: SimulationConfig, builder: Any, run_dir: Path, overwrite: bool, json_output: bool
+) -> RunResult:
+    from securegmi.engine.run import RoundMetrics, run_simulation
+
+    method, dataset, rounds = config.method, config.dataset, config.rounds
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=json_output,
+    ) as bar:
+        task = bar.add_task(f"{method} on {dataset}", total=rounds, status="")
+
+        def on_round(m: RoundMetrics) -> None:
+            bar.update(
+                task,
+                advance=1,
+                status=(f"T={m.temperature:5.2f} acc={m.source_accuracy:.3f} pi-TV={m.pi_tv_error:.3f}"),
+            )
+
+        def on_plan(plan: dict[str, Any]) -> None:
+            bar.console.print(_plan_table(plan))
+            bar.console.print(f"[yellow]note:[/] {NOT_CSPRNG}")
+
+        return run_simulation(
+            config,
+            protocol=builder,
+            out=run_dir,
+            overwrite=overwrite,
+            progress=on_round,
+            on_plan=on_plan,
+        )
 
 
 def _plan_table(plan: dict[str, Any]) -> Table:

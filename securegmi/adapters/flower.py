@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -36,12 +37,24 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from securegmi.config import SimulationConfig
+from securegmi.core.mixture import divide_aggregate
 from securegmi.crypto.envelope import decrypt
 from securegmi.crypto.keys import PUBLIC_FILE, PublicContext, SecretContext
-from securegmi.engine.federated import Federation, ProtocolBuilder, play_round
-from securegmi.engine.loop import Loop
+from securegmi.crypto.release import release_decrypted
+from securegmi.engine.federated import Federation, ProtocolBuilder, play_round, privacy_summary
+from securegmi.engine.loop import Loop, new_model
 from securegmi.engine.participant import Client
-from securegmi.engine.rundir import CONFIG, LEDGERS, TRANSCRIPT, RunDirectory
+from securegmi.engine.run import RELEASE_PRECISION, RunResult
+from securegmi.engine.rundir import (
+    AGGREGATE,
+    CLIENT_STATES,
+    CONFIG,
+    ENGINE,
+    LEDGERS,
+    RESULTS,
+    TRANSCRIPT,
+    RunDirectory,
+)
 from securegmi.engine.secure_server import SecureAggregationServer
 from securegmi.engine.server import AggregationServer
 from securegmi.engine.transport import Exchange, ServerEndpoint, Transport
@@ -52,14 +65,13 @@ from securegmi.errors import (
     ProtocolViolation,
     RunAbortedError,
 )
+from securegmi.privacy.ledger import PrivacyLedger
+from securegmi.protocol import SERVER, TranscriptWriter, read_transcript
 from securegmi.protocol import Message as SecureGMIMessage
-from securegmi.protocol import TranscriptWriter
 
 RECORD, WIRE, CLIENT_ID = "securegmi", "wire", "client-id"
 QUERY, TRAIN = "query", "train"
 REFUSED = 1  # Flower error code of a client that refused to answer (its checks or its ledger)
-FLOWER_SUMMARY = "flower.json"
-AGGREGATE_FILE = "aggregate.safetensors"
 
 ClientFactory = Callable[[Context], Client]
 
@@ -242,20 +254,18 @@ def server_app(setup: Callable[[Context], ServerSetup]) -> ServerApp:
             if plan.endpoint.transcript is not None:
                 plan.endpoint.transcript.close()
         if plan.run_dir is not None:
-            save_aggregate(plan.run_dir.file(AGGREGATE_FILE), plan.server)
+            save_aggregate(plan.run_dir.file(AGGREGATE), plan.server)
             summary = {
                 "rounds": plan.rounds,
                 "wall_seconds": time.perf_counter() - started,
                 "refused": refusals,
             }
-            plan.run_dir.write_json(FLOWER_SUMMARY, summary)
+            plan.run_dir.write_json(ENGINE, summary)
 
     return app
 
 
 # --- The embedded study (`securegmi simulate`'s data and protocol), carried by Flower. ---
-
-STATES = "client-states"
 
 
 def study_config(run_config: Mapping[str, Any]) -> SimulationConfig:
@@ -276,16 +286,22 @@ def study_client(
             raise CryptoError("the secure protocol needs the node's key directory ('key-dir')")
         keys = SecretContext.load(key_dir, federation.ckks_parameters())
     cid = federation.client_ids[index]
+    ledgers = run_dir / LEDGERS
+    ledgers.mkdir(parents=True, exist_ok=True)
     return federation.client(
         index,
         keys,
-        run_dir / LEDGERS if federation.plan is not None else None,
-        state_path=run_dir / STATES / f"{cid}.safetensors",
+        ledgers if federation.plan is not None else None,
+        state_path=run_dir / CLIENT_STATES / f"{cid}.safetensors",
     )
 
 
 def study_server(
-    config: SimulationConfig, builder: ProtocolBuilder, run_dir: Path, public_key: Path | None
+    config: SimulationConfig,
+    builder: ProtocolBuilder,
+    run_dir: Path,
+    public_key: Path | None,
+    overwrite: bool = False,
 ) -> ServerSetup:
     """The server of the embedded study; it reads the public CKKS context only."""
     federation = Federation.build(config, builder)
@@ -296,10 +312,9 @@ def study_server(
                 f"the secure protocol's server needs the ceremony's {PUBLIC_FILE} ('public-key')"
             )
         public = PublicContext(public_key.read_bytes(), federation.ckks_parameters())
-    directory = RunDirectory(run_dir)
+    directory = RunDirectory(run_dir, overwrite=overwrite)
     directory.write_json(CONFIG, config.to_dict())
     federation.write_public_files(directory)
-    (run_dir / STATES).mkdir(exist_ok=True)
     loop = Loop(config, federation.data, None, None)
     return ServerSetup(
         federation.server(public),
@@ -312,7 +327,11 @@ def study_server(
 
 
 def study_apps(
-    config: SimulationConfig, builder: ProtocolBuilder, run_dir: Path, key_dir: Path | None = None
+    config: SimulationConfig,
+    builder: ProtocolBuilder,
+    run_dir: Path,
+    key_dir: Path | None = None,
+    overwrite: bool = False,
 ) -> tuple[ServerApp, ClientApp]:
     """ServerApp and ClientApp of the embedded study for Flower's simulation engine, where every
     node shares this machine (`flwr.simulation.run_simulation(..., num_supernodes=config.clients)`).
@@ -324,6 +343,118 @@ def study_apps(
         return study_client(config, builder, run_dir, int(context.node_config["partition-id"]), key_dir)
 
     def make_server(context: Context) -> ServerSetup:
-        return study_server(config, builder, run_dir, key_dir / PUBLIC_FILE if key_dir is not None else None)
+        public = key_dir / PUBLIC_FILE if key_dir is not None else None
+        return study_server(config, builder, run_dir, public, overwrite)
 
     return server_app(make_server), client_app(make_client)
+
+
+# Configs for `flwr run` (deployment engine). Run config: `study` (a SimulationConfig as JSON),
+# `run-dir` (the server's), `public-key` (secure only). Node config: `partition-id`, `state-dir`
+# (the node's own directory: its state and ledger), `key-dir` (secure only). `protocols` maps a
+# protocol name to its builder (`securegmi.protocols.builder`).
+
+
+def configured_client_app(protocols: Callable[[str], ProtocolBuilder]) -> ClientApp:
+    """The embedded study's ClientApp, configured by Flower's run and node configs."""
+
+    def make_client(context: Context) -> Client:
+        config = study_config(context.run_config)
+        node = context.node_config
+        key_dir = Path(str(node["key-dir"])) if node.get("key-dir") else None
+        state_dir = Path(str(node["state-dir"]))
+        return study_client(config, protocols(config.protocol), state_dir, int(node["partition-id"]), key_dir)
+
+    return client_app(make_client)
+
+
+def configured_server_app(protocols: Callable[[str], ProtocolBuilder]) -> ServerApp:
+    """The embedded study's ServerApp, configured by Flower's run config."""
+
+    def make_server(context: Context) -> ServerSetup:
+        config = study_config(context.run_config)
+        public = str(context.run_config.get("public-key", ""))
+        run_dir = Path(str(context.run_config["run-dir"]))
+        return study_server(config, protocols(config.protocol), run_dir, Path(public) if public else None)
+
+    return server_app(make_server)
+
+
+def run_flower_simulation(
+    config: SimulationConfig,
+    builder: ProtocolBuilder,
+    out: Path,
+    *,
+    overwrite: bool = False,
+    verbose: bool = False,
+) -> RunResult:
+    """The embedded study on Flower's simulation engine (Ray, kept on 127.0.0.1), one simulated
+    SuperNode per client. `out` gets the run directory of an in-process run, without per-round
+    metrics (the server cannot evaluate), plus client states and `flower.json`.
+
+    The key ceremony writes the clients' secret context to a private temporary directory that
+    only the ClientApps read, and that is deleted afterwards; the final model is evaluated by
+    this harness playing a client (it decrypts the aggregate), as in-process.
+    """
+    started = time.perf_counter()
+    out = Path(out)
+    federation = Federation.build(config, builder)
+    with tempfile.TemporaryDirectory(prefix="securegmi-") as scratch:
+        keys = None
+        key_dir = None
+        if federation.secure:
+            keys = SecretContext.generate(federation.ckks_parameters())
+            key_dir = Path(scratch) / "keys"
+            keys.save(key_dir)
+        loopback_environment(Path(scratch))
+        from flwr.simulation import run_simulation
+
+        # Refuse a used directory before Ray starts, not inside the ServerApp.
+        RunDirectory(out, overwrite=overwrite)
+        server, client = study_apps(config, builder, out, key_dir, overwrite=True)
+        cpus = os.cpu_count() or 1
+        run_simulation(
+            server_app=server,
+            client_app=client,
+            num_supernodes=len(federation.client_ids),
+            backend_config={
+                "client_resources": {"num_cpus": 1},
+                "init_args": {"num_cpus": cpus, "include_dashboard": False},
+            },
+            verbose_logging=verbose,
+        )
+    if not (out / AGGREGATE).exists():
+        raise RunAbortedError(f"the Flower run did not finish: {out} has no {AGGREGATE} (see the log above)")
+    sums, masses = load_aggregate(out / AGGREGATE, keys)
+    model = new_model(config, federation.data)
+    k, p = model.n_components, model.parameter_count()
+    components = divide_aggregate(sums.reshape(k, p), masses, model.get_component_vectors())
+    if federation.secure:
+        components = release_decrypted(components, RELEASE_PRECISION).astype(np.float32)
+    model.set_component_vectors(components)
+    states = [load_file(str(out / CLIENT_STATES / f"{cid}.safetensors")) for cid in federation.client_ids]
+    pis = [state["pi"] for state in states]
+    evaluation = Loop(config, federation.data, None, None).evaluate([model] * len(pis), pis, final=True)
+    privacy = None
+    if federation.plan is not None:
+        ledgers = [PrivacyLedger.load(out / LEDGERS / f"{cid}.json") for cid in federation.client_ids]
+        privacy = privacy_summary(config, federation.plan, ledgers)
+    uplink = sum(
+        row.get("bytes", 0)
+        for row in read_transcript(out / TRANSCRIPT)
+        if row["receiver"] == SERVER and row["status"] == "delivered" and row["field"] is not None
+    )
+    result = RunResult(
+        config,
+        federation.spec.name,
+        evaluation,
+        (),
+        uplink / max(1, config.rounds * len(pis)),
+        time.perf_counter() - started,
+        federation.data.source_names,
+        privacy,
+    )
+    run_dir = RunDirectory.existing(out)
+    run_dir.save_checkpoint(components, np.stack(pis), {"method": config.method, "seed": str(config.seed)})
+    run_dir.write_json(RESULTS, {**result.to_dict(), "engine": "flower-simulation"})
+    return result

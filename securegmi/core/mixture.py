@@ -133,3 +133,11 @@ class MixtureOfVAEs(nn.Module):
                     torch.as_tensor(vectors[k], dtype=torch.float32),
                     self.component(k).parameters(),
                 )
+
+
+def divide_aggregate(sums: np.ndarray, masses: np.ndarray, current: np.ndarray) -> np.ndarray:
+    """theta_k = S_k / W_k (DESIGN §1); a component nobody sent (W_k = 0) keeps `current`."""
+    out = np.array(current, dtype=np.float32, copy=True)
+    present = masses > 0
+    out[present] = sums[present] / masses[present, None]
+    return out.astype(np.float32)

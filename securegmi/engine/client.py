@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from securegmi.core.em import infer_mixture
-from securegmi.core.mixture import MixtureOfVAEs
+from securegmi.core.mixture import MixtureOfVAEs, divide_aggregate
 from securegmi.core.training import e_step_elbo, train_components
 from securegmi.engine.seeding import client_stream, seed_torch
 from securegmi.errors import ProtocolViolation
@@ -97,11 +97,7 @@ class FedGMIClient:
         return payload_array(message, "component_sums"), payload_array(message, "component_masses")
 
     def load_aggregate(self, sums: np.ndarray, masses: np.ndarray) -> None:
-        """theta_k = S_k / W_k; a component nobody sent (W_k = 0) keeps its current value."""
-        current = self.model.get_component_vectors()
-        present = masses > 0
-        current[present] = sums[present] / masses[present, None]
-        self.model.set_component_vectors(current.astype(np.float32))
+        self.model.set_component_vectors(divide_aggregate(sums, masses, self.model.get_component_vectors()))
 
     def local_round(self, round_index: int, temperature: float) -> np.ndarray:
         """E-step with this client's pi as prior, pi update, then the M-step; returns soft counts."""

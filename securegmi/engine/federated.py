@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from securegmi.config import SimulationConfig
-from securegmi.core.mixture import MixtureOfVAEs
+from securegmi.core.mixture import MixtureOfVAEs, divide_aggregate
 from securegmi.crypto.envelope import decrypt
 from securegmi.crypto.keys import PublicContext, SecretContext
 from securegmi.crypto.params import CkksParameters
@@ -168,7 +168,7 @@ def run_federated(
             # Evaluate what a client would hold after decrypting and dividing this aggregate
             # (the harness plays a client here; the server never decrypts).
             sums, masses = _aggregate_in_clear(server, keys, k, p)
-            reference.set_component_vectors(_divide(sums, masses, reference))
+            reference.set_component_vectors(divide_aggregate(sums, masses, reference.get_component_vectors()))
             loop.finish_round(
                 t,
                 t0,
@@ -222,10 +222,3 @@ def dp_plan(config: SimulationConfig) -> DpPlan:
         clip_norm=config.clip_norm,
         count_share=config.count_share,
     )
-
-
-def _divide(sums: np.ndarray, masses: np.ndarray, current: MixtureOfVAEs) -> np.ndarray:
-    out = current.get_component_vectors()
-    present = masses > 0
-    out[present] = sums[present] / masses[present, None]
-    return out.astype(np.float32)

@@ -25,6 +25,9 @@ CHECKPOINT = "model.safetensors"
 PLAN = "dp_plan.json"
 PROTOCOL = "protocol.json"  # the protocol's name and bound dimensions, for the audit
 LEDGERS = "ledgers"
+CLIENT_STATES = "client-states"  # each client's pi, model copy and ledger, where it keeps them here
+AGGREGATE = "aggregate.safetensors"  # the server's final (S, W), ciphertexts under CKKS
+ENGINE = "engine.json"  # a distributed engine's own summary (wall time, refusals per round)
 
 
 class RunDirectory:
@@ -37,11 +40,22 @@ class RunDirectory:
                 f"{self.path} already holds a run; choose another --out or pass --overwrite"
             )
         self.path.mkdir(parents=True, exist_ok=True)
-        for stale in (RESULTS, METRICS, TRANSCRIPT, CHECKPOINT, PLAN, PROTOCOL):
+        for stale in (RESULTS, METRICS, TRANSCRIPT, CHECKPOINT, PLAN, PROTOCOL, AGGREGATE, ENGINE):
             (self.path / stale).unlink(missing_ok=True)
-        if (self.path / LEDGERS).is_dir():
-            for old in (self.path / LEDGERS).glob("*.json"):
-                old.unlink()
+        # An old client state would be restored by the new run's client: never keep one.
+        for folder, pattern in ((LEDGERS, "*.json"), (CLIENT_STATES, "*.safetensors")):
+            if (self.path / folder).is_dir():
+                for old in (self.path / folder).glob(pattern):
+                    old.unlink()
+
+    @classmethod
+    def existing(cls, path: Path) -> RunDirectory:
+        """A run directory another process has started: nothing in it is removed."""
+        if not Path(path).is_dir():
+            raise RunDirectoryError(f"{path} is not a run directory")
+        directory = cls.__new__(cls)
+        directory.path = Path(path)
+        return directory
 
     def file(self, name: str) -> Path:
         return self.path / name

@@ -1,0 +1,9 @@
+"""The Flower components of securegmi's embedded study, configured by the run config (the
+study, the server's run directory and public key) and each SuperNode's node config
+(`partition-id`, `state-dir`, and `key-dir` under the secure protocol)."""
+
+from securegmi.adapters.flower import configured_client_app, configured_server_app
+from securegmi.protocols import builder
+
+serverapp = configured_server_app(builder)
+clientapp = configured_client_app(builder)
