@@ -107,3 +107,26 @@ def test_protocols_and_cli_install_inside_the_securegmi_namespace():
     assert importlib.import_module("securegmi.cli.main").app is not None
     spec = importlib.util.find_spec("cli")
     assert spec is None or Path(spec.origin or "").parent == ROOT / "cli"  # only via the source tree
+
+
+def _flwr_importers() -> list[str]:
+    return sorted(
+        str(path.relative_to(ROOT))
+        for folder in ("securegmi", "cli", "protocols")
+        for path in (ROOT / folder).rglob("*.py")
+        if any(name == "flwr" or name.startswith("flwr.") for name in _imports(path))
+    )
+
+
+def test_only_the_flower_adapter_imports_flwr():
+    assert _flwr_importers() == ["securegmi/adapters/flower.py"]
+
+
+def test_flwr_import_check_catches_a_second_importer(tmp_path, monkeypatch):
+    # Negative control: an engine module that imports flwr is reported beside the adapter.
+    for folder in ("securegmi/adapters", "securegmi/engine", "cli", "protocols"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "securegmi/adapters/flower.py").write_text("import flwr\n")
+    (tmp_path / "securegmi/engine/bad.py").write_text("from flwr.app import Message\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    assert _flwr_importers() == ["securegmi/adapters/flower.py", "securegmi/engine/bad.py"]

@@ -79,15 +79,20 @@ ClientFactory = Callable[[Context], Client]
 def loopback_environment(home: Path) -> dict[str, str]:
     """The environment that keeps Flower and Ray on 127.0.0.1 with their files under `home`;
     set it before Flower starts Ray (it is also returned, for subprocesses)."""
+    ray = home / "ray"
+    # Ray's session sockets live about 70 characters below its temp dir, and a Unix socket path
+    # may not exceed 107 bytes: a deep `home` gets a short private directory instead.
+    if len(str(ray)) > 36:
+        ray = Path(tempfile.mkdtemp(prefix="sg-ray-"))
     env = {
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_HOME": str(home / "flwr"),
-        "RAY_TMPDIR": str(home / "ray"),
+        "RAY_TMPDIR": str(ray),
     }
-    for name in ("flwr", "ray"):
-        (home / name).mkdir(parents=True, exist_ok=True)
+    for path in (home / "flwr", ray):
+        path.mkdir(parents=True, exist_ok=True)
     os.environ.update(env)
     return env
 

@@ -1,0 +1,184 @@
+"""A Flower deployment on one machine: a SuperLink and SuperNodes as processes on 127.0.0.1.
+
+For trying the deployment engine before going across machines, and for the tests. It runs
+Flower's own command-line programs (no flwr import here) with what keeps every process and
+byte on loopback: each API bound to 127.0.0.1, no runtime dependency installation (`flwr run`
+would otherwise install the app's dependencies, a multi-GB torch build among them), telemetry
+and update checks off, and Flower's files under `home`. Every process is started in its own
+session and stopped with its whole group (SuperNodes leave SuperExec children otherwise).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from securegmi.errors import RunAbortedError
+
+CONNECTION = "loopback"  # the SuperLink connection name written to FLWR_HOME/config.toml
+HOST = "127.0.0.1"
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, sig)
+
+
+def group_alive(pid: int) -> bool:
+    """Whether any process of the group led by `pid` is still running (zombies do not count)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pid and fields[0] != "Z":  # fields: state, ppid, pgrp, ...
+            return True
+    return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def _toml_value(value: str | int) -> str:
+    return str(value) if isinstance(value, int) else '"' + str(value).replace('"', '\\"') + '"'
+
+
+@dataclass
+class LoopbackDeployment:
+    """`with LoopbackDeployment(home, nodes) as d: d.run(app_dir, overrides)`.
+
+    `nodes` holds one node config per SuperNode (e.g. partition-id, state-dir, key-dir)."""
+
+    home: Path
+    nodes: list[Mapping[str, str | int]]
+    start_timeout: float = 60.0
+    env: dict[str, str] = field(default_factory=dict)
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.home = Path(self.home)
+        self.logs = self.home / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        flwr_home = self.home / "flwr"
+        flwr_home.mkdir(exist_ok=True)
+        self.env = {
+            **os.environ,
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_HOME": str(flwr_home),
+            # Flower's programs (and the ones they start) from this interpreter's environment.
+            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+        }
+        self.port = free_port()
+        (flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "{HOST}:{self.port}"\ninsecure = true\n',
+            encoding="utf-8",
+        )
+
+    def __enter__(self) -> LoopbackDeployment:
+        try:
+            self._spawn(
+                "superlink",
+                [
+                    "flower-superlink",
+                    "--insecure",
+                    "--disable-runtime-dependency-installation",
+                    "--host",
+                    HOST,
+                    "--port",
+                    str(self.port),
+                ],
+            )
+            self._wait_for_port(self.port, "superlink")
+            for i, node in enumerate(self.nodes):
+                config = " ".join(f"{key}={_toml_value(value)}" for key, value in node.items())
+                node_port = free_port()
+                self._spawn(
+                    f"supernode-{i}",
+                    [
+                        "flower-supernode",
+                        "--insecure",
+                        "--superlink",
+                        f"{HOST}:{self.port}",
+                        "--host",
+                        HOST,
+                        "--port",
+                        str(node_port),
+                        "--node-config",
+                        config,
+                    ],
+                )
+                self._wait_for_port(node_port, f"supernode-{i}")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def run(self, app_dir: Path, run_config: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+        """`flwr run APP loopback --run-config FILE --stream`: returns when the run has ended."""
+        command = ["flwr", "run", str(app_dir), CONNECTION, "--run-config", str(run_config), "--stream"]
+        command[0] = shutil.which("flwr", path=self.env["PATH"]) or "flwr"
+        return subprocess.run(
+            command, env=self.env, capture_output=True, text=True, timeout=timeout, check=False
+        )
+
+    def _spawn(self, name: str, command: list[str]) -> None:
+        command = [shutil.which(command[0], path=self.env["PATH"]) or command[0], *command[1:]]
+        log = (self.logs / f"{name}.log").open("wb")
+        self.processes[name] = subprocess.Popen(
+            command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def _wait_for_port(self, port: int, name: str) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.processes[name].poll() is not None:
+                raise RunAbortedError(f"{name} exited at start; see {self.logs / name}.log")
+            with socket.socket() as s:
+                if s.connect_ex((HOST, port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise RunAbortedError(f"{name} did not listen on {HOST}:{port} within {self.start_timeout:g} s")
+
+    def stop(self) -> None:
+        """Stop every process group this deployment started, by its leader's PID, and wait
+        until no process of any group is left (SIGKILL after 10 s)."""
+        for process in self.processes.values():
+            _signal_group(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for process in self.processes.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        while any(group_alive(p.pid) for p in self.processes.values()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for process in self.processes.values():
+            _signal_group(process.pid, signal.SIGKILL)  # what outlived its leader
+            process.wait()
+        deadline = time.monotonic() + 10
+        while any(group_alive(p.pid) for p in self.processes.values()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.processes.clear()
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes.values()]

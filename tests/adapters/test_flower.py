@@ -1,0 +1,148 @@
+"""securegmi on Flower: the simulation engine runs the same study as the in-process engine, and
+a real SuperLink with SuperNodes on loopback completes a secure run. Real Flower, Ray, Opacus
+and TenSEAL throughout; every process a test starts is stopped by PID."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+pytest.importorskip("flwr")
+
+from securegmi.adapters.flower import (
+    client_app,
+    load_aggregate,
+    loopback_environment,
+    run_flower_simulation,
+    server_app,
+    study_client,
+    study_server,
+)
+from securegmi.adapters.loopback import LoopbackDeployment, group_alive
+from securegmi.config import SimulationConfig
+from securegmi.crypto.keys import SecretContext
+from securegmi.engine.audit import audit_run
+from securegmi.engine.federated import Federation
+from securegmi.engine.run import run_simulation
+from securegmi.engine.rundir import AGGREGATE, CHECKPOINT, CLIENT_STATES, ENGINE, LEDGERS, TRANSCRIPT
+from securegmi.protocol import read_transcript
+from securegmi.protocols import builder
+
+ROOT = Path(__file__).resolve().parents[2]
+SECURE = SimulationConfig(clients=3, rounds=3, epsilon=8.0, protocol="secure", dp_noise="seeded")
+
+pytestmark = pytest.mark.slow
+
+
+def _ledgers(run_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((run_dir / LEDGERS).glob("*.json"))]
+
+
+def test_simulation_engine_matches_in_process(tmp_path):
+    """Same seeds, same (seeded, test-only) DP noise: the same components within CKKS tolerance,
+    the same pi estimates and identical ledgers; both run directories pass the audit."""
+    local = run_simulation(SECURE, protocol=builder("secure"), out=tmp_path / "local")
+    flower = run_flower_simulation(SECURE, builder("secure"), tmp_path / "flower")
+
+    a, b = load_file(str(tmp_path / "local" / CHECKPOINT)), load_file(str(tmp_path / "flower" / CHECKPOINT))
+    # Both went through the 1e-6 release grid; CKKS noise can move a value across one step.
+    assert np.abs(a["components"] - b["components"]).max() <= 2e-6
+    assert np.abs(a["pi"] - b["pi"]).max() <= 1e-6
+    assert _ledgers(tmp_path / "local") == _ledgers(tmp_path / "flower")
+    assert len(_ledgers(tmp_path / "flower")) == 3
+    assert flower.privacy == local.privacy
+    assert flower.evaluation.source_accuracy == pytest.approx(local.evaluation.source_accuracy, abs=0.02)
+    for run in ("local", "flower"):
+        report = audit_run(tmp_path / run, builder)
+        # Seeded noise is for tests only: the audit says so, and nothing else.
+        assert all("seeded" in problem for problem in report.problems), report.problems
+    # The run directory an auditor receives holds no secret key.
+    for path in (tmp_path / "flower").rglob("*"):
+        assert path.is_dir() or b"secret" not in path.name.encode()
+
+
+def test_comparison_catches_a_different_noise_stream(tmp_path):
+    """Negative control: private (OS-entropy) noise on the Flower side gives other pi estimates,
+    so the parity test above can fail."""
+    seeded = run_simulation(SECURE, protocol=builder("secure"), out=tmp_path / "local")
+    private = SimulationConfig(clients=3, rounds=3, epsilon=8.0, protocol="secure", dp_noise="private")
+    run_flower_simulation(private, builder("secure"), tmp_path / "flower")
+    a, b = load_file(str(tmp_path / "local" / CHECKPOINT)), load_file(str(tmp_path / "flower" / CHECKPOINT))
+    assert seeded is not None and np.abs(a["pi"] - b["pi"]).max() > 1e-3
+
+
+def test_a_client_over_budget_refuses_over_flower_and_the_round_completes(tmp_path):
+    """client-1 planned for 2 rounds, the server runs 3: in round 2 its ledger refuses, nothing
+    of that round leaves it, the server records the refusal as in-process and adds the others."""
+    from flwr.simulation import run_simulation as flower_simulation
+
+    loopback_environment(tmp_path / "home")
+    short = SimulationConfig(clients=3, rounds=2, epsilon=8.0, protocol="dp", dp_noise="seeded")
+    config = SimulationConfig(clients=3, rounds=3, epsilon=8.0, protocol="dp", dp_noise="seeded")
+    out = tmp_path / "run"
+
+    def make_client(context):
+        index = int(context.node_config["partition-id"])
+        return study_client(short if index == 1 else config, builder("dp"), out, index, None)
+
+    flower_simulation(
+        server_app=server_app(lambda context: study_server(config, builder("dp"), out, None)),
+        client_app=client_app(make_client),
+        num_supernodes=3,
+        backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}},
+    )
+    refused = json.loads((out / ENGINE).read_text())["refused"]
+    assert refused[:2] == [{}, {}]
+    assert list(refused[2]) == ["client-1"] and "budget" in refused[2]["client-1"]
+    rows = list(read_transcript(out / TRANSCRIPT))
+    refusals = [r for r in rows if r["status"] == "refused"]
+    assert [(r["round"], r["sender"]) for r in refusals] == [(2, "client-1")]
+    sent_by_1 = {r["round"] for r in rows if r["sender"] == "client-1" and r["status"] == "delivered"}
+    assert sent_by_1 == {0, 1}
+    ledger = json.loads((out / LEDGERS / "client-1.json").read_text())
+    assert {e["round"] for e in ledger["entries"]} == {0, 1}
+    assert ledger["epsilon_rdp"] <= 8.0 * (1 + 1e-6)
+
+
+def test_deployment_engine_on_loopback_completes_a_secure_run(tmp_path):
+    """A SuperLink and three SuperNodes as processes on 127.0.0.1, the app started with
+    `flwr run`; each node holds its own key directory, state and ledger, the server only the
+    public context. Collected, the server's directory and the nodes' ledgers pass the audit."""
+    config = SimulationConfig(clients=3, rounds=2, epsilon=8.0, protocol="secure")
+    federation = Federation.build(config, builder("secure"))
+    keys = tmp_path / "keys"
+    SecretContext.generate(federation.ckks_parameters()).save(keys)
+    public = tmp_path / "server-keys"
+    public.mkdir()
+    shutil.copy(keys / "public.ckks", public / "public.ckks")
+    nodes = [
+        {"partition-id": i, "state-dir": str(tmp_path / f"node-{i}"), "key-dir": str(keys)} for i in range(3)
+    ]
+    overrides = tmp_path / "overrides.toml"
+    study = json.dumps(config.to_dict()).replace("'", "")
+    overrides.write_text(
+        f'study = \'{study}\'\nrun-dir = "{tmp_path / "server"}"\npublic-key = "{public / "public.ckks"}"\n'
+    )
+    with LoopbackDeployment(tmp_path / "flower", nodes) as deployment:
+        pids = deployment.pids
+        assert len(pids) == 4
+        result = deployment.run(ROOT / "examples" / "flower_app", overrides, timeout=500)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert not any(group_alive(pid) for pid in pids)  # stopped by PID, with their process groups
+
+    server = tmp_path / "server"
+    assert json.loads((server / ENGINE).read_text())["refused"] == [{}, {}]
+    assert not list(server.rglob("secret*"))
+    (server / LEDGERS).mkdir(exist_ok=True)
+    for i in range(3):
+        assert (tmp_path / f"node-{i}" / CLIENT_STATES / f"client-{i}.safetensors").exists()
+        shutil.copy(tmp_path / f"node-{i}" / LEDGERS / f"client-{i}.json", server / LEDGERS)
+    report = audit_run(server, builder)
+    assert report.ok, report.problems
+    sums, masses = load_aggregate(server / AGGREGATE, SecretContext.load(keys, federation.ckks_parameters()))
+    assert masses.shape == (3,) and masses.sum() > 0 and np.isfinite(sums).all()
