@@ -3,6 +3,7 @@
 from securegmi.config import SimulationConfig
 from securegmi.core.mixture import MixtureOfVAEs
 from securegmi.core.vae import VAE
+from securegmi.engine.participant import Client
 from securegmi.engine.run import RunResult, run_simulation
 from securegmi.errors import (
     BudgetExceededError,
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "VAE",
     "BudgetExceededError",
+    "Client",
     "ConfigError",
     "CryptoError",
     "DataError",

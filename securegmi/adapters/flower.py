@@ -292,7 +292,6 @@ def study_client(
         keys = SecretContext.load(key_dir, federation.ckks_parameters())
     cid = federation.client_ids[index]
     ledgers = run_dir / LEDGERS
-    ledgers.mkdir(parents=True, exist_ok=True)
     return federation.client(
         index,
         keys,

@@ -138,6 +138,7 @@ class PrivacyLedger:
 
     def save(self, path: Path) -> None:
         """Write atomically: the file on disk is always a complete ledger."""
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
         os.replace(tmp, path)
