@@ -177,6 +177,7 @@ class FlowerTransport(Transport):
 def save_aggregate(path: Path, server: AggregationServer | SecureAggregationServer) -> None:
     """The server's final (S, W): ciphertext envelopes under the secure protocol, which only a
     key holder can open (`load_aggregate`); plain sums otherwise."""
+    arrays: dict[str, np.ndarray]
     if isinstance(server, SecureAggregationServer):
         assert server.sums is not None and server.masses is not None
         arrays = {

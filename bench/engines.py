@@ -1,0 +1,110 @@
+"""Wall time of one study on each engine, side by side in one run: in-process, Flower's
+simulation engine (Ray on loopback), and Flower's deployment engine (a SuperLink and one
+SuperNode per client as processes on 127.0.0.1, started with `flwr run`).
+
+    python bench/engines.py [--clients 3] [--rounds 5] [--protocol secure]
+
+Writes bench/results/engines.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from securegmi.adapters.flower import run_flower_simulation
+from securegmi.adapters.loopback import LoopbackDeployment
+from securegmi.config import SimulationConfig
+from securegmi.crypto.keys import PUBLIC_FILE, SecretContext
+from securegmi.engine.federated import Federation
+from securegmi.engine.run import run_simulation
+from securegmi.engine.rundir import ENGINE
+from securegmi.protocols import builder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def deployment(config: SimulationConfig, work: Path) -> dict[str, float]:
+    federation = Federation.build(config, builder(config.protocol))
+    nodes: list[dict[str, str | int]] = [
+        {"partition-id": i, "state-dir": str(work / f"node-{i}")} for i in range(config.clients)
+    ]
+    overrides = {"study": json.dumps(config.to_dict()), "run-dir": str(work / "server")}
+    if federation.secure:
+        SecretContext.generate(federation.ckks_parameters()).save(work / "keys")
+        (work / "server-keys").mkdir()
+        shutil.copy(work / "keys" / PUBLIC_FILE, work / "server-keys" / PUBLIC_FILE)
+        overrides["public-key"] = str(work / "server-keys" / PUBLIC_FILE)
+        for node in nodes:
+            node["key-dir"] = str(work / "keys")
+    toml = work / "overrides.toml"
+    toml.write_text("".join(f"{k} = '{v}'\n" for k, v in overrides.items()))
+    started = time.perf_counter()
+    with LoopbackDeployment(work / "flower", nodes) as d:
+        ready = time.perf_counter()
+        result = d.run(ROOT / "examples" / "flower_app", toml, timeout=3000)
+        done = time.perf_counter()
+    if result.returncode != 0:
+        raise SystemExit(result.stdout[-2000:] + result.stderr[-2000:])
+    server_app = json.loads((work / "server" / ENGINE).read_text())["wall_seconds"]
+    return {
+        "start_processes_s": ready - started,
+        "flwr_run_s": done - ready,
+        "server_app_rounds_s": server_app,
+        "total_s": done - started,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--protocol", default="secure")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "engines.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    epsilon = None if args.protocol == "plain" else 8.0
+    config = SimulationConfig(
+        clients=args.clients, rounds=args.rounds, protocol=args.protocol, epsilon=epsilon
+    )
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="sg-bench-") as tmp:
+        work = Path(tmp)
+        started = time.perf_counter()
+        local = run_simulation(config, protocol=builder(config.protocol), out=work / "local")
+        rows["inprocess"] = {"total_s": time.perf_counter() - started}
+        started = time.perf_counter()
+        flower = run_flower_simulation(config, builder(config.protocol), work / "flower-sim")
+        rows["flower-simulation"] = {"total_s": time.perf_counter() - started}
+        rows["flower-deployment"] = deployment(config, work / "deploy")
+    base = rows["inprocess"]["total_s"]
+    for row in rows.values():
+        row["ratio_to_inprocess"] = row["total_s"] / base
+    report = {
+        "config": {"clients": args.clients, "rounds": args.rounds, "protocol": args.protocol},
+        "accuracy": {
+            "inprocess": local.evaluation.source_accuracy,
+            "flower-simulation": flower.evaluation.source_accuracy,
+        },
+        "engines": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"{'engine':<20} {'wall s':>8} {'x in-process':>13}")
+    for name, row in rows.items():
+        print(f"{name:<20} {row['total_s']:8.1f} {row['ratio_to_inprocess']:13.2f}")
+    d = rows["flower-deployment"]
+    print(
+        f"deployment: {d['start_processes_s']:.1f} s to start the SuperLink and SuperNodes, "
+        f"{d['server_app_rounds_s']:.1f} s in the ServerApp's rounds"
+    )
+
+
+if __name__ == "__main__":
+    main()
