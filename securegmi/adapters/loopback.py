@@ -46,6 +46,53 @@ def group_alive(pid: int) -> bool:
     return False
 
 
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) == pgid:
+                members.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return members
+
+
+def _address(hex_address: str) -> str:
+    host, port = hex_address.split(":")
+    if len(host) == 8:  # IPv4, little-endian
+        ip = ".".join(str(int(host[i : i + 2], 16)) for i in (6, 4, 2, 0))
+    else:  # IPv6, four little-endian words
+        words = [host[i : i + 8] for i in range(0, 32, 8)]
+        raw = b"".join(bytes.fromhex(w)[::-1] for w in words)
+        ip = socket.inet_ntop(socket.AF_INET6, raw)
+    return f"{ip}:{int(port, 16)}"
+
+
+def listening_addresses(pgids: list[int]) -> list[str]:
+    """host:port of every TCP socket listening in the given process groups (Linux /proc)."""
+    inodes: set[str] = set()
+    for pgid in pgids:
+        for pid in _group_members(pgid):
+            with contextlib.suppress(OSError):
+                for fd in Path(f"/proc/{pid}/fd").iterdir():
+                    with contextlib.suppress(OSError):
+                        target = os.readlink(fd)
+                        if target.startswith("socket:["):
+                            inodes.add(target[8:-1])
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                cols = line.split()
+                if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
+                    found.append(_address(cols[1]))
+    return sorted(found)
+
+
+def off_loopback(addresses: list[str]) -> list[str]:
+    return [a for a in addresses if not a.startswith(("127.", "::1:", "::ffff:127."))]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))

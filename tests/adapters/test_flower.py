@@ -5,7 +5,12 @@ and TenSEAL throughout; every process a test starts is stopped by PID."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +28,12 @@ from securegmi.adapters.flower import (
     study_client,
     study_server,
 )
-from securegmi.adapters.loopback import LoopbackDeployment, group_alive
+from securegmi.adapters.loopback import (
+    LoopbackDeployment,
+    group_alive,
+    listening_addresses,
+    off_loopback,
+)
 from securegmi.config import SimulationConfig
 from securegmi.crypto.keys import SecretContext
 from securegmi.engine.audit import audit_run
@@ -127,7 +137,10 @@ def test_deployment_engine_on_loopback_completes_a_secure_run(tmp_path):
     with LoopbackDeployment(tmp_path / "flower", nodes) as deployment:
         pids = deployment.pids
         assert len(pids) == 4
+        listening = listening_addresses(pids)
         result = deployment.run(ROOT / "examples" / "flower_app", overrides, timeout=500)
+        listening += listening_addresses(pids)
+    assert len(listening) >= 4 and off_loopback(listening) == [], listening
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert not any(group_alive(pid) for pid in pids)  # stopped by PID, with their process groups
 
@@ -142,3 +155,21 @@ def test_deployment_engine_on_loopback_completes_a_secure_run(tmp_path):
     assert report.ok, report.problems
     sums, masses = load_aggregate(server / AGGREGATE, SecretContext.load(keys, federation.ckks_parameters()))
     assert masses.shape == (3,) and masses.sum() > 0 and np.isfinite(sums).all()
+
+
+def test_the_loopback_check_catches_a_process_listening_on_all_interfaces():
+    """Negative control for the loopback assertion above."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", "0", "--bind", "0.0.0.0"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not listening_addresses([server.pid]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [a.split(":")[0] for a in off_loopback(listening_addresses([server.pid]))] == ["0.0.0.0"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait()
