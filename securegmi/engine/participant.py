@@ -21,10 +21,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
+from securegmi.config import SimulationConfig
 from securegmi.core.mixture import MixtureOfVAEs
 from securegmi.crypto.keys import SecretContext
 from securegmi.engine.client import ClientSettings, FedGMIClient
 from securegmi.engine.dp_client import ClientPrivacy, DpFedGMIClient
+from securegmi.engine.loop import client_settings
 from securegmi.engine.secure_client import SecureDpFedGMIClient
 from securegmi.engine.transport import ClientEndpoint
 from securegmi.errors import ConfigError, CryptoError, DataError, PrivacyError, RunDirectoryError
@@ -34,9 +36,8 @@ from securegmi.protocol.spec import Role
 
 Records = np.ndarray | torch.Tensor | Dataset[Any] | DataLoader[Any] | Iterable[Any]
 
-DEFAULT_SETTINGS = ClientSettings(
-    local_epochs=5, batch_size=32, learning_rate=2e-3, elbo_samples=4, e_step_iterations=10, pi_floor=1e-3
-)
+# The simulator's defaults, tuned on digits-PM (README, Benchmarks).
+DEFAULT_SETTINGS = client_settings(SimulationConfig())
 
 
 def as_records(data: Records) -> np.ndarray:
@@ -46,6 +47,10 @@ def as_records(data: Records) -> np.ndarray:
     The whole client's data is held in memory: every round's E-step scores every record.
     """
     if isinstance(data, np.ndarray | torch.Tensor):
+        if data.ndim < 2:
+            raise DataError(
+                f"records come as (n, ...) with one row per record, got shape {tuple(data.shape)}"
+            )
         rows = [data]
     elif isinstance(data, DataLoader):
         rows = [_first(batch) for batch in data]
