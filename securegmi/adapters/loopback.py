@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -34,27 +34,47 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
         os.killpg(pid, sig)
 
 
-def group_alive(pid: int) -> bool:
-    """Whether any process of the group led by `pid` is still running (zombies do not count)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pid and fields[0] != "Z":  # fields: state, ppid, pgrp, ...
-            return True
-    return False
+@dataclass(frozen=True)
+class _Process:
+    pid: int
+    state: str
+    ppid: int
+    pgrp: int
 
 
-def _group_members(pgid: int) -> list[int]:
-    members = []
+def _processes() -> list[_Process]:
+    """Every process on this machine, from /proc (Linux)."""
+    found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) == pgid:
-                members.append(int(stat.parent.name))
-        except (OSError, ValueError, IndexError):
+            # The command name may hold spaces and parentheses: fields start after the last ")".
+            state, ppid, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            found.append(_Process(int(stat.parent.name), state, int(ppid), int(pgrp)))
+        except (OSError, ValueError):
             continue
-    return members
+    return found
+
+
+def group_members(pgid: int) -> list[int]:
+    """The running processes of a process group (zombies do not count)."""
+    return [p.pid for p in _processes() if p.pgrp == pgid and p.state != "Z"]
+
+
+def group_alive(pgid: int) -> bool:
+    return bool(group_members(pgid))
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process below it."""
+    children: dict[int, list[int]] = {}
+    for p in _processes():
+        children.setdefault(p.ppid, []).append(p.pid)
+    found, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        found.append(current)
+        queue.extend(children.get(current, []))
+    return found
 
 
 def _address(hex_address: str) -> str:
@@ -68,17 +88,16 @@ def _address(hex_address: str) -> str:
     return f"{ip}:{int(port, 16)}"
 
 
-def listening_addresses(pgids: list[int]) -> list[str]:
-    """host:port of every TCP socket listening in the given process groups (Linux /proc)."""
+def listening_addresses(pids: Iterable[int]) -> list[str]:
+    """host:port of every TCP socket the given processes listen on (Linux /proc)."""
     inodes: set[str] = set()
-    for pgid in pgids:
-        for pid in _group_members(pgid):
-            with contextlib.suppress(OSError):
-                for fd in Path(f"/proc/{pid}/fd").iterdir():
-                    with contextlib.suppress(OSError):
-                        target = os.readlink(fd)
-                        if target.startswith("socket:["):
-                            inodes.add(target[8:-1])
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    target = os.readlink(fd)
+                    if target.startswith("socket:["):
+                        inodes.add(target[8:-1])
     found = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(OSError):

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,7 +31,9 @@ from securegmi.adapters.flower import (
 )
 from securegmi.adapters.loopback import (
     LoopbackDeployment,
+    descendants,
     group_alive,
+    group_members,
     listening_addresses,
     off_loopback,
 )
@@ -49,6 +52,31 @@ SECURE = SimulationConfig(clients=3, rounds=3, epsilon=8.0, protocol="secure", d
 pytestmark = pytest.mark.slow
 
 
+def _listening_in_groups(pgids: list[int]) -> list[str]:
+    return listening_addresses(pid for pgid in pgids for pid in group_members(pgid))
+
+
+class ListeningWatch:
+    """Polls, in a thread, every socket this test's descendant processes listen on (Ray's
+    among them while the simulation engine runs)."""
+
+    def __enter__(self) -> ListeningWatch:
+        self.seen: set[str] = set()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self.done.is_set():
+            self.seen.update(listening_addresses(descendants(os.getpid())))
+            self.done.wait(0.3)
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join()
+
+
 def _ledgers(run_dir: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((run_dir / LEDGERS).glob("*.json"))]
 
@@ -57,7 +85,10 @@ def test_simulation_engine_matches_in_process(tmp_path):
     """Same seeds, same (seeded, test-only) DP noise: the same components within CKKS tolerance,
     the same pi estimates and identical ledgers; both run directories pass the audit."""
     local = run_simulation(SECURE, protocol=builder("secure"), out=tmp_path / "local")
-    flower = run_flower_simulation(SECURE, builder("secure"), tmp_path / "flower")
+    with ListeningWatch() as watch:
+        flower = run_flower_simulation(SECURE, builder("secure"), tmp_path / "flower")
+    # Ray and Flower listened, and only on loopback (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0).
+    assert watch.seen and off_loopback(sorted(watch.seen)) == [], watch.seen
 
     a, b = load_file(str(tmp_path / "local" / CHECKPOINT)), load_file(str(tmp_path / "flower" / CHECKPOINT))
     # Both went through the 1e-6 release grid; CKKS noise can move a value across one step.
@@ -137,9 +168,9 @@ def test_deployment_engine_on_loopback_completes_a_secure_run(tmp_path):
     with LoopbackDeployment(tmp_path / "flower", nodes) as deployment:
         pids = deployment.pids
         assert len(pids) == 4
-        listening = listening_addresses(pids)
+        listening = _listening_in_groups(pids)
         result = deployment.run(ROOT / "examples" / "flower_app", overrides, timeout=500)
-        listening += listening_addresses(pids)
+        listening += _listening_in_groups(pids)
     assert len(listening) >= 4 and off_loopback(listening) == [], listening
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert not any(group_alive(pid) for pid in pids)  # stopped by PID, with their process groups
@@ -167,9 +198,9 @@ def test_the_loopback_check_catches_a_process_listening_on_all_interfaces():
     )
     try:
         deadline = time.monotonic() + 20
-        while not listening_addresses([server.pid]) and time.monotonic() < deadline:
+        while not _listening_in_groups([server.pid]) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert [a.split(":")[0] for a in off_loopback(listening_addresses([server.pid]))] == ["0.0.0.0"]
+        assert [a.split(":")[0] for a in off_loopback(_listening_in_groups([server.pid]))] == ["0.0.0.0"]
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait()
