@@ -36,6 +36,7 @@ from flwr.serverapp import Grid, ServerApp
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from securegmi.adapters.loopback import SAFETY_ENV
 from securegmi.config import SimulationConfig
 from securegmi.core.mixture import divide_aggregate
 from securegmi.crypto.envelope import decrypt
@@ -76,25 +77,17 @@ REFUSED = 1  # Flower error code of a client that refused to answer (its checks 
 ClientFactory = Callable[[Context], Client]
 
 
-def loopback_environment(home: Path) -> dict[str, str]:
-    """The environment that keeps Flower and Ray on 127.0.0.1 with their files under `home`;
-    set it before Flower starts Ray (it is also returned, for subprocesses)."""
+def loopback_environment(home: Path) -> None:
+    """Keep Flower and Ray on 127.0.0.1 with Flower's files under `home`; call it before Flower
+    starts Ray."""
     ray = home / "ray"
     # Ray's session sockets live about 70 characters below its temp dir, and a Unix socket path
     # may not exceed 107 bytes: a deep `home` gets a short private directory instead.
     if len(str(ray)) > 36:
         ray = Path(tempfile.mkdtemp(prefix="sg-ray-"))
-    env = {
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_HOME": str(home / "flwr"),
-        "RAY_TMPDIR": str(ray),
-    }
     for path in (home / "flwr", ray):
         path.mkdir(parents=True, exist_ok=True)
-    os.environ.update(env)
-    return env
+    os.environ.update({**SAFETY_ENV, "FLWR_HOME": str(home / "flwr"), "RAY_TMPDIR": str(ray)})
 
 
 def _content(wire: bytes) -> RecordDict:

@@ -25,6 +25,13 @@ from types import TracebackType
 
 from securegmi.errors import RunAbortedError
 
+# Keep Ray on 127.0.0.1 (it binds the host's address otherwise, even when told 127.0.0.1; set
+# before Ray is imported), and Flower from phoning home.
+SAFETY_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+}
 CONNECTION = "loopback"  # the SuperLink connection name written to FLWR_HOME/config.toml
 HOST = "127.0.0.1"
 
@@ -142,9 +149,7 @@ class LoopbackDeployment:
         flwr_home.mkdir(exist_ok=True)
         self.env = {
             **os.environ,
-            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            **SAFETY_ENV,
             "FLWR_HOME": str(flwr_home),
             # Flower's programs (and the ones they start) from this interpreter's environment.
             "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
