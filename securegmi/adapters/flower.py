@@ -9,7 +9,7 @@ by the same objects:
     aggregation server, which holds the public CKKS context only.
 
 A Flower message carries one securegmi message as bytes in `content["securegmi"]["wire"]`
-(safetensors, never pickle). Before round 0 the server asks each node which client it hosts
+(safetensors: data only, nothing executable). Before round 0 the server asks each node which client it hosts
 (message type "query"); after that, every reply from the node must be signed with that client
 id (the endpoint's sender check), so a node cannot answer for another client.
 

@@ -52,6 +52,15 @@ def _spec(name: str = "dp"):  # type: ignore[no-untyped-def]
     return builder(name)(components=2, parameters=_mixture().parameter_count())
 
 
+def _private_client(  # type: ignore[no-untyped-def]
+    name: str = "site-a", components: MixtureOfVAEs | None = None, **kwargs
+) -> Client:
+    """A DP client with private noise and no files."""
+    privacy = ClientPrivacy(PLAN, 16.0)
+    components = components if components is not None else _mixture()
+    return Client(name, components, _records(), _spec(), settings=SETTINGS, privacy=privacy, **kwargs)
+
+
 def _dp_client(tmp_path: Path, **kwargs) -> Client:  # type: ignore[no-untyped-def]
     privacy = ClientPrivacy(PLAN, 16.0, tmp_path / "ledger.json", noise_seed=7)
     return Client("site-a", _mixture(), _records(), _spec(), settings=SETTINGS, privacy=privacy, **kwargs)
@@ -67,14 +76,7 @@ def _rounds(client: Client, server: AggregationServer, rounds: range) -> list[by
 
 
 def test_own_components_train_under_dp_and_only_declared_fields_leave():
-    client = Client(
-        "site-a",
-        _mixture(),
-        _records(),
-        _spec(),
-        settings=SETTINGS,
-        privacy=ClientPrivacy(PLAN, 16.0),
-    )
+    client = _private_client()
     server = AggregationServer(_mixture().get_component_vectors(), _spec())
     before = client.components.get_component_vectors()
     reply = client.handle(server.broadcast(0, 2.0))
@@ -110,9 +112,9 @@ def test_unusable_records_are_refused_with_the_reason(data, message):
 def test_batchnorm_component_is_refused_with_the_fix_and_layernorm_is_not():
     bad = MixtureOfVAEs.from_factory(lambda: _component(nn.BatchNorm1d), 2, seed=0)
     with pytest.raises(PrivacyError, match="GroupNorm"):
-        Client("site-a", bad, _records(), _spec(), settings=SETTINGS, privacy=ClientPrivacy(PLAN, 16.0))
+        _private_client(components=bad)
     # Negative control: the same architecture with LayerNorm is privatised.
-    Client("site-a", _mixture(), _records(), _spec(), settings=SETTINGS, privacy=ClientPrivacy(PLAN, 16.0))
+    _private_client()
 
 
 def test_an_encoder_with_the_wrong_output_is_refused_naming_the_shapes():
@@ -181,15 +183,7 @@ def test_a_state_file_of_another_client_is_refused(tmp_path):
     server = AggregationServer(_mixture().get_component_vectors(), _spec())
     _rounds(_dp_client(tmp_path, state_path=state), server, range(1))
     with pytest.raises(Exception, match="holds the state of 'site-a'"):
-        Client(
-            "site-b",
-            _mixture(),
-            _records(),
-            _spec(),
-            settings=SETTINGS,
-            privacy=ClientPrivacy(PLAN, 16.0),
-            state_path=state,
-        )
+        _private_client("site-b", state_path=state)
 
 
 def test_user_chosen_ids_get_distinct_stable_random_streams():
