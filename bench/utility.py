@@ -6,7 +6,12 @@ time, and writes bench/results/utility.json.
 
     python bench/utility.py                 # all methods, seeds 0-4, 2 worker processes
     python bench/utility.py --methods fedgmi oracle --seeds 0 1 2
-    python bench/utility.py --methods fedgmi --epsilons 1 4 8 inf --out bench/results/utility_dp.json
+    python bench/utility.py --methods fedgmi central-dp --epsilons 1 4 8 --placements split local \
+        --out bench/results/utility_dp.json
+
+Under --epsilons, `fedgmi eps=E` is the secure protocol with split noise (the default of
+`securegmi simulate --epsilon E`), `fedgmi local eps=E` the dp protocol with local noise, and
+`central-dp eps=E` one trusted curator over the pooled records at the same (epsilon, delta).
 """
 
 from __future__ import annotations
@@ -27,22 +32,31 @@ METHODS = ["fedgmi", "oracle", "local", "fedem-weights", "fedavg"]
 RESULTS = Path(__file__).parent / "results" / "utility.json"
 
 
-def run_one(method: str, seed: int, overrides: dict[str, Any], epsilon: float | None) -> dict[str, Any]:
+def run_one(
+    method: str, seed: int, overrides: dict[str, Any], epsilon: float | None, placement: str = "split"
+) -> dict[str, Any]:
     import torch
 
     from securegmi.config import SimulationConfig
     from securegmi.engine.run import run_simulation
-    from securegmi.protocols import dp, plain
+    from securegmi.protocols import builder
 
     torch.set_num_threads(1)  # one process per core is faster than threads for these models
-    privacy = {} if epsilon is None else {"protocol": "dp", "epsilon": epsilon}
+    privacy: dict[str, Any] = {}
+    if epsilon is not None:
+        privacy = {"epsilon": epsilon, "protocol": "secure" if placement == "split" else "dp"}
+        if method == "fedgmi" and overrides.get("private_training", "statistics") == "statistics":
+            privacy["noise_placement"] = placement
     config = SimulationConfig(method=method, seed=seed, **overrides, **privacy)
-    result = run_simulation(config, protocol=plain.build if epsilon is None else dp.build)
-    label = method if epsilon is None else f"{method} eps={epsilon:g}"
+    result = run_simulation(config, protocol=builder(config.protocol))
+    label = method
+    if epsilon is not None:
+        label = f"{method}{' local' if placement == 'local' and method == 'fedgmi' else ''} eps={epsilon:g}"
     return {
         "method": label,
         "epsilon": epsilon,
         "epsilon_spent": None if result.privacy is None else result.privacy["max_spent"],
+        "epsilon_fallback": None if result.privacy is None else result.privacy.get("max_spent_fallback"),
         "seed": seed,
         "source_accuracy": result.evaluation.source_accuracy,
         "pi_tv_error": result.evaluation.pi_tv_error,
@@ -79,20 +93,38 @@ def main() -> None:
         default=[],
         help="also run these DP budgets (protocol dp) for each method",
     )
+    parser.add_argument("--placements", nargs="+", default=["split"], choices=["split", "local"])
+    parser.add_argument("--private-training", default="statistics", choices=["statistics", "em"])
+    parser.add_argument("--dataset", default="digits")
+    parser.add_argument("--components", type=int, default=3, help="K, also the number of class groups")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    overrides: dict[str, Any] = {"dataset": "digits", "clients": 20, "components": 3, "alpha": 0.5}
+    overrides: dict[str, Any] = {
+        "dataset": args.dataset,
+        "clients": 20,
+        "components": args.components,
+        "n_sources": args.components,
+        "alpha": 0.5,
+    }
+    if args.private_training != "statistics":
+        overrides["private_training"] = args.private_training
     if args.rounds is not None:
         overrides["rounds"] = args.rounds
 
     started = time.perf_counter()
     # "inf" means no DP: the plain protocol.
     budgets: list[float | None] = [None if math.isinf(e) else e for e in args.epsilons] or [None]
-    jobs = [(m, s, e) for m in args.methods for e in budgets for s in args.seeds]
+    jobs = [
+        (m, s, e, p)
+        for m in args.methods
+        for e in budgets
+        for p in (args.placements if e is not None and m == "fedgmi" else ["split"])
+        for s in args.seeds
+    ]
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        futures = [pool.submit(run_one, m, s, overrides, e) for m, s, e in jobs]
+        futures = [pool.submit(run_one, m, s, overrides, e, p) for m, s, e, p in jobs]
         runs = []
-        for (_, s, _), f in zip(jobs, futures, strict=True):
+        for (_, s, _, _), f in zip(jobs, futures, strict=True):
             runs.append(f.result())
             print(
                 f"{runs[-1]['method']:14s} seed {s}: acc {runs[-1]['source_accuracy']:.3f} "
@@ -101,7 +133,7 @@ def main() -> None:
             )
     summary = summarise(runs, list(dict.fromkeys(r["method"] for r in runs)))
 
-    table = Table(title=f"digits-PM, 20 clients, K=3, alpha=0.5, seeds {args.seeds}")
+    table = Table(title=f"{args.dataset}-PM, 20 clients, K={args.components}, alpha=0.5, seeds {args.seeds}")
     for col in ("method", "source accuracy", "pi TV error", "NLL (nats)", "wall s / run"):
         table.add_column(col, justify="right" if col != "method" else "left")
     for m, s in summary.items():
@@ -109,7 +141,7 @@ def main() -> None:
             m,
             f"{s['source_accuracy_mean']:.3f} ± {s['source_accuracy_sd']:.3f}",
             f"{s['pi_tv_error_mean']:.3f} ± {s['pi_tv_error_sd']:.3f}",
-            f"{s['nll_mean']:.2f} ± {s['nll_sd']:.2f}",
+            "-" if s["nll_mean"] is None else f"{s['nll_mean']:.2f} ± {s['nll_sd']:.2f}",
             f"{s['wall_seconds_mean']:.1f} ± {s['wall_seconds_sd']:.1f}",
         )
     Console().print(table)

@@ -53,6 +53,19 @@ def simulate(
         float | None, typer.Option(help="whole-run (epsilon, delta)-DP budget per client")
     ] = None,
     delta: Annotated[float, typer.Option(help="delta of the budget")] = 1e-5,
+    noise_placement: Annotated[
+        str | None,
+        typer.Option(
+            help="split (secure only: each client adds a share, only the CKKS sum is decrypted) "
+            "or local (every upload carries the full noise); default split under secure"
+        ),
+    ] = None,
+    min_clients: Annotated[
+        int | None, typer.Option(help="smallest cohort a round may complete with (default: all clients)")
+    ] = None,
+    private_training: Annotated[
+        str, typer.Option(help="statistics (DP statistics, then DP-SGD on the VAEs) or em (DP-SGD EM)")
+    ] = "statistics",
     top_b: Annotated[int | None, typer.Option(help="send only each client's B heaviest components")] = None,
     temperature: Annotated[
         float | None, typer.Option(help="initial likelihood temperature (default: by dataset)")
@@ -88,6 +101,9 @@ def simulate(
             protocol=protocol or ("secure" if epsilon is not None else "plain"),
             epsilon=epsilon,
             delta=delta,
+            noise_placement=noise_placement,
+            min_clients=min_clients,
+            private_training=private_training,
         )
         if threads < 1:
             raise typer.BadParameter("--threads must be at least 1")
@@ -171,9 +187,48 @@ def _plan_table(plan: dict[str, Any]) -> Table:
     table = Table(title="Privacy plan (per client, whole run)", show_header=False)
     table.add_column("", style="bold")
     table.add_column("")
-    for key, value in (
-        ("budget", f"epsilon {plan['epsilon']:g}, delta {plan['delta']:g} (add/remove one record)"),
+    for key, value in _plan_rows(plan):
+        table.add_row(key, value)
+    return table
+
+
+def _plan_rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
+    budget = ("budget", f"epsilon {plan['epsilon']:g}, delta {plan['delta']:g} (add/remove one record)")
+    if plan.get("kind") == "statistics":
+        s = plan["statistics"]
+        share = (
+            "each client adds 1/sqrt(min cohort) of it"
+            if s["placement"] == "split"
+            else "every client adds all of it"
+        )
+        return [
+            budget,
+            ("noise placement", f"{s['placement']}: {share}; minimum cohort {s['min_clients']}"),
+            (
+                "moments (round 0)",
+                f"Gaussian, sensitivity sqrt(3), noise multiplier {s['moments_noise']:.3f}",
+            ),
+            (
+                f"DP k-means (rounds 1-{s['iterations']})",
+                f"{s['clusters']} fine clusters in {s['projection_dim']} dims, sensitivity sqrt(2), "
+                f"noise multiplier {s['cluster_noise']:.3f}",
+            ),
+            (
+                "histogram (round {})".format(s["iterations"] + 1),
+                f"Gaussian, sensitivity 1, noise multiplier {s['histogram_noise']:.3f} (full noise, own row)",
+            ),
+            (
+                "DP-SGD on the VAEs",
+                f"{plan['vae_rounds']} rounds x {plan['steps_per_round']} steps, Poisson rate "
+                f"{plan['sample_rate']:g}, clip {plan['clip_norm']:g}, noise multiplier "
+                f"{plan['sgd_noise_multiplier']:.3f}",
+            ),
+            ("shares", f"statistics alone {plan['statistics_share']:.0%} of epsilon; DP-SGD the rest"),
+        ]
+    return [
+        budget,
         (
+            ("budget", f"epsilon {plan['epsilon']:g}, delta {plan['delta']:g} (add/remove one record)"),
             "rounds x DP-SGD steps",
             f"{plan['rounds']} x {plan['steps_per_round']} (Poisson rate {plan['sample_rate']:g})",
         ),
@@ -183,9 +238,7 @@ def _plan_table(plan: dict[str, Any]) -> Table:
             f"Gaussian, sensitivity 1, sigma {plan['count_noise_multiplier']:.3f} "
             f"({plan['count_share']:.0%} of epsilon alone)",
         ),
-    ):
-        table.add_row(key, value)
-    return table
+    ]
 
 
 def _print_clients(results: dict[str, Any]) -> None:
@@ -234,10 +287,16 @@ def _print_summary(results: dict[str, Any], run_dir: Path) -> None:
 def _privacy_line(privacy: dict[str, Any] | None) -> str:
     if privacy is None:
         return "none: every uplink field is sent in the clear"
-    return (
+    line = (
         f"epsilon spent {privacy['max_spent']:.3f} (RDP; PLD {privacy['max_spent_pld']:.3f}) of "
         f"{privacy['target']:g}, delta {privacy['delta']:g}, per client; noise not from a CSPRNG"
     )
+    if privacy.get("placement") == "split":
+        line += (
+            f"; split noise: against the server colluding with one client, epsilon "
+            f"{privacy['max_spent_fallback']:.2f}"
+        )
+    return line
 
 
 @app.command()
@@ -308,6 +367,7 @@ def _print_audit(report: Any) -> None:
             "releases",
             "epsilon (RDP)",
             "epsilon (PLD)",
+            "server + 1 client",
             "delta",
             "budget",
             "remaining",
@@ -320,6 +380,7 @@ def _print_audit(report: Any) -> None:
                 str(b.releases),
                 f"{b.epsilon_rdp:.4f}",
                 f"{b.epsilon_pld:.4f}",
+                f"{b.epsilon_fallback:.4f}" + (" (split)" if b.epsilon_fallback != b.epsilon_rdp else ""),
                 f"{b.delta:g}",
                 f"{b.budget:g}",
                 f"{b.remaining:.4f}",

@@ -8,17 +8,28 @@ the `secure` protocol adds CKKS on top.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from securegmi.protocol import FieldKind, FieldSpec, ProtocolSpec, StageSpec
+
+from ._statistics import STATISTICS_DIMS, statistics_stages
 
 NAME = "dp"
 
 
-def build(*, components: int, parameters: int, top_b: int | None = None) -> ProtocolSpec:
+def build(
+    *,
+    components: int,
+    parameters: int,
+    top_b: int | None = None,
+    statistics: Mapping[str, int] | None = None,
+) -> ProtocolSpec:
+    """`statistics` (sizes M, S, H) adds the DP statistics phase before the VAE rounds."""
     b = components if top_b is None else top_b
     if not 1 <= b <= components:
         raise ValueError(f"top_b must be between 1 and {components}, got {top_b}")
     dp = FieldKind.DP_RELEASE
-    return ProtocolSpec(
+    spec = ProtocolSpec(
         name=NAME,
         description="FedGMI round; every uplink field is a DP release on the client's ledger.",
         stages=(
@@ -78,3 +89,14 @@ def build(*, components: int, parameters: int, top_b: int | None = None) -> Prot
             ),
         ),
     ).bind(K=components, P=parameters, B=b)
+    if statistics is None:
+        return spec
+    start = StageSpec(
+        "start", "server", (FieldSpec("temperature", FieldKind.PUBLIC, (), "float64", "public constant"),)
+    )
+    return ProtocolSpec(
+        spec.name,
+        spec.description + " Preceded by the DP statistics phase.",
+        (start, *statistics_stages(dp, ""), *spec.stages),
+        spec.dims,
+    ).bind(**{d: int(statistics[d]) for d in STATISTICS_DIMS})

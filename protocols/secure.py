@@ -9,17 +9,28 @@ cleartext indices, so it is not offered here).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from securegmi.protocol import FieldKind, FieldSpec, ProtocolSpec, StageSpec
+
+from ._statistics import STATISTICS_DIMS, statistics_stages
 
 NAME = "secure"
 
 
-def build(*, components: int, parameters: int, top_b: int | None = None) -> ProtocolSpec:
+def build(
+    *,
+    components: int,
+    parameters: int,
+    top_b: int | None = None,
+    statistics: Mapping[str, int] | None = None,
+) -> ProtocolSpec:
+    """`statistics` (sizes M, S, H) adds the DP statistics phase before the VAE rounds."""
     if top_b is not None and top_b != components:
         raise ValueError("the secure protocol sends all components: top-B needs cleartext indices")
     ct, public = FieldKind.CIPHERTEXT, FieldKind.PUBLIC
     temperature = FieldSpec("temperature", public, (), "float64", "likelihood temperature (public schedule)")
-    return ProtocolSpec(
+    spec = ProtocolSpec(
         name=NAME,
         description="FedGMI round; DP releases encrypted under the clients' CKKS key; server only adds.",
         stages=(
@@ -55,3 +66,11 @@ def build(*, components: int, parameters: int, top_b: int | None = None) -> Prot
             ),
         ),
     ).bind(K=components, P=parameters, B=components)
+    if statistics is None:
+        return spec
+    return ProtocolSpec(
+        spec.name,
+        spec.description + " Preceded by the DP statistics phase.",
+        (*spec.stages, *statistics_stages(ct, "Enc: ")),
+        spec.dims,
+    ).bind(**{d: int(statistics[d]) for d in STATISTICS_DIMS})

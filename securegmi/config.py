@@ -7,8 +7,10 @@ from typing import Any, Literal
 
 from securegmi.errors import ConfigError
 
-Method = Literal["fedgmi", "local", "fedem-weights", "fedavg", "oracle"]
-METHODS: tuple[str, ...] = ("fedgmi", "local", "fedem-weights", "fedavg", "oracle")
+Method = Literal["fedgmi", "local", "fedem-weights", "fedavg", "oracle", "central-dp"]
+METHODS: tuple[str, ...] = ("fedgmi", "local", "fedem-weights", "fedavg", "oracle", "central-dp")
+PRIVATE_TRAINING: tuple[str, ...] = ("statistics", "em")
+PLACEMENTS: tuple[str, ...] = ("split", "local")
 DATASETS: tuple[str, ...] = ("digits", "synthetic", "mnist5k")
 SOURCE_KINDS: tuple[str, ...] = ("class-groups", "transforms")
 
@@ -60,6 +62,22 @@ class SimulationConfig:
     # "private": DP noise and sampling from OS entropy. "seeded": reproducible from `seed`, for
     # tests only; anyone holding config.json could then subtract the noise (the audit fails it).
     dp_noise: str = "private"
+    # How a private run finds its components (DESIGN §2). "statistics": DP statistics (moments,
+    # DP k-means into fine clusters, one histogram per client, a rank-K factorisation) identify
+    # the components and each client's pi, then `vae_rounds` rounds of DP-SGD fit the VAEs'
+    # densities with responsibilities from released values only. "em": the earlier design,
+    # DP-SGD EM with soft counts released every round (kept as the reference it is measured
+    # against: it collapses onto one component at ~60 records per client).
+    private_training: str = "statistics"
+    # "split": each client adds a share of the noise and only the CKKS sum is decrypted (secure
+    # protocol only); "local": every upload carries the full noise. None: split under secure.
+    noise_placement: str | None = None
+    min_clients: int | None = None  # the smallest cohort a round may complete with; None: all
+    statistics_share: float = 0.9  # of epsilon, for the statistics; DP-SGD the rest
+    fine_clusters: int = 20
+    projection_dim: int = 10
+    kmeans_iterations: int = 4
+    vae_rounds: int = 5
 
     def __post_init__(self) -> None:
         _check(self.dataset in DATASETS, "dataset", f"must be one of {DATASETS}", self.dataset)
@@ -113,9 +131,12 @@ class SimulationConfig:
             raise ConfigError(
                 f"protocol {self.protocol!r} needs a budget: pass --epsilon (and optionally --delta)"
             )
+        if self.method == "central-dp" and self.epsilon is None:
+            raise ConfigError("central-dp is the central DP reference: pass --epsilon")
         if self.epsilon is None:
             return
-        _check(private, "protocol", "must be 'dp' or 'secure' when --epsilon is given", self.protocol)
+        if self.method != "central-dp":
+            _check(private, "protocol", "must be 'dp' or 'secure' when --epsilon is given", self.protocol)
         if self.protocol == "secure" and self.top_b is not None:
             raise ConfigError("--top-b needs cleartext component indices; use protocol 'dp' for it")
         _check(0 < self.epsilon < float("inf"), "epsilon", "must be positive and finite", self.epsilon)
@@ -129,6 +150,39 @@ class SimulationConfig:
         _check(
             self.dp_noise in ("private", "seeded"), "dp_noise", "must be 'private' or 'seeded'", self.dp_noise
         )
+        _check(
+            self.private_training in PRIVATE_TRAINING,
+            "private_training",
+            f"must be one of {PRIVATE_TRAINING}",
+            self.private_training,
+        )
+        if self.noise_placement is not None:
+            _check(
+                self.noise_placement in PLACEMENTS,
+                "noise_placement",
+                f"must be one of {PLACEMENTS}",
+                self.noise_placement,
+            )
+            if self.noise_placement == "split" and self.protocol != "secure":
+                raise ConfigError(
+                    "split noise is sound only when nothing but the encrypted sum is ever decrypted: "
+                    "use --protocol secure, or --noise-placement local"
+                )
+            if self.noise_placement == "split" and self.private_training != "statistics":
+                raise ConfigError(
+                    "split noise needs one noisy release per aggregation; the em design takes many "
+                    "local DP-SGD steps per upload: use --noise-placement local with it"
+                )
+        if self.min_clients is not None:
+            _check(
+                1 <= self.min_clients <= self.clients,
+                "min_clients",
+                f"must be in [1, {self.clients}]",
+                self.min_clients,
+            )
+        _check(0 < self.statistics_share < 1, "statistics_share", "must be in (0, 1)", self.statistics_share)
+        for name in ("fine_clusters", "projection_dim", "kmeans_iterations", "vae_rounds"):
+            _check(getattr(self, name) >= 1, name, "must be at least 1", getattr(self, name))
         if self.method in ("local", "oracle"):
             raise ConfigError(f"method {self.method} sends nothing, so --epsilon does not apply to it")
         if self.method == "fedem-weights":
@@ -136,6 +190,18 @@ class SimulationConfig:
                 "fedem-weights weights components by each client's raw sample count, which is not "
                 "released with DP; under --epsilon use fedgmi (weights are the DP counts)"
             )
+
+    @property
+    def placement(self) -> str:
+        """Where DP noise sits: split only when asked for or by default under secure."""
+        if self.noise_placement is not None:
+            return self.noise_placement
+        secure_stats = self.protocol == "secure" and self.private_training == "statistics"
+        return "split" if secure_stats else "local"
+
+    @property
+    def cohort_minimum(self) -> int:
+        return self.clients if self.min_clients is None else self.min_clients
 
     @property
     def model_components(self) -> int:

@@ -24,6 +24,7 @@ class ClientBudget:
     releases: int
     epsilon_rdp: float
     epsilon_pld: float
+    epsilon_fallback: float  # against the server colluding with one client (split noise)
     delta: float
     budget: float
     remaining: float
@@ -70,7 +71,13 @@ def audit_run(run_dir: Path, builder_for: Callable[[str], ProtocolBuilder]) -> A
         bound = json.loads((run_dir / PROTOCOL).read_text(encoding="utf-8"))
         dims = {k: int(v) for k, v in bound["dims"].items()}
         top_b = dims["B"] if dims["B"] != dims["K"] else None
-        spec = builder_for(str(bound["name"]))(components=dims["K"], parameters=dims["P"], top_b=top_b)
+        statistics = {d: dims[d] for d in ("M", "S", "H")} if "M" in dims else None
+        spec = builder_for(str(bound["name"]))(
+            components=dims["K"],
+            parameters=dims["P"],
+            top_b=top_b,
+            **({} if statistics is None else {"statistics": statistics}),
+        )
     except (KeyError, TypeError, ValueError) as exc:
         raise RunDirectoryError(f"{run_dir}: corrupt run files ({exc})") from exc
     uplink = {f.name: f for s in spec.stages if s.sender == "client" for f in s.fields}
@@ -152,6 +159,7 @@ def audit_run(run_dir: Path, builder_for: Callable[[str], ProtocolBuilder]) -> A
                 len(ledger.entries),
                 spent,
                 ledger.spent_pld(),
+                ledger.spent_fallback,
                 ledger.budget.delta,
                 ledger.budget.epsilon,
                 ledger.remaining,

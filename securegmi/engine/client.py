@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -66,6 +66,12 @@ class FedGMIClient:
         k = model.n_components
         self.pi = np.full(k, 1.0 / k)
         self.key_id: str | None = None  # set by clients that encrypt
+
+    @property
+    def identifier(self) -> Callable[[np.ndarray], np.ndarray] | None:
+        """Records -> (n, K) log-likelihoods that identify sources from released statistics;
+        None for a client whose VAEs' ELBOs do (the plain and em designs)."""
+        return None
 
     def state_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         """What this client carries from round to round, as arrays and string metadata: enough

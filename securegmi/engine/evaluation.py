@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +15,7 @@ from securegmi.core.mixture import MixtureOfVAEs
 from securegmi.data.mixture import FederatedData
 
 _EVAL_SEED = 7_919
+Scorer = Callable[[np.ndarray], np.ndarray]  # records -> (n, K) log-likelihoods per component
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ def evaluate(
     per_client_matching: bool,
     elbo_samples: int,
     iwae_samples: int | None = None,
+    scorer: Scorer | None = None,
 ) -> Evaluation:
     """Score test splits: sample-level source identification argmax_k r_k(x) at T = 1, each
     client's pi against its true source frequencies, and optionally the personalised NLL.
@@ -46,7 +48,12 @@ def evaluate(
         model.eval()
         with torch.no_grad():
             x = torch.as_tensor(client.x_test)
-            r = responsibilities(model.elbo_matrix(x, elbo_samples), log_prior(pi))
+            scores = (
+                model.elbo_matrix(x, elbo_samples)
+                if scorer is None
+                else torch.as_tensor(scorer(client.x_test), dtype=torch.float32)
+            )
+            r = responsibilities(scores, log_prior(pi))
             assigned.append(r.argmax(1).numpy())
             if iwae_samples:
                 ll = torch.logsumexp(log_prior(pi) + model.iwae_matrix(x, iwae_samples), dim=1)

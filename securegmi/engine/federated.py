@@ -24,9 +24,16 @@ from securegmi.engine.rundir import LEDGERS, PLAN, PROTOCOL, TRANSCRIPT, RunDire
 from securegmi.engine.secure_server import SecureAggregationServer
 from securegmi.engine.seeding import derive_seed
 from securegmi.engine.server import AggregationServer
+from securegmi.engine.statistics import statistics_dims
 from securegmi.engine.transport import InProcessTransport, ServerEndpoint, Transport
 from securegmi.errors import RunAbortedError
-from securegmi.privacy.calibration import DpPlan, calibrate
+from securegmi.privacy.calibration import (
+    DpPlan,
+    PrivateMixturePlan,
+    StatisticsPlan,
+    calibrate,
+    calibrate_private_mixture,
+)
 from securegmi.privacy.dpsgd import DpSgdConfig
 from securegmi.privacy.ledger import PrivacyBudget, PrivacyLedger
 from securegmi.protocol import Message, ProtocolSpec, TranscriptWriter
@@ -44,7 +51,7 @@ class Federation:
     config: SimulationConfig
     data: FederatedData
     spec: ProtocolSpec
-    plan: DpPlan | None
+    plan: DpPlan | PrivateMixturePlan | None
 
     @classmethod
     def build(
@@ -52,10 +59,26 @@ class Federation:
     ) -> Federation:
         data = data if data is not None else load_federated_data(config)
         reference = new_model(config, data)
+        plan = dp_plan(config, data) if config.epsilon is not None else None
+        dims = None
+        if isinstance(plan, PrivateMixturePlan):
+            dims = statistics_dims(data.data_dim, plan.statistics, len(data.clients))
         spec = builder(
-            components=reference.n_components, parameters=reference.parameter_count(), top_b=config.top_b
+            components=reference.n_components,
+            parameters=reference.parameter_count(),
+            top_b=config.top_b,
+            **({} if dims is None else {"statistics": dims}),
         )
-        return cls(config, data, spec, dp_plan(config) if config.epsilon is not None else None)
+        return cls(config, data, spec, plan)
+
+    @property
+    def rounds(self) -> int:
+        """Every round the run plays, the statistics phase's included."""
+        return self.plan.rounds if isinstance(self.plan, PrivateMixturePlan) else self.config.rounds
+
+    @property
+    def statistics(self) -> StatisticsPlan | None:
+        return self.plan.statistics if isinstance(self.plan, PrivateMixturePlan) else None
 
     @property
     def client_ids(self) -> list[str]:
@@ -82,7 +105,14 @@ class Federation:
         if self.plan is not None:
             ledger = ledger_dir / f"{cid}.json" if ledger_dir is not None else None
             noise_seed = derive_seed(config.seed, 0x5EED, index) if config.dp_noise == "seeded" else None
-            privacy = ClientPrivacy(self.plan, config.dp_batch_normaliser, ledger, noise_seed)
+            privacy = ClientPrivacy(
+                self.plan,
+                config.dp_batch_normaliser,
+                ledger,
+                noise_seed,
+                slot=index,
+                cohort=len(self.data.clients),
+            )
         return Client(
             cid,
             new_model(config, self.data),
@@ -99,8 +129,10 @@ class Federation:
     def server(self, public: PublicContext | None) -> AggregationServer | SecureAggregationServer:
         reference = new_model(self.config, self.data)
         if public is None:
-            return AggregationServer(reference.get_component_vectors(), self.spec)
-        return SecureAggregationServer(public, self.spec, reference.n_components, reference.parameter_count())
+            return AggregationServer(reference.get_component_vectors(), self.spec, self.statistics)
+        return SecureAggregationServer(
+            public, self.spec, reference.n_components, reference.parameter_count(), self.statistics
+        )
 
     def write_public_files(self, run_dir: RunDirectory) -> None:
         """The protocol and DP plan beside the transcript, for the audit."""
@@ -160,11 +192,16 @@ def run_federated(
         ServerEndpoint(spec, transcript), {cid: client.endpoint for cid, client in clients.items()}
     )
     uplink_total = 0
+    stats_rounds = federation.statistics.rounds if federation.statistics is not None else 0
+    harness = next(iter(clients.values()))  # the harness plays a client to evaluate
     try:
-        for t in range(config.rounds):
+        for t in range(federation.rounds):
             t0 = time.perf_counter()
             outcome = play_round(server, transport, list(clients), t, loop.temperature(t))
             uplink_total += outcome.uplink_bytes
+            if t < stats_rounds:
+                continue  # no model yet: the statistics phase ends with the first VAE round
+            loop.scorer = harness.identifier
             # Evaluate what a client would hold after decrypting and dividing this aggregate
             # (the harness plays a client here; the server never decrypts).
             sums, masses = _aggregate_in_clear(server, keys, k, p)
@@ -180,7 +217,7 @@ def run_federated(
     finally:
         if transcript is not None:
             transcript.close()
-    per_client_round = uplink_total / max(1, config.rounds * len(clients))
+    per_client_round = uplink_total / max(1, federation.rounds * len(clients))
     summary = None
     if plan is not None:
         ledgers = [c.ledger for c in clients.values() if c.ledger is not None]
@@ -188,17 +225,33 @@ def run_federated(
     return [reference] * len(clients), [c.pi for c in clients.values()], per_client_round, spec, summary
 
 
-def privacy_summary(config: SimulationConfig, plan: DpPlan, ledgers: list[PrivacyLedger]) -> dict[str, Any]:
-    return {
+def privacy_summary(
+    config: SimulationConfig, plan: DpPlan | PrivateMixturePlan, ledgers: list[PrivacyLedger]
+) -> dict[str, Any]:
+    summary = {
         "target": plan.epsilon,
         "delta": plan.delta,
         "max_spent": max(ledger.spent for ledger in ledgers),
         "max_spent_pld": max(ledger.spent_pld() for ledger in ledgers),
+        # Against the server colluding with one client (split noise); equal to max_spent otherwise.
+        "max_spent_fallback": max(ledger.spent_fallback for ledger in ledgers),
+        "placement": config.placement,
+        "design": config.private_training,
         "sgd_noise_multiplier": plan.sgd_noise_multiplier,
-        "count_noise_multiplier": plan.count_noise_multiplier,
         "secure_rng": False,
         "noise": config.dp_noise,
     }
+    if isinstance(plan, DpPlan):
+        summary["count_noise_multiplier"] = plan.count_noise_multiplier
+    else:
+        s = plan.statistics
+        summary |= {
+            "moments_noise_multiplier": s.moments_noise,
+            "cluster_noise_multiplier": s.cluster_noise,
+            "histogram_noise_multiplier": s.histogram_noise,
+            "min_clients": s.min_clients,
+        }
+    return summary
 
 
 def _aggregate_in_clear(
@@ -210,10 +263,34 @@ def _aggregate_in_clear(
     return decrypt(keys, server.sums).reshape(k, p), decrypt(keys, server.masses)
 
 
-def dp_plan(config: SimulationConfig) -> DpPlan:
+def dp_plan(config: SimulationConfig, data: FederatedData) -> DpPlan | PrivateMixturePlan:
+    """The plan from epsilon, delta and public sizes only (never from the private data:
+    Papernot & Steinke, ICLR 2022)."""
     assert config.epsilon is not None
     q = config.sample_rate
     steps_per_epoch = DpSgdConfig(0.0, config.clip_norm, q, config.dp_batch_normaliser).steps_per_epoch
+    if config.private_training == "statistics":
+        return calibrate_private_mixture(
+            PrivacyBudget(config.epsilon, config.delta),
+            statistics=StatisticsPlan(
+                clusters=config.fine_clusters,
+                projection_dim=min(config.projection_dim, data.data_dim),
+                iterations=config.kmeans_iterations,
+                # A public centre for the unit-sphere map: mid-range of [0, 1] intensities,
+                # the origin for standardised (Gaussian-likelihood) data.
+                centre=0.5 if data.likelihood == "bernoulli" else 0.0,
+                placement=config.placement,
+                min_clients=config.cohort_minimum,
+                moments_noise=0.0,
+                cluster_noise=0.0,
+                histogram_noise=0.0,
+            ),
+            vae_rounds=config.vae_rounds,
+            steps_per_round=config.local_epochs * steps_per_epoch,
+            sample_rate=q,
+            clip_norm=config.clip_norm,
+            statistics_share=config.statistics_share,
+        )
     return calibrate(
         PrivacyBudget(config.epsilon, config.delta),
         rounds=config.rounds,

@@ -15,7 +15,7 @@ from securegmi.core.mixture import MixtureOfVAEs
 from securegmi.data.datasets import load_dataset
 from securegmi.data.mixture import FederatedData, make_federated_data
 from securegmi.engine.client import ClientSettings
-from securegmi.engine.evaluation import Evaluation, evaluate
+from securegmi.engine.evaluation import Evaluation, Scorer, evaluate
 from securegmi.engine.rundir import RunDirectory
 
 IWAE_SAMPLES = 64
@@ -89,6 +89,9 @@ class Loop:
     ) -> None:
         self.config, self.data, self.run_dir, self.progress = config, data, run_dir, progress
         self.history: list[RoundMetrics] = []
+        # Source identification from released statistics, where the run has them; None: the
+        # VAEs' ELBOs identify sources.
+        self.scorer: Scorer | None = None
 
     def temperature(self, t: int) -> float:
         c = self.config
@@ -102,6 +105,7 @@ class Loop:
             per_client_matching=self.config.method == "local",
             elbo_samples=self.config.elbo_samples,
             iwae_samples=IWAE_SAMPLES if final else None,
+            scorer=self.scorer,
         )
 
     def finish_round(

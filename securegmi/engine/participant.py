@@ -11,7 +11,7 @@ against the protocol in both directions, so an undeclared value never leaves the
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +129,12 @@ class Client:
     def pi(self) -> np.ndarray:
         """This client's current mixture estimate."""
         return self.fedgmi.pi.copy()
+
+    @property
+    def identifier(self) -> Callable[[np.ndarray], np.ndarray] | None:
+        """Records -> (n, K) log-likelihoods from the released statistics (private runs of the
+        statistics design, once the phase is over); None otherwise."""
+        return self.fedgmi.identifier
 
     @property
     def components(self) -> MixtureOfVAEs:

@@ -11,7 +11,7 @@ import numpy as np
 
 from securegmi.config import SimulationConfig
 from securegmi.crypto.release import release_decrypted
-from securegmi.engine.baselines import run_local, run_oracle
+from securegmi.engine.baselines import run_central_dp, run_local, run_oracle
 from securegmi.engine.evaluation import Evaluation
 from securegmi.engine.federated import ProtocolBuilder, run_federated
 from securegmi.engine.loop import Loop, PlanCallback, ProgressCallback, RoundMetrics, load_federated_data
@@ -84,6 +84,9 @@ def run_simulation(
         if protocol is None:
             raise ValueError(f"method {config.method} needs a protocol builder")
         models, pis, uplink, spec, privacy = run_federated(loop, protocol, on_plan)
+    elif config.method == "central-dp":
+        models, pis, privacy = run_central_dp(loop)
+        uplink = 0.0
     elif config.method == "local":
         models, pis, uplink = *run_local(loop), 0.0
     else:
@@ -100,7 +103,7 @@ def run_simulation(
         privacy,
     )
     if run_dir is not None:
-        if config.method != "local":
+        if config.method not in ("local", "central-dp"):
             components = models[0].get_component_vectors()
             if config.protocol == "secure":
                 # Decrypted values leave through the one release path (Li-Micciancio).

@@ -40,5 +40,11 @@ class SecureDpFedGMIClient(DpFedGMIClient):
         k, p = self.model.n_components, self.model.parameter_count()
         return decrypt(self.keys, sums.data).reshape(k, p), decrypt(self.keys, masses.data)
 
+    def read_vector(self, message: Message, name: str) -> np.ndarray:
+        field = message.payload.get(name)
+        if not isinstance(field, Ciphertext):
+            raise ProtocolViolation(f"{self.client_id}: expected an encrypted {name}")
+        return decrypt(self.keys, field.data).astype(np.float64)
+
     def encode_values(self, values: dict[str, np.ndarray | bytes]) -> dict[str, np.ndarray | bytes]:
         return {name: encrypt(self.keys, np.asarray(v)) for name, v in values.items()}

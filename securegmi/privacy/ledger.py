@@ -47,14 +47,29 @@ class LedgerEntry:
     round: int
     name: str
     event_json: str  # canonical JSON of the DpEvent (see privacy.events)
+    # Under split noise: the event against the server colluding with one client, who can
+    # decrypt one client's under-noised share (DESIGN §2). None: the same as `event_json`.
+    fallback_json: str | None = None
 
     @classmethod
-    def of(cls, round_index: int, name: str, event: dp_accounting.DpEvent) -> LedgerEntry:
-        return cls(round_index, name, json.dumps(event_to_json(event), sort_keys=True))
+    def of(
+        cls,
+        round_index: int,
+        name: str,
+        event: dp_accounting.DpEvent,
+        fallback: dp_accounting.DpEvent | None = None,
+    ) -> LedgerEntry:
+        canonical = json.dumps(event_to_json(event), sort_keys=True)
+        weaker = None if fallback is None else json.dumps(event_to_json(fallback), sort_keys=True)
+        return cls(round_index, name, canonical, None if weaker == canonical else weaker)
 
     @property
     def event(self) -> dp_accounting.DpEvent:
         return event_from_json(json.loads(self.event_json))
+
+    @property
+    def fallback_event(self) -> dp_accounting.DpEvent:
+        return event_from_json(json.loads(self.fallback_json or self.event_json))
 
     @property
     def event_id(self) -> str:
@@ -69,10 +84,12 @@ class PrivacyLedger:
     entries: tuple[LedgerEntry, ...] = field(default=())
     adjacency: str = ADJACENCY
 
-    def composed_events(self) -> list[dp_accounting.DpEvent]:
+    def composed_events(self, fallback: bool = False) -> list[dp_accounting.DpEvent]:
         """Every entry's event, identical ones folded into one self-composition (same privacy
         loss, and the accountant's cost no longer grows with the number of rounds)."""
-        counts = Counter(e.event_json for e in self.entries)
+        counts = Counter(
+            (e.fallback_json or e.event_json) if fallback else e.event_json for e in self.entries
+        )
         events = []
         for event_json, count in sorted(counts.items()):
             event = event_from_json(json.loads(event_json))
@@ -87,6 +104,19 @@ class PrivacyLedger:
     def spent_pld(self) -> float:
         """The same by the PLD accountant: a cross-check, usually a little tighter."""
         return epsilon_pld(self.composed_events(), self.budget.delta) if self.entries else 0.0
+
+    @property
+    def split(self) -> bool:
+        """Whether any release relied on noise split across clients."""
+        return any(e.fallback_json is not None for e in self.entries)
+
+    @cached_property
+    def spent_fallback(self) -> float:
+        """Epsilon against the server colluding with one client (RDP); equal to `spent` when no
+        release split its noise."""
+        if not self.split:
+            return self.spent
+        return epsilon_rdp(self.composed_events(fallback=True), self.budget.delta)
 
     @property
     def remaining(self) -> float:
@@ -116,9 +146,12 @@ class PrivacyLedger:
             "budget": {"epsilon": self.budget.epsilon, "delta": self.budget.delta},
             "adjacency": self.adjacency,
             "entries": [
-                {"round": e.round, "name": e.name, "event": json.loads(e.event_json)} for e in self.entries
+                {"round": e.round, "name": e.name, "event": json.loads(e.event_json)}
+                | ({} if e.fallback_json is None else {"fallback_event": json.loads(e.fallback_json)})
+                for e in self.entries
             ],
             "epsilon_rdp": self.spent,
+            "epsilon_fallback_rdp": self.spent_fallback,
         }
 
     @classmethod
@@ -126,14 +159,19 @@ class PrivacyLedger:
         try:
             budget = PrivacyBudget(float(data["budget"]["epsilon"]), float(data["budget"]["delta"]))
             entries = tuple(
-                LedgerEntry(int(e["round"]), str(e["name"]), json.dumps(e["event"], sort_keys=True))
+                LedgerEntry(
+                    int(e["round"]),
+                    str(e["name"]),
+                    json.dumps(e["event"], sort_keys=True),
+                    json.dumps(e["fallback_event"], sort_keys=True) if "fallback_event" in e else None,
+                )
                 for e in data["entries"]
             )
             ledger = cls(str(data["client"]), budget, entries, str(data["adjacency"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise PrivacyError(f"malformed ledger: {exc}") from exc
         for e in ledger.entries:
-            e.event  # noqa: B018 - parse every event now, so a bad file fails on load
+            e.event, e.fallback_event  # noqa: B018 - parse every event now, so a bad file fails on load
         return ledger
 
     def save(self, path: Path) -> None:

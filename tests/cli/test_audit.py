@@ -49,7 +49,7 @@ def test_an_uncovered_release_fails_the_audit(dp_run, tmp_path):
     ledger_file.write_text(json.dumps(ledger))
     audit = runner.invoke(app, ["audit", str(tampered)])
     assert audit.exit_code == 1
-    assert "client-1" in audit.output and "counts@round1" in audit.output
+    assert "client-1" in audit.output and "clusters@round1" in audit.output
 
 
 @pytest.mark.slow

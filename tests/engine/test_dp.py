@@ -31,12 +31,13 @@ CONFIG = SimulationConfig(
     protocol="dp",
     epsilon=4.0,
     sample_rate=0.25,
+    private_training="em",  # these laws are about the em round shape; test_statistics covers the other
 )
 
 
 def _dp_client(config, x, spec, ledger_path=None, plan=None):  # type: ignore[no-untyped-def]
     data = load_federated_data(config)
-    plan = plan or dp_plan(config)
+    plan = plan or dp_plan(config, load_federated_data(config))
     return DpFedGMIClient(
         "client-0",
         x,
@@ -76,7 +77,7 @@ class SpyTransport(InProcessTransport):
 def test_planned_rounds_fit_and_the_next_is_refused_with_nothing_sent(tmp_path):
     data = load_federated_data(CONFIG)
     spec, ref = _spec(CONFIG)
-    plan = dp_plan(CONFIG)
+    plan = dp_plan(CONFIG, load_federated_data(CONFIG))
     clients = {}
     for i, c in enumerate(data.clients):
         cid = f"client-{i}"
@@ -114,7 +115,7 @@ def test_planned_rounds_fit_and_the_next_is_refused_with_nothing_sent(tmp_path):
 
 def test_a_dp_client_refuses_directly_too():
     spec, _ = _spec(CONFIG)
-    plan = dp_plan(CONFIG)
+    plan = dp_plan(CONFIG, load_federated_data(CONFIG))
     client = _dp_client(CONFIG, load_federated_data(CONFIG).clients[0].x_train, spec, plan=plan)
     for t in range(CONFIG.rounds):
         client.ledger = client.ledger.check(plan.round_entries(t))
@@ -149,7 +150,9 @@ def _round_on(x: np.ndarray, spec: ProtocolSpec, client_cls=DpFedGMIClient, nois
         client_settings(CONFIG),
         spec,
         CONFIG.seed,
-        ClientPrivacy(dp_plan(CONFIG), CONFIG.dp_batch_normaliser, None, noise_seed),
+        ClientPrivacy(
+            dp_plan(CONFIG, load_federated_data(CONFIG)), CONFIG.dp_batch_normaliser, None, noise_seed
+        ),
     )
     masses = client.local_round(0, 2.0)
     return client, client.update_message(0, masses)

@@ -36,12 +36,12 @@ def runs(tmp_path_factory):
     """dp and secure with the same (seeded, test-only) noise, and a secure run as deployed."""
     base = tmp_path_factory.mktemp("secure")
     out = {}
-    for name, protocol, build, noise in (
-        ("dp", "dp", dp.build, "seeded"),
-        ("secure", "secure", secure.build, "seeded"),
-        ("secure-private", "secure", secure.build, "private"),
+    for name, protocol, build, noise, placement in (
+        ("dp", "dp", dp.build, "seeded", "local"),
+        ("secure", "secure", secure.build, "seeded", "local"),  # the same noise as dp
+        ("secure-private", "secure", secure.build, "private", None),  # split, the default
     ):
-        config = SimulationConfig(protocol=protocol, dp_noise=noise, **SMALL)
+        config = SimulationConfig(protocol=protocol, dp_noise=noise, noise_placement=placement, **SMALL)
         out[name] = (base / name, run_simulation(config, protocol=build, out=base / name))
     return out
 
