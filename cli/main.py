@@ -228,7 +228,6 @@ def _plan_rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
     return [
         budget,
         (
-            ("budget", f"epsilon {plan['epsilon']:g}, delta {plan['delta']:g} (add/remove one record)"),
             "rounds x DP-SGD steps",
             f"{plan['rounds']} x {plan['steps_per_round']} (Poisson rate {plan['sample_rate']:g})",
         ),

@@ -91,12 +91,12 @@ def run_central_dp(loop: Loop) -> tuple[list[MixtureOfVAEs], list[np.ndarray], d
     def release(total: np.ndarray, name: str) -> np.ndarray:
         return gaussian_release(total, stats.noise_multiplier(name), SENSITIVITY[name], rng)
 
-    total = release(sum(fc.moments_contribution(u) for u in spheres), MOMENTS)
+    total = release(np.sum([fc.moments_contribution(u) for u in spheres], axis=0), MOMENTS)
     projection = fc.Projection.from_moments(total, data.data_dim, stats.projection_dim)
     zs = [projection(u) for u in spheres]
     centroids = fc.initial_centroids(stats.clusters, stats.projection_dim, config.seed)
     for i in range(stats.iterations):
-        total = release(sum(fc.cluster_contribution(z, centroids) for z in zs), CLUSTERS)
+        total = release(np.sum([fc.cluster_contribution(z, centroids) for z in zs], axis=0), CLUSTERS)
         floor = 3.0 * stats.cluster_noise * fc.CLUSTER_SENSITIVITY
         centroids = fc.update_centroids(total, centroids, floor, config.seed + i + 1)
     counts = np.stack([release(fc.histogram(z, centroids), HISTOGRAM) for z in zs])

@@ -97,7 +97,7 @@ class StatisticsRole:
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         """What the phase has learnt so far, to rebuild the client in a fresh process."""
-        st, out = self.state, {}
+        st, out = self.state, dict[str, np.ndarray]()
         if st.projection is not None:
             out |= {
                 "stats.mean": st.projection.mean,
