@@ -200,6 +200,16 @@ class SimulationConfig:
         return "split" if secure_stats else "local"
 
     @property
+    def statistics_design(self) -> bool:
+        return self.epsilon is not None and self.private_training == "statistics"
+
+    @property
+    def planned_rounds(self) -> int:
+        """Rounds a federated run plays: the statistics phase (moments, k-means, histogram)
+        and the VAE rounds under the statistics design, `rounds` otherwise."""
+        return self.kmeans_iterations + 2 + self.vae_rounds if self.statistics_design else self.rounds
+
+    @property
     def cohort_minimum(self) -> int:
         return self.clients if self.min_clients is None else self.min_clients
 

@@ -129,7 +129,7 @@ def run_central_dp(loop: Loop) -> tuple[list[MixtureOfVAEs], list[np.ndarray], d
 
     t0 = time.perf_counter()
     trainer.train(per_sample_loss, len(x), plan.steps_per_round * plan.vae_rounds, int(rng.integers(2**63)))
-    loop.scorer = identifier.log_likelihood
+    loop.identifier = identifier
     loop.finish_round(0, t0, [model] * len(pis), pis)
     ledger = PrivacyLedger("central", PrivacyBudget(plan.epsilon, plan.delta)).check(
         [e for r in range(plan.rounds) for e in plan.round_entries(r)]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from securegmi.core.em import infer_mixture
+from securegmi.core.fine_clusters import FineClusterModel
 from securegmi.core.mixture import MixtureOfVAEs, divide_aggregate
 from securegmi.core.training import e_step_elbo, train_components
 from securegmi.engine.seeding import client_stream, seed_torch
@@ -68,9 +69,9 @@ class FedGMIClient:
         self.key_id: str | None = None  # set by clients that encrypt
 
     @property
-    def identifier(self) -> Callable[[np.ndarray], np.ndarray] | None:
-        """Records -> (n, K) log-likelihoods that identify sources from released statistics;
-        None for a client whose VAEs' ELBOs do (the plain and em designs)."""
+    def identifier(self) -> FineClusterModel | None:
+        """The model that identifies sources from released statistics; None for a client whose
+        VAEs' ELBOs do (the plain and em designs)."""
         return None
 
     def state_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:

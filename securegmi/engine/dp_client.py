@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from securegmi.core.em import log_prior, mixture_estimate, mixture_loss, responsibilities
+from securegmi.core.fine_clusters import FineClusterModel
 from securegmi.core.mixture import MixtureOfVAEs
 from securegmi.core.training import e_step_elbo
 from securegmi.engine.client import BROADCAST, ClientSettings, FedGMIClient, payload_array
@@ -128,9 +129,8 @@ class DpFedGMIClient(FedGMIClient):
             self.torch_noise.set_state(torch.from_numpy(np.asarray(arrays["torch_noise"], dtype=np.uint8)))
 
     @property
-    def identifier(self) -> Callable[[np.ndarray], np.ndarray] | None:
-        model = self.statistics.state.model if self.statistics is not None else None
-        return model.log_likelihood if model is not None else None
+    def identifier(self) -> FineClusterModel | None:
+        return self.statistics.state.model if self.statistics is not None else None
 
     def handle(self, message: Message) -> Message:
         plan = self.privacy.plan

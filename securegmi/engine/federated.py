@@ -201,7 +201,7 @@ def run_federated(
             uplink_total += outcome.uplink_bytes
             if t < stats_rounds:
                 continue  # no model yet: the statistics phase ends with the first VAE round
-            loop.scorer = harness.identifier
+            loop.identifier = harness.identifier
             # Evaluate what a client would hold after decrypting and dividing this aggregate
             # (the harness plays a client here; the server never decrypts).
             sums, masses = _aggregate_in_clear(server, keys, k, p)

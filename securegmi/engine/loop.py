@@ -11,11 +11,12 @@ import numpy as np
 
 from securegmi.config import SimulationConfig
 from securegmi.core.em import temperature_at
+from securegmi.core.fine_clusters import FineClusterModel
 from securegmi.core.mixture import MixtureOfVAEs
 from securegmi.data.datasets import load_dataset
 from securegmi.data.mixture import FederatedData, make_federated_data
 from securegmi.engine.client import ClientSettings
-from securegmi.engine.evaluation import Evaluation, Scorer, evaluate
+from securegmi.engine.evaluation import Evaluation, evaluate
 from securegmi.engine.rundir import RunDirectory
 
 IWAE_SAMPLES = 64
@@ -91,7 +92,7 @@ class Loop:
         self.history: list[RoundMetrics] = []
         # Source identification from released statistics, where the run has them; None: the
         # VAEs' ELBOs identify sources.
-        self.scorer: Scorer | None = None
+        self.identifier: FineClusterModel | None = None
 
     def temperature(self, t: int) -> float:
         c = self.config
@@ -105,7 +106,7 @@ class Loop:
             per_client_matching=self.config.method == "local",
             elbo_samples=self.config.elbo_samples,
             iwae_samples=IWAE_SAMPLES if final else None,
-            scorer=self.scorer,
+            scorer=None if self.identifier is None else self.identifier.log_likelihood,
         )
 
     def finish_round(

@@ -11,7 +11,7 @@ against the protocol in both directions, so an undeclared value never leaves the
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from safetensors.numpy import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
 from securegmi.config import SimulationConfig
+from securegmi.core.fine_clusters import FineClusterModel
 from securegmi.core.mixture import MixtureOfVAEs
 from securegmi.crypto.keys import SecretContext
 from securegmi.engine.client import ClientSettings, FedGMIClient
@@ -131,9 +132,10 @@ class Client:
         return self.fedgmi.pi.copy()
 
     @property
-    def identifier(self) -> Callable[[np.ndarray], np.ndarray] | None:
-        """Records -> (n, K) log-likelihoods from the released statistics (private runs of the
-        statistics design, once the phase is over); None otherwise."""
+    def identifier(self) -> FineClusterModel | None:
+        """The source identifier built from the released statistics (private runs of the
+        statistics design, once the phase is over): `log_likelihood(x)` gives (n, K)
+        log P(fine cluster of x | k). None otherwise."""
         return self.fedgmi.identifier
 
     @property

@@ -46,7 +46,7 @@ class RunResult:
             "source_names": list(self.source_names),
             "clients": c.clients,
             "components": c.model_components,
-            "rounds": c.rounds,
+            "rounds": c.planned_rounds,
             "seed": c.seed,
             "source_accuracy": self.evaluation.source_accuracy,
             "pi_tv_error": self.evaluation.pi_tv_error,
@@ -108,8 +108,12 @@ def run_simulation(
             if config.protocol == "secure":
                 # Decrypted values leave through the one release path (Li-Micciancio).
                 components = release_decrypted(components, RELEASE_PRECISION).astype(np.float32)
+            # The source identifier of the statistics design (fine clusters and their grouping).
+            extra = {} if loop.identifier is None else loop.identifier.arrays()
+            if config.protocol == "secure":
+                extra = {k: release_decrypted(v, RELEASE_PRECISION) for k, v in extra.items()}
             run_dir.save_checkpoint(
-                components, np.stack(pis), {"method": config.method, "seed": str(config.seed)}
+                components, np.stack(pis), {"method": config.method, "seed": str(config.seed)}, extra
             )
         run_dir.write_json(RESULTS, result.to_dict())
     return result

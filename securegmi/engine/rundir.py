@@ -70,11 +70,18 @@ class RunDirectory:
         with (self.path / METRICS).open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(row, sort_keys=True) + "\n")
 
-    def save_checkpoint(self, components: np.ndarray, pis: np.ndarray, metadata: dict[str, str]) -> None:
+    def save_checkpoint(
+        self,
+        components: np.ndarray,
+        pis: np.ndarray,
+        metadata: dict[str, str],
+        extra: dict[str, np.ndarray] | None = None,
+    ) -> None:
         target = self.path / CHECKPOINT
         tmp = target.with_suffix(".tmp")
+        arrays = {"components": components, "pi": pis, **(extra or {})}
         save_file(
-            {"components": np.ascontiguousarray(components), "pi": np.ascontiguousarray(pis)},
+            {name: np.ascontiguousarray(a) for name, a in arrays.items()},
             str(tmp),
             metadata=metadata,
         )
