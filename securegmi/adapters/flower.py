@@ -58,6 +58,7 @@ from securegmi.engine.rundir import (
 )
 from securegmi.engine.secure_server import SecureAggregationServer
 from securegmi.engine.server import AggregationServer
+from securegmi.engine.statistics import identifier_from_state
 from securegmi.engine.transport import Exchange, ServerEndpoint, Transport
 from securegmi.errors import (
     BudgetExceededError,
@@ -319,7 +320,7 @@ def study_server(
         ServerEndpoint(federation.spec, TranscriptWriter(directory.file(TRANSCRIPT))),
         directory,
         len(federation.client_ids),
-        config.rounds,
+        federation.rounds,
         loop.temperature,
     )
 
@@ -432,7 +433,10 @@ def run_flower_simulation(
     model.set_component_vectors(components)
     states = [load_file(str(out / CLIENT_STATES / f"{cid}.safetensors")) for cid in federation.client_ids]
     pis = [state["pi"] for state in states]
-    evaluation = Loop(config, federation.data, None, None).evaluate([model] * len(pis), pis, final=True)
+    loop = Loop(config, federation.data, None, None)
+    if federation.statistics is not None:  # the harness plays a client: it rebuilds the identifier
+        loop.identifier = identifier_from_state(federation.statistics, states[0])
+    evaluation = loop.evaluate([model] * len(pis), pis, final=True)
     privacy = None
     if federation.plan is not None:
         ledgers = [PrivacyLedger.load(out / LEDGERS / f"{cid}.json") for cid in federation.client_ids]
@@ -447,7 +451,7 @@ def run_flower_simulation(
         federation.spec.name,
         evaluation,
         (),
-        uplink / max(1, config.rounds * len(pis)),
+        uplink / max(1, federation.rounds * len(pis)),
         time.perf_counter() - started,
         federation.data.source_names,
         privacy,

@@ -122,11 +122,8 @@ class StatisticsRole:
         if "stats.centroids" in a:
             st.centroids = np.asarray(a["stats.centroids"])
         if "stats.pi" in a:
-            assert st.projection is not None and st.centroids is not None
             st.grouping = fc.Grouping(a["stats.cluster_given_component"], a["stats.pi"], a["stats.sizes"])
-            st.model = fc.FineClusterModel(
-                self.plan.centre, st.projection, st.centroids, st.grouping.cluster_given_component
-            )
+            st.model = identifier_from_state(self.plan, a)
 
     def contribution(self, round_index: int) -> tuple[str, str, np.ndarray]:
         """(stage, field, noisy value) of this round's release."""
@@ -151,3 +148,13 @@ class StatisticsRole:
             value = fc.cluster_contribution(z, state.centroids)
         self.pre_noise = value
         return stage, field, gaussian_release(value, sigma, SENSITIVITY[release], self.noise_rng)
+
+
+def identifier_from_state(plan: StatisticsPlan, a: Mapping[str, np.ndarray]) -> fc.FineClusterModel | None:
+    """The source identifier from a client's saved statistics state; None before the phase ends."""
+    if "stats.cluster_given_component" not in a:
+        return None
+    projection = fc.Projection(a["stats.mean"], a["stats.basis"], float(a["stats.scale"][0]))
+    return fc.FineClusterModel(
+        plan.centre, projection, np.asarray(a["stats.centroids"]), a["stats.cluster_given_component"]
+    )

@@ -119,8 +119,11 @@ def test_a_client_over_budget_refuses_over_flower_and_the_round_completes(tmp_pa
     from flwr.simulation import run_simulation as flower_simulation
 
     loopback_environment(tmp_path / "home")
-    short = SimulationConfig(clients=3, rounds=2, epsilon=8.0, protocol="dp", dp_noise="seeded")
-    config = SimulationConfig(clients=3, rounds=3, epsilon=8.0, protocol="dp", dp_noise="seeded")
+    # The em design has a rounds knob; under the statistics design a refusal in the statistics
+    # phase abandons the round (minimum cohort), tested in tests/engine/test_statistics.py.
+    em = {"clients": 3, "epsilon": 8.0, "protocol": "dp", "dp_noise": "seeded", "private_training": "em"}
+    short = SimulationConfig(rounds=2, **em)
+    config = SimulationConfig(rounds=3, **em)
     out = tmp_path / "run"
 
     def make_client(context):
