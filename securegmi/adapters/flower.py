@@ -38,6 +38,7 @@ from safetensors.numpy import load_file, save_file
 
 from securegmi.adapters.loopback import SAFETY_ENV
 from securegmi.config import SimulationConfig
+from securegmi.core import fine_clusters as fc
 from securegmi.core.mixture import divide_aggregate
 from securegmi.crypto.envelope import decrypt
 from securegmi.crypto.keys import PUBLIC_FILE, PublicContext, SecretContext
@@ -435,7 +436,9 @@ def run_flower_simulation(
     pis = [state["pi"] for state in states]
     loop = Loop(config, federation.data, None, None)
     if federation.statistics is not None:  # the harness plays a client: it rebuilds the identifier
-        loop.identifier = identifier_from_state(federation.statistics, states[0])
+        stats = federation.statistics
+        sketch = fc.public_sketch(federation.data.data_dim, stats.sketch_dim, stats.sketch_seed)
+        loop.identifier = identifier_from_state(stats, states[0], sketch)
     evaluation = loop.evaluate([model] * len(pis), pis, final=True)
     privacy = None
     if federation.plan is not None:

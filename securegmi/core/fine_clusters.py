@@ -35,13 +35,28 @@ HISTOGRAM_SENSITIVITY = 1.0
 _EPS = 1e-12
 
 
-def on_sphere(x: np.ndarray, centre: float) -> np.ndarray:
+def on_sphere(x: np.ndarray, centre: float, sketch: np.ndarray | None = None) -> np.ndarray:
     """Each record as a unit vector around a public centre: a per-record map that bounds every
     contribution's norm without a clipping bound to tune (measured on digits-PM tuning seeds:
-    it keeps the directions the projection needs, 0.80 -> 0.86 source accuracy at epsilon 8)."""
+    it keeps the directions the projection needs, 0.80 -> 0.86 source accuracy at epsilon 8).
+    `sketch` first maps the centred record to fewer dimensions."""
     u = np.asarray(x, dtype=np.float64) - centre
+    if sketch is not None:
+        u = u @ sketch
     norms = np.linalg.norm(u, axis=1, keepdims=True)
     out: np.ndarray = np.where(norms > _EPS, u / np.maximum(norms, _EPS), 0.0)
+    return out
+
+
+def public_sketch(dim: int, size: int, seed: int) -> np.ndarray | None:
+    """A data-independent Gaussian random projection (Johnson-Lindenstrauss) to `size`
+    dimensions, None when the data has no more. The moments release has D(D+1)/2 entries, each
+    with its own noise: at D = 784 the noise drowns the principal directions, and a public
+    sketch to 64 dimensions first lifted MNIST-5k (K = 5 class pairs, epsilon 7.2, tuning seeds
+    10-12) from 0.45 to 0.62 source accuracy."""
+    if dim <= size:
+        return None
+    out: np.ndarray = np.random.default_rng([seed, 0x5CE7C4]).normal(size=(dim, size)) / math.sqrt(size)
     return out
 
 
@@ -174,19 +189,21 @@ class FineClusterModel:
     fine cluster j(x). Computed locally from released values only."""
 
     centre: float
+    sketch: np.ndarray | None  # public, see public_sketch
     projection: Projection
     centroids: np.ndarray  # (J, d)
     cluster_given_component: np.ndarray  # (K, J)
 
     def log_likelihood(self, x: np.ndarray) -> np.ndarray:
         """(n, K): log P(j(x) | k)."""
-        j = nearest(self.projection(on_sphere(x, self.centre)), self.centroids)
+        j = nearest(self.projection(on_sphere(x, self.centre, self.sketch)), self.centroids)
         out: np.ndarray = np.log(self.cluster_given_component.T[j] + 1e-6)
         return out
 
     def arrays(self) -> dict[str, np.ndarray]:
         p = self.projection
-        return {
+        sketch = {} if self.sketch is None else {"stats.sketch": self.sketch}
+        return sketch | {
             "stats.centre": np.asarray([self.centre]),
             "stats.mean": p.mean,
             "stats.basis": p.basis,
@@ -199,6 +216,7 @@ class FineClusterModel:
     def from_arrays(cls, a: dict[str, np.ndarray]) -> FineClusterModel:
         return cls(
             float(a["stats.centre"][0]),
+            a.get("stats.sketch"),
             Projection(a["stats.mean"], a["stats.basis"], float(a["stats.scale"][0])),
             a["stats.centroids"],
             a["stats.cluster_given_component"],

@@ -86,13 +86,14 @@ def run_central_dp(loop: Loop) -> tuple[list[MixtureOfVAEs], list[np.ndarray], d
     stats = plan.statistics
     rng, torch_noise = noise_generators(None)
     k = config.model_components
-    spheres = [fc.on_sphere(c.x_train, stats.centre) for c in data.clients]
+    sketch = fc.public_sketch(data.data_dim, stats.sketch_dim, stats.sketch_seed)
+    spheres = [fc.on_sphere(c.x_train, stats.centre, sketch) for c in data.clients]
 
     def release(total: np.ndarray, name: str) -> np.ndarray:
         return gaussian_release(total, stats.noise_multiplier(name), SENSITIVITY[name], rng)
 
     total = release(np.sum([fc.moments_contribution(u) for u in spheres], axis=0), MOMENTS)
-    projection = fc.Projection.from_moments(total, data.data_dim, stats.projection_dim)
+    projection = fc.Projection.from_moments(total, stats.sketch_dim, stats.projection_dim)
     zs = [projection(u) for u in spheres]
     centroids = fc.initial_centroids(stats.clusters, stats.projection_dim, config.seed)
     for i in range(stats.iterations):
@@ -101,7 +102,9 @@ def run_central_dp(loop: Loop) -> tuple[list[MixtureOfVAEs], list[np.ndarray], d
         centroids = fc.update_centroids(total, centroids, floor, config.seed + i + 1)
     counts = np.stack([release(fc.histogram(z, centroids), HISTOGRAM) for z in zs])
     grouping = fc.group_clusters(counts, k, config.seed)
-    identifier = fc.FineClusterModel(stats.centre, projection, centroids, grouping.cluster_given_component)
+    identifier = fc.FineClusterModel(
+        stats.centre, sketch, projection, centroids, grouping.cluster_given_component
+    )
     pis = [np.maximum(p, config.pi_floor) / np.maximum(p, config.pi_floor).sum() for p in grouping.pi]
 
     model = new_model(config, data)

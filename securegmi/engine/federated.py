@@ -62,7 +62,7 @@ class Federation:
         plan = dp_plan(config, data) if config.epsilon is not None else None
         dims = None
         if isinstance(plan, PrivateMixturePlan):
-            dims = statistics_dims(data.data_dim, plan.statistics, len(data.clients))
+            dims = statistics_dims(plan.statistics, len(data.clients))
         spec = builder(
             components=reference.n_components,
             parameters=reference.parameter_count(),
@@ -263,6 +263,9 @@ def _aggregate_in_clear(
     return decrypt(keys, server.sums).reshape(k, p), decrypt(keys, server.masses)
 
 
+SKETCH_DIM = 64  # see core.fine_clusters.public_sketch
+
+
 def dp_plan(config: SimulationConfig, data: FederatedData) -> DpPlan | PrivateMixturePlan:
     """The plan from epsilon, delta and public sizes only (never from the private data:
     Papernot & Steinke, ICLR 2022)."""
@@ -274,11 +277,13 @@ def dp_plan(config: SimulationConfig, data: FederatedData) -> DpPlan | PrivateMi
             PrivacyBudget(config.epsilon, config.delta),
             statistics=StatisticsPlan(
                 clusters=config.fine_clusters,
-                projection_dim=min(config.projection_dim, data.data_dim),
+                projection_dim=min(config.projection_dim, data.data_dim, SKETCH_DIM),
                 iterations=config.kmeans_iterations,
                 # A public centre for the unit-sphere map: mid-range of [0, 1] intensities,
                 # the origin for standardised (Gaussian-likelihood) data.
                 centre=0.5 if data.likelihood == "bernoulli" else 0.0,
+                sketch_dim=min(data.data_dim, SKETCH_DIM),
+                sketch_seed=config.seed,
                 placement=config.placement,
                 min_clients=config.cohort_minimum,
                 moments_noise=0.0,

@@ -32,9 +32,9 @@ SENSITIVITY = {
 }
 
 
-def statistics_dims(data_dim: int, plan: StatisticsPlan, clients: int) -> dict[str, int]:
+def statistics_dims(plan: StatisticsPlan, clients: int) -> dict[str, int]:
     return {
-        "M": fc.moments_size(data_dim),
+        "M": fc.moments_size(plan.sketch_dim),
         "S": plan.clusters * (plan.projection_dim + 1),
         "H": clients * plan.clusters,
     }
@@ -67,7 +67,8 @@ class StatisticsRole:
         seed: int,
         noise_rng: np.random.Generator,
     ) -> None:
-        self.u = fc.on_sphere(x, plan.centre)
+        self.sketch = fc.public_sketch(x.shape[1], plan.sketch_dim, plan.sketch_seed)
+        self.u = fc.on_sphere(x, plan.centre, self.sketch)
         self.plan, self.components, self.slot, self.cohort = plan, components, slot, cohort
         self.seed, self.noise_rng = seed, noise_rng
         self.state = StatisticsState()
@@ -92,7 +93,11 @@ class StatisticsRole:
             counts = total.reshape(self.cohort, plan.clusters)
             state.grouping = fc.group_clusters(counts, self.components, self.seed)
             state.model = fc.FineClusterModel(
-                plan.centre, state.projection, state.centroids, state.grouping.cluster_given_component
+                plan.centre,
+                self.sketch,
+                state.projection,
+                state.centroids,
+                state.grouping.cluster_given_component,
             )
 
     def state_arrays(self) -> dict[str, np.ndarray]:
@@ -123,7 +128,7 @@ class StatisticsRole:
             st.centroids = np.asarray(a["stats.centroids"])
         if "stats.pi" in a:
             st.grouping = fc.Grouping(a["stats.cluster_given_component"], a["stats.pi"], a["stats.sizes"])
-            st.model = identifier_from_state(self.plan, a)
+            st.model = identifier_from_state(self.plan, a, self.sketch)
 
     def contribution(self, round_index: int) -> tuple[str, str, np.ndarray]:
         """(stage, field, noisy value) of this round's release."""
@@ -150,11 +155,13 @@ class StatisticsRole:
         return stage, field, gaussian_release(value, sigma, SENSITIVITY[release], self.noise_rng)
 
 
-def identifier_from_state(plan: StatisticsPlan, a: Mapping[str, np.ndarray]) -> fc.FineClusterModel | None:
+def identifier_from_state(
+    plan: StatisticsPlan, a: Mapping[str, np.ndarray], sketch: np.ndarray | None
+) -> fc.FineClusterModel | None:
     """The source identifier from a client's saved statistics state; None before the phase ends."""
     if "stats.cluster_given_component" not in a:
         return None
     projection = fc.Projection(a["stats.mean"], a["stats.basis"], float(a["stats.scale"][0]))
     return fc.FineClusterModel(
-        plan.centre, projection, np.asarray(a["stats.centroids"]), a["stats.cluster_given_component"]
+        plan.centre, sketch, projection, np.asarray(a["stats.centroids"]), a["stats.cluster_given_component"]
     )

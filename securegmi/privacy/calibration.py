@@ -145,6 +145,8 @@ class StatisticsPlan:
     projection_dim: int
     iterations: int
     centre: float
+    sketch_dim: int  # records are sketched to this many dimensions first (public, seeded)
+    sketch_seed: int
     placement: str  # "split" | "local"
     min_clients: int
     moments_noise: float

@@ -3,25 +3,19 @@ on worst-case neighbours must not exceed the claim, and a broken twin must be ca
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
-from scipy.stats import beta
 
 from securegmi.privacy.accounting import epsilon_rdp
 from securegmi.privacy.events import gaussian_event
 from securegmi.privacy.mechanisms import gaussian_release
+
+from .distinguisher import epsilon_lower_bound
 
 DELTA = 1e-5
 SIGMA = 1.0
 TRIALS = 200_000
 CONFIDENCE = 0.95
 THRESHOLDS = np.linspace(-1.0, 6.0, 71)
-
-
-def _upper(k: int, n: int, alpha: float) -> float:
-    """One-sided Clopper-Pearson upper bound on a binomial proportion."""
-    return 1.0 if k >= n else float(beta.ppf(1 - alpha, k + 1, n - k))
 
 
 def empirical_epsilon_lower_bound(noise_multiplier: float, seed: int) -> float:
@@ -33,15 +27,7 @@ def empirical_epsilon_lower_bound(noise_multiplier: float, seed: int) -> float:
     counts_with = counts_without + np.array([1.0, 0.0, 0.0])
     score_with = gaussian_release(counts_with, noise_multiplier, 1.0, rng)[:, 0] - 12.0
     score_without = gaussian_release(counts_without, noise_multiplier, 1.0, rng)[:, 0] - 12.0
-    alpha = (1 - CONFIDENCE) / (2 * len(THRESHOLDS))
-    best = 0.0
-    for t in THRESHOLDS:
-        fpr = _upper(int(np.sum(score_without > t)), TRIALS, alpha)
-        fnr = _upper(int(np.sum(score_with <= t)), TRIALS, alpha)
-        for a, b in ((fnr, fpr), (fpr, fnr)):
-            if 1 - DELTA - a > 0 and b > 0:
-                best = max(best, math.log((1 - DELTA - a) / b))
-    return best
+    return epsilon_lower_bound(score_with, score_without, THRESHOLDS, DELTA, CONFIDENCE)
 
 
 def test_count_release_meets_its_claim():
