@@ -150,7 +150,7 @@ def _simulate_in_process(
 ) -> RunResult:
     from securegmi.engine.run import RoundMetrics, run_simulation
 
-    method, dataset, rounds = config.method, config.dataset, config.rounds
+    method, dataset, rounds = config.method, config.dataset, config.planned_rounds
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -163,10 +163,12 @@ def _simulate_in_process(
         task = bar.add_task(f"{method} on {dataset}", total=rounds, status="")
 
         def on_round(m: RoundMetrics) -> None:
+            # Under the statistics design the first rows come after its statistics rounds.
+            tempered = "" if config.statistics_design else f"T={m.temperature:5.2f} "
             bar.update(
                 task,
-                advance=1,
-                status=(f"T={m.temperature:5.2f} acc={m.source_accuracy:.3f} pi-TV={m.pi_tv_error:.3f}"),
+                completed=m.round + 1,
+                status=f"{tempered}acc={m.source_accuracy:.3f} pi-TV={m.pi_tv_error:.3f}",
             )
 
         def on_plan(plan: dict[str, Any]) -> None:
