@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -336,6 +337,67 @@ def keys_new(
     console.print(f"secret context (clients only, mode 0600): {secret_path}")
     console.print(f"public context (the server):             {public_path}")
     console.print(f"key id: {keys.key_id}")
+
+
+@app.command()
+def infer(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
+    data: Annotated[
+        Path, typer.Option(help="records as rows: .npy, or .csv of numbers (a header row is skipped)")
+    ],
+    json_output: Annotated[bool, typer.Option("--json", help="print pi and counts as JSON")] = False,
+    out: Annotated[
+        Path | None, typer.Option(help="write per-record assignments and responsibilities (CSV)")
+    ] = None,
+) -> None:
+    """Estimate the mixture proportions of a site's records and assign each to a component."""
+    from securegmi.engine.trained import load
+
+    try:
+        model = load(run_dir)
+        x = _read_records(data)
+        pi = model.estimate_pi(x)
+        r = model.responsibilities(x, pi)
+    except SecureGMIError as exc:
+        raise _fail(exc) from None
+    assigned = r.argmax(1)
+    counts = np.bincount(assigned, minlength=model.n_components)
+    summary = {"records": len(x), "pi": pi.round(6).tolist(), "assigned_counts": counts.tolist()}
+    if out is not None:
+        header = "record,component," + ",".join(f"r{k}" for k in range(model.n_components))
+        rows = np.column_stack([np.arange(len(x)), assigned, r])
+        np.savetxt(
+            out, rows, delimiter=",", header=header, comments="", fmt=["%d", "%d", *["%.6f"] * r.shape[1]]
+        )
+        summary["out"] = str(out)
+    if json_output:
+        console.print_json(json.dumps(summary))
+        return
+    table = Table(title=f"{len(x)} records from {data.name} (components of {run_dir})")
+    for col in ("component", "estimated pi", "records assigned"):
+        table.add_column(col, justify="right")
+    for k in range(model.n_components):
+        table.add_row(str(k), f"{pi[k]:.3f}", str(counts[k]))
+    console.print(table)
+
+
+def _read_records(path: Path) -> np.ndarray:
+    from securegmi.errors import DataError
+
+    if not path.exists():
+        raise DataError(f"{path} does not exist")
+    try:
+        if path.suffix == ".npy":
+            records: np.ndarray = np.load(path, allow_pickle=False)  # never unpickle a data file
+            return records
+        if path.suffix == ".csv":
+            try:
+                return np.loadtxt(path, delimiter=",", ndmin=2)
+            except ValueError:
+                return np.loadtxt(path, delimiter=",", ndmin=2, skiprows=1)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read records from {path}: {exc}") from exc
+    raise DataError(f"{path}: records must be a .npy or .csv file")
 
 
 @app.command()

@@ -5,6 +5,7 @@ from securegmi.core.mixture import MixtureOfVAEs
 from securegmi.core.vae import VAE
 from securegmi.engine.participant import Client
 from securegmi.engine.run import RunResult, run_simulation
+from securegmi.engine.trained import TrainedMixture, load
 from securegmi.errors import (
     BudgetExceededError,
     ConfigError,
@@ -37,5 +38,7 @@ __all__ = [
     "RunResult",
     "SecureGMIError",
     "SimulationConfig",
+    "TrainedMixture",
+    "load",
     "run_simulation",
 ]
