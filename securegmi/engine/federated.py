@@ -26,7 +26,7 @@ from securegmi.engine.seeding import derive_seed
 from securegmi.engine.server import AggregationServer
 from securegmi.engine.statistics import statistics_dims
 from securegmi.engine.transport import InProcessTransport, ServerEndpoint, Transport
-from securegmi.errors import RunAbortedError
+from securegmi.errors import ConfigError, RunAbortedError
 from securegmi.privacy.calibration import (
     DpPlan,
     PrivateMixturePlan,
@@ -270,6 +270,15 @@ def dp_plan(config: SimulationConfig, data: FederatedData) -> DpPlan | PrivateMi
     """The plan from epsilon, delta and public sizes only (never from the private data:
     Papernot & Steinke, ICLR 2022)."""
     assert config.epsilon is not None
+    largest = max(len(c.x_train) for c in data.clients)
+    if config.delta >= 0.1 / largest:
+        # delta bounds the probability of an outright failure of the guarantee: at delta near
+        # 1/n a mechanism may publish one of a client's n records (Dwork & Roth 2014, §2.3).
+        raise ConfigError(
+            f"delta {config.delta:g} is not well below 1/n for the largest client (n = {largest}): "
+            f"it would allow releasing a record outright. Use --delta below {0.1 / largest:.2g}, "
+            "e.g. 1e-5."
+        )
     q = config.sample_rate
     steps_per_epoch = DpSgdConfig(0.0, config.clip_norm, q, config.dp_batch_normaliser).steps_per_epoch
     if config.private_training == "statistics":

@@ -57,13 +57,34 @@ class DpPlan:
         return asdict(self)
 
 
-def _noise_for(events_of: Any, epsilon: float, delta: float) -> float:
+# Noise multipliers the planner searches between: below 0.05 a Gaussian release is close to
+# publishing the value, above 2^20 it carries nothing.
+_SIGMA_RANGE = (0.05, 2.0**20)
+
+
+def _noise_for(events_of: Any, epsilon: float, delta: float, share: float = 1.0) -> float:
+    """The noise multiplier at which `events_of(sigma)` spends `epsilon`; `share` is the part of
+    the user's budget that `epsilon` is, so that an error names the user's figure."""
+    low, high = _SIGMA_RANGE
+    spent_at = {s: epsilon_rdp([events_of(s)], delta) / share for s in (low, high)}
+    asked = epsilon / share
+    if spent_at[high] > asked:
+        raise ConfigError(
+            f"epsilon {asked:g} is too small to plan: even noise multipliers of {high:g} spend "
+            f"{spent_at[high]:.3g}. Raise --epsilon (useful runs need about 1 or more)."
+        )
+    if spent_at[low] <= asked:
+        raise ConfigError(
+            f"epsilon {asked:g} is too large to mean anything: the least noise the planner uses "
+            f"(multiplier {low:g}) already spends only {spent_at[low]:.3g}. Use --epsilon "
+            f"{spent_at[low]:.3g} or less (a few to 10 is usual)."
+        )
     sigma = mechanism_calibration.calibrate_dp_mechanism(
         rdp_accountant,
         events_of,
         epsilon,
         delta,
-        mechanism_calibration.LowerEndpointAndGuess(0.05, 1.0),
+        mechanism_calibration.ExplicitBracketInterval(low, high),
         tol=1e-4,
     )
     # Brent's method stops within tol of the boundary, on either side: step to the safe side.
@@ -90,6 +111,7 @@ def calibrate(
         lambda s: dp_accounting.SelfComposedDpEvent(gaussian_event(s), rounds),
         budget.epsilon * count_share,
         budget.delta,
+        count_share,
     )
     sgd_sigma = _noise_for(
         lambda s: dp_accounting.ComposedDpEvent(
@@ -250,7 +272,9 @@ def calibrate_private_mixture(
         raise ConfigError("a private plan needs at least one DP-SGD round of at least one step")
     if not 0 < statistics_share < 1:
         raise ConfigError(f"statistics_share must be in (0, 1), got {statistics_share}")
-    sigma_total = _noise_for(gaussian_event, budget.epsilon * statistics_share, budget.delta)
+    sigma_total = _noise_for(
+        gaussian_event, budget.epsilon * statistics_share, budget.delta, statistics_share
+    )
     m, c, h = statistics_noise(sigma_total, statistics.iterations, shares)
     stats = replace(statistics, moments_noise=m, cluster_noise=c, histogram_noise=h)
     stat_events = [stats.entry(r).event for r in range(stats.rounds)]

@@ -161,3 +161,19 @@ def test_the_grouping_recovers_a_planted_block_structure():
     order = np.argsort(g.cluster_given_component[:, 0])[::-1]  # component holding cluster 0 first
     assert np.allclose(g.cluster_given_component[order], p, atol=0.05)
     assert np.abs(g.pi[:, order] - pi).max() < 0.15
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"epsilon": 1e-9}, "too small to plan"),
+        ({"epsilon": 1e6}, "too large to mean anything"),
+        ({"delta": 0.5}, "not well below 1/n"),
+        ({"epsilon": 1e-9, "private_training": "em", "noise_placement": "local"}, "too small to plan"),
+    ],
+)
+def test_an_absurd_budget_is_one_clear_error(change, reason):
+    """Never a traceback from the accountant: the planner says why and what range works."""
+    config = SimulationConfig(**{**SMALL.to_dict(), **change})
+    with pytest.raises(ConfigError, match=reason):
+        dp_plan(config, load_federated_data(config))
