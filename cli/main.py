@@ -305,7 +305,8 @@ def _privacy_line(privacy: dict[str, Any] | None) -> str:
 def report(
     run_dir: Annotated[Path, typer.Argument(help="a run directory written by `securegmi simulate`")],
 ) -> None:
-    """Write PNG plots of a run: true vs estimated pi per client; accuracy and pi error per round."""
+    """Write PNG plots of a run: true vs estimated pi per client, accuracy and pi error per round,
+    samples of each component (image data) and, for a private run, epsilon spent per round."""
     from securegmi.cli.plots import write_plots
 
     try:

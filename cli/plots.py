@@ -54,4 +54,84 @@ def write_plots(run_dir: Path) -> list[Path]:
         fig.savefig(path, dpi=120)
         plt.close(fig)
         written.append(path)
+    written += [p for p in (write_samples(run_dir), write_privacy(run_dir)) if p is not None]
     return written
+
+
+def write_samples(run_dir: Path, per_component: int = 8) -> Path | None:
+    """samples.png: decoded samples of each component, one row per component (image data)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from securegmi.engine.trained import load
+
+    if not (Path(run_dir) / "model.safetensors").exists():
+        return None
+    model = load(run_dir)
+    side = round(model.data_dim**0.5)
+    if side * side != model.data_dim:
+        return None  # not square images: nothing to show as a picture
+    k = model.n_components
+    images = model.sample(per_component).reshape(k, per_component, side, side)
+    fig, axes = plt.subplots(k, per_component, figsize=(per_component * 0.9, k * 0.95))
+    for i in range(k):
+        for j in range(per_component):
+            ax = np.atleast_2d(axes)[i, j]
+            ax.imshow(images[i, j], cmap="gray_r", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        np.atleast_2d(axes)[i, 0].set_ylabel(f"k={i}", fontsize=8)
+    fig.suptitle("samples of each component (decoded means)", fontsize=9)
+    fig.tight_layout()
+    path = Path(run_dir) / "samples.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_privacy(run_dir: Path) -> Path | None:
+    """privacy.png: epsilon spent per client after each round against the budget (and, under
+    split noise, the fallback figure against the server colluding with one client)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from securegmi.privacy.ledger import PrivacyLedger
+
+    paths = sorted((Path(run_dir) / "ledgers").glob("*.json"))
+    if not paths:
+        return None
+    ledgers = [PrivacyLedger.load(p) for p in paths]
+    curves: dict[tuple[str, ...], tuple[list[int], list[float], list[float], int]] = {}
+    for ledger in ledgers:  # clients with the same releases share one curve
+        key = tuple(f"{e.round}:{e.event_json}:{e.fallback_json}" for e in ledger.entries)
+        if key in curves:
+            rounds, spent, fallback, n = curves[key]
+            curves[key] = (rounds, spent, fallback, n + 1)
+            continue
+        rounds = sorted({e.round for e in ledger.entries})
+        prefixes = [
+            PrivacyLedger(ledger.client_id, ledger.budget, tuple(e for e in ledger.entries if e.round <= r))
+            for r in rounds
+        ]
+        curves[key] = (rounds, [p.spent for p in prefixes], [p.spent_fallback for p in prefixes], 1)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for rounds, spent, fallback, n in curves.values():
+        ax.plot(rounds, spent, marker="o", label=f"epsilon ({n} client{'s' if n > 1 else ''})")
+        if fallback != spent:
+            ax.plot(rounds, fallback, linestyle=":", label="server + 1 client (split noise)")
+    ax.axhline(ledgers[0].budget.epsilon, color="red", linestyle="--", label="budget")
+    ax.set_xlabel("round")
+    ax.set_ylabel("epsilon spent (RDP)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"privacy spent per client, delta {ledgers[0].budget.delta:g}")
+    fig.tight_layout()
+    path = Path(run_dir) / "privacy.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
