@@ -84,3 +84,13 @@ def _copy(src, dst):  # type: ignore[no-untyped-def]
     import shutil
 
     shutil.copytree(src, dst)
+
+
+@pytest.mark.slow
+def test_report_of_a_private_run_draws_privacy_per_round(dp_run):
+    out, _ = dp_run
+    result = runner.invoke(app, ["report", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "privacy.png").stat().st_size > 1000
+    # synthetic records are not square images: no sample grid, and no error for it
+    assert not (out / "samples.png").exists()

@@ -81,3 +81,14 @@ def test_an_interrupted_run_says_where_its_rounds_are(tmp_path, monkeypatch):
     result = runner.invoke(app, ["simulate", *SMALL, "--out", str(tmp_path / "r")])
     assert result.exit_code == 130
     assert "interrupted" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_report_draws_samples_of_each_component_for_image_data(tmp_path):
+    out = tmp_path / "digits"
+    args = ["simulate", "--dataset", "digits", "--clients", "3", "--rounds", "1", "--local-epochs", "1"]
+    assert runner.invoke(app, [*args, "--out", str(out)]).exit_code == 0
+    result = runner.invoke(app, ["report", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "privacy.png").exists()  # no ledgers: nothing was spent
