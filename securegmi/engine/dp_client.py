@@ -43,9 +43,15 @@ class ClientPrivacy:
 
 
 class DpFedGMIClient(FedGMIClient):
-    """Releases its soft counts with the Gaussian mechanism and trains with DP-SGD.
+    """A client whose every release is DP and on its ledger, under one of two designs.
 
-    What it computes from its data, in order, and why each step is covered:
+    The statistics design (a `PrivateMixturePlan`, the default): the statistics phase is played
+    by its `StatisticsRole` (engine.statistics); then each VAE round trains with DP-SGD on
+    r(x) = softmax(log pi~ + log P(j(x) | k)), every term a released value or the record itself,
+    and uploads w = n~ pi~ (post-processing of the histogram release) and w * theta.
+
+    The em design (a `DpPlan`): soft counts every round. What it computes from its data, in
+    order, and why each step is covered:
       1. ELBOs and r = softmax(log pi~ + ELBO / T) with pi~ from its LAST RELEASE, never from a
          private fixed point: r(x) must depend on x alone (and public or released values), or
          one record would move every other record's loss and DP-SGD's analysis would not hold.
