@@ -18,11 +18,8 @@ from securegmi.privacy.calibration import CLUSTERS, HISTOGRAM, MOMENTS, Statisti
 from securegmi.privacy.mechanisms import gaussian_release
 
 START = "start"
-UPLINK = {
-    MOMENTS: ("moments", "moments"),
-    CLUSTERS: ("cluster_stats", "cluster_stats"),
-    HISTOGRAM: ("histogram", "histogram"),
-}
+# Each uplink stage carries one field of the same name (the servers add that field).
+UPLINK = {MOMENTS: "moments", CLUSTERS: "cluster_stats", HISTOGRAM: "histogram"}
 DOWNLINK = {MOMENTS: "moment_totals", CLUSTERS: "cluster_totals", HISTOGRAM: "histograms"}
 AGGREGATE_FIELD = "aggregate"
 SENSITIVITY = {
@@ -135,7 +132,7 @@ class StatisticsRole:
         plan, state = self.plan, self.state
         release = plan.release_at(round_index)
         sigma = plan.noise_multiplier(release) * plan.share_scale(release)
-        stage, field = UPLINK[release]
+        stage = field = UPLINK[release]
         if release == MOMENTS:
             value = fc.moments_contribution(self.u)
         else:
