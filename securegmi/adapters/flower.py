@@ -232,7 +232,8 @@ class ServerSetup:
     clients: int
     rounds: int
     temperature: Callable[[int], float]
-    connect_timeout: float = 120.0
+    # ClientApps import torch, Opacus and TenSEAL before they answer: minutes on a loaded 2-core host.
+    connect_timeout: float = 300.0
     round_timeout: float | None = None
 
 
