@@ -8,11 +8,32 @@ is the whole matrix. Each uplink field is one Gaussian release on the client's l
 
 from __future__ import annotations
 
-from securegmi.protocol import FieldKind, FieldSpec, StageSpec
+from collections.abc import Mapping
+
+from securegmi.protocol import FieldKind, FieldSpec, ProtocolSpec, StageSpec
 
 # Symbolic sizes: M moments (1 + D + D(D+1)/2), S cluster statistics (J x (d+1)), H the
 # clients x clusters histogram matrix.
 STATISTICS_DIMS = ("M", "S", "H")
+
+
+def with_statistics(
+    spec: ProtocolSpec, kind: FieldKind, what: str, statistics: Mapping[str, int] | None
+) -> ProtocolSpec:
+    """`spec` preceded by the statistics phase (sizes M, S, H), with a public `start` stage if
+    `spec` has none; `spec` itself when `statistics` is None."""
+    if statistics is None:
+        return spec
+    start = StageSpec(
+        "start", "server", (FieldSpec("temperature", FieldKind.PUBLIC, (), "float64", "public constant"),)
+    )
+    has_start = any(s.name == "start" for s in spec.stages)
+    return ProtocolSpec(
+        spec.name,
+        spec.description + " Preceded by the DP statistics phase.",
+        (*(() if has_start else (start,)), *statistics_stages(kind, what), *spec.stages),
+        spec.dims,
+    ).bind(**{d: int(statistics[d]) for d in STATISTICS_DIMS})
 
 
 def statistics_stages(kind: FieldKind, what: str) -> tuple[StageSpec, ...]:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 from securegmi.protocol import FieldKind, FieldSpec, ProtocolSpec, StageSpec
 
-from ._statistics import STATISTICS_DIMS, statistics_stages
+from ._statistics import with_statistics
 
 NAME = "dp"
 
@@ -89,14 +89,4 @@ def build(
             ),
         ),
     ).bind(K=components, P=parameters, B=b)
-    if statistics is None:
-        return spec
-    start = StageSpec(
-        "start", "server", (FieldSpec("temperature", FieldKind.PUBLIC, (), "float64", "public constant"),)
-    )
-    return ProtocolSpec(
-        spec.name,
-        spec.description + " Preceded by the DP statistics phase.",
-        (start, *statistics_stages(dp, ""), *spec.stages),
-        spec.dims,
-    ).bind(**{d: int(statistics[d]) for d in STATISTICS_DIMS})
+    return with_statistics(spec, dp, "", statistics)

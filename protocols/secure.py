@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 from securegmi.protocol import FieldKind, FieldSpec, ProtocolSpec, StageSpec
 
-from ._statistics import STATISTICS_DIMS, statistics_stages
+from ._statistics import with_statistics
 
 NAME = "secure"
 
@@ -66,11 +66,4 @@ def build(
             ),
         ),
     ).bind(K=components, P=parameters, B=components)
-    if statistics is None:
-        return spec
-    return ProtocolSpec(
-        spec.name,
-        spec.description + " Preceded by the DP statistics phase.",
-        (*spec.stages, *statistics_stages(ct, "Enc: ")),
-        spec.dims,
-    ).bind(**{d: int(statistics[d]) for d in STATISTICS_DIMS})
+    return with_statistics(spec, ct, "Enc: ", statistics)
