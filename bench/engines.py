@@ -18,14 +18,14 @@ from pathlib import Path
 
 import torch
 
-from securegmi.adapters.flower import run_flower_simulation
+from securegmi.adapters.flower_study import run_flower_simulation
 from securegmi.adapters.loopback import LoopbackDeployment
 from securegmi.config import SimulationConfig
 from securegmi.crypto.keys import PUBLIC_FILE, SecretContext
-from securegmi.engine.federated import Federation
-from securegmi.engine.run import run_simulation
-from securegmi.engine.rundir import ENGINE
 from securegmi.protocols import builder
+from securegmi.records.rundir import ENGINE
+from securegmi.simulation.runner import run_simulation
+from securegmi.simulation.study import Federation
 
 ROOT = Path(__file__).resolve().parents[1]
 

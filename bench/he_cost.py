@@ -78,10 +78,10 @@ def encryption_share(rounds: int) -> dict[str, float]:
     """Wrap the secure client's encrypt and decrypt to time them inside a real run."""
     import torch
 
-    import securegmi.engine.secure_client as sc
+    import securegmi.federation.codec as sc
     from securegmi.config import SimulationConfig
-    from securegmi.engine.run import run_simulation
     from securegmi.protocols import secure
+    from securegmi.simulation.runner import run_simulation
 
     torch.set_num_threads(1)
     spent = {"encrypt": 0.0, "decrypt": 0.0}

@@ -38,8 +38,8 @@ def run_one(
     import torch
 
     from securegmi.config import SimulationConfig
-    from securegmi.engine.run import run_simulation
     from securegmi.protocols import builder
+    from securegmi.simulation.runner import run_simulation
 
     torch.set_num_threads(1)  # one process per core is faster than threads for these models
     privacy: dict[str, Any] = {}

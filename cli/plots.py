@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from securegmi.engine.rundir import read_run
+from securegmi.records.rundir import read_run
 
 
 def write_plots(run_dir: Path) -> list[Path]:
@@ -33,11 +34,7 @@ def write_plots(run_dir: Path) -> list[Path]:
     np.atleast_1d(axes)[-1].set_xlabel("client")
     np.atleast_1d(axes)[-1].set_xticks(clients)
     fig.suptitle(f"{results['method']}: mixture proportions (mean TV error {results['pi_tv_error']:.3f})")
-    fig.tight_layout()
-    path = Path(run_dir) / "pi.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    written.append(_save(fig, run_dir, "pi.png"))
 
     if metrics:
         r = [m["round"] for m in metrics]
@@ -49,11 +46,7 @@ def write_plots(run_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend()
         ax.set_title(f"{results['method']} on {results['dataset']}, seed {results['seed']}")
-        fig.tight_layout()
-        path = Path(run_dir) / "rounds.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, run_dir, "rounds.png"))
     written += [p for p in (write_samples(run_dir), write_privacy(run_dir)) if p is not None]
     return written
 
@@ -65,7 +58,7 @@ def write_samples(run_dir: Path, per_component: int = 8) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from securegmi.engine.trained import load
+    from securegmi.records.trained import load
 
     if not (Path(run_dir) / "model.safetensors").exists():
         return None
@@ -84,11 +77,7 @@ def write_samples(run_dir: Path, per_component: int = 8) -> Path | None:
             ax.set_yticks([])
         np.atleast_2d(axes)[i, 0].set_ylabel(f"k={i}", fontsize=8)
     fig.suptitle("samples of each component (decoded means)", fontsize=9)
-    fig.tight_layout()
-    path = Path(run_dir) / "samples.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, run_dir, "samples.png")
 
 
 def write_privacy(run_dir: Path) -> Path | None:
@@ -130,8 +119,14 @@ def write_privacy(run_dir: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(f"privacy spent per client, delta {ledgers[0].budget.delta:g}")
+    return _save(fig, run_dir, "privacy.png")
+
+
+def _save(fig: Any, run_dir: Path, name: str) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    path = Path(run_dir) / "privacy.png"
+    path = Path(run_dir) / name
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

@@ -21,16 +21,18 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from securegmi import VAE, Client, MixtureOfVAEs
-from securegmi.crypto.keys import SecretContext
-from securegmi.crypto.params import CkksParameters
-from securegmi.engine.dp_client import ClientPrivacy
-from securegmi.engine.secure_server import SecureAggregationServer
-from securegmi.engine.transport import ServerEndpoint
-from securegmi.privacy.calibration import calibrate
-from securegmi.privacy.ledger import PrivacyBudget
-from securegmi.protocol import TranscriptWriter
-from securegmi.protocols import builder
+import securegmi
+from securegmi import (
+    VAE,
+    CkksParameters,
+    Client,
+    ClientPrivacy,
+    MixtureOfVAEs,
+    PrivacyBudget,
+    SecretContext,
+    Server,
+    calibrate,
+)
 
 LATENT = 4
 
@@ -62,10 +64,8 @@ def main(rounds: int, out: Path) -> dict[str, object]:
     torch.set_num_threads(1)
     out.mkdir(parents=True, exist_ok=True)
     seed, components, epsilon = 0, 3, 8.0
-    spec = builder("secure")(
-        components=components,
-        parameters=MixtureOfVAEs.from_factory(my_component, components, seed).parameter_count(),
-    )
+    reference = MixtureOfVAEs.from_factory(my_component, components, seed)
+    spec = securegmi.protocol("secure", reference)  # bound to your components' sizes
 
     # The study's public agreements: the DP plan and the key ceremony (one secret key shared
     # by the sites; the server gets public.ckks only).
@@ -90,19 +90,18 @@ def main(rounds: int, out: Path) -> dict[str, object]:
         )
         for name, loader in my_loaders(seed).items()
     }
-    reference = MixtureOfVAEs.from_factory(my_component, components, seed)
-    server = SecureAggregationServer(keys.public(), spec, components, reference.parameter_count())
-    endpoint = ServerEndpoint(spec, TranscriptWriter(out / "server.transcript.jsonl"))
+    # The server holds the public context only; its endpoint checks and records every message.
+    server = Server(spec, keys.public(), transcript_path=out / "server.transcript.jsonl")
 
     for t in range(rounds):  # YOURS: the loop and the wire
         broadcast = server.broadcast(t, temperature=max(1.0, 10.0 * (1 - t / max(1, rounds - 1))))
         replies = {}
         for name, client in clients.items():
-            reply_bytes = client.receive(endpoint.send(name, broadcast))
-            replies[name] = endpoint.accept(name, reply_bytes)
+            reply_bytes = client.receive(server.endpoint.send(name, broadcast))
+            replies[name] = server.endpoint.accept(name, reply_bytes)
         rejected = server.aggregate(replies)
         assert not rejected, rejected
-    endpoint.transcript.close()  # type: ignore[union-attr]
+    server.close()
 
     summary = {
         name: {

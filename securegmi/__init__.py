@@ -1,11 +1,17 @@
-"""securegmi: privacy-enhanced federated learning for probabilistic mixtures (FedGMI)."""
+"""securegmi: privacy-enhanced federated learning for probabilistic mixtures (FedGMI).
 
+Everything a user imports is here: the configuration of a simulated study and `simulate`;
+the one `Client` (your components, your records, a release policy chosen by its `privacy=`,
+a codec chosen by the protocol) and the one `Server`; the protocols by name; the CKKS key
+ceremony; `audit` and `load` for a finished run; and the exception tree.
+"""
+
+from securegmi._front import PROTOCOLS, audit, protocol, simulate
 from securegmi.config import SimulationConfig
 from securegmi.core.mixture import MixtureOfVAEs
 from securegmi.core.vae import VAE
-from securegmi.engine.participant import Client
-from securegmi.engine.run import RunResult, run_simulation
-from securegmi.engine.trained import TrainedMixture, load
+from securegmi.crypto.keys import PublicContext, SecretContext
+from securegmi.crypto.params import CkksParameters
 from securegmi.errors import (
     BudgetExceededError,
     ConfigError,
@@ -17,28 +23,47 @@ from securegmi.errors import (
     RunDirectoryError,
     SecureGMIError,
 )
+from securegmi.federation.client import Client
+from securegmi.federation.dp_release import ClientPrivacy
+from securegmi.federation.local import ClientSettings
+from securegmi.federation.server import Server
+from securegmi.privacy.calibration import calibrate
+from securegmi.privacy.ledger import PrivacyBudget
 from securegmi.protocol import Message, ProtocolSpec
+from securegmi.records.trained import TrainedMixture, load
+from securegmi.simulation.runner import RunResult
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PROTOCOLS",
     "VAE",
     "BudgetExceededError",
+    "CkksParameters",
     "Client",
+    "ClientPrivacy",
+    "ClientSettings",
     "ConfigError",
     "CryptoError",
     "DataError",
     "Message",
     "MixtureOfVAEs",
+    "PrivacyBudget",
     "PrivacyError",
     "ProtocolSpec",
     "ProtocolViolation",
+    "PublicContext",
     "RunAbortedError",
     "RunDirectoryError",
     "RunResult",
+    "SecretContext",
     "SecureGMIError",
+    "Server",
     "SimulationConfig",
     "TrainedMixture",
+    "audit",
+    "calibrate",
     "load",
-    "run_simulation",
+    "protocol",
+    "simulate",
 ]

@@ -2,6 +2,8 @@
 
 Every error a user can cause derives from :class:`SecureGMIError`, so callers (the CLI above all)
 can report it as a message instead of a traceback. Messages say what is wrong and what to do.
+Anything else that escapes securegmi is a bug (the CLI says so, with exit code 70). The README's
+"Errors" section lists the classes; keep the two in step.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ class SecureGMIError(Exception):
 
 
 class ConfigError(SecureGMIError, ValueError):
-    """A configuration value is invalid; the message names the field and the accepted range."""
+    """A configuration value, a protocol declaration or a component's shape is invalid; the
+    message names the field and the accepted range."""
 
 
 class DataError(SecureGMIError, ValueError):
-    """A dataset cannot be loaded or split as requested."""
+    """Records cannot be read or used: a dataset that cannot be loaded or split, records that are
+    empty, non-finite, of the wrong feature count or outside the decoder's range."""
 
 
 class ProtocolViolation(SecureGMIError):

@@ -14,50 +14,20 @@ ROOT = Path(__file__).resolve().parents[1]
 LIB = ROOT / "securegmi"
 
 # For each library package, the securegmi packages and third-party libraries it must not import.
+UPPER = ("securegmi.federation", "securegmi.records", "securegmi.simulation", "securegmi.adapters")
 FORBIDDEN = {
-    "core": {
-        "securegmi.data",
-        "securegmi.protocol",
-        "securegmi.engine",
-        "securegmi.privacy",
-        "securegmi.crypto",
-        "securegmi.adapters",
-        "opacus",
-        "tenseal",
-        "flwr",
-        "typer",
-    },
-    "data": {
-        "securegmi.protocol",
-        "securegmi.engine",
-        "securegmi.privacy",
-        "securegmi.crypto",
-        "opacus",
-        "tenseal",
-        "flwr",
-        "typer",
-    },
-    "protocol": {"securegmi.engine", "securegmi.adapters", "torch", "typer"},
-    "crypto": {
-        "securegmi.privacy",
-        "securegmi.protocol",
-        "securegmi.engine",
-        "securegmi.adapters",
-        "torch",
-        "opacus",
-        "flwr",
-        "typer",
-    },
-    "privacy": {
-        "securegmi.crypto",
-        "securegmi.protocol",
-        "securegmi.engine",
-        "securegmi.adapters",
-        "tenseal",
-        "flwr",
-        "typer",
-    },
-    "engine": {"securegmi.adapters", "flwr", "typer"},
+    "core": {"securegmi.data", "securegmi.protocol", "securegmi.privacy", "securegmi.crypto", *UPPER}
+    | {"opacus", "tenseal", "flwr", "typer"},
+    "data": {"securegmi.protocol", "securegmi.privacy", "securegmi.crypto", *UPPER}
+    | {"opacus", "tenseal", "flwr", "typer"},
+    "protocol": {*UPPER, "torch", "typer"},
+    "crypto": {"securegmi.privacy", "securegmi.protocol", *UPPER, "torch", "opacus", "flwr", "typer"},
+    "privacy": {"securegmi.crypto", "securegmi.protocol", *UPPER, "tenseal", "flwr", "typer"},
+    # What a deployment runs knows nothing of the harness, of run directories, or of Flower.
+    "federation": {"securegmi.data", "securegmi.records", "securegmi.simulation", "securegmi.adapters"}
+    | {"securegmi.config", "flwr", "typer"},
+    "records": {"securegmi.federation", "securegmi.simulation", "securegmi.adapters", "flwr", "typer"},
+    "simulation": {"securegmi.adapters", "flwr", "typer"},
 }
 
 
@@ -68,6 +38,8 @@ def _imports(path: Path) -> set[str]:
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
+            # `from securegmi import protocols` imports securegmi.protocols.
+            names.update(f"{node.module}.{a.name}" for a in node.names)
     return names
 
 
@@ -85,9 +57,15 @@ def test_imports_point_downward(package):
     assert _violations(package) == []
 
 
+# The front door (`import securegmi`) composes the protocols by name, as the CLI does.
+FRONT_DOOR = LIB / "_front.py"
+
+
 def test_library_never_imports_protocols_or_cli():
     for path in LIB.rglob("*.py"):
         for name in _imports(path):
+            if path == FRONT_DOOR and name == "securegmi.protocols":
+                continue
             assert not name.startswith(("securegmi.protocols", "securegmi.cli", "protocols", "cli")), path
 
 
@@ -95,11 +73,14 @@ def test_layering_check_catches_an_upward_import(tmp_path, monkeypatch):
     # Negative control: a core module importing the engine is reported.
     fake = tmp_path / "securegmi" / "core"
     fake.mkdir(parents=True)
-    (fake / "bad.py").write_text("from securegmi.engine.run import run_simulation\n")
+    (fake / "bad.py").write_text("from securegmi.simulation.runner import run_simulation\n")
     this = sys.modules[__name__]
     monkeypatch.setattr(this, "LIB", tmp_path / "securegmi")
     monkeypatch.setattr(this, "ROOT", tmp_path)
-    assert _violations("core") == ["securegmi/core/bad.py imports securegmi.engine.run"]
+    assert sorted(_violations("core")) == [
+        "securegmi/core/bad.py imports securegmi.simulation.runner",
+        "securegmi/core/bad.py imports securegmi.simulation.runner.run_simulation",
+    ]
 
 
 def test_protocols_and_cli_install_inside_the_securegmi_namespace():
@@ -124,9 +105,9 @@ def test_only_the_flower_adapter_imports_flwr():
 
 def test_flwr_import_check_catches_a_second_importer(tmp_path, monkeypatch):
     # Negative control: an engine module that imports flwr is reported beside the adapter.
-    for folder in ("securegmi/adapters", "securegmi/engine", "cli", "protocols"):
+    for folder in ("securegmi/adapters", "securegmi/federation", "cli", "protocols"):
         (tmp_path / folder).mkdir(parents=True)
     (tmp_path / "securegmi/adapters/flower.py").write_text("import flwr\n")
-    (tmp_path / "securegmi/engine/bad.py").write_text("from flwr.app import Message\n")
+    (tmp_path / "securegmi/federation/bad.py").write_text("from flwr.app import Message\n")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
-    assert _flwr_importers() == ["securegmi/adapters/flower.py", "securegmi/engine/bad.py"]
+    assert _flwr_importers() == ["securegmi/adapters/flower.py", "securegmi/federation/bad.py"]

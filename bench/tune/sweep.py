@@ -18,8 +18,8 @@ def run(name: str, overrides: dict[str, Any], seed: int) -> tuple[str, int, floa
 
     torch.set_num_threads(1)
     from securegmi.config import SimulationConfig
-    from securegmi.engine.run import run_simulation
     from securegmi.protocols import plain
+    from securegmi.simulation.runner import run_simulation
 
     r = run_simulation(SimulationConfig(seed=seed, **overrides), protocol=plain.build)
     return name, seed, r.evaluation.source_accuracy, r.evaluation.pi_tv_error

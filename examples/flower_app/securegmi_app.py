@@ -2,7 +2,7 @@
 study, the server's run directory and public key) and each SuperNode's node config
 (`partition-id`, `state-dir`, and `key-dir` under the secure protocol)."""
 
-from securegmi.adapters.flower import configured_client_app, configured_server_app
+from securegmi.adapters.flower_study import configured_client_app, configured_server_app
 from securegmi.protocols import builder
 
 serverapp = configured_server_app(builder)

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from securegmi.errors import ConfigError
+
 
 def temperature_at(round_index: int, rounds: int, initial: float, anneal_fraction: float) -> float:
     """Likelihood temperature for a round: geometric from `initial` down to 1, then 1.
@@ -28,7 +30,7 @@ def responsibilities(elbo: Tensor, log_prior: Tensor, temperature: float = 1.0) 
     `elbo` is (batch, K); `log_prior` is (K,) for one client or (batch, K) for pooled clients.
     """
     if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+        raise ConfigError(f"temperature must be positive, got {temperature}")
     return torch.softmax(log_prior + elbo / temperature, dim=-1)
 
 

@@ -19,6 +19,10 @@ from securegmi.errors import ConfigError
 ComponentFactory = Callable[[], VAE]
 
 
+# Importance samples of the held-out log-likelihood bound every report quotes (NLL).
+IWAE_SAMPLES = 64
+
+
 class MixtureOfVAEs(nn.Module):
     """K independent VAE components with a shared architecture."""
 
@@ -123,7 +127,7 @@ class MixtureOfVAEs(nn.Module):
 
     def set_component_vectors(self, vectors: np.ndarray) -> None:
         if vectors.shape != (self.n_components, self.parameter_count()):
-            raise ValueError(
+            raise ConfigError(
                 f"expected component vectors of shape {(self.n_components, self.parameter_count())},"
                 f" got {vectors.shape}"
             )

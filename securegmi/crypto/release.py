@@ -11,6 +11,10 @@ import numpy as np
 
 from securegmi.errors import CryptoError
 
+# The grid of every decrypted value a client uses or exports: far above CKKS error (about 1e-9
+# at the shipped parameters, bench/he_cost.py) and far below what matters for a model.
+RELEASE_PRECISION = 1e-6
+
 
 def release_decrypted(values: np.ndarray, precision: float) -> np.ndarray:
     """Round decrypted values to multiples of `precision` (which must exceed the CKKS error)."""

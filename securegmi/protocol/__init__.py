@@ -2,11 +2,12 @@
 
 from securegmi.protocol.fields import Ciphertext, DpRelease, Field, FieldKind, NonPrivate, Public
 from securegmi.protocol.message import SERVER, Message, decode, encode
-from securegmi.protocol.spec import FieldSpec, ProtocolSpec, StageSpec
+from securegmi.protocol.spec import START, FieldSpec, ProtocolBuilder, ProtocolSpec, StageSpec
 from securegmi.protocol.transcript import TranscriptWriter, read_transcript
 
 __all__ = [
     "SERVER",
+    "START",
     "Ciphertext",
     "DpRelease",
     "Field",
@@ -14,6 +15,7 @@ __all__ = [
     "FieldSpec",
     "Message",
     "NonPrivate",
+    "ProtocolBuilder",
     "ProtocolSpec",
     "Public",
     "StageSpec",

@@ -92,3 +92,15 @@ def field_array(f: Field) -> np.ndarray:
     if isinstance(f, Ciphertext):
         return np.frombuffer(f.data, dtype=np.uint8)
     return f.value
+
+
+def field_labels(f: Field) -> dict[str, str]:
+    """What a field declares about itself besides its value: kind, and the ledger event and key
+    that cover it (the wire header and the transcript both carry these)."""
+    labels = {"kind": f.kind.value}
+    if isinstance(f, Ciphertext):
+        labels["key_id"] = f.key_id
+    event = getattr(f, "event", None)
+    if event is not None:
+        labels["event"] = event
+    return labels

@@ -26,6 +26,7 @@ from securegmi.protocol.fields import (
     NonPrivate,
     Public,
     field_array,
+    field_labels,
 )
 
 SERVER = "server"
@@ -56,16 +57,7 @@ class Message:
 
 def encode(message: Message) -> bytes:
     arrays = {name: field_array(f) for name, f in message.payload.items()}
-    fields: dict[str, dict[str, str]] = {}
-    for name, f in message.payload.items():
-        entry = {"kind": f.kind.value}
-        if isinstance(f, DpRelease):
-            entry["event"] = f.event
-        if isinstance(f, Ciphertext):
-            entry["key_id"] = f.key_id
-            if f.event is not None:
-                entry["event"] = f.event
-        fields[name] = entry
+    fields = {name: field_labels(f) for name, f in message.payload.items()}
     header = {
         "stage": message.stage,
         "round": message.round,

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Literal
 
 import numpy as np
 
-from securegmi.errors import ProtocolViolation
+from securegmi.errors import ConfigError, ProtocolViolation
 from securegmi.protocol.fields import Ciphertext, FieldKind, field_array
 from securegmi.protocol.message import SERVER, Message
 
 Role = Literal["server", "client"]
+Release = Literal["none", "dp"]  # what the client's values are: as computed, or DP releases
+Codec = Literal["clear", "ckks"]  # how they travel: as they are, or encrypted under CKKS
+START = "start"  # round 0's downlink in every protocol: public values only
 Dim = int | str  # a fixed size, or a symbol bound when the protocol is instantiated
 
 
@@ -24,6 +27,10 @@ class FieldSpec:
     shape: tuple[Dim, ...]
     dtype: str
     description: str
+    # A server field: the sum over clients of the named field of the previous uplink stage.
+    sum_of: str | None = None
+    # An uplink field whose row i belongs at row `index[i]` of that sum (top-B uploads).
+    rows_at: str | None = None
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,12 @@ class StageSpec:
 
     def field(self, name: str) -> FieldSpec | None:
         return next((f for f in self.fields if f.name == name), None)
+
+    def require(self, name: str) -> FieldSpec:
+        found = self.field(name)
+        if found is None:
+            raise ProtocolViolation(f"stage {self.name!r} declares no field {name!r}")
+        return found
 
 
 @dataclass(frozen=True)
@@ -46,12 +59,32 @@ class ProtocolSpec:
     name: str
     description: str
     stages: tuple[StageSpec, ...]
+    release: Release
+    codec: Codec
     dims: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
-            raise ValueError(f"protocol {self.name}: duplicate stage names {names}")
+            raise ConfigError(f"protocol {self.name}: duplicate stage names {names}")
+        if START not in names:
+            raise ConfigError(f"protocol {self.name}: every protocol opens with a {START!r} stage")
+        uplink = {f.kind for s in self.stages if s.sender == "client" for f in s.fields}
+        # The declared release and codec must be what the fields say, so no reader of one can
+        # be misled by the other.
+        if (FieldKind.CIPHERTEXT in uplink) != (self.codec == "ckks"):
+            raise ConfigError(f"protocol {self.name}: codec {self.codec!r} disagrees with its uplink fields")
+        protected = bool(uplink & {FieldKind.DP_RELEASE, FieldKind.CIPHERTEXT})
+        if protected != (self.release == "dp") or (FieldKind.NON_PRIVATE in uplink and self.release == "dp"):
+            raise ConfigError(
+                f"protocol {self.name}: release {self.release!r} disagrees with its uplink fields"
+            )
+        for stage in self.stages:
+            for f in stage.fields:
+                if f.sum_of is not None and not any(
+                    u.sender == "client" and u.field(f.sum_of) for u in self.stages
+                ):
+                    raise ConfigError(f"protocol {self.name}: {stage.name}.{f.name} sums an unknown field")
         object.__setattr__(self, "dims", MappingProxyType(dict(self.dims)))
 
     def bind(self, **dims: int) -> ProtocolSpec:
@@ -62,6 +95,14 @@ class ProtocolSpec:
             if s.name == name:
                 return s
         raise ProtocolViolation(f"protocol {self.name!r} has no stage {name!r}")
+
+    def downlink_after(self, uplink: str) -> StageSpec:
+        """The server stage that returns the sums of the clients' `uplink` stage."""
+        fields = {f.name for f in self.stage(uplink).fields}
+        for s in self.stages:
+            if s.sender == "server" and any(f.sum_of in fields for f in s.fields):
+                return s
+        raise ProtocolViolation(f"protocol {self.name!r} declares no server stage after {uplink!r}")
 
     def resolve(self, shape: tuple[Dim, ...]) -> tuple[int, ...]:
         try:
@@ -107,3 +148,7 @@ class ProtocolSpec:
                 )
             if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
                 raise ProtocolViolation(f"{where}: field {spec.name!r} holds NaN or infinity")
+
+
+# A protocol module's `build(components=K, parameters=P, top_b=B, [statistics=...])`.
+ProtocolBuilder = Callable[..., ProtocolSpec]

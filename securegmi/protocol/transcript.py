@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from securegmi.protocol.fields import Ciphertext, DpRelease, field_array
+from securegmi.protocol.fields import field_array, field_labels
 from securegmi.protocol.message import Message
 
 
@@ -33,19 +33,11 @@ class TranscriptWriter:
             self._write({**base, "field": None, "error": message.error})
         for name, f in message.payload.items():
             array = field_array(f)
-            extra = {}
-            if isinstance(f, DpRelease):
-                extra["event"] = f.event
-            if isinstance(f, Ciphertext):
-                extra["key_id"] = f.key_id
-                if f.event is not None:
-                    extra["event"] = f.event
             self._write(
                 {
                     **base,
-                    **extra,
+                    **field_labels(f),
                     "field": name,
-                    "kind": f.kind.value,
                     "shape": list(array.shape),
                     "dtype": str(array.dtype),
                     "bytes": int(array.nbytes),

@@ -20,15 +20,8 @@ from safetensors.numpy import load_file
 
 pytest.importorskip("flwr")
 
-from securegmi.adapters.flower import (
-    client_app,
-    load_aggregate,
-    loopback_environment,
-    run_flower_simulation,
-    server_app,
-    study_client,
-    study_server,
-)
+from securegmi.adapters.flower import client_app, loopback_environment, open_aggregate, server_app
+from securegmi.adapters.flower_study import run_flower_simulation, study_client, study_server
 from securegmi.adapters.loopback import (
     LoopbackDeployment,
     descendants,
@@ -39,12 +32,12 @@ from securegmi.adapters.loopback import (
 )
 from securegmi.config import SimulationConfig
 from securegmi.crypto.keys import SecretContext
-from securegmi.engine.audit import audit_run
-from securegmi.engine.federated import Federation
-from securegmi.engine.run import run_simulation
-from securegmi.engine.rundir import AGGREGATE, CHECKPOINT, CLIENT_STATES, ENGINE, LEDGERS, TRANSCRIPT
 from securegmi.protocol import read_transcript
 from securegmi.protocols import builder
+from securegmi.records.audit import audit_run
+from securegmi.records.rundir import AGGREGATE, CHECKPOINT, CLIENT_STATES, ENGINE, LEDGERS, TRANSCRIPT
+from securegmi.simulation.runner import run_simulation
+from securegmi.simulation.study import Federation
 
 ROOT = Path(__file__).resolve().parents[2]
 SECURE = SimulationConfig(clients=3, rounds=3, epsilon=8.0, protocol="secure", dp_noise="seeded")
@@ -120,7 +113,7 @@ def test_a_client_over_budget_refuses_over_flower_and_the_round_completes(tmp_pa
 
     loopback_environment(tmp_path / "home")
     # The em design has a rounds knob; under the statistics design a refusal in the statistics
-    # phase abandons the round (minimum cohort), tested in tests/engine/test_statistics.py.
+    # phase abandons the round (minimum cohort), tested in tests/federation/test_statistics.py.
     em = {"clients": 3, "epsilon": 8.0, "protocol": "dp", "dp_noise": "seeded", "private_training": "em"}
     short = SimulationConfig(rounds=2, **em)
     config = SimulationConfig(rounds=3, **em)
@@ -187,7 +180,10 @@ def test_deployment_engine_on_loopback_completes_a_secure_run(tmp_path):
         shutil.copy(tmp_path / f"node-{i}" / LEDGERS / f"client-{i}.json", server / LEDGERS)
     report = audit_run(server, builder)
     assert report.ok, report.problems
-    sums, masses = load_aggregate(server / AGGREGATE, SecretContext.load(keys, federation.ckks_parameters()))
+    final = open_aggregate(
+        server / AGGREGATE, federation, SecretContext.load(keys, federation.ckks_parameters())
+    )
+    masses, sums = final["component_masses"], final["component_sums"]
     assert masses.shape == (3,) and masses.sum() > 0 and np.isfinite(sums).all()
 
 

@@ -7,8 +7,8 @@ from typer.testing import CliRunner
 
 from securegmi.cli.main import app
 from securegmi.config import SimulationConfig
-from securegmi.engine.run import run_simulation
 from securegmi.protocols import dp, plain
+from securegmi.simulation.runner import run_simulation
 
 runner = CliRunner()
 SMALL = {"dataset": "synthetic", "clients": 3, "rounds": 2, "local_epochs": 1, "hidden": 16, "latent": 2}

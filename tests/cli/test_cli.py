@@ -72,7 +72,7 @@ def test_epsilon_alone_runs_the_secure_protocol_and_shows_the_plan(tmp_path):
 
 
 def test_an_interrupted_run_says_where_its_rounds_are(tmp_path, monkeypatch):
-    import securegmi.engine.run as run_module
+    import securegmi.simulation.runner as run_module
 
     def interrupted(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise KeyboardInterrupt

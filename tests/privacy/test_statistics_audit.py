@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from securegmi.engine.statistics import SENSITIVITY, StatisticsRole
+from securegmi.federation.statistics import SENSITIVITY, StatisticsRole
 from securegmi.privacy.accounting import epsilon_rdp
 from securegmi.privacy.calibration import CLUSTERS, HISTOGRAM, MOMENTS, StatisticsPlan
 from securegmi.privacy.events import gaussian_event

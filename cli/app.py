@@ -1,0 +1,68 @@
+"""The `securegmi` typer app, its consoles, and how errors reach the terminal."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Annotated, ParamSpec
+
+import click
+import typer
+from rich.console import Console
+
+from securegmi.errors import SecureGMIError
+
+app = typer.Typer(
+    help="Privacy-enhanced federated learning for probabilistic mixtures (FedGMI).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+P = ParamSpec("P")
+
+
+USER_ERROR, BUG = 2, 70  # exit codes: a mistake the message tells you how to fix; a bug in securegmi
+_debug = False
+
+
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help="show the traceback of any error")] = False,
+) -> None:
+    global _debug
+    _debug = debug
+
+
+def errors_as_messages(command: Callable[P, None]) -> Callable[P, None]:
+    """Every error a user can cause (the tree in securegmi.errors) becomes one line and exit
+    code 2; anything else is a bug: one line that says so and exit code 70. `--debug` shows the
+    traceback of either."""
+
+    @functools.wraps(command)
+    def run(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, click.ClickException, KeyboardInterrupt):
+            raise
+        except SecureGMIError as exc:
+            if _debug:
+                raise
+            err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+            raise typer.Exit(code=USER_ERROR) from None
+        except Exception as exc:
+            if _debug:
+                raise
+            err_console.print(
+                f"[bold red]internal error:[/] {type(exc).__name__}: {exc}. This is a bug in securegmi, not "
+                "in your input: run again with --debug for the traceback and report it.",
+                soft_wrap=True,
+            )
+            raise typer.Exit(code=BUG) from None
+
+    return run
+
+
+keys_app = typer.Typer(help="CKKS key ceremony for the secure protocol.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")

@@ -1,0 +1,182 @@
+"""Commands on what a run left behind (`report`, `infer`, `audit`) and the key ceremony."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+from rich.table import Table
+
+from securegmi.cli.app import app, console, errors_as_messages, keys_app
+
+
+@app.command()
+@errors_as_messages
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory written by `securegmi simulate`")],
+) -> None:
+    """Write PNG plots of a run: true vs estimated pi per client, accuracy and pi error per round,
+    samples of each component (image data) and, for a private run, epsilon spent per round."""
+    from securegmi.cli.plots import write_plots
+
+    paths = write_plots(run_dir)
+    for path in paths:
+        console.print(f"wrote {path}")
+
+
+@keys_app.command("new")
+@errors_as_messages
+def keys_new(
+    out: Annotated[Path, typer.Option(help="directory for secret.ckks (mode 0600) and public.ckks")],
+) -> None:
+    """Create a study's CKKS keys: share secret.ckks with the clients out of band; give the
+    server public.ckks only (it can add ciphertexts, never decrypt or encrypt)."""
+    from securegmi.crypto.keys import SecretContext
+    from securegmi.crypto.params import CkksParameters
+
+    keys = SecretContext.generate(CkksParameters())
+    secret_path, public_path = keys.save(out)
+    console.print(f"secret context (clients only, mode 0600): {secret_path}")
+    console.print(f"public context (the server):             {public_path}")
+    console.print(f"key id: {keys.key_id}")
+
+
+@app.command()
+@errors_as_messages
+def infer(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
+    data: Annotated[
+        Path, typer.Option(help="records as rows: .npy, or .csv of numbers (a header row is skipped)")
+    ],
+    json_output: Annotated[bool, typer.Option("--json", help="print pi and counts as JSON")] = False,
+    out: Annotated[
+        Path | None, typer.Option(help="write per-record assignments and responsibilities (CSV)")
+    ] = None,
+) -> None:
+    """Estimate the mixture proportions of a site's records and assign each to a component."""
+    from securegmi.records.trained import load
+
+    model = load(run_dir)
+    x = _read_records(data)
+    pi = model.estimate_pi(x)
+    r = model.responsibilities(x, pi)
+    assigned = r.argmax(1)
+    counts = np.bincount(assigned, minlength=model.n_components)
+    summary = {"records": len(x), "pi": pi.round(6).tolist(), "assigned_counts": counts.tolist()}
+    if out is not None:
+        header = "record,component," + ",".join(f"r{k}" for k in range(model.n_components))
+        rows = np.column_stack([np.arange(len(x)), assigned, r])
+        np.savetxt(
+            out, rows, delimiter=",", header=header, comments="", fmt=["%d", "%d", *["%.6f"] * r.shape[1]]
+        )
+        summary["out"] = str(out)
+    if json_output:
+        console.print_json(json.dumps(summary))
+        return
+    table = Table(title=f"{len(x)} records from {data.name} (components of {run_dir})")
+    for col in ("component", "estimated pi", "records assigned"):
+        table.add_column(col, justify="right")
+    for k in range(model.n_components):
+        table.add_row(str(k), f"{pi[k]:.3f}", str(counts[k]))
+    console.print(table)
+
+
+def _read_records(path: Path) -> np.ndarray:
+    from securegmi.errors import DataError
+
+    if not path.exists():
+        raise DataError(f"{path} does not exist")
+    try:
+        if path.suffix == ".npy":
+            records: np.ndarray = np.load(path, allow_pickle=False)  # never unpickle a data file
+            return records
+        if path.suffix == ".csv":
+            try:
+                return np.loadtxt(path, delimiter=",", ndmin=2)
+            except ValueError:
+                return np.loadtxt(path, delimiter=",", ndmin=2, skiprows=1)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read records from {path}: {exc}") from exc
+    raise DataError(f"{path}: records must be a .npy or .csv file")
+
+
+@app.command()
+@errors_as_messages
+def audit(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory written by `securegmi simulate`")],
+    json_output: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+) -> None:
+    """Report what left every client, its protection, and the privacy spent; exit 1 on any
+    uncovered field or exceeded budget."""
+    from securegmi import protocols
+    from securegmi.records.audit import audit_run
+
+    report = audit_run(run_dir, protocols.builder)
+    if json_output:
+        console.print_json(json.dumps(report.to_dict()))
+    else:
+        _print_audit(report)
+    if not report.ok:
+        raise typer.Exit(code=1)
+
+
+def _print_audit(report: Any) -> None:
+    if report.budgets:
+        table = Table(title=f"Privacy spent per client (protocol {report.protocol})")
+        for col in (
+            "client",
+            "releases",
+            "epsilon (RDP)",
+            "epsilon (PLD)",
+            "server + 1 client",
+            "delta",
+            "budget",
+            "remaining",
+            "",
+        ):
+            table.add_column(col, justify="left" if col in ("client", "") else "right")
+        for b in report.budgets:
+            table.add_row(
+                b.client,
+                str(b.releases),
+                f"{b.epsilon_rdp:.4f}",
+                f"{b.epsilon_pld:.4f}",
+                f"{b.epsilon_fallback:.4f}" + (" (split)" if b.epsilon_fallback != b.epsilon_rdp else ""),
+                f"{b.delta:g}",
+                f"{b.budget:g}",
+                f"{b.remaining:.4f}",
+                "[red]EXCEEDED[/]" if b.exceeded else "[green]ok[/]",
+            )
+        console.print(table)
+    else:
+        console.print(f"No privacy ledgers: protocol {report.protocol!r} spends no DP budget.")
+    summary: dict[tuple[str, str, str], list[Any]] = {}
+    for d in report.disclosures:
+        summary.setdefault((d.field, d.kind, d.protection), []).append(d)
+    table = Table(title="What left the clients (from the transcript, checked against the spec and ledgers)")
+    for col in ("field", "kind", "protection", "clients", "messages", "bytes", "uncovered events"):
+        table.add_column(col, justify="right" if col in ("clients", "messages", "bytes") else "left")
+    for (name, kind, protection), rows in sorted(summary.items()):
+        style = "green" if protection in ("dp", "dp+encrypted", "public") else "red"
+        uncovered = sorted({e for r in rows for e in r.uncovered_events})
+        table.add_row(
+            name,
+            kind,
+            f"[{style}]{protection}[/]",
+            str(len(rows)),
+            str(sum(r.messages for r in rows)),
+            str(sum(r.bytes for r in rows)),
+            ", ".join(uncovered[:3]) + (" ..." if len(uncovered) > 3 else ""),
+        )
+    console.print(table)
+    if report.problems:
+        console.print(f"[bold red]{len(report.problems)} problem(s):[/]")
+        for p in report.problems[:20]:
+            console.print(f"  - {p}")
+        if len(report.problems) > 20:
+            console.print(f"  ... and {len(report.problems) - 20} more (see --json)")
+    else:
+        console.print("[bold green]audit passed:[/] every field that left a client is declared and covered.")

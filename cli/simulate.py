@@ -1,0 +1,285 @@
+"""`securegmi simulate`: a whole simulated study, with its plan, progress and summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from securegmi.cli.app import app, console, err_console, errors_as_messages
+from securegmi.config import METHODS, SimulationConfig
+from securegmi.privacy.dpsgd import NOT_CSPRNG
+from securegmi.simulation.runner import RunResult
+
+
+@app.command()
+@errors_as_messages
+def simulate(
+    dataset: Annotated[
+        str, typer.Option(help="digits (default), synthetic, or mnist5k (extra 'mnist')")
+    ] = "digits",
+    sources: Annotated[
+        str, typer.Option(help="class-groups, or transforms (a sanity check only)")
+    ] = "class-groups",
+    n_sources: Annotated[int, typer.Option(help="number of inherent distributions in the data")] = 3,
+    clients: Annotated[int, typer.Option(help="number of clients")] = 20,
+    components: Annotated[int, typer.Option(help="number of mixture components K")] = 3,
+    alpha: Annotated[float, typer.Option(help="Dirichlet concentration of each client's pi*")] = 0.5,
+    rounds: Annotated[int, typer.Option(help="communication rounds")] = 60,
+    local_epochs: Annotated[int, typer.Option(help="local epochs per round")] = 5,
+    method: Annotated[str, typer.Option(help=f"one of {', '.join(METHODS)}")] = "fedgmi",
+    protocol: Annotated[
+        str | None, typer.Option(help="plain, dp or secure (default: secure with --epsilon, else plain)")
+    ] = None,
+    epsilon: Annotated[
+        float | None, typer.Option(help="whole-run (epsilon, delta)-DP budget per client")
+    ] = None,
+    delta: Annotated[float, typer.Option(help="delta of the budget")] = 1e-5,
+    noise_placement: Annotated[
+        str | None,
+        typer.Option(
+            help="split (secure only: each client adds a share, only the CKKS sum is decrypted) "
+            "or local (every upload carries the full noise); default split under secure"
+        ),
+    ] = None,
+    min_clients: Annotated[
+        int | None, typer.Option(help="smallest cohort a round may complete with (default: all clients)")
+    ] = None,
+    private_training: Annotated[
+        str, typer.Option(help="statistics (DP statistics, then DP-SGD on the VAEs) or em (DP-SGD EM)")
+    ] = "statistics",
+    top_b: Annotated[int | None, typer.Option(help="send only each client's B heaviest components")] = None,
+    temperature: Annotated[
+        float | None, typer.Option(help="initial likelihood temperature (default: by dataset)")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="seed of data split, initialisation and training")] = 0,
+    out: Annotated[Path | None, typer.Option(help="run directory (default runs/<method>-seed<seed>)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing run directory")] = False,
+    threads: Annotated[int, typer.Option(help="torch threads; 1 is fastest for these small models")] = 1,
+    engine: Annotated[
+        str, typer.Option(help="inprocess, or flower: Flower's simulation engine (extra 'flower')")
+    ] = "inprocess",
+    json_output: Annotated[bool, typer.Option("--json", help="print results.json instead of tables")] = False,
+) -> None:
+    """Run a full simulated federated study on an embedded dataset and write its run directory."""
+    import torch
+
+    from securegmi import protocols
+
+    run_dir = out if out is not None else Path("runs") / f"{method}-seed{seed}"
+    try:
+        config = SimulationConfig(
+            dataset=dataset,
+            sources=sources,
+            n_sources=n_sources,
+            clients=clients,
+            components=components,
+            alpha=alpha,
+            rounds=rounds,
+            local_epochs=local_epochs,
+            method=method,
+            top_b=top_b,
+            temperature=temperature,
+            seed=seed,
+            protocol=protocol or ("secure" if epsilon is not None else "plain"),
+            epsilon=epsilon,
+            delta=delta,
+            noise_placement=noise_placement,
+            min_clients=min_clients,
+            private_training=private_training,
+        )
+        if threads < 1:
+            raise typer.BadParameter("--threads must be at least 1")
+        builder = protocols.builder(config.protocol)
+        torch.set_num_threads(threads)
+        if engine == "flower":
+            result = _simulate_on_flower(config, builder, run_dir, overwrite)
+        elif engine != "inprocess":
+            raise typer.BadParameter(f"--engine must be inprocess or flower, got {engine!r}")
+        else:
+            result = _simulate_in_process(config, builder, run_dir, overwrite, json_output)
+    except KeyboardInterrupt:
+        err_console.print(
+            f"[yellow]interrupted:[/] the completed rounds are in {run_dir} (metrics.jsonl, transcript.jsonl"
+            + (", ledgers/" if epsilon is not None else "")
+            + "); results.json is written only by a finished run"
+        )
+        raise typer.Exit(code=130) from None
+    results = result.to_dict()
+    if json_output:
+        console.print_json(json.dumps(results))
+        return
+    _print_clients(results)
+    _print_summary(results, run_dir)
+
+
+def _simulate_on_flower(config: SimulationConfig, builder: Any, run_dir: Path, overwrite: bool) -> RunResult:
+    if config.method != "fedgmi":
+        raise typer.BadParameter("--engine flower runs the fedgmi method only")
+    try:
+        from securegmi.adapters.flower_study import run_flower_simulation
+    except ImportError:
+        raise typer.BadParameter("--engine flower needs Flower: pip install 'securegmi[flower]'") from None
+    status = f"fedgmi on Flower's simulation engine: {config.clients} SuperNodes, {config.rounds} rounds"
+    with err_console.status(status):
+        return run_flower_simulation(config, builder, run_dir, overwrite=overwrite)
+
+
+def _simulate_in_process(
+    config: SimulationConfig, builder: Any, run_dir: Path, overwrite: bool, json_output: bool
+) -> RunResult:
+    from securegmi.simulation.recorder import RoundMetrics
+    from securegmi.simulation.runner import run_simulation
+
+    method, dataset, rounds = config.method, config.dataset, config.planned_rounds
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=json_output,
+    ) as bar:
+        task = bar.add_task(f"{method} on {dataset}", total=rounds, status="")
+
+        def on_round(m: RoundMetrics) -> None:
+            # Under the statistics design the first rows come after its statistics rounds.
+            tempered = "" if config.statistics_design else f"T={m.temperature:5.2f} "
+            bar.update(
+                task,
+                completed=m.round + 1,
+                status=f"{tempered}acc={m.source_accuracy:.3f} pi-TV={m.pi_tv_error:.3f}",
+            )
+
+        def on_plan(plan: dict[str, Any]) -> None:
+            bar.console.print(_plan_table(plan))
+            bar.console.print(f"[yellow]note:[/] {NOT_CSPRNG}")
+
+        return run_simulation(
+            config,
+            protocol=builder,
+            out=run_dir,
+            overwrite=overwrite,
+            progress=on_round,
+            on_plan=on_plan,
+        )
+
+
+def _plan_table(plan: dict[str, Any]) -> Table:
+    table = Table(title="Privacy plan (per client, whole run)", show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    for key, value in _plan_rows(plan):
+        table.add_row(key, value)
+    return table
+
+
+def _plan_rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
+    budget = ("budget", f"epsilon {plan['epsilon']:g}, delta {plan['delta']:g} (add/remove one record)")
+    if plan.get("kind") == "statistics":
+        s = plan["statistics"]
+        share = (
+            "each client adds 1/sqrt(min cohort) of it"
+            if s["placement"] == "split"
+            else "every client adds all of it"
+        )
+        return [
+            budget,
+            ("noise placement", f"{s['placement']}: {share}; minimum cohort {s['min_clients']}"),
+            (
+                "moments (round 0)",
+                f"Gaussian, sensitivity sqrt(3), noise multiplier {s['moments_noise']:.3f}",
+            ),
+            (
+                f"DP k-means (rounds 1-{s['iterations']})",
+                f"{s['clusters']} fine clusters in {s['projection_dim']} dims, sensitivity sqrt(2), "
+                f"noise multiplier {s['cluster_noise']:.3f}",
+            ),
+            (
+                "histogram (round {})".format(s["iterations"] + 1),
+                f"Gaussian, sensitivity 1, noise multiplier {s['histogram_noise']:.3f} (full noise, own row)",
+            ),
+            (
+                "DP-SGD on the VAEs",
+                f"{plan['vae_rounds']} rounds x {plan['steps_per_round']} steps, Poisson rate "
+                f"{plan['sample_rate']:g}, clip {plan['clip_norm']:g}, noise multiplier "
+                f"{plan['sgd_noise_multiplier']:.3f}",
+            ),
+            ("shares", f"statistics alone {plan['statistics_share']:.0%} of epsilon; DP-SGD the rest"),
+        ]
+    return [
+        budget,
+        (
+            "rounds x DP-SGD steps",
+            f"{plan['rounds']} x {plan['steps_per_round']} (Poisson rate {plan['sample_rate']:g})",
+        ),
+        ("DP-SGD", f"clip {plan['clip_norm']:g}, noise multiplier {plan['sgd_noise_multiplier']:.3f}"),
+        (
+            "soft counts",
+            f"Gaussian, sensitivity 1, sigma {plan['count_noise_multiplier']:.3f} "
+            f"({plan['count_share']:.0%} of epsilon alone)",
+        ),
+    ]
+
+
+def _print_clients(results: dict[str, Any]) -> None:
+    names = results["source_names"]
+    table = Table(title="Per client (test split; components matched to sources)")
+    table.add_column("client", justify="right")
+    table.add_column("true pi (" + ", ".join(names) + ")")
+    table.add_column("estimated pi")
+    table.add_column("TV error", justify="right")
+    table.add_column("source acc.", justify="right")
+    for row in results["per_client"]:
+        table.add_row(
+            str(row["client"]),
+            " ".join(f"{p:.2f}" for p in row["pi_true"]),
+            " ".join(f"{p:.2f}" for p in row["pi_estimate"]),
+            f"{row['pi_tv_error']:.3f}",
+            f"{row['source_accuracy']:.3f}",
+        )
+    console.print(table)
+
+
+def _print_summary(results: dict[str, Any], run_dir: Path) -> None:
+    table = Table(title="Summary", show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    nll = results["nll"]
+    for key, value in (
+        ("method / protocol", f"{results['method']} / {results['protocol'] or 'none (no messages)'}"),
+        ("dataset", f"{results['dataset']} ({results['sources']}: {', '.join(results['source_names'])})"),
+        (
+            "clients x components x rounds",
+            f"{results['clients']} x {results['components']} x {results['rounds']}",
+        ),
+        ("source accuracy", f"{results['source_accuracy']:.3f}"),
+        ("mean pi TV error", f"{results['pi_tv_error']:.3f}"),
+        ("held-out NLL bound (nats)", "n/a" if nll is None else f"{nll:.2f}"),
+        ("uplink per client per round", f"{results['uplink_bytes_per_client_round'] / 1024:.1f} KiB"),
+        ("privacy", _privacy_line(results["epsilon"])),
+        ("wall time", f"{results['wall_seconds']:.1f} s"),
+        ("run directory", str(run_dir)),
+    ):
+        table.add_row(key, value)
+    console.print(table)
+
+
+def _privacy_line(privacy: dict[str, Any] | None) -> str:
+    if privacy is None:
+        return "none: every uplink field is sent in the clear"
+    line = (
+        f"epsilon spent {privacy['max_spent']:.3f} (RDP; PLD {privacy['max_spent_pld']:.3f}) of "
+        f"{privacy['target']:g}, delta {privacy['delta']:g}, per client; noise not from a CSPRNG"
+    )
+    if privacy.get("placement") == "split":
+        line += (
+            f"; split noise: against the server colluding with one client, epsilon "
+            f"{privacy['max_spent_fallback']:.2f}"
+        )
+    return line

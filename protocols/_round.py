@@ -1,0 +1,122 @@
+"""Stages every protocol shares: the public `start` of round 0, and the statistics phase of a
+private run (DESIGN §2), shared by the `dp` and `secure` declarations.
+
+The statistics phase: round 0 answers `start` with the moments; the next rounds answer the
+previous aggregate with per-fine-cluster sums and counts; the last answers with the client's
+histogram over the fine clusters, placed in its own block of a (clients x clusters) vector so
+that the server's sum is the whole matrix. Each uplink field is one Gaussian release on the
+client's ledger.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+
+from securegmi.errors import ConfigError
+from securegmi.protocol import START, FieldKind, FieldSpec, ProtocolSpec, StageSpec
+from securegmi.protocol.spec import Codec, Release
+
+# Symbolic sizes: M moments (1 + D + D(D+1)/2), S cluster statistics (J x (d+1)), H the
+# clients x clusters histogram matrix.
+STATISTICS_DIMS = ("M", "S", "H")
+
+
+def start_stage() -> StageSpec:
+    """Round 0's downlink: clients begin from the public initialisation they already hold (a
+    CKKS server could not encrypt it anyway: it holds no secret key)."""
+    temperature = FieldSpec(
+        "temperature", FieldKind.PUBLIC, (), "float64", "likelihood temperature (public schedule)"
+    )
+    return StageSpec(START, "server", (temperature,))
+
+
+def fedgmi_protocol(
+    name: str,
+    description: str,
+    kind: FieldKind,
+    describe: Mapping[str, str],
+    *,
+    release: Release,
+    codec: Codec,
+    dims: Mapping[str, int],
+    statistics: Mapping[str, int] | None = None,
+) -> ProtocolSpec:
+    """A protocol of `start`, [the statistics phase,] then FedGMI rounds (`fedgmi_stages`)."""
+    stages = (start_stage(), *fedgmi_stages(kind, describe))
+    spec = ProtocolSpec(name, description, stages, release, codec).bind(**dims)
+    what = "Enc: " if kind is FieldKind.CIPHERTEXT else ""
+    return with_statistics(spec, kind, what, statistics)
+
+
+def heaviest(components: int, top_b: int | None) -> int:
+    """B, the number of components a client sends (all K unless `top_b`)."""
+    b = components if top_b is None else top_b
+    if not 1 <= b <= components:
+        raise ConfigError(f"top_b must be between 1 and {components}, got {top_b}")
+    return b
+
+
+def fedgmi_stages(kind: FieldKind, describe: Mapping[str, str]) -> tuple[StageSpec, StageSpec]:
+    """The FedGMI round (DESIGN §1): `broadcast` returns S_k and W_k, the sums of the clients'
+    `update` (w_ck theta_ck and w_ck); every data-derived field of `kind`, described by
+    `describe` (field name -> text). With a `component_index` description a client sends its B
+    heaviest components and says which; without, all K."""
+    top_b = "component_index" in describe
+
+    def one(name: str, shape: tuple[str, ...], dtype: str, **how: str) -> FieldSpec:
+        return FieldSpec(name, kind, shape, dtype, describe[name], **how)
+
+    broadcast = StageSpec(
+        "broadcast",
+        "server",
+        (
+            one("component_sums", ("K", "P"), "float32", sum_of="weighted_components"),
+            one("component_masses", ("K",), "float64", sum_of="masses"),
+            start_stage().fields[0],
+        ),
+    )
+    sent = (one("component_index", ("B",), "int64"),) if top_b else ()
+    weighted = one("weighted_components", ("B" if top_b else "K", "P"), "float32")
+    if top_b:
+        weighted = replace(weighted, rows_at="component_index")
+    update = StageSpec("update", "client", (one("masses", ("K",), "float64"), *sent, weighted))
+    return broadcast, update
+
+
+def with_statistics(
+    spec: ProtocolSpec, kind: FieldKind, what: str, statistics: Mapping[str, int] | None
+) -> ProtocolSpec:
+    """`spec` with the statistics phase (sizes M, S, H) after its `start`; `spec` itself when
+    `statistics` is None."""
+    if statistics is None:
+        return spec
+    return replace(
+        spec,
+        description=spec.description + " Preceded by the DP statistics phase.",
+        stages=(spec.stage(START), *statistics_stages(kind, what), *spec.stages[1:]),
+    ).bind(**{d: int(statistics[d]) for d in STATISTICS_DIMS})
+
+
+def statistics_stages(kind: FieldKind, what: str) -> tuple[StageSpec, ...]:
+    """Uplink and downlink stages of the statistics phase, every field of `kind`."""
+
+    def up(name: str, dim: str, description: str) -> StageSpec:
+        return StageSpec(name, "client", (FieldSpec(name, kind, (dim,), "float64", what + description),))
+
+    def down(stage: str, of: str, dim: str, description: str) -> StageSpec:
+        field = FieldSpec("aggregate", kind, (dim,), "float64", what + description, sum_of=of)
+        return StageSpec(stage, "server", (field,))
+
+    return (
+        up("moments", "M", "sum of (1, u, triu(u u^T)) + noise (event moments@round)"),
+        up("cluster_stats", "S", "per fine cluster: sum of z and count, + noise (event clusters@round)"),
+        up(
+            "histogram",
+            "H",
+            "own row of fine-cluster counts + full noise, zeros elsewhere (event histogram@round)",
+        ),
+        down("moment_totals", "moments", "M", "sum of the moments releases"),
+        down("cluster_totals", "cluster_stats", "S", "sum of the cluster releases"),
+        down("histograms", "histogram", "H", "every client's released histogram"),
+    )

@@ -1,0 +1,227 @@
+"""securegmi's embedded study (`securegmi simulate`'s data and protocol) carried by Flower:
+the apps of the simulation engine, the apps `flwr run` configures for the deployment engine,
+and `run_flower_simulation`. The Flower glue itself is in `flower` (the only flwr import)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from securegmi.adapters.flower import (
+    ClientApp,
+    Context,
+    ServerApp,
+    ServerSetup,
+    client_app,
+    loopback_environment,
+    open_aggregate,
+    server_app,
+    simulation_engine,
+)
+from securegmi.config import SimulationConfig
+from securegmi.core import fine_clusters as fc
+from securegmi.crypto.keys import PUBLIC_FILE, PublicContext, SecretContext
+from securegmi.errors import ConfigError, CryptoError, RunAbortedError
+from securegmi.federation.client import Client
+from securegmi.federation.local import adopt_aggregate
+from securegmi.federation.statistics import identifier_from_state
+from securegmi.privacy.ledger import PrivacyLedger
+from securegmi.protocol import SERVER, ProtocolBuilder, read_transcript
+from securegmi.records.rundir import (
+    AGGREGATE,
+    CLIENT_STATES,
+    CONFIG,
+    LEDGERS,
+    RESULTS,
+    TRANSCRIPT,
+    RunDirectory,
+)
+from securegmi.simulation.recorder import Recorder
+from securegmi.simulation.runner import RunResult, privacy_summary
+from securegmi.simulation.study import Federation
+
+
+def study_config(run_config: Mapping[str, Any]) -> SimulationConfig:
+    try:
+        return SimulationConfig.from_dict(json.loads(str(run_config["study"])))
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"the Flower run config needs 'study', a SimulationConfig as JSON ({exc})") from exc
+
+
+def study_client(
+    config: SimulationConfig, builder: ProtocolBuilder, run_dir: Path, index: int, key_dir: Path | None
+) -> Client:
+    """Client `index` of the embedded study, with its state and ledger under `run_dir`."""
+    federation = Federation.build(config, builder)
+    keys = None
+    if federation.secure:
+        if key_dir is None:
+            raise CryptoError("the secure protocol needs the node's key directory ('key-dir')")
+        keys = SecretContext.load(key_dir, federation.ckks_parameters())
+    cid = federation.client_ids[index]
+    ledgers = run_dir / LEDGERS
+    return federation.client(
+        index,
+        keys,
+        ledgers if federation.plan is not None else None,
+        state_path=run_dir / CLIENT_STATES / f"{cid}.safetensors",
+    )
+
+
+def study_server(
+    config: SimulationConfig,
+    builder: ProtocolBuilder,
+    run_dir: Path,
+    public_key: Path | None,
+    overwrite: bool = False,
+) -> ServerSetup:
+    """The server of the embedded study; it reads the public CKKS context only."""
+    federation = Federation.build(config, builder)
+    public = None
+    if federation.secure:
+        if public_key is None or public_key.name != PUBLIC_FILE:
+            raise CryptoError(
+                f"the secure protocol's server needs the ceremony's {PUBLIC_FILE} ('public-key')"
+            )
+        public = PublicContext(public_key.read_bytes(), federation.ckks_parameters())
+    directory = RunDirectory(run_dir, overwrite=overwrite)
+    directory.write_json(CONFIG, config.to_dict())
+    federation.write_public_files(directory)
+    recorder = Recorder(config, federation.data, None, None)
+    return ServerSetup(
+        federation.server(public, directory.file(TRANSCRIPT)),
+        directory,
+        len(federation.client_ids),
+        federation.rounds,
+        recorder.temperature,
+    )
+
+
+def study_apps(
+    config: SimulationConfig,
+    builder: ProtocolBuilder,
+    run_dir: Path,
+    key_dir: Path | None = None,
+    overwrite: bool = False,
+) -> tuple[ServerApp, ClientApp]:
+    """ServerApp and ClientApp of the embedded study for Flower's simulation engine, where every
+    node shares this machine (`flwr.simulation.run_simulation(..., num_supernodes=config.clients)`).
+    The run directory gets the same files as an in-process run's server side, plus each
+    client's state, and `flower.json`."""
+    run_dir = Path(run_dir)
+
+    def make_client(context: Context) -> Client:
+        return study_client(config, builder, run_dir, int(context.node_config["partition-id"]), key_dir)
+
+    def make_server(context: Context) -> ServerSetup:
+        public = key_dir / PUBLIC_FILE if key_dir is not None else None
+        return study_server(config, builder, run_dir, public, overwrite)
+
+    return server_app(make_server), client_app(make_client)
+
+
+# Configs for `flwr run` (deployment engine). Run config: `study` (a SimulationConfig as JSON),
+# `run-dir` (the server's), `public-key` (secure only). Node config: `partition-id`, `state-dir`
+# (the node's own directory: its state and ledger), `key-dir` (secure only). `protocols` maps a
+# protocol name to its builder (`securegmi.protocols.builder`).
+
+
+def configured_client_app(protocols: Callable[[str], ProtocolBuilder]) -> ClientApp:
+    """The embedded study's ClientApp, configured by Flower's run and node configs."""
+
+    def make_client(context: Context) -> Client:
+        config = study_config(context.run_config)
+        node = context.node_config
+        key_dir = Path(str(node["key-dir"])) if node.get("key-dir") else None
+        state_dir = Path(str(node["state-dir"]))
+        return study_client(config, protocols(config.protocol), state_dir, int(node["partition-id"]), key_dir)
+
+    return client_app(make_client)
+
+
+def configured_server_app(protocols: Callable[[str], ProtocolBuilder]) -> ServerApp:
+    """The embedded study's ServerApp, configured by Flower's run config."""
+
+    def make_server(context: Context) -> ServerSetup:
+        config = study_config(context.run_config)
+        public = str(context.run_config.get("public-key", ""))
+        run_dir = Path(str(context.run_config["run-dir"]))
+        return study_server(config, protocols(config.protocol), run_dir, Path(public) if public else None)
+
+    return server_app(make_server)
+
+
+def run_flower_simulation(
+    config: SimulationConfig,
+    builder: ProtocolBuilder,
+    out: Path,
+    *,
+    overwrite: bool = False,
+    verbose: bool = False,
+) -> RunResult:
+    """The embedded study on Flower's simulation engine (Ray, kept on 127.0.0.1), one simulated
+    SuperNode per client. `out` gets the run directory of an in-process run, without per-round
+    metrics (the server cannot evaluate), plus client states and `flower.json`.
+
+    The key ceremony writes the clients' secret context to a private temporary directory that
+    only the ClientApps read, and that is deleted afterwards; the final model is evaluated by
+    this harness playing a client (it decrypts the aggregate), as in-process.
+    """
+    started = time.perf_counter()
+    out = Path(out)
+    federation = Federation.build(config, builder)
+    with tempfile.TemporaryDirectory(prefix="securegmi-") as scratch:
+        keys = None
+        key_dir = None
+        if federation.secure:
+            keys = SecretContext.generate(federation.ckks_parameters())
+            key_dir = Path(scratch) / "keys"
+            keys.save(key_dir)
+        loopback_environment(Path(scratch))
+        # Refuse a used directory before Ray starts, not inside the ServerApp.
+        RunDirectory(out, overwrite=overwrite)
+        server, client = study_apps(config, builder, out, key_dir, overwrite=True)
+        simulation_engine(server, client, len(federation.client_ids), verbose)
+    if not (out / AGGREGATE).exists():
+        raise RunAbortedError(f"the Flower run did not finish: {out} has no {AGGREGATE} (see the log above)")
+    model = federation.new_model()
+    adopt_aggregate(model, open_aggregate(out / AGGREGATE, federation.spec, keys))
+    states = [load_file(str(out / CLIENT_STATES / f"{cid}.safetensors")) for cid in federation.client_ids]
+    pis = [state["pi"] for state in states]
+    recorder = Recorder(config, federation.data, None, None)
+    if federation.statistics is not None:  # the harness plays a client: it rebuilds the identifier
+        stats = federation.statistics
+        sketch = fc.public_sketch(federation.data.data_dim, stats.sketch_dim, stats.sketch_seed)
+        recorder.identifier = identifier_from_state(stats, states[0], sketch)
+    evaluation = recorder.evaluate([model] * len(pis), pis, final=True)
+    privacy = None
+    if federation.plan is not None:
+        ledgers = [PrivacyLedger.load(out / LEDGERS / f"{cid}.json") for cid in federation.client_ids]
+        privacy = privacy_summary(config, federation.plan, ledgers)
+    uplink = sum(
+        row.get("bytes", 0)
+        for row in read_transcript(out / TRANSCRIPT)
+        if row["receiver"] == SERVER and row["status"] == "delivered" and row["field"] is not None
+    )
+    result = RunResult(
+        config,
+        federation.spec.name,
+        evaluation,
+        (),
+        uplink / max(1, federation.rounds * len(pis)),
+        time.perf_counter() - started,
+        federation.data.source_names,
+        privacy,
+    )
+    run_dir = RunDirectory.existing(out)
+    metadata = {"method": config.method, "seed": str(config.seed)}
+    run_dir.save_checkpoint(federation.exported(model), np.stack(pis), metadata)
+    run_dir.write_json(RESULTS, {**result.to_dict(), "engine": "flower-simulation"})
+    return result

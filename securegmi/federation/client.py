@@ -1,0 +1,233 @@
+"""`Client`: the one FedGMI client class, which your own code drives with your own components and data.
+
+You build it from a mixture of VAE components (the built-in MLP, or your encoder and decoder
+through `MixtureOfVAEs.from_factory`), your records (an array, a tensor, a `Dataset` or a
+`DataLoader`), the protocol the federation runs, and, as that protocol requires, a privacy plan
+and the clients' CKKS key. Then hand it each message the server sends (`receive` for wire
+bytes, `handle` for decoded messages) and send back what it returns. Every message is checked
+against the protocol in both directions, so an undeclared value never leaves the client.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import load_file, save_file
+from torch.utils.data import DataLoader, Dataset
+
+from securegmi.core.fine_clusters import FineClusterModel
+from securegmi.core.mixture import MixtureOfVAEs
+from securegmi.crypto.keys import SecretContext
+from securegmi.errors import (
+    ConfigError,
+    CryptoError,
+    DataError,
+    PrivacyError,
+    RunDirectoryError,
+    SecureGMIError,
+)
+from securegmi.federation.codec import CkksCodec, ClearCodec, ClientCodec
+from securegmi.federation.dp_release import ClientPrivacy, CountsRelease, StatisticsRelease
+from securegmi.federation.local import ClientSettings, LocalLearner
+from securegmi.federation.release import PlainRelease, ReleasePolicy
+from securegmi.federation.transport import ClientEndpoint
+from securegmi.privacy.calibration import DpPlan
+from securegmi.privacy.ledger import PrivacyLedger
+from securegmi.protocol import Message, ProtocolSpec, TranscriptWriter, decode, encode
+from securegmi.protocol.payload import build_payload
+
+Records = np.ndarray | torch.Tensor | Dataset[Any] | DataLoader[Any] | Iterable[Any]
+
+
+def as_records(data: Records) -> np.ndarray:
+    """Your records as one (n, D) float32 array; a record with more than one axis (an image)
+    is flattened, and a (record, label) pair keeps its record.
+
+    The whole client's data is held in memory: every round's E-step scores every record.
+    """
+    if isinstance(data, np.ndarray | torch.Tensor):
+        if data.ndim < 2:
+            raise DataError(
+                f"records come as (n, ...) with one row per record, got shape {tuple(data.shape)}"
+            )
+        rows = [data]
+    elif isinstance(data, DataLoader):
+        rows = [_first(batch) for batch in data]
+    elif isinstance(data, Dataset) and hasattr(data, "__len__"):
+        rows = [_first(data[i])[None] for i in range(len(data))]
+    elif isinstance(data, Iterable):
+        rows = [_first(item)[None] for item in data]
+    else:
+        raise DataError(
+            f"cannot read records from a {type(data).__name__}: pass an array, Dataset or DataLoader"
+        )
+    arrays = [
+        np.asarray(r.detach().cpu() if isinstance(r, torch.Tensor) else r, dtype=np.float32) for r in rows
+    ]
+    if not arrays or sum(len(a) for a in arrays) == 0:
+        raise DataError("the client has no records")
+    x = np.concatenate([a.reshape(len(a), -1) for a in arrays])
+    if not np.isfinite(x).all():
+        raise DataError("records contain NaN or infinite values")
+    return np.ascontiguousarray(x)
+
+
+def _first(item: Any) -> Any:
+    """A (record, label, ...) item gives its record; labels never enter a client."""
+    return item[0] if isinstance(item, tuple | list) else item
+
+
+class Client:
+    """One site of a federation. It holds its records, its model copy, its mixture estimate pi,
+    and the protocol's release policy (with its privacy ledger under DP) and codec (with the
+    clients' CKKS key under `secure`); ground truth never enters it."""
+
+    def __init__(
+        self,
+        client_id: str,
+        components: MixtureOfVAEs,
+        data: Records,
+        protocol: ProtocolSpec,
+        *,
+        settings: ClientSettings | None = None,
+        privacy: ClientPrivacy | None = None,
+        keys: SecretContext | None = None,
+        seed: int = 0,  # the federation's public seed: ELBO draws and minibatch order
+        state_path: Path | None = None,
+        transcript_path: Path | None = None,
+    ) -> None:
+        x = as_records(data)
+        components.check(x.shape[1])
+        if components.component(0).likelihood == "bernoulli" and (x.min() < 0 or x.max() > 1):
+            raise DataError(
+                f"a Bernoulli decoder models intensities in [0, 1]; the records span [{x.min():g}, "
+                f"{x.max():g}]: rescale them, or build the components with likelihood='gaussian'"
+            )
+        _check_protocol(protocol, components, privacy, keys)
+        self.client_id = client_id
+        self.spec = protocol
+        self.state_path = Path(state_path) if state_path is not None else None
+        self.learner = LocalLearner(client_id, x, components, settings or ClientSettings(), seed)
+        self.policy: ReleasePolicy = _policy(self.learner, privacy)
+        self.codec: ClientCodec = CkksCodec(keys) if keys is not None else ClearCodec()
+        if self.state_path is not None and self.state_path.exists():
+            self._restore(self.state_path)
+        transcript = TranscriptWriter(Path(transcript_path)) if transcript_path is not None else None
+        self.endpoint = ClientEndpoint(client_id, self._handle, protocol, transcript)
+
+    @property
+    def pi(self) -> np.ndarray:
+        """This client's current mixture estimate."""
+        return self.learner.pi.copy()
+
+    @property
+    def identifier(self) -> FineClusterModel | None:
+        """The source identifier built from the released statistics (private runs of the
+        statistics design, once the phase is over): `log_likelihood(x)` gives (n, K)
+        log P(fine cluster of x | k). None otherwise."""
+        return self.policy.identifier
+
+    @property
+    def components(self) -> MixtureOfVAEs:
+        """This client's model copy: the last aggregate it opened (under CKKS: rounded to the
+        release grid on decryption), then its own local training."""
+        return self.learner.model
+
+    @property
+    def ledger(self) -> PrivacyLedger | None:
+        """The privacy ledger (a `PrivacyLedger`), or None under a protocol without DP."""
+        return self.policy.ledger
+
+    def receive(self, wire: bytes) -> bytes:
+        """The server's message as bytes in, this client's reply as bytes out."""
+        return self.endpoint.receive(wire)
+
+    def handle(self, message: Message) -> Message:
+        """As `receive`, for a transport that carries decoded messages."""
+        return decode(self.endpoint.receive(encode(message)))
+
+    def _handle(self, message: Message) -> Message:
+        inbound = self.codec.open(message, self.spec)
+        reply = self.policy.respond(message.round, message.stage, inbound)
+        stage = self.spec.stage(reply.stage)
+        # Only what the protocol declares is sealed at all (secure has no component_index).
+        values = {name: v for name, v in reply.values.items() if stage.field(name) is not None}
+        payload = build_payload(stage, self.codec.seal(values), reply.events, self.codec.key_id)
+        out = Message(stage=reply.stage, round=message.round, sender=self.client_id, payload=payload)
+        if self.state_path is not None:
+            self._save(self.state_path)  # before the reply leaves: a restart resumes from here
+        return out
+
+    def _save(self, path: Path) -> None:
+        arrays, metadata = self.policy.state_arrays()
+        arrays |= self.learner.state_arrays()
+        metadata["client"] = self.client_id
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+
+    def _restore(self, path: Path) -> None:
+        try:
+            arrays = load_file(str(path))
+            with safe_open(str(path), framework="numpy") as fh:
+                metadata = dict(fh.metadata() or {})
+        except (OSError, SafetensorError) as exc:
+            raise RunDirectoryError(f"cannot read client state {path}: {exc}") from exc
+        if metadata.get("client") != self.client_id:
+            raise RunDirectoryError(
+                f"{path} holds the state of {metadata.get('client')!r}, not {self.client_id!r}"
+            )
+        self.learner.load_state(arrays)
+        self.policy.load_state(arrays, metadata)
+
+
+def _policy(learner: LocalLearner, privacy: ClientPrivacy | None) -> ReleasePolicy:
+    """The release policy a client's privacy plan calls for (none without one)."""
+    if privacy is None:
+        return PlainRelease(learner)
+    if isinstance(privacy.plan, DpPlan):
+        return CountsRelease(learner, privacy)
+    return StatisticsRelease(learner, privacy)
+
+
+def _check_protocol(
+    spec: ProtocolSpec, components: MixtureOfVAEs, privacy: ClientPrivacy | None, keys: SecretContext | None
+) -> None:
+    """Refuse a client that could not follow `spec`, before it touches any data."""
+    expected = {"K": components.n_components, "P": components.parameter_count()}
+    for dim, value in expected.items():
+        if dim in spec.dims and spec.dims[dim] != value:
+            raise ConfigError(
+                f"protocol {spec.name!r} declares {dim} = {spec.dims[dim]}, but these components have "
+                f"{dim} = {value}: every client must use the federation's component architecture"
+            )
+    mismatches: list[tuple[bool, type[SecureGMIError], str]] = [
+        (
+            spec.release == "dp" and privacy is None,
+            PrivacyError,
+            "sends only differentially private values: pass privacy=ClientPrivacy(plan, ...) with the "
+            "federation's DP plan",
+        ),
+        (
+            spec.release == "none" and privacy is not None,
+            ConfigError,
+            "declares no DP release: drop privacy=, or use the dp protocol",
+        ),
+        (
+            spec.codec == "ckks" and keys is None,
+            CryptoError,
+            "encrypts every upload: pass keys=SecretContext.load(...) from the federation's "
+            "`securegmi keys new`",
+        ),
+        (spec.codec == "clear" and keys is not None, ConfigError, "sends nothing encrypted: drop keys="),
+    ]
+    for mismatch, error, why in mismatches:
+        if mismatch:
+            raise error(f"protocol {spec.name!r} {why}")

@@ -1,0 +1,129 @@
+"""The server and the round it plays: broadcast, collect, add (DESIGN §1).
+
+One `Server` serves every protocol: the declaration says which server stage returns the sums
+of which client fields, and its summation (`codec`) adds them in the clear or under CKKS. It
+never divides and never reads a client's values beyond adding them; clients divide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from securegmi.crypto.keys import PublicContext
+from securegmi.errors import ConfigError, CryptoError, ProtocolViolation, RunAbortedError
+from securegmi.federation.codec import Admitted, CkksSum, ClearSum, Summation
+from securegmi.federation.transport import ServerEndpoint, Transport
+from securegmi.protocol import SERVER, START, FieldKind, Message, ProtocolSpec, TranscriptWriter
+from securegmi.protocol.fields import field_array
+from securegmi.protocol.payload import build_payload
+
+AGGREGATE = "aggregate"  # the ledger-style provenance of every server field: aggregate@round<t>
+
+
+class Server:
+    """Keeps the sums of the last round's replies; holds no secret.
+
+    `public` is the ceremony's public CKKS context, which a `ckks` protocol needs (the server
+    can check and add ciphertexts with it, never read or make them). `endpoint` validates and
+    records (with `transcript_path`) every message it sends and receives: a transport, or your
+    own code carrying bytes, goes through it.
+    """
+
+    def __init__(
+        self,
+        spec: ProtocolSpec,
+        public: PublicContext | None = None,
+        *,
+        cohort_minimum: Mapping[str, int] | None = None,
+        transcript_path: Path | None = None,
+    ) -> None:
+        if spec.codec == "ckks" and public is None:
+            raise CryptoError(f"protocol {spec.name!r} sends ciphertexts: pass the ceremony's public context")
+        if spec.codec == "clear" and public is not None:
+            raise ConfigError(f"protocol {spec.name!r} sends nothing encrypted: drop the public context")
+        self.spec = spec
+        self.summation: Summation = CkksSum(public, spec) if public is not None else ClearSum(spec)
+        transcript = TranscriptWriter(Path(transcript_path)) if transcript_path is not None else None
+        self.endpoint = ServerEndpoint(spec, transcript)
+        # Per uplink stage: the fewest replies whose sum may be released (split noise is sized
+        # so that this many shares carry the full noise: privacy.calibration.StatisticsPlan).
+        self.cohort_minimum = dict(cohort_minimum or {})
+        self.totals: dict[str, np.ndarray | bytes] = {}
+        self.after: str | None = None  # the uplink stage the totals sum; None before round 0
+
+    def broadcast(self, round_index: int, temperature: float) -> Message:
+        """`start` in round 0; then the sums of the previous round's replies."""
+        stage = self.spec.stage(START) if self.after is None else self.spec.downlink_after(self.after)
+        values: dict[str, np.ndarray | bytes] = {}
+        events: dict[str, str] = {}
+        for f in stage.fields:
+            if f.sum_of is not None:
+                values[f.name] = self.totals[f.name]
+                # Under a DP protocol the sums are post-processing of the clients' releases.
+                events[f.name] = f"{AGGREGATE}@round{round_index - 1}"
+            elif f.kind is FieldKind.PUBLIC and f.name == "temperature":
+                values[f.name] = np.asarray(temperature, dtype=np.float64)
+        payload = build_payload(stage, values, events, self.summation.key_id)
+        return Message(stage=stage.name, round=round_index, sender=SERVER, payload=payload)
+
+    def aggregate(self, replies: Mapping[str, Message]) -> dict[str, str]:
+        """Add every reply that passes the summation's checks; return why the others were
+        rejected. Nothing is released from fewer replies than the stage's minimum cohort."""
+        if not replies:
+            raise RunAbortedError("no replies to aggregate")
+        first = next(iter(replies.values()))
+        admitted: list[Admitted] = []
+        rejected: dict[str, str] = {}
+        for sender, message in replies.items():
+            try:
+                if message.stage != first.stage:
+                    raise ProtocolViolation(f"stage {message.stage!r} in a round of {first.stage!r}")
+                admitted.append(self.summation.admit(message))
+            except (CryptoError, ProtocolViolation) as exc:
+                rejected[sender] = str(exc)
+        minimum = max(1, self.cohort_minimum.get(first.stage, 1))
+        if len(admitted) < minimum:
+            raise RunAbortedError(
+                f"round {first.round}: {len(admitted)} {first.stage} replies were accepted, the minimum "
+                f"cohort is {minimum}; with fewer the sum would carry less than the planned noise, so "
+                "the round is abandoned and nothing is released"
+            )
+        up, down = self.spec.stage(first.stage), self.spec.downlink_after(first.stage)
+        self.totals = {
+            f.name: self.summation.add(admitted, f, up.require(f.sum_of))
+            for f in down.fields
+            if f.sum_of is not None
+        }
+        self.after = first.stage
+        return rejected
+
+    def close(self) -> None:
+        """Close the transcript (everything in it is already on disk, line by line)."""
+        if self.endpoint.transcript is not None:
+            self.endpoint.transcript.close()
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    replies: dict[str, Message]
+    refused: dict[str, str]  # by the client's own checks or ledger, or on receipt
+    rejected: dict[str, str]  # by the server's summation checks
+    uplink_bytes: int
+
+
+def play_round(
+    server: Server, transport: Transport, client_ids: list[str], round_index: int, temperature: float
+) -> RoundOutcome:
+    """One round: broadcast, collect the validated replies, add them. Whatever the transport."""
+    broadcast = server.broadcast(round_index, temperature)
+    exchange = transport.exchange({cid: broadcast for cid in client_ids})
+    if not exchange.replies:
+        reason = next(iter(exchange.refused.values()), "no client was addressed")
+        raise RunAbortedError(f"round {round_index}: every client refused ({reason})")
+    rejected = server.aggregate(exchange.replies)
+    uplink = sum(field_array(f).nbytes for m in exchange.replies.values() for f in m.payload.values())
+    return RoundOutcome(exchange.replies, exchange.refused, rejected, uplink)

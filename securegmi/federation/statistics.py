@@ -1,0 +1,164 @@
+"""The statistics phase of a private run, as a client plays it (DESIGN §2).
+
+A client answers each round's aggregate with its next release: moments, then per-fine-cluster
+sums and counts, then its histogram. Everything it computes from its records depends on the
+record itself and on released aggregates only, and every release is a Gaussian mechanism on a
+sum of bounded contributions, with the noise share the plan's placement gives it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from securegmi.core import fine_clusters as fc
+from securegmi.privacy.calibration import CLUSTERS, HISTOGRAM, MOMENTS, StatisticsPlan
+from securegmi.privacy.mechanisms import gaussian_release
+from securegmi.protocol import START
+
+# Each uplink stage carries one field of the same name (the servers add that field).
+UPLINK = {MOMENTS: "moments", CLUSTERS: "cluster_stats", HISTOGRAM: "histogram"}
+DOWNLINK = {MOMENTS: "moment_totals", CLUSTERS: "cluster_totals", HISTOGRAM: "histograms"}
+AGGREGATE_FIELD = "aggregate"
+SENSITIVITY = {
+    MOMENTS: fc.MOMENTS_SENSITIVITY,
+    CLUSTERS: fc.CLUSTER_SENSITIVITY,
+    HISTOGRAM: fc.HISTOGRAM_SENSITIVITY,
+}
+
+
+def statistics_dims(plan: StatisticsPlan, clients: int) -> dict[str, int]:
+    return {
+        "M": fc.moments_size(plan.sketch_dim),
+        "S": plan.clusters * (plan.projection_dim + 1),
+        "H": clients * plan.clusters,
+    }
+
+
+def downlink_stage(plan: StatisticsPlan, round_index: int) -> str:
+    """The stage that carries round `round_index - 1`'s aggregate to the clients."""
+    return START if round_index == 0 else DOWNLINK[plan.release_at(round_index - 1)]
+
+
+@dataclass
+class StatisticsState:
+    projection: fc.Projection | None = None
+    centroids: np.ndarray | None = None
+    model: fc.FineClusterModel | None = None
+    grouping: fc.Grouping | None = None
+
+
+class StatisticsRole:
+    """One client's part in the statistics phase: it turns each released aggregate into its next
+    contribution, and the released histograms into the fine-cluster model and its pi."""
+
+    def __init__(
+        self,
+        x: np.ndarray,
+        plan: StatisticsPlan,
+        components: int,
+        slot: int,
+        cohort: int,
+        seed: int,
+        noise_rng: np.random.Generator,
+    ) -> None:
+        self.sketch = fc.public_sketch(x.shape[1], plan.sketch_dim, plan.sketch_seed)
+        self.u = fc.on_sphere(x, plan.centre, self.sketch)
+        self.plan, self.components, self.slot, self.cohort = plan, components, slot, cohort
+        self.seed, self.noise_rng = seed, noise_rng
+        self.state = StatisticsState()
+        self.pre_noise: np.ndarray | None = None  # test hook: the last contribution before noise
+
+    def absorb(self, round_index: int, total: np.ndarray | None) -> None:
+        """Post-processing of the aggregate of round `round_index - 1` (None in round 0)."""
+        if total is None:
+            return
+        plan, state = self.plan, self.state
+        release = plan.release_at(round_index - 1)
+        if release == MOMENTS:
+            state.projection = fc.Projection.from_moments(total, self.u.shape[1], plan.projection_dim)
+            state.centroids = fc.initial_centroids(plan.clusters, plan.projection_dim, self.seed)
+        elif release == CLUSTERS:
+            assert state.centroids is not None
+            # A count below a few noise standard deviations is noise, not a cluster.
+            floor = 3.0 * plan.cluster_noise * fc.CLUSTER_SENSITIVITY
+            state.centroids = fc.update_centroids(total, state.centroids, floor, self.seed + round_index)
+        else:
+            assert state.projection is not None and state.centroids is not None
+            counts = total.reshape(self.cohort, plan.clusters)
+            state.grouping = fc.group_clusters(counts, self.components, self.seed)
+            state.model = fc.FineClusterModel(
+                plan.centre,
+                self.sketch,
+                state.projection,
+                state.centroids,
+                state.grouping.cluster_given_component,
+            )
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """What the phase has learnt so far, to rebuild the client in a fresh process."""
+        st, out = self.state, dict[str, np.ndarray]()
+        if st.projection is not None:
+            out |= {
+                "stats.mean": st.projection.mean,
+                "stats.basis": st.projection.basis,
+                "stats.scale": np.asarray([st.projection.scale]),
+            }
+        if st.centroids is not None:
+            out["stats.centroids"] = st.centroids
+        if st.grouping is not None:
+            g = st.grouping
+            out |= {
+                "stats.cluster_given_component": g.cluster_given_component,
+                "stats.pi": g.pi,
+                "stats.sizes": g.sizes,
+            }
+        return out
+
+    def load_state(self, a: Mapping[str, np.ndarray]) -> None:
+        st = self.state = StatisticsState()
+        if "stats.mean" in a:
+            st.projection = fc.Projection(a["stats.mean"], a["stats.basis"], float(a["stats.scale"][0]))
+        if "stats.centroids" in a:
+            st.centroids = np.asarray(a["stats.centroids"])
+        if "stats.pi" in a:
+            st.grouping = fc.Grouping(a["stats.cluster_given_component"], a["stats.pi"], a["stats.sizes"])
+            st.model = identifier_from_state(self.plan, a, self.sketch)
+
+    def contribution(self, round_index: int) -> tuple[str, str, np.ndarray]:
+        """(stage, field, noisy value) of this round's release."""
+        plan, state = self.plan, self.state
+        release = plan.release_at(round_index)
+        sigma = plan.noise_multiplier(release) * plan.share_scale(release)
+        stage = field = UPLINK[release]
+        if release == MOMENTS:
+            value = fc.moments_contribution(self.u)
+        else:
+            assert state.projection is not None and state.centroids is not None
+            z = state.projection(self.u)
+            if release == HISTOGRAM:
+                # The client's own block of the clients x clusters vector carries its release;
+                # the other blocks stay exact zeros, so the sum is every client's row.
+                counts = fc.histogram(z, state.centroids)
+                self.pre_noise = counts
+                out = np.zeros(self.cohort * plan.clusters)
+                row = slice(self.slot * plan.clusters, (self.slot + 1) * plan.clusters)
+                out[row] = gaussian_release(counts, sigma, SENSITIVITY[release], self.noise_rng)
+                return stage, field, out
+            value = fc.cluster_contribution(z, state.centroids)
+        self.pre_noise = value
+        return stage, field, gaussian_release(value, sigma, SENSITIVITY[release], self.noise_rng)
+
+
+def identifier_from_state(
+    plan: StatisticsPlan, a: Mapping[str, np.ndarray], sketch: np.ndarray | None
+) -> fc.FineClusterModel | None:
+    """The source identifier from a client's saved statistics state; None before the phase ends."""
+    if "stats.cluster_given_component" not in a:
+        return None
+    projection = fc.Projection(a["stats.mean"], a["stats.basis"], float(a["stats.scale"][0]))
+    return fc.FineClusterModel(
+        plan.centre, sketch, projection, np.asarray(a["stats.centroids"]), a["stats.cluster_given_component"]
+    )

@@ -1,0 +1,167 @@
+"""The disclosure audit of a run directory: what left each client, under which protection, and
+how much privacy it cost, derived from the protocol spec, the transcript and the ledgers."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from securegmi.errors import RunDirectoryError
+from securegmi.privacy.ledger import PrivacyLedger
+from securegmi.protocol import SERVER, FieldKind, ProtocolBuilder, read_transcript
+from securegmi.records.rundir import CONFIG, LEDGERS, PROTOCOL, TRANSCRIPT
+
+
+@dataclass(frozen=True)
+class ClientBudget:
+    client: str
+    releases: int
+    epsilon_rdp: float
+    epsilon_pld: float
+    epsilon_fallback: float  # against the server colluding with one client (split noise)
+    delta: float
+    budget: float
+    remaining: float
+    exceeded: bool
+
+
+@dataclass(frozen=True)
+class Disclosure:
+    client: str
+    field: str
+    kind: str
+    messages: int
+    bytes: int
+    protection: str  # "dp", "dp+encrypted" (every release on the ledger), "public", "none", ...
+    uncovered_events: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    run_dir: str
+    protocol: str
+    budgets: tuple[ClientBudget, ...]
+    disclosures: tuple[Disclosure, ...]
+    problems: tuple[str, ...] = field(default=())
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+def audit_run(run_dir: Path, builder_for: Callable[[str], ProtocolBuilder]) -> AuditReport:
+    run_dir = Path(run_dir)
+    files = [run_dir / name for name in (CONFIG, TRANSCRIPT, PROTOCOL)]
+    if not all(f.exists() for f in files):
+        raise RunDirectoryError(
+            f"{run_dir} lacks {', '.join(f.name for f in files if not f.exists())}: "
+            "not the run directory of a federated run"
+        )
+    try:
+        rows = list(read_transcript(run_dir / TRANSCRIPT))
+        bound = json.loads((run_dir / PROTOCOL).read_text(encoding="utf-8"))
+        dims = {k: int(v) for k, v in bound["dims"].items()}
+        top_b = dims["B"] if dims["B"] != dims["K"] else None
+        statistics = {d: dims[d] for d in ("M", "S", "H")} if "M" in dims else None
+        spec = builder_for(str(bound["name"]))(
+            components=dims["K"],
+            parameters=dims["P"],
+            top_b=top_b,
+            **({} if statistics is None else {"statistics": statistics}),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RunDirectoryError(f"{run_dir}: corrupt run files ({exc})") from exc
+    uplink = {f.name: f for s in spec.stages if s.sender == "client" for f in s.fields}
+
+    ledgers: dict[str, PrivacyLedger] = {}
+    if (run_dir / LEDGERS).is_dir():
+        for path in sorted((run_dir / LEDGERS).glob("*.json")):
+            ledger = PrivacyLedger.load(path)
+            ledgers[ledger.client_id] = ledger
+
+    problems: list[str] = []
+    grouped: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row["sender"] == SERVER or row.get("field") is None:
+            continue
+        grouped[(row["sender"], row["field"], row["kind"])].append(row)
+
+    disclosures = []
+    unprotected: dict[str, set[str]] = defaultdict(set)
+    for (client, name, kind), items in sorted(grouped.items()):
+        declared = uplink.get(name)
+        if declared is None or declared.kind.value != kind:
+            problems.append(
+                f"{client} sent {name!r} as {kind}, which protocol {spec.name!r} does not declare"
+            )
+        uncovered: tuple[str, ...] = ()
+        if kind in (FieldKind.DP_RELEASE.value, FieldKind.CIPHERTEXT.value):
+            # Encryption is the second layer: an encrypted field must be DP by itself too.
+            owner = ledgers.get(client)
+            uncovered = tuple(
+                sorted(
+                    {
+                        str(r.get("event"))
+                        for r in items
+                        if owner is None or not owner.covers(r.get("event", ""))
+                    }
+                )
+            )
+            layered = "dp+encrypted" if kind == FieldKind.CIPHERTEXT.value else "dp"
+            protection = (
+                layered
+                if not uncovered
+                else ("encrypted only" if kind == FieldKind.CIPHERTEXT.value else "none")
+            )
+            if uncovered:
+                problems.append(
+                    f"{client}: {name!r} names events no ledger entry covers: {', '.join(uncovered)}"
+                )
+        elif kind == FieldKind.PUBLIC.value:
+            protection = "public"
+        else:
+            protection = "none"
+            unprotected[name].add(client)
+        disclosures.append(
+            Disclosure(
+                client, name, kind, len(items), sum(int(r["bytes"]) for r in items), protection, uncovered
+            )
+        )
+
+    run_config = json.loads((run_dir / CONFIG).read_text(encoding="utf-8"))
+    if run_config.get("dp_noise") == "seeded":
+        problems.append(
+            "DP noise was derived from the run seed (dp_noise='seeded', for tests only): anyone holding "
+            "config.json can regenerate and subtract it, so no DP guarantee holds for this run"
+        )
+    for name, clients in sorted(unprotected.items()):
+        problems.append(f"{name!r} left {len(clients)} client(s) without protection (non-private)")
+    budgets = []
+    for client, ledger in sorted(ledgers.items()):
+        spent = ledger.spent
+        exceeded = spent > ledger.budget.epsilon * (1 + 1e-6)
+        if exceeded:
+            problems.append(
+                f"{client}: spent epsilon {spent:.4f} exceeds its budget {ledger.budget.epsilon:g}"
+            )
+        budgets.append(
+            ClientBudget(
+                client,
+                len(ledger.entries),
+                spent,
+                ledger.spent_pld(),
+                ledger.spent_fallback,
+                ledger.budget.delta,
+                ledger.budget.epsilon,
+                ledger.remaining,
+                exceeded,
+            )
+        )
+    return AuditReport(str(run_dir), spec.name, tuple(budgets), tuple(disclosures), tuple(problems))

@@ -1,0 +1,163 @@
+"""`securegmi.load(RUN_DIR)`: the trained mixture of a finished run, to use on new records.
+
+What it reads is what the run exported: `model.safetensors` (the K components, the training
+clients' pi and, for a private run of the statistics design, the source identifier) and
+`config.json`. A secure run's export already passed the release function (rounded decrypted
+values), so nothing here can reach an exact CKKS decryption.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.numpy import load_file
+
+from securegmi.config import SimulationConfig
+from securegmi.core.em import log_prior, responsibilities
+from securegmi.core.fine_clusters import FineClusterModel
+from securegmi.core.mixture import IWAE_SAMPLES, MixtureOfVAEs
+from securegmi.data.datasets import load_dataset
+from securegmi.errors import ConfigError, DataError, RunDirectoryError
+from securegmi.records.rundir import CHECKPOINT, CONFIG
+
+# Fixed-point iterations of pi on frozen components: the same alternation as a round's E-step.
+PI_ITERATIONS = 50
+_SEED = 2_147
+
+
+class TrainedMixture:
+    """K frozen components and, where the run has one, the statistics-based source identifier.
+
+    Records come as an (n, D) array with the run's feature count, scaled as its training data
+    (intensities in [0, 1] for the embedded image sets)."""
+
+    def __init__(
+        self,
+        config: SimulationConfig,
+        components: MixtureOfVAEs,
+        training_pi: np.ndarray,
+        identifier: FineClusterModel | None,
+        data_dim: int,
+    ) -> None:
+        self.config, self.components, self.identifier = config, components, identifier
+        self.training_pi = training_pi  # (clients, K): the pi each training client ended with
+        self.data_dim = data_dim
+        self.components.eval()
+
+    @property
+    def n_components(self) -> int:
+        return self.components.n_components
+
+    def _records(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[0] == 0:
+            raise DataError(f"records come as a non-empty (n, features) array, got shape {x.shape}")
+        if x.shape[1] != self.data_dim:
+            raise DataError(
+                f"this model was trained on {self.data_dim} features per record, got {x.shape[1]}"
+            )
+        if not np.isfinite(x).all():
+            raise DataError("records contain NaN or infinite values")
+        return x
+
+    def log_likelihoods(self, x: np.ndarray) -> np.ndarray:
+        """(n, K) per-component scores that identify sources: log P(fine cluster | k) for a
+        private run of the statistics design, the ELBO otherwise."""
+        x = self._records(x)
+        if self.identifier is not None:
+            return self.identifier.log_likelihood(x)
+        torch.manual_seed(_SEED)
+        with torch.no_grad():
+            scores: np.ndarray = self.components.elbo_matrix(
+                torch.as_tensor(x), self.config.elbo_samples
+            ).numpy()
+        return scores
+
+    def estimate_pi(self, x: np.ndarray) -> np.ndarray:
+        """The mixture proportions of a site from its records alone (E-steps, frozen components):
+        how a site that did not take part in training learns its pi."""
+        scores = torch.as_tensor(self.log_likelihoods(x), dtype=torch.float32)
+        pi = np.full(self.n_components, 1.0 / self.n_components)
+        for _ in range(PI_ITERATIONS):
+            pi = responsibilities(scores, log_prior(np.maximum(pi, 1e-12))).mean(0).numpy().astype(np.float64)
+        out: np.ndarray = pi / pi.sum()
+        return out
+
+    def responsibilities(self, x: np.ndarray, pi: np.ndarray | None = None) -> np.ndarray:
+        """(n, K) posterior over components; `pi` defaults to the records' own estimate."""
+        prior = self.estimate_pi(x) if pi is None else self._pi(pi)
+        scores = torch.as_tensor(self.log_likelihoods(x), dtype=torch.float32)
+        out: np.ndarray = responsibilities(scores, log_prior(np.maximum(prior, 1e-12))).numpy()
+        return out
+
+    def assign(self, x: np.ndarray, pi: np.ndarray | None = None) -> np.ndarray:
+        """The most likely component of each record."""
+        out: np.ndarray = self.responsibilities(x, pi).argmax(1)
+        return out
+
+    def log_density(self, x: np.ndarray, pi: np.ndarray | None = None) -> np.ndarray:
+        """Per record, the importance-weighted bound on log sum_k pi_k p_k(x) in nats (the VAEs'
+        density, whatever identifies sources); `pi` defaults to the records' own estimate."""
+        prior = self.estimate_pi(x) if pi is None else self._pi(pi)
+        records = torch.as_tensor(self._records(x))
+        torch.manual_seed(_SEED)
+        with torch.no_grad():
+            iwae = self.components.iwae_matrix(records, IWAE_SAMPLES)
+            out: np.ndarray = torch.logsumexp(log_prior(np.maximum(prior, 1e-12)) + iwae, dim=1).numpy()
+        return out
+
+    def sample(self, n: int, component: int | None = None, seed: int = 0) -> np.ndarray:
+        """`n` expected records decoded from the prior: of one component, or of each component in
+        turn (n per component, stacked) when `component` is None."""
+        if n < 1:
+            raise ConfigError(f"n must be at least 1, got {n}")
+        ks = range(self.n_components) if component is None else [component]
+        if component is not None and not 0 <= component < self.n_components:
+            raise ConfigError(f"component must be in [0, {self.n_components}), got {component}")
+        generator = torch.Generator().manual_seed(seed)
+        rows = []
+        with torch.no_grad():
+            for k in ks:
+                vae = self.components.component(k)
+                out = vae.decoder(torch.randn((n, vae.latent), generator=generator))
+                mean = torch.sigmoid(out) if vae.likelihood == "bernoulli" else out.chunk(2, dim=-1)[0]
+                rows.append(mean.numpy())
+        return np.concatenate(rows)
+
+    def _pi(self, pi: np.ndarray) -> np.ndarray:
+        p = np.asarray(pi, dtype=np.float64)
+        if p.shape != (self.n_components,) or not np.isfinite(p).all() or p.min() < 0 or p.sum() <= 0:
+            raise DataError(f"pi must be {self.n_components} non-negative proportions, got {pi!r}")
+        out: np.ndarray = p / p.sum()
+        return out
+
+
+def load(run_dir: Path | str) -> TrainedMixture:
+    """The trained mixture of a finished `securegmi simulate` run directory."""
+    path = Path(run_dir)
+    if not (path / CONFIG).exists() or not (path / CHECKPOINT).exists():
+        raise RunDirectoryError(
+            f"{path} has no {CONFIG} and {CHECKPOINT}: not the directory of a finished run "
+            "(local training and the central-DP reference export no shared model)"
+        )
+    try:
+        config = SimulationConfig.from_dict(json.loads((path / CONFIG).read_text(encoding="utf-8")))
+        arrays = load_file(str(path / CHECKPOINT))
+        data = load_dataset(config.dataset)
+        model = MixtureOfVAEs.mlp(
+            config.model_components,
+            data.x.shape[1],
+            config.hidden,
+            config.latent,
+            "bernoulli" if data.likelihood == "bernoulli" else "gaussian",
+            seed=config.seed,
+        )
+        model.set_component_vectors(np.asarray(arrays["components"], dtype=np.float32))
+    except (OSError, json.JSONDecodeError, SafetensorError, KeyError, ValueError) as exc:
+        raise RunDirectoryError(f"{path}: cannot read the trained model ({exc})") from exc
+    identifier = FineClusterModel.from_arrays(arrays) if "stats.centroids" in arrays else None
+    return TrainedMixture(config, model, np.asarray(arrays["pi"]), identifier, int(data.x.shape[1]))

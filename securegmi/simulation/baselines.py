@@ -1,0 +1,145 @@
+"""The two references that exchange no messages: each client alone, and centralised EM."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from securegmi.core import fine_clusters as fc
+from securegmi.core.em import infer_mixture, log_prior, mixture_loss, responsibilities
+from securegmi.core.mixture import MixtureOfVAEs
+from securegmi.core.training import e_step_elbo, train_components
+from securegmi.federation.local import LocalLearner, seed_torch
+from securegmi.federation.statistics import SENSITIVITY
+from securegmi.privacy.calibration import CLUSTERS, HISTOGRAM, MOMENTS, PrivateMixturePlan
+from securegmi.privacy.dpsgd import DpSgdConfig, PrivateTrainer
+from securegmi.privacy.ledger import PrivacyBudget, PrivacyLedger
+from securegmi.privacy.mechanisms import gaussian_release
+from securegmi.privacy.noise import noise_generators
+from securegmi.simulation.recorder import Recorder
+from securegmi.simulation.study import client_settings, dp_plan, new_model
+
+
+def run_local(recorder: Recorder) -> tuple[list[MixtureOfVAEs], list[np.ndarray]]:
+    config, data = recorder.config, recorder.data
+    settings = client_settings(config)
+    clients = [
+        LocalLearner(f"client-{i}", c.x_train, new_model(config, data), settings, config.seed)
+        for i, c in enumerate(data.clients)
+    ]
+    for t in range(config.rounds):
+        t0 = time.perf_counter()
+        for client in clients:
+            client.em_round(t, recorder.temperature(t))
+        recorder.finish_round(t, t0, [c.model for c in clients], [c.pi for c in clients])
+    return [c.model for c in clients], [c.pi for c in clients]
+
+
+def run_oracle(recorder: Recorder) -> tuple[list[MixtureOfVAEs], list[np.ndarray]]:
+    """Centralised EM on the pooled training data, each client's pi still its own prior: the
+    upper reference that federation and privacy can at best match."""
+    config, data = recorder.config, recorder.data
+    model = new_model(config, data)
+    k = model.n_components
+    pis = [np.full(k, 1.0 / k) for _ in data.clients]
+    pooled = np.concatenate([c.x_train for c in data.clients])
+    optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    for t in range(config.rounds):
+        t0 = time.perf_counter()
+        rng = seed_torch(config.seed, t)
+        resps = []
+        for i, client in enumerate(data.clients):
+            elbo = e_step_elbo(model, client.x_train, config.elbo_samples)
+            r, _, pis[i] = infer_mixture(
+                elbo, pis[i], recorder.temperature(t), config.e_step_iterations, config.pi_floor
+            )
+            resps.append(r)
+        train_components(
+            model,
+            pooled,
+            torch.cat(resps),
+            optimiser,
+            epochs=config.local_epochs,
+            batch_size=config.batch_size,
+            generator=rng,
+        )
+        recorder.finish_round(t, t0, [model] * len(pis), pis)
+    return [model] * len(pis), pis
+
+
+def run_central_dp(recorder: Recorder) -> tuple[list[MixtureOfVAEs], list[np.ndarray], dict[str, Any]]:
+    """The central-DP reference (DESIGN §2): the same plan at the same (epsilon, delta) per
+    record, run by one trusted curator over the pooled records. Every sum gets its noise once
+    (sigma = noise multiplier x sensitivity); each client's histogram row is still one release
+    of that client's records, so it carries the same noise as in the federation; DP-SGD runs on
+    the pooled records with the same steps, sample rate and noise multiplier."""
+    config, data = recorder.config, recorder.data
+    plan = dp_plan(config, data)
+    assert isinstance(plan, PrivateMixturePlan)
+    stats = plan.statistics
+    rng, torch_noise = noise_generators(None)
+    k = config.model_components
+    sketch = fc.public_sketch(data.data_dim, stats.sketch_dim, stats.sketch_seed)
+    spheres = [fc.on_sphere(c.x_train, stats.centre, sketch) for c in data.clients]
+
+    def release(total: np.ndarray, name: str) -> np.ndarray:
+        return gaussian_release(total, stats.noise_multiplier(name), SENSITIVITY[name], rng)
+
+    total = release(np.sum([fc.moments_contribution(u) for u in spheres], axis=0), MOMENTS)
+    projection = fc.Projection.from_moments(total, stats.sketch_dim, stats.projection_dim)
+    zs = [projection(u) for u in spheres]
+    centroids = fc.initial_centroids(stats.clusters, stats.projection_dim, config.seed)
+    for i in range(stats.iterations):
+        total = release(np.sum([fc.cluster_contribution(z, centroids) for z in zs], axis=0), CLUSTERS)
+        floor = 3.0 * stats.cluster_noise * fc.CLUSTER_SENSITIVITY
+        centroids = fc.update_centroids(total, centroids, floor, config.seed + i + 1)
+    counts = np.stack([release(fc.histogram(z, centroids), HISTOGRAM) for z in zs])
+    grouping = fc.group_clusters(counts, k, config.seed)
+    identifier = fc.FineClusterModel(
+        stats.centre, sketch, projection, centroids, grouping.cluster_given_component
+    )
+    pis = [np.maximum(p, config.pi_floor) / np.maximum(p, config.pi_floor).sum() for p in grouping.pi]
+
+    model = new_model(config, data)
+    pooled = np.concatenate([c.x_train for c in data.clients])
+    resp = torch.cat(
+        [
+            responsibilities(
+                torch.as_tensor(identifier.log_likelihood(c.x_train), dtype=torch.float32), log_prior(pi)
+            )
+            for c, pi in zip(data.clients, pis, strict=True)
+        ]
+    )
+    # The divisor of the noisy sum: the expected batch, from the released record count.
+    normaliser = max(1.0, plan.sample_rate * float(grouping.sizes.sum()))
+    trainer = PrivateTrainer(
+        model,
+        torch.optim.Adam(model.parameters(), lr=config.learning_rate),
+        DpSgdConfig(plan.sgd_noise_multiplier, plan.clip_norm, plan.sample_rate, normaliser),
+        noise_generator=torch_noise,
+    )
+    x = torch.as_tensor(pooled)
+
+    def per_sample_loss(module: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return mixture_loss(module(x[batch]), resp[batch])
+
+    t0 = time.perf_counter()
+    trainer.train(per_sample_loss, len(x), plan.steps_per_round * plan.vae_rounds, int(rng.integers(2**63)))
+    recorder.identifier = identifier
+    recorder.finish_round(0, t0, [model] * len(pis), pis)
+    ledger = PrivacyLedger("central", PrivacyBudget(plan.epsilon, plan.delta)).check(
+        [e for r in range(plan.rounds) for e in plan.round_entries(r)]
+    )
+    summary = {
+        "target": plan.epsilon,
+        "delta": plan.delta,
+        "max_spent": ledger.spent,
+        "max_spent_pld": ledger.spent_pld(),
+        "placement": "central",
+        "secure_rng": False,
+        "noise": "private",
+    }
+    return [model] * len(pis), pis, summary

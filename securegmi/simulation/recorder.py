@@ -1,0 +1,92 @@
+"""A simulated run's bookkeeping: evaluation against the ground truth the harness keeps, the
+metrics row of every round, progress callbacks, and the run directory's metrics file."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from securegmi.config import SimulationConfig
+from securegmi.core.em import temperature_at
+from securegmi.core.fine_clusters import FineClusterModel
+from securegmi.core.mixture import IWAE_SAMPLES, MixtureOfVAEs
+from securegmi.data.mixture import FederatedData
+from securegmi.records.rundir import RunDirectory
+from securegmi.simulation.evaluation import Evaluation, evaluate
+
+
+@dataclass(frozen=True)
+class RoundMetrics:
+    round: int
+    temperature: float
+    source_accuracy: float
+    pi_tv_error: float
+    uplink_bytes: int  # all clients, this round
+    refused: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+ProgressCallback = Callable[[RoundMetrics], None]
+PlanCallback = Callable[[dict[str, Any]], None]  # receives the DP plan before the first round
+
+
+class Recorder:
+    def __init__(
+        self,
+        config: SimulationConfig,
+        data: FederatedData,
+        run_dir: RunDirectory | None,
+        progress: ProgressCallback | None,
+    ) -> None:
+        self.config, self.data, self.run_dir, self.progress = config, data, run_dir, progress
+        self.history: list[RoundMetrics] = []
+        # Source identification from released statistics, where the run has them; None: the
+        # VAEs' ELBOs identify sources.
+        self.identifier: FineClusterModel | None = None
+
+    def temperature(self, t: int) -> float:
+        c = self.config
+        return temperature_at(t, c.rounds, c.initial_temperature, c.anneal_fraction)
+
+    def evaluate(self, models: list[MixtureOfVAEs], pis: list[np.ndarray], final: bool = False) -> Evaluation:
+        return evaluate(
+            models,
+            pis,
+            self.data,
+            per_client_matching=self.config.method == "local",
+            elbo_samples=self.config.elbo_samples,
+            iwae_samples=IWAE_SAMPLES if final else None,
+            scorer=None if self.identifier is None else self.identifier.log_likelihood,
+        )
+
+    def finish_round(
+        self,
+        t: int,
+        started: float,
+        models: list[MixtureOfVAEs],
+        pis: list[np.ndarray],
+        uplink: int = 0,
+        refused: int = 0,
+    ) -> None:
+        ev = self.evaluate(models, pis)
+        row = RoundMetrics(
+            t,
+            self.temperature(t),
+            ev.source_accuracy,
+            ev.pi_tv_error,
+            uplink,
+            refused,
+            time.perf_counter() - started,
+        )
+        self.history.append(row)
+        if self.run_dir is not None:
+            self.run_dir.append_metrics(row.to_dict())
+        if self.progress is not None:
+            self.progress(row)

@@ -1,0 +1,206 @@
+"""Run one simulated study: every method side by side on the same generated clients."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from securegmi.config import SimulationConfig
+from securegmi.core.mixture import MixtureOfVAEs
+from securegmi.crypto.keys import SecretContext
+from securegmi.errors import ConfigError
+from securegmi.federation.codec import CkksCodec, ClearCodec, ClientCodec
+from securegmi.federation.local import adopt_aggregate
+from securegmi.federation.server import Server, play_round
+from securegmi.federation.transport import InProcessTransport
+from securegmi.privacy.calibration import DpPlan, PrivateMixturePlan
+from securegmi.privacy.ledger import PrivacyLedger
+from securegmi.protocol import ProtocolBuilder
+from securegmi.records.rundir import CONFIG, LEDGERS, RESULTS, TRANSCRIPT, RunDirectory
+from securegmi.simulation.baselines import run_central_dp, run_local, run_oracle
+from securegmi.simulation.evaluation import Evaluation
+from securegmi.simulation.recorder import PlanCallback, ProgressCallback, Recorder, RoundMetrics
+from securegmi.simulation.study import Federation, load_federated_data
+
+FEDERATED = ("fedgmi", "fedem-weights", "fedavg")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    config: SimulationConfig
+    protocol: str | None
+    evaluation: Evaluation
+    history: tuple[RoundMetrics, ...]
+    uplink_bytes_per_client_round: float
+    wall_seconds: float
+    source_names: tuple[str, ...]
+    privacy: dict[str, Any] | None = None  # epsilon target, delta, spent (RDP and PLD), noise
+
+    def to_dict(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "method": c.method,
+            "protocol": self.protocol,
+            "dataset": c.dataset,
+            "sources": c.sources,
+            "source_names": list(self.source_names),
+            "clients": c.clients,
+            "components": c.model_components,
+            "rounds": c.planned_rounds,
+            "seed": c.seed,
+            "source_accuracy": self.evaluation.source_accuracy,
+            "pi_tv_error": self.evaluation.pi_tv_error,
+            "nll": self.evaluation.nll,
+            "uplink_bytes_per_client_round": self.uplink_bytes_per_client_round,
+            "wall_seconds": self.wall_seconds,
+            "epsilon": self.privacy,  # None: no differential privacy
+            "per_client": list(self.evaluation.per_client),
+        }
+
+
+def run_simulation(
+    config: SimulationConfig,
+    *,
+    protocol: ProtocolBuilder | None = None,
+    out: Path | None = None,
+    overwrite: bool = False,
+    progress: ProgressCallback | None = None,
+    on_plan: PlanCallback | None = None,
+) -> RunResult:
+    """Run one simulated study and, with `out`, write its run directory.
+
+    Federated methods need a `protocol` builder (e.g. ``securegmi.protocols.builder("secure")``);
+    `local`, `oracle` and `central-dp` exchange no messages.
+    """
+    started = time.perf_counter()
+    run_dir = RunDirectory(out, overwrite=overwrite) if out is not None else None
+    data = load_federated_data(config)
+    if run_dir is not None:
+        run_dir.write_json(CONFIG, config.to_dict())
+    recorder = Recorder(config, data, run_dir, progress)
+    spec_name: str | None = None
+    privacy: dict[str, Any] | None = None
+    uplink = 0.0
+    exported: np.ndarray | None = None
+    if config.method in FEDERATED:
+        if protocol is None:
+            raise ConfigError(f"method {config.method} needs a protocol builder")
+        federation = Federation.build(config, protocol, data)
+        models, pis, uplink, privacy = run_federated(federation, recorder, on_plan)
+        spec_name = federation.spec.name
+        exported = federation.exported(models[0])
+    elif config.method == "central-dp":
+        models, pis, privacy = run_central_dp(recorder)
+    elif config.method == "local":
+        models, pis = run_local(recorder)
+    else:
+        models, pis = run_oracle(recorder)
+        exported = models[0].get_component_vectors()
+    final = recorder.evaluate(models, pis, final=True)
+    result = RunResult(
+        config,
+        spec_name,
+        final,
+        tuple(recorder.history),
+        uplink,
+        time.perf_counter() - started,
+        data.source_names,
+        privacy,
+    )
+    if run_dir is not None:
+        if exported is not None:  # one shared model: the federated methods and the oracle
+            # Under CKKS the identifier is post-processing of aggregates that passed the
+            # release function on decryption (federation.codec).
+            extra = {} if recorder.identifier is None else recorder.identifier.arrays()
+            metadata = {"method": config.method, "seed": str(config.seed)}
+            run_dir.save_checkpoint(exported, np.stack(pis), metadata, extra)
+        run_dir.write_json(RESULTS, result.to_dict())
+    return result
+
+
+def run_federated(
+    federation: Federation, recorder: Recorder, on_plan: PlanCallback | None
+) -> tuple[list[MixtureOfVAEs], list[np.ndarray], float, dict[str, Any] | None]:
+    """The clients and the server exchanging protocol messages in this process."""
+    plan, run_dir = federation.plan, recorder.run_dir
+    ledger_dir = run_dir.file(LEDGERS) if run_dir is not None and plan is not None else None
+    if run_dir is not None:
+        federation.write_public_files(run_dir)
+    if plan is not None and on_plan is not None:
+        on_plan(plan.to_dict())
+    # The key ceremony, in-process for a simulation: clients share the secret context, the
+    # server gets the public one only.
+    keys = SecretContext.generate(federation.ckks_parameters()) if federation.secure else None
+    clients = {cid: federation.client(i, keys, ledger_dir) for i, cid in enumerate(federation.client_ids)}
+    transcript = run_dir.file(TRANSCRIPT) if run_dir is not None else None
+    server = federation.server(keys.public() if keys is not None else None, transcript)
+    # The harness plays a client to evaluate: it opens each aggregate as a client would.
+    harness: ClientCodec = CkksCodec(keys) if keys is not None else ClearCodec()
+    reference = federation.new_model()
+    transport = InProcessTransport(server.endpoint, {cid: client.endpoint for cid, client in clients.items()})
+    uplink_total = 0
+    stats_rounds = federation.statistics.rounds if federation.statistics is not None else 0
+    try:
+        for t in range(federation.rounds):
+            t0 = time.perf_counter()
+            outcome = play_round(server, transport, list(clients), t, recorder.temperature(t))
+            uplink_total += outcome.uplink_bytes
+            if t < stats_rounds:
+                continue  # no model yet: the statistics phase ends with the first VAE round
+            recorder.identifier = next(iter(clients.values())).identifier
+            open_model(server, harness, reference, t + 1)
+            recorder.finish_round(
+                t,
+                t0,
+                [reference] * len(clients),
+                [c.pi for c in clients.values()],
+                outcome.uplink_bytes,
+                len(outcome.refused) + len(outcome.rejected),
+            )
+    finally:
+        server.close()
+    per_client_round = uplink_total / max(1, federation.rounds * len(clients))
+    summary = None
+    if plan is not None:
+        ledgers = [c.ledger for c in clients.values() if c.ledger is not None]
+        summary = privacy_summary(federation.config, plan, ledgers)
+    return [reference] * len(clients), [c.pi for c in clients.values()], per_client_round, summary
+
+
+def open_model(server: Server, codec: ClientCodec, model: MixtureOfVAEs, round_index: int) -> None:
+    """`model` set to what a client holds after opening the server's next broadcast."""
+    message = server.broadcast(round_index, 1.0)
+    adopt_aggregate(model, codec.open(message, server.spec))
+
+
+def privacy_summary(
+    config: SimulationConfig, plan: DpPlan | PrivateMixturePlan, ledgers: list[PrivacyLedger]
+) -> dict[str, Any]:
+    summary = {
+        "target": plan.epsilon,
+        "delta": plan.delta,
+        "max_spent": max(ledger.spent for ledger in ledgers),
+        "max_spent_pld": max(ledger.spent_pld() for ledger in ledgers),
+        # Against the server colluding with one client (split noise); equal to max_spent otherwise.
+        "max_spent_fallback": max(ledger.spent_fallback for ledger in ledgers),
+        "placement": config.placement,
+        "design": config.private_training,
+        "sgd_noise_multiplier": plan.sgd_noise_multiplier,
+        "secure_rng": False,
+        "noise": config.dp_noise,
+    }
+    if isinstance(plan, DpPlan):
+        summary["count_noise_multiplier"] = plan.count_noise_multiplier
+    else:
+        s = plan.statistics
+        summary |= {
+            "moments_noise_multiplier": s.moments_noise,
+            "cluster_noise_multiplier": s.cluster_noise,
+            "histogram_noise_multiplier": s.histogram_noise,
+            "min_clients": s.min_clients,
+        }
+    return summary

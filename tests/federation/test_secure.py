@@ -1,0 +1,182 @@
+"""The secure protocol: DP as in `dp`, plus CKKS; the server holds no secret key."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from securegmi.cli.main import app
+from securegmi.config import SimulationConfig
+from securegmi.crypto.keys import SecretContext
+from securegmi.crypto.params import CkksParameters
+from securegmi.federation.server import Server
+from securegmi.protocol import Message
+from securegmi.protocol.fields import Ciphertext
+from securegmi.protocols import dp, secure
+from securegmi.simulation.runner import run_simulation
+from securegmi.simulation.study import load_federated_data, new_model
+
+SMALL = {
+    "dataset": "synthetic",
+    "clients": 4,
+    "rounds": 3,
+    "local_epochs": 1,
+    "hidden": 16,
+    "latent": 2,
+    "epsilon": 4.0,
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """dp and secure with the same (seeded, test-only) noise, and a secure run as deployed."""
+    base = tmp_path_factory.mktemp("secure")
+    out = {}
+    for name, protocol, build, noise, placement in (
+        ("dp", "dp", dp.build, "seeded", "local"),
+        ("secure", "secure", secure.build, "seeded", "local"),  # the same noise as dp
+        ("secure-private", "secure", secure.build, "private", None),  # split, the default
+    ):
+        config = SimulationConfig(protocol=protocol, dp_noise=noise, noise_placement=placement, **SMALL)
+        out[name] = (base / name, run_simulation(config, protocol=build, out=base / name))
+    return out
+
+
+@pytest.mark.slow
+def test_secure_and_dp_report_the_same_epsilon_and_utility(runs):
+    (_, d), (_, s) = runs["dp"], runs["secure"]
+    assert s.privacy == d.privacy  # the same plan, ledgers and spend
+    assert abs(s.evaluation.source_accuracy - d.evaluation.source_accuracy) <= 0.02
+    assert abs(s.evaluation.pi_tv_error - d.evaluation.pi_tv_error) <= 0.01
+    assert s.uplink_bytes_per_client_round > d.uplink_bytes_per_client_round  # ciphertexts are larger
+
+
+@pytest.mark.slow
+def test_a_secure_run_passes_the_audit_and_encryption_alone_would_not(runs, tmp_path):
+    out, _ = runs["secure-private"]
+    runner = CliRunner()
+    report = json.loads(runner.invoke(app, ["audit", str(out), "--json"]).stdout)
+    assert report["ok"] and {d["protection"] for d in report["disclosures"]} == {"dp+encrypted"}
+    # Negative control: a ciphertext whose plaintext is not on a ledger fails the audit.
+    import shutil
+
+    shutil.copytree(out, tmp_path / "t")
+    transcript = tmp_path / "t" / "transcript.jsonl"
+    rows = [json.loads(line) for line in transcript.read_text().splitlines()]
+    for r in rows:
+        if r.get("field") == "masses" and r["sender"] == "client-2":
+            r.pop("event", None)
+    transcript.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    audit = runner.invoke(app, ["audit", str(tmp_path / "t"), "--json"])
+    assert audit.exit_code == 1
+    assert "encrypted only" in {d["protection"] for d in json.loads(audit.stdout)["disclosures"]}
+
+
+def _secret_holders(obj: object, seen: set[int] | None = None, depth: int = 0) -> list[str]:
+    """Every SecretContext or secret-bearing TenSEAL context reachable from `obj`."""
+    import tenseal as ts
+
+    seen = seen if seen is not None else set()
+    if id(obj) in seen or depth > 6:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, SecretContext) or (isinstance(obj, ts.Context) and obj.has_secret_key()):
+        return [type(obj).__name__]
+    children: list[object] = []
+    if isinstance(obj, dict):
+        children = list(obj.values())
+    elif isinstance(obj, list | tuple | set):
+        children = list(obj)
+    elif hasattr(obj, "__dict__"):
+        children = list(vars(obj).values())
+    return [h for c in children for h in _secret_holders(c, seen, depth + 1)]
+
+
+def _server(keys: SecretContext) -> Server:
+    config = SimulationConfig(protocol="secure", **SMALL)
+    ref = new_model(config, load_federated_data(config))
+    spec = secure.build(components=3, parameters=ref.parameter_count())
+    return Server(spec, keys.public())
+
+
+def test_the_server_holds_no_secret_key_and_the_check_can_tell():
+    keys = SecretContext.generate(CkksParameters(max_clients=4))
+    server = _server(keys)
+    assert _secret_holders(server) == []
+    server.__dict__["oops"] = keys  # negative control: a server that was handed the secret
+    assert _secret_holders(server) == ["SecretContext"]
+
+
+def test_an_update_under_another_key_is_rejected_and_the_round_completes():
+    from securegmi.crypto.envelope import decrypt, encrypt
+
+    keys = SecretContext.generate(CkksParameters(max_clients=4))
+    server = _server(keys)
+    p = server.spec.dims["P"]
+
+    def update(k: SecretContext, sender: str, scale: float) -> Message:
+        return Message(
+            "update",
+            0,
+            sender,
+            {
+                "masses": Ciphertext(encrypt(k, np.full(3, scale)), k.key_id, "counts@round0"),
+                "weighted_components": Ciphertext(
+                    encrypt(k, np.full(3 * p, scale)), k.key_id, "dpsgd@round0"
+                ),
+            },
+        )
+
+    stranger = SecretContext.generate(CkksParameters(max_clients=4))
+    rejected = server.aggregate(
+        {"a": update(keys, "a", 1.0), "b": update(stranger, "b", 5.0), "c": update(keys, "c", 2.0)}
+    )
+    assert list(rejected) == ["b"] and "another key" in rejected["b"]
+    masses, sums = server.totals["component_masses"], server.totals["component_sums"]
+    assert isinstance(masses, bytes) and isinstance(sums, bytes)
+    assert np.allclose(decrypt(keys, masses), 3.0, atol=1e-5)
+    assert np.allclose(decrypt(keys, sums), 3.0, atol=1e-5)
+
+
+def test_keys_new_writes_an_owner_only_secret(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["keys", "new", "--out", str(tmp_path / "k")])
+    assert result.exit_code == 0, result.output
+    assert os.stat(tmp_path / "k" / "secret.ckks").st_mode & 0o777 == 0o600
+    again = runner.invoke(app, ["keys", "new", "--out", str(tmp_path / "k")])
+    assert again.exit_code == 2 and "refusing to overwrite" in again.output
+
+
+def test_secure_refuses_top_b():
+    from securegmi.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="top-b"):
+        SimulationConfig(protocol="secure", epsilon=8.0, top_b=1)
+
+
+@pytest.mark.slow
+def test_the_exported_model_of_a_secure_run_is_rounded(runs):
+    from safetensors.numpy import load_file
+
+    from securegmi.crypto.release import RELEASE_PRECISION
+
+    out, _ = runs["secure"]
+    components = load_file(str(out / "model.safetensors"))["components"].astype(np.float64)
+    grid = np.round(components / RELEASE_PRECISION)
+    assert np.allclose(components, grid * RELEASE_PRECISION, rtol=0, atol=1e-7)
+    # Negative control: the dp run's export is not on the grid.
+    d_out, _ = runs["dp"]
+    d = load_file(str(d_out / "model.safetensors"))["components"].astype(np.float64)
+    assert not np.allclose(d, np.round(d / RELEASE_PRECISION) * RELEASE_PRECISION, rtol=0, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_the_audit_fails_a_run_whose_noise_was_seeded(runs):
+    out, _ = runs["secure"]  # dp_noise="seeded"
+    audit = CliRunner().invoke(app, ["audit", str(out), "--json"])
+    assert audit.exit_code == 1
+    assert any("regenerate and subtract" in p for p in json.loads(audit.stdout)["problems"])

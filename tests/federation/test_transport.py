@@ -1,0 +1,149 @@
+"""What leaves a client: only declared fields, validated at both ends, recorded without values."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from securegmi.config import SimulationConfig
+from securegmi.errors import ProtocolViolation
+from securegmi.federation.client import Client
+from securegmi.federation.server import Server
+from securegmi.federation.transport import ClientEndpoint, InProcessTransport
+from securegmi.protocol import Message, NonPrivate, decode
+from securegmi.protocols import plain
+from securegmi.simulation.study import client_settings, load_federated_data, new_model
+
+CONFIG = SimulationConfig(dataset="synthetic", clients=3, rounds=2, local_epochs=1, hidden=16, latent=2)
+
+
+class SpyTransport(InProcessTransport):
+    """Records every byte string that leaves a client."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.sent: list[tuple[str, bytes]] = []
+
+    def deliver(self, client_id: str, wire: bytes) -> bytes:
+        reply = super().deliver(client_id, wire)
+        self.sent.append((client_id, reply))
+        return reply
+
+
+def leaky(client: Client):  # type: ignore[no-untyped-def]
+    """A modified client that also sends its raw sample count, a field the protocol does not
+    declare."""
+
+    def handle(message: Message) -> Message:
+        reply = client._handle(message)
+        payload = dict(reply.payload)
+        payload["n_samples"] = NonPrivate(np.array([float(len(client.learner.x))]))
+        return Message(reply.stage, reply.round, reply.sender, payload)
+
+    return handle
+
+
+def _setup(tmp_path, leaks: set[str] = frozenset(), bypass: set[str] = frozenset()):  # type: ignore[assignment]
+    data = load_federated_data(CONFIG)
+    ref = new_model(CONFIG, data)
+    spec = plain.build(components=ref.n_components, parameters=ref.parameter_count())
+    server = Server(spec, transcript_path=tmp_path / "transcript.jsonl")
+    endpoints = {}
+    for i, c in enumerate(data.clients):
+        cid = f"client-{i}"
+        client = Client(cid, new_model(CONFIG, data), c.x_train, spec, settings=client_settings(CONFIG))
+        handler = leaky(client) if cid in leaks | bypass else client._handle
+        # A client whose own check is skipped (a modified client) must still be refused.
+        endpoint_spec = _permissive(spec) if cid in bypass else spec
+        endpoints[cid] = ClientEndpoint(cid, handler, endpoint_spec)
+    transport = SpyTransport(server.endpoint, endpoints)
+    return transport, server, server.endpoint.transcript
+
+
+def _permissive(spec):  # type: ignore[no-untyped-def]
+    class Permissive(type(spec)):  # type: ignore[misc]
+        def validate(self, message, *, sender_role, sender=None):  # type: ignore[no-untyped-def]
+            return None
+
+    return Permissive(spec.name, spec.description, spec.stages, spec.release, spec.codec, spec.dims)
+
+
+def test_only_declared_fields_leave_a_client(tmp_path):
+    transport, server, transcript = _setup(tmp_path)
+    exchange = transport.exchange({cid: server.broadcast(0, 10.0) for cid in transport.clients})
+    transcript.close()
+    assert not exchange.refused and len(exchange.replies) == 3
+    declared = {f.name for f in plain.build(components=3, parameters=1).stage("update").fields}
+    assert len(transport.sent) == 3
+    for _, wire in transport.sent:
+        assert set(decode(wire).payload) == declared
+
+
+def test_undeclared_field_is_refused_at_the_client_and_nothing_leaves(tmp_path):
+    transport, server, transcript = _setup(tmp_path, leaks={"client-1"})
+    exchange = transport.exchange({cid: server.broadcast(0, 10.0) for cid in transport.clients})
+    transcript.close()
+    assert "undeclared" in exchange.refused["client-1"] and "n_samples" in exchange.refused["client-1"]
+    assert sorted(exchange.replies) == ["client-0", "client-2"]  # the round completes without it
+    assert [cid for cid, _ in transport.sent] == ["client-0", "client-2"]  # the spy saw no bytes
+    rows = [json.loads(line) for line in (tmp_path / "transcript.jsonl").read_text().splitlines()]
+    assert any(r["status"] == "refused" and r["sender"] == "client-1" for r in rows)
+
+
+def test_client_endpoint_raises_protocol_violation(tmp_path):
+    transport, server, transcript = _setup(tmp_path, leaks={"client-0"})
+    from securegmi.protocol import encode
+
+    with pytest.raises(ProtocolViolation, match="n_samples"):
+        transport.clients["client-0"].receive(encode(server.broadcast(0, 10.0)))
+    transcript.close()
+
+
+def test_server_end_refuses_a_client_that_skips_its_own_check(tmp_path):
+    transport, server, transcript = _setup(tmp_path, bypass={"client-2"})
+    exchange = transport.exchange({cid: server.broadcast(0, 10.0) for cid in transport.clients})
+    transcript.close()
+    # The bytes did leave the modified client (the spy saw them) but the server refused them.
+    assert "client-2" in [cid for cid, _ in transport.sent]
+    assert "n_samples" in exchange.refused["client-2"]
+    assert sorted(exchange.replies) == ["client-0", "client-1"]
+    rows = [json.loads(line) for line in (tmp_path / "transcript.jsonl").read_text().splitlines()]
+    assert any(r["status"] == "rejected" and r["field"] == "n_samples" for r in rows)
+
+
+def test_transcript_holds_metadata_never_values(tmp_path):
+    transport, server, transcript = _setup(tmp_path)
+    exchange = transport.exchange({cid: server.broadcast(0, 10.0) for cid in transport.clients})
+    transcript.close()
+    rows = [json.loads(line) for line in (tmp_path / "transcript.jsonl").read_text().splitlines()]
+    assert {r["field"] for r in rows} == {  # round 0's downlink is `start`: public values only
+        "temperature",
+        "masses",
+        "component_index",
+        "weighted_components",
+    }
+    allowed = {
+        "round",
+        "stage",
+        "sender",
+        "receiver",
+        "status",
+        "message_bytes",
+        "message_sha256",
+        "field",
+        "kind",
+        "shape",
+        "dtype",
+        "bytes",
+        "sha256",
+    }
+    assert all(set(r) <= allowed for r in rows)
+    masses = exchange.replies["client-0"].payload["masses"].value  # type: ignore[union-attr]
+    text = (tmp_path / "transcript.jsonl").read_text()
+    assert f"{masses[0]:.6g}"[:6] not in text  # the values themselves are not written
+    import hashlib
+
+    row = next(r for r in rows if r["sender"] == "client-0" and r["field"] == "masses")
+    assert row["sha256"] == hashlib.sha256(masses.tobytes()).hexdigest()

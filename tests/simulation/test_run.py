@@ -1,0 +1,115 @@
+"""End-to-end runs on the fast synthetic set, and the run-directory contract."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from securegmi.config import SimulationConfig
+from securegmi.errors import ConfigError, RunDirectoryError
+from securegmi.protocols import plain
+from securegmi.simulation.runner import run_simulation
+
+FAST = {"dataset": "synthetic", "clients": 10, "rounds": 15, "local_epochs": 2, "hidden": 32, "latent": 2}
+
+
+@pytest.fixture(scope="module")
+def fedgmi_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "fedgmi"
+    return out, run_simulation(SimulationConfig(**FAST), protocol=plain.build, out=out)
+
+
+@pytest.mark.slow
+def test_fedgmi_recovers_mixture_proportions_on_synthetic(fedgmi_run):
+    _, result = fedgmi_run
+    assert result.evaluation.pi_tv_error < 0.05
+    assert result.evaluation.source_accuracy > 0.95
+
+
+@pytest.mark.slow
+def test_results_contract_and_run_directory(fedgmi_run):
+    out, result = fedgmi_run
+    results = json.loads((out / "results.json").read_text())
+    for key in (
+        "method",
+        "protocol",
+        "dataset",
+        "clients",
+        "components",
+        "rounds",
+        "source_accuracy",
+        "pi_tv_error",
+        "uplink_bytes_per_client_round",
+        "wall_seconds",
+        "epsilon",
+    ):
+        assert key in results
+    assert results["protocol"] == "plain" and results["epsilon"] is None
+    assert results["source_accuracy"] == result.evaluation.source_accuracy
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == list(range(FAST["rounds"]))
+    config = json.loads((out / "config.json").read_text())
+    assert SimulationConfig.from_dict(config) == SimulationConfig(**FAST)
+    checkpoint = load_file(str(out / "model.safetensors"))
+    assert checkpoint["components"].shape[0] == 3 and checkpoint["pi"].shape == (10, 3)
+    # Uplink: K float64 masses + K int64 indices + K x P float32 weighted components.
+    p = checkpoint["components"].shape[1]
+    assert results["uplink_bytes_per_client_round"] == 3 * 8 + 3 * 8 + 3 * p * 4
+    assert (out / "transcript.jsonl").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_same_seed_same_run_other_seed_other_run():
+    config = SimulationConfig(**{**FAST, "rounds": 3})
+    a = run_simulation(config, protocol=plain.build)
+    b = run_simulation(config, protocol=plain.build)
+    c = run_simulation(SimulationConfig(**{**FAST, "rounds": 3, "seed": 1}), protocol=plain.build)
+    assert a.evaluation.per_client == b.evaluation.per_client
+    assert [h.source_accuracy for h in a.history] == [h.source_accuracy for h in b.history]
+    assert a.evaluation.per_client != c.evaluation.per_client
+
+
+@pytest.mark.slow
+def test_top_b_sends_fewer_components():
+    full = run_simulation(SimulationConfig(**{**FAST, "rounds": 2}), protocol=plain.build)
+    top1 = run_simulation(SimulationConfig(**{**FAST, "rounds": 2, "top_b": 1}), protocol=plain.build)
+    assert top1.uplink_bytes_per_client_round < 0.4 * full.uplink_bytes_per_client_round
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["local", "oracle", "fedavg", "fedem-weights"])
+def test_every_method_runs_and_reports(method, tmp_path):
+    config = SimulationConfig(**{**FAST, "rounds": 2, "method": method})
+    result = run_simulation(config, protocol=plain.build, out=tmp_path / method)
+    results = json.loads((tmp_path / method / "results.json").read_text())
+    assert results["method"] == method
+    assert 0.0 <= result.evaluation.source_accuracy <= 1.0
+    assert np.isfinite(result.evaluation.nll)
+    assert results["components"] == (1 if method == "fedavg" else 3)
+    assert (results["protocol"] is None) == (method in ("local", "oracle"))
+
+
+def test_existing_run_directory_is_not_overwritten(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text("{}")
+    with pytest.raises(RunDirectoryError, match="--overwrite"):
+        run_simulation(SimulationConfig(**{**FAST, "rounds": 1}), protocol=plain.build, out=tmp_path / "run")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"method": "fedprox"}, "method"),
+        ({"clients": 0}, "clients"),
+        ({"top_b": 4}, "top_b"),
+        ({"top_b": 1, "method": "local"}, "top_b"),
+        ({"alpha": -1.0}, "alpha"),
+        ({"temperature": 0.5}, "temperature"),
+    ],
+)
+def test_invalid_configuration_is_refused_on_construction(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        SimulationConfig(**kwargs)
