@@ -24,8 +24,8 @@ from securegmi.errors import (
     SecureGMIError,
 )
 from securegmi.federation.client import Client
-from securegmi.federation.dp_release import ClientPrivacy
 from securegmi.federation.local import ClientSettings
+from securegmi.federation.release import ClientPrivacy
 from securegmi.federation.server import Server
 from securegmi.privacy.calibration import calibrate
 from securegmi.privacy.ledger import PrivacyBudget

@@ -222,6 +222,7 @@ def run_flower_simulation(
     )
     run_dir = RunDirectory.existing(out)
     metadata = {"method": config.method, "seed": str(config.seed)}
-    run_dir.save_checkpoint(federation.exported(model), np.stack(pis), metadata)
+    components, mixtures = model.get_component_vectors(), np.stack(pis)
+    run_dir.save_checkpoint(federation.exported(components), federation.exported(mixtures), metadata)
     run_dir.write_json(RESULTS, {**result.to_dict(), "engine": "flower-simulation"})
     return result

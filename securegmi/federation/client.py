@@ -33,9 +33,14 @@ from securegmi.errors import (
     SecureGMIError,
 )
 from securegmi.federation.codec import CkksCodec, ClearCodec, ClientCodec
-from securegmi.federation.dp_release import ClientPrivacy, CountsRelease, StatisticsRelease
 from securegmi.federation.local import ClientSettings, LocalLearner
-from securegmi.federation.release import PlainRelease, ReleasePolicy
+from securegmi.federation.release import (
+    ClientPrivacy,
+    CountsRelease,
+    PlainRelease,
+    ReleasePolicy,
+    StatisticsRelease,
+)
 from securegmi.federation.transport import ClientEndpoint
 from securegmi.privacy.calibration import DpPlan
 from securegmi.privacy.ledger import PrivacyLedger

@@ -1,7 +1,7 @@
 """A client's local FedGMI work (DESIGN §1): its records, its model copy and its mixture
 estimate pi; adopting the aggregate, E-step, training, and the pre-weighted upload.
 
-Release policies (`release`, `dp_release`) decide which of these steps run and what of their
+Release policies (`release`) decide which of these steps run and what of their
 results may leave the client; this module computes, it never discloses.
 """
 

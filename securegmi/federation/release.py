@@ -3,22 +3,47 @@
 A `Client` holds one policy and one codec (`codec`). The policy turns the server's decoded
 message into the values of the client's reply and the ledger event that covers each of them;
 the codec decides how they travel. New privacy mechanisms are new policies, never new client
-classes. This module holds the interface and the non-private policy; `dp_release` the private
-ones.
+classes. Three policies:
+
+- `PlainRelease`: what FedGMI computes, as it is (the plain protocol).
+- `StatisticsRelease` (a `PrivateMixturePlan`, the default private design): the statistics
+  phase (`statistics.StatisticsRole`), then DP-SGD on the VAEs with
+  r(x) = softmax(log pi~ + log P(j(x) | k)), every term a released value or the record itself;
+  it uploads w = n~ pi~ (post-processing of the histogram release) and w * theta.
+- `CountsRelease` (a `DpPlan`, the earlier "em" design): soft counts every round. What it
+  computes from its data, in order, and why each step is covered:
+    1. ELBOs and r = softmax(log pi~ + ELBO / T) with pi~ from its LAST RELEASE, never from a
+       private fixed point: r(x) must depend on x alone (and public or released values), or
+       one record would move every other record's loss and DP-SGD's analysis would not hold.
+    2. m~ = sum_x r(x) + N(0, sigma_m^2 I): L2 sensitivity 1, since ||r(x)||_2 <= ||r(x)||_1 = 1.
+    3. pi~ = projection of m~ (post-processing); r recomputed with it (still per record).
+    4. DP-SGD steps on sum_k r_k(x) (-ELBO_k(x)), clipped jointly over all K components.
+    5. Upload w = max(m~, 0) and w * theta: post-processing of steps 2 and 4.
+The two private policies share `DpMechanisms`: the ledger, private noise and DP-SGD trainer.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import torch
+from torch import Tensor, nn
 
+from securegmi.core.em import log_prior, mixture_estimate, mixture_loss, responsibilities
 from securegmi.core.fine_clusters import FineClusterModel
-from securegmi.errors import ProtocolViolation
+from securegmi.errors import PrivacyError, ProtocolViolation
 from securegmi.federation.local import LocalLearner
-from securegmi.privacy.ledger import PrivacyLedger
+from securegmi.federation.statistics import AGGREGATE_FIELD, StatisticsRole, downlink_stage
+from securegmi.privacy.calibration import COUNTS, DPSGD, HISTOGRAM, DpPlan, PrivateMixturePlan
+from securegmi.privacy.dpsgd import DpSgdConfig, GradObserver, PrivateTrainer
+from securegmi.privacy.ledger import LedgerEntry, PrivacyBudget, PrivacyLedger
+from securegmi.privacy.mechanisms import gaussian_release
+from securegmi.privacy.noise import noise_generators
 from securegmi.protocol import START
 
 BROADCAST, UPDATE = "broadcast", "update"
@@ -76,3 +101,192 @@ class PlainRelease:
 
     def load_state(self, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
         pass
+
+
+@dataclass(frozen=True)
+class ClientPrivacy:
+    """A client's part of the federation's DP plan."""
+
+    plan: DpPlan | PrivateMixturePlan
+    batch_normaliser: float  # public divisor of the noisy DP-SGD sum
+    ledger_path: Path | None = None  # written before anything leaves (write-ahead)
+    # None: noise from OS entropy. An int makes the noise reproducible, for tests only: anyone
+    # holding it could subtract the noise (privacy.noise).
+    noise_seed: int | None = None
+    # Under the statistics design: this client's position in the public cohort list (its block
+    # of the histogram matrix) and the cohort's size.
+    slot: int = 0
+    cohort: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.batch_normaliser > 0:
+            raise PrivacyError(f"batch_normaliser must be positive, got {self.batch_normaliser}")
+        if not 0 <= self.slot < self.cohort:
+            raise PrivacyError(f"slot {self.slot} is outside the cohort of {self.cohort} clients")
+
+
+class DpMechanisms:
+    """A client's ledger, its private noise, and its DP-SGD trainer."""
+
+    def __init__(self, learner: LocalLearner, privacy: ClientPrivacy) -> None:
+        if learner.settings.weighting != "mass":
+            raise PrivacyError("a DP client weights components by its released counts only")
+        plan = privacy.plan
+        self.learner, self.privacy = learner, privacy
+        self.ledger = PrivacyLedger(learner.client_id, PrivacyBudget(plan.epsilon, plan.delta))
+        self.noise_rng, self.torch_noise = noise_generators(privacy.noise_seed)
+        self.trainer = PrivateTrainer(
+            learner.model,
+            torch.optim.Adam(learner.model.parameters(), lr=learner.settings.learning_rate),
+            DpSgdConfig(
+                plan.sgd_noise_multiplier, plan.clip_norm, plan.sample_rate, privacy.batch_normaliser
+            ),
+            noise_generator=self.torch_noise,
+        )
+        self.observe: GradObserver | None = None  # test hook: each step's clipped sum, pre-noise
+
+    def commit(self, entries: tuple[LedgerEntry, ...]) -> None:
+        """Check, then commit, then persist: all before anything is computed for release."""
+        self.ledger = self.ledger.check(entries)
+        if self.privacy.ledger_path is not None:
+            self.ledger.save(self.privacy.ledger_path)
+
+    def train(self, resp: Tensor, steps: int) -> None:
+        x = torch.as_tensor(self.learner.x)
+
+        def per_sample_loss(module: nn.Module, batch: Tensor) -> Tensor:
+            return mixture_loss(module(x[batch]), resp[batch])
+
+        # A fresh Adam each round, as in the non-private client.
+        self.trainer.optimiser.original_optimizer.state.clear()
+        # Which records each step samples must stay secret too: subsampling amplification
+        # assumes nobody knows whether a given record was drawn.
+        step_seed = int(self.noise_rng.integers(2**63))
+        self.trainer.train(per_sample_loss, len(x), steps, step_seed, self.observe)
+
+    def state_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        arrays: dict[str, np.ndarray] = {}
+        metadata = {"ledger": json.dumps(self.ledger.to_json(), sort_keys=True)}
+        if self.privacy.noise_seed is not None:
+            # Only reproducible test noise is carried over; private noise is never written
+            # down, and a restored client draws fresh OS entropy instead.
+            metadata["noise_rng"] = json.dumps(self.noise_rng.bit_generator.state)
+            arrays["torch_noise"] = self.torch_noise.get_state().numpy()
+        return arrays, metadata
+
+    def load_state(self, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
+        ledger = PrivacyLedger.from_json(json.loads(metadata["ledger"]))
+        path = self.privacy.ledger_path
+        if path is not None and path.exists():
+            # The ledger file is written ahead of every release, the state after it: if a
+            # process died in between, the file knows of a spend the state does not.
+            on_disk = PrivacyLedger.load(path)
+            if len(on_disk.entries) >= len(ledger.entries):
+                ledger = on_disk
+        if ledger.client_id != self.learner.client_id or ledger.budget != self.ledger.budget:
+            raise PrivacyError(
+                f"{self.learner.client_id}: the saved ledger belongs to {ledger.client_id!r} with budget "
+                f"{ledger.budget}; refusing to continue under a different identity or budget"
+            )
+        self.ledger = ledger
+        if self.privacy.noise_seed is not None and "noise_rng" in metadata:
+            self.noise_rng.bit_generator.state = json.loads(metadata["noise_rng"])
+            self.torch_noise.set_state(torch.from_numpy(np.asarray(arrays["torch_noise"], dtype=np.uint8)))
+
+
+class CountsRelease(DpMechanisms):
+    """The em design (module docstring): DP soft counts and DP-SGD every round."""
+
+    identifier: FineClusterModel | None = None
+
+    def __init__(self, learner: LocalLearner, privacy: ClientPrivacy) -> None:
+        super().__init__(learner, privacy)
+        assert isinstance(privacy.plan, DpPlan)
+        self.plan: DpPlan = privacy.plan
+        self.pre_noise_counts: np.ndarray | None = None  # test hook: the last sum_x r(x)
+
+    def respond(self, round_index: int, stage: str, inbound: Mapping[str, np.ndarray]) -> Reply:
+        learner, s = self.learner, self.learner.settings
+        expect_stage(learner.client_id, round_index, stage, START if round_index == 0 else BROADCAST)
+        learner.adopt(inbound)
+        self.commit(self.plan.round_entries(round_index))
+        learner.public_randomness(round_index)  # the ELBO's latent draws
+        temperature = float(inbound["temperature"])
+        elbo = learner.elbo()
+        counts = responsibilities(elbo, log_prior(learner.pi), temperature).sum(0).numpy().astype(np.float64)
+        self.pre_noise_counts = counts
+        # L2 sensitivity 1 under add/remove-one: ||r(x)||_2 <= ||r(x)||_1 = 1.
+        noisy = gaussian_release(counts, self.plan.count_noise_multiplier, 1.0, self.noise_rng)
+        learner.pi = mixture_estimate(noisy, s.pi_floor)
+        self.train(responsibilities(elbo, log_prior(learner.pi), temperature), self.plan.steps_per_round)
+        counts_event = f"{COUNTS}@round{round_index}"
+        events = {
+            "masses": counts_event,
+            "component_index": counts_event,  # which components: a function of the released counts
+            "weighted_components": f"{DPSGD}@round{round_index}",
+        }
+        return Reply(UPDATE, learner.upload(noisy), events)
+
+
+class StatisticsRelease(DpMechanisms):
+    """The statistics design (module docstring)."""
+
+    def __init__(self, learner: LocalLearner, privacy: ClientPrivacy) -> None:
+        super().__init__(learner, privacy)
+        assert isinstance(privacy.plan, PrivateMixturePlan)
+        self.plan: PrivateMixturePlan = privacy.plan
+        self.statistics = StatisticsRole(
+            learner.x,
+            self.plan.statistics,
+            learner.model.n_components,
+            privacy.slot,
+            privacy.cohort,
+            learner.seed,
+            self.noise_rng,
+        )
+
+    @property
+    def identifier(self) -> FineClusterModel | None:
+        return self.statistics.state.model
+
+    def respond(self, round_index: int, stage: str, inbound: Mapping[str, np.ndarray]) -> Reply:
+        t, stats = round_index, self.plan.statistics
+        in_phase = t <= stats.rounds
+        expect_stage(self.learner.client_id, t, stage, downlink_stage(stats, t) if in_phase else BROADCAST)
+        if in_phase:
+            self.statistics.absorb(t, None if t == 0 else inbound[AGGREGATE_FIELD].astype(np.float64))
+        else:
+            self.learner.adopt(inbound)
+        self.commit(self.plan.round_entries(t))
+        if t < stats.rounds:
+            stage, name, value = self.statistics.contribution(t)
+            return Reply(stage, {name: value}, {name: f"{stats.release_at(t)}@round{t}"})
+        histogram = f"{HISTOGRAM}@round{stats.rounds - 1}"  # the weights are its post-processing
+        events = {
+            "masses": histogram,
+            "component_index": histogram,
+            "weighted_components": f"{DPSGD}@round{t}",
+        }
+        return Reply(UPDATE, self.learner.upload(self._vae_round(t)), events)
+
+    def _vae_round(self, round_index: int) -> np.ndarray:
+        """DP-SGD on the VAEs with r(x) = softmax(log pi~ + log P(j(x) | k)): pi~ and the fine
+        clusters are released values, j(x) depends on x alone. Returns the weights n~ pi~, a
+        function of the released histograms only."""
+        learner, slot = self.learner, self.privacy.slot
+        grouping, model = self.statistics.state.grouping, self.statistics.state.model
+        assert grouping is not None and model is not None
+        pi = np.maximum(grouping.pi[slot], learner.settings.pi_floor)
+        learner.pi = pi / pi.sum()
+        learner.public_randomness(round_index)
+        scores = torch.as_tensor(model.log_likelihood(learner.x), dtype=torch.float32)
+        self.train(responsibilities(scores, log_prior(learner.pi)), self.plan.steps_per_round)
+        return learner.pi * max(float(grouping.sizes[slot]), 0.0)
+
+    def state_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        arrays, metadata = super().state_arrays()
+        return arrays | self.statistics.state_arrays(), metadata
+
+    def load_state(self, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
+        super().load_state(arrays, metadata)
+        self.statistics.load_state(arrays)

@@ -86,13 +86,14 @@ def run_simulation(
     privacy: dict[str, Any] | None = None
     uplink = 0.0
     exported: np.ndarray | None = None
+    federation: Federation | None = None
     if config.method in FEDERATED:
         if protocol is None:
             raise ConfigError(f"method {config.method} needs a protocol builder")
         federation = Federation.build(config, protocol, data)
         models, pis, uplink, privacy = run_federated(federation, recorder, on_plan)
         spec_name = federation.spec.name
-        exported = federation.exported(models[0])
+        exported = federation.exported(models[0].get_component_vectors())
     elif config.method == "central-dp":
         models, pis, privacy = run_central_dp(recorder)
     elif config.method == "local":
@@ -113,11 +114,13 @@ def run_simulation(
     )
     if run_dir is not None:
         if exported is not None:  # one shared model: the federated methods and the oracle
-            # Under CKKS the identifier is post-processing of aggregates that passed the
-            # release function on decryption (federation.codec).
             extra = {} if recorder.identifier is None else recorder.identifier.arrays()
+            mixtures = np.stack(pis)
+            if federation is not None:
+                extra = {name: federation.exported(v) for name, v in extra.items()}
+                mixtures = federation.exported(mixtures)
             metadata = {"method": config.method, "seed": str(config.seed)}
-            run_dir.save_checkpoint(exported, np.stack(pis), metadata, extra)
+            run_dir.save_checkpoint(exported, mixtures, metadata, extra)
         run_dir.write_json(RESULTS, result.to_dict())
     return result
 

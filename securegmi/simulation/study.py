@@ -18,8 +18,8 @@ from securegmi.data.datasets import load_dataset
 from securegmi.data.mixture import FederatedData, make_federated_data
 from securegmi.errors import ConfigError
 from securegmi.federation.client import Client
-from securegmi.federation.dp_release import ClientPrivacy
 from securegmi.federation.local import ClientSettings, derive_seed
+from securegmi.federation.release import ClientPrivacy
 from securegmi.federation.server import Server
 from securegmi.federation.statistics import UPLINK, statistics_dims
 from securegmi.privacy.calibration import (
@@ -162,14 +162,13 @@ class Federation:
             minimum = {stage: self.statistics.min_clients for stage in UPLINK.values()}
         return Server(self.spec, public, cohort_minimum=minimum, transcript_path=transcript_path)
 
-    def exported(self, model: MixtureOfVAEs) -> np.ndarray:
-        """The component vectors a run exports. Under CKKS they are post-processing of values
-        that passed the release function on decryption; rounding the quotients to the same
-        grid keeps every exported value on it, as an auditor can check."""
-        vectors = model.get_component_vectors()
-        if self.secure:
-            vectors = release_decrypted(vectors, RELEASE_PRECISION).astype(np.float32)
-        return vectors
+    def exported(self, values: np.ndarray) -> np.ndarray:
+        """Values a run exports (components, the source identifier). Under CKKS they are
+        post-processing of aggregates that passed the release function on decryption; rounding
+        them to the same grid keeps every exported value on it, as an auditor can check."""
+        if not self.secure:
+            return values
+        return release_decrypted(values, RELEASE_PRECISION).astype(values.dtype)
 
     def write_public_files(self, run_dir: RunDirectory) -> None:
         """The protocol and DP plan beside the transcript, for the audit."""

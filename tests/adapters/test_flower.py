@@ -181,7 +181,7 @@ def test_deployment_engine_on_loopback_completes_a_secure_run(tmp_path):
     report = audit_run(server, builder)
     assert report.ok, report.problems
     final = open_aggregate(
-        server / AGGREGATE, federation, SecretContext.load(keys, federation.ckks_parameters())
+        server / AGGREGATE, federation.spec, SecretContext.load(keys, federation.ckks_parameters())
     )
     masses, sums = final["component_masses"], final["component_sums"]
     assert masses.shape == (3,) and masses.sum() > 0 and np.isfinite(sums).all()

@@ -19,8 +19,8 @@ import securegmi
 from securegmi import VAE, Client, MixtureOfVAEs
 from securegmi.errors import ConfigError, CryptoError, DataError, PrivacyError
 from securegmi.federation.client import as_records
-from securegmi.federation.dp_release import ClientPrivacy
 from securegmi.federation.local import ClientSettings, client_stream
+from securegmi.federation.release import ClientPrivacy
 from securegmi.federation.server import Server
 from securegmi.privacy.calibration import calibrate
 from securegmi.privacy.ledger import PrivacyBudget

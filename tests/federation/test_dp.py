@@ -12,8 +12,7 @@ from securegmi.config import SimulationConfig
 from securegmi.core.em import mixture_loss
 from securegmi.errors import BudgetExceededError, ConfigError, PrivacyError
 from securegmi.federation.client import Client
-from securegmi.federation.dp_release import ClientPrivacy
-from securegmi.federation.release import UPDATE, Reply
+from securegmi.federation.release import UPDATE, ClientPrivacy, Reply
 from securegmi.federation.server import Server
 from securegmi.federation.transport import InProcessTransport
 from securegmi.privacy.dpsgd import DpSgdConfig, PrivateTrainer, check_privatisable
