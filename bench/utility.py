@@ -8,6 +8,8 @@ time, and writes bench/results/utility.json.
     python bench/utility.py --methods fedgmi oracle --seeds 0 1 2
     python bench/utility.py --methods fedgmi central-dp --epsilons 1 4 8 --placements split local \
         --out bench/results/utility_dp.json
+    python bench/utility.py --methods fedgmi --epsilons 4 8 --sgd-placement split \
+        --out bench/results/utility_dp_split_sgd.json
 
 Under --epsilons, `fedgmi eps=E` is the secure protocol with split noise (the default of
 `securegmi simulate --epsilon E`), `fedgmi local eps=E` the dp protocol with local noise, and
@@ -43,15 +45,20 @@ def run_one(
 
     torch.set_num_threads(1)  # one process per core is faster than threads for these models
     privacy: dict[str, Any] = {}
+    split_sgd = overrides.get("sgd_placement") == "split"
+    overrides = {k: v for k, v in overrides.items() if k != "sgd_placement"}
     if epsilon is not None:
         privacy = {"epsilon": epsilon, "protocol": "secure" if placement == "split" else "dp"}
         if method == "fedgmi" and overrides.get("private_training", "statistics") == "statistics":
             privacy["noise_placement"] = placement
+            if split_sgd and placement == "split":
+                privacy["sgd_placement"] = "split"
     config = SimulationConfig(method=method, seed=seed, **overrides, **privacy)
     result = run_simulation(config, protocol=builder(config.protocol))
     label = method
     if epsilon is not None:
         label = f"{method}{' local' if placement == 'local' and method == 'fedgmi' else ''} eps={epsilon:g}"
+        label += " sgd-split" if privacy.get("sgd_placement") == "split" else ""
     return {
         "method": label,
         "epsilon": epsilon,
@@ -95,6 +102,12 @@ def main() -> None:
     )
     parser.add_argument("--placements", nargs="+", default=["split"], choices=["split", "local"])
     parser.add_argument("--private-training", default="statistics", choices=["statistics", "em"])
+    parser.add_argument(
+        "--sgd-placement",
+        default="local",
+        choices=["split", "local"],
+        help="DP-SGD noise of `fedgmi eps=E` (secure, split statistics): split steps as one curator",
+    )
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--components", type=int, default=3, help="K, also the number of class groups")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -108,6 +121,8 @@ def main() -> None:
     }
     if args.private_training != "statistics":
         overrides["private_training"] = args.private_training
+    if args.sgd_placement != "local":
+        overrides["sgd_placement"] = args.sgd_placement
     if args.rounds is not None:
         overrides["rounds"] = args.rounds
 

@@ -46,6 +46,13 @@ def simulate(
             "or local (every upload carries the full noise); default split under secure"
         ),
     ] = None,
+    sgd_placement: Annotated[
+        str,
+        typer.Option(
+            help="DP-SGD noise under the statistics design: local (each client trains alone, full noise) "
+            "or split (secure only: one encrypted step per round, the sum carries the noise; slower)"
+        ),
+    ] = "local",
     min_clients: Annotated[
         int | None, typer.Option(help="smallest cohort a round may complete with (default: all clients)")
     ] = None,
@@ -90,6 +97,7 @@ def simulate(
             delta=delta,
             noise_placement=noise_placement,
             min_clients=min_clients,
+            sgd_placement=sgd_placement,
             private_training=private_training,
         )
         if threads < 1:
@@ -206,9 +214,14 @@ def _plan_rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
             ),
             (
                 "DP-SGD on the VAEs",
-                f"{plan['vae_rounds']} rounds x {plan['steps_per_round']} steps, Poisson rate "
+                f"{plan['vae_rounds']} x {plan['steps_per_round']} steps, Poisson rate "
                 f"{plan['sample_rate']:g}, clip {plan['clip_norm']:g}, noise multiplier "
-                f"{plan['sgd_noise_multiplier']:.3f}",
+                f"{plan['sgd_noise_multiplier']:.3f}; "
+                + (
+                    "split: one step per round, each client adds 1/sqrt(min cohort) of the noise"
+                    if plan.get("sgd_placement") == "split"
+                    else "local: each client steps alone, with all of the noise"
+                ),
             ),
             ("shares", f"statistics alone {plan['statistics_share']:.0%} of epsilon; DP-SGD the rest"),
         ]

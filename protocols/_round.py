@@ -18,8 +18,9 @@ from securegmi.protocol import START, FieldKind, FieldSpec, ProtocolSpec, StageS
 from securegmi.protocol.spec import Codec, Release
 
 # Symbolic sizes: M moments (1 + D + D(D+1)/2), S cluster statistics (J x (d+1)), H the
-# clients x clusters histogram matrix.
+# clients x clusters histogram matrix; G, where DP-SGD's noise is split, the K x P gradient.
 STATISTICS_DIMS = ("M", "S", "H")
+GRADIENT_DIM = "G"
 
 
 def start_stage() -> StageSpec:
@@ -91,11 +92,37 @@ def with_statistics(
     `statistics` is None."""
     if statistics is None:
         return spec
+    stages = statistics_stages(kind, what)
+    dims = {d: int(statistics[d]) for d in STATISTICS_DIMS}
+    if GRADIENT_DIM in statistics:
+        stages += gradient_stages(kind, what)
+        dims[GRADIENT_DIM] = int(statistics[GRADIENT_DIM])
     return replace(
         spec,
         description=spec.description + " Preceded by the DP statistics phase.",
-        stages=(spec.stage(START), *statistics_stages(kind, what), *spec.stages[1:]),
-    ).bind(**{d: int(statistics[d]) for d in STATISTICS_DIMS})
+        stages=(spec.stage(START), *stages, *spec.stages[1:]),
+    ).bind(**dims)
+
+
+def gradient_stages(kind: FieldKind, what: str) -> tuple[StageSpec, ...]:
+    """One DP-SGD step per round with the noise split across clients (the plan's
+    `sgd_placement`): each client's clipped gradient sum plus its noise share, and their sum."""
+    up = FieldSpec(
+        "gradient",
+        kind,
+        (GRADIENT_DIM,),
+        "float64",
+        what + "clipped gradient sum + noise share (event dpsgd@round)",
+    )
+    down = FieldSpec(
+        "aggregate",
+        kind,
+        (GRADIENT_DIM,),
+        "float64",
+        what + "sum of the gradient releases",
+        sum_of="gradient",
+    )
+    return StageSpec("gradient", "client", (up,)), StageSpec("gradient_totals", "server", (down,))
 
 
 def statistics_stages(kind: FieldKind, what: str) -> tuple[StageSpec, ...]:

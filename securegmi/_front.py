@@ -34,7 +34,8 @@ def protocol(
     if isinstance(plan, PrivateMixturePlan):
         if clients is None:
             raise ConfigError("a statistics-design plan needs clients= (the cohort size)")
-        extra["statistics"] = statistics_dims(plan.statistics, clients)
+        size = components.n_components * components.parameter_count()
+        extra["statistics"] = statistics_dims(plan, clients, size)
     return protocols.builder(name)(
         components=components.n_components, parameters=components.parameter_count(), top_b=top_b, **extra
     )

@@ -78,6 +78,12 @@ class SimulationConfig:
     projection_dim: int = 10
     kmeans_iterations: int = 4
     vae_rounds: int = 5
+    # Where DP-SGD's noise sits under the statistics design. "local": each client takes
+    # `local_epochs` epochs of its own DP-SGD steps per VAE round, every upload carrying the full
+    # noise, and the server averages the components. "split" (secure only): one round per step;
+    # each client sends its clipped gradient sum plus a share of the noise, encrypted, and every
+    # client takes the same step with the decrypted sum, as one curator would.
+    sgd_placement: str = "local"
 
     def __post_init__(self) -> None:
         _check(self.dataset in DATASETS, "dataset", f"must be one of {DATASETS}", self.dataset)
@@ -173,6 +179,20 @@ class SimulationConfig:
                     "split noise needs one noisy release per aggregation; the em design takes many "
                     "local DP-SGD steps per upload: use --noise-placement local with it"
                 )
+        _check(
+            self.sgd_placement in PLACEMENTS,
+            "sgd_placement",
+            f"must be one of {PLACEMENTS}",
+            self.sgd_placement,
+        )
+        if self.sgd_placement == "split" and (
+            self.protocol != "secure" or self.private_training != "statistics"
+        ):
+            raise ConfigError(
+                "split DP-SGD noise is sound only when nothing but the encrypted sum of the gradients is "
+                "decrypted, under the statistics design: use --protocol secure --private-training "
+                "statistics, or --sgd-placement local"
+            )
         if self.min_clients is not None:
             _check(
                 1 <= self.min_clients <= self.clients,
@@ -207,7 +227,18 @@ class SimulationConfig:
     def planned_rounds(self) -> int:
         """Rounds a federated run plays: the statistics phase (moments, k-means, histogram)
         and the VAE rounds under the statistics design, `rounds` otherwise."""
-        return self.kmeans_iterations + 2 + self.vae_rounds if self.statistics_design else self.rounds
+        if not self.statistics_design:
+            return self.rounds
+        return self.kmeans_iterations + 2 + self.vae_rounds * (self.sgd_steps if self.split_sgd else 1)
+
+    @property
+    def split_sgd(self) -> bool:
+        return self.statistics_design and self.sgd_placement == "split"
+
+    @property
+    def sgd_steps(self) -> int:
+        """DP-SGD steps per VAE round: `local_epochs` expected passes of Poisson batches."""
+        return self.local_epochs * max(1, round(1.0 / self.sample_rate))
 
     @property
     def cohort_minimum(self) -> int:

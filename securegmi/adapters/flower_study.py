@@ -55,10 +55,18 @@ def study_config(run_config: Mapping[str, Any]) -> SimulationConfig:
         raise ConfigError(f"the Flower run config needs 'study', a SimulationConfig as JSON ({exc})") from exc
 
 
+def _check_supported(config: SimulationConfig) -> None:
+    if config.split_sgd:
+        # The final model is every client's after the last step, and Flower's harness reads
+        # the server's aggregate; until it reads a client's state instead, refuse.
+        raise ConfigError("--sgd-placement split does not run on Flower yet: use --engine inprocess")
+
+
 def study_client(
     config: SimulationConfig, builder: ProtocolBuilder, run_dir: Path, index: int, key_dir: Path | None
 ) -> Client:
     """Client `index` of the embedded study, with its state and ledger under `run_dir`."""
+    _check_supported(config)
     federation = Federation.build(config, builder)
     keys = None
     if federation.secure:
@@ -83,6 +91,7 @@ def study_server(
     overwrite: bool = False,
 ) -> ServerSetup:
     """The server of the embedded study; it reads the public CKKS context only."""
+    _check_supported(config)
     federation = Federation.build(config, builder)
     public = None
     if federation.secure:
@@ -174,6 +183,7 @@ def run_flower_simulation(
     only the ClientApps read, and that is deleted afterwards; the final model is evaluated by
     this harness playing a client (it decrypts the aggregate), as in-process.
     """
+    _check_supported(config)
     started = time.perf_counter()
     out = Path(out)
     federation = Federation.build(config, builder)

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from securegmi.core.em import mixture_loss
 from securegmi.core.mixture import MixtureOfVAEs
+from securegmi.errors import ConfigError
 
 
 def e_step_elbo(model: MixtureOfVAEs, x: np.ndarray, samples: int) -> Tensor:
@@ -49,3 +50,42 @@ def train_components(
             total += float(loss.detach()) * len(idx)
         last = total / max(n, 1)
     return last
+
+
+class SharedAdam:
+    """Adam steps on `module` from given flat gradient vectors (parameters in `module.parameters()`
+    order). Parties that start from the same parameters and apply the same vectors stay
+    bit-identical, so a step computed once from an aggregate is every party's step."""
+
+    def __init__(self, module: torch.nn.Module, learning_rate: float) -> None:
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.optimiser = torch.optim.Adam(self.params, lr=learning_rate)
+
+    @property
+    def size(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def step(self, gradient: np.ndarray) -> None:
+        if gradient.shape != (self.size,):
+            raise ConfigError(f"a gradient of {self.size} values was expected, got shape {gradient.shape}")
+        flat = torch.as_tensor(gradient, dtype=torch.float32)
+        offset = 0
+        for p in self.params:
+            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        self.optimiser.step()
+        self.optimiser.zero_grad()
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """Adam's moments and step counts, to continue the same trajectory in a fresh process."""
+        out: dict[str, np.ndarray] = {}
+        for i, p in enumerate(self.params):
+            for name, value in self.optimiser.state.get(p, {}).items():
+                out[f"adam.{i}.{name}"] = torch.as_tensor(value).detach().numpy().copy()
+        return out
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        for i, p in enumerate(self.params):
+            names = [k.split(".", 2)[2] for k in arrays if k.startswith(f"adam.{i}.")]
+            if names:
+                self.optimiser.state[p] = {n: torch.as_tensor(arrays[f"adam.{i}.{n}"]) for n in names}

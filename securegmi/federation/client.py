@@ -157,6 +157,12 @@ class Client:
         """As `receive`, for a transport that carries decoded messages."""
         return decode(self.endpoint.receive(encode(message)))
 
+    def conclude(self, message: Message) -> None:
+        """Take in the server's last message of a run (its final aggregate) without replying:
+        this client's model is then the federation's final model."""
+        self.spec.validate(message, sender_role="server")
+        self.policy.conclude(message.round, message.stage, self.codec.open(message, self.spec))
+
     def _handle(self, message: Message) -> Message:
         inbound = self.codec.open(message, self.spec)
         reply = self.policy.respond(message.round, message.stage, inbound)

@@ -36,9 +36,16 @@ from torch import Tensor, nn
 
 from securegmi.core.em import log_prior, mixture_estimate, mixture_loss, responsibilities
 from securegmi.core.fine_clusters import FineClusterModel
+from securegmi.core.training import SharedAdam
 from securegmi.errors import PrivacyError, ProtocolViolation
 from securegmi.federation.local import LocalLearner
-from securegmi.federation.statistics import AGGREGATE_FIELD, StatisticsRole, downlink_stage
+from securegmi.federation.statistics import (
+    AGGREGATE_FIELD,
+    GRADIENT,
+    GRADIENT_TOTALS,
+    StatisticsRole,
+    downlink_stage,
+)
 from securegmi.privacy.calibration import COUNTS, DPSGD, HISTOGRAM, DpPlan, PrivateMixturePlan
 from securegmi.privacy.dpsgd import DpSgdConfig, GradObserver, PrivateTrainer
 from securegmi.privacy.ledger import LedgerEntry, PrivacyBudget, PrivacyLedger
@@ -70,6 +77,9 @@ class ReleasePolicy(Protocol):
     def respond(self, round_index: int, stage: str, inbound: Mapping[str, np.ndarray]) -> Reply:
         """The reply to the server's `stage` message of round `round_index` (decoded values)."""
 
+    def conclude(self, round_index: int, stage: str, inbound: Mapping[str, np.ndarray]) -> None:
+        """Take in the server's message without replying: the final aggregate of a run."""
+
     def state_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         """What the policy carries from round to round, to rebuild it in a fresh process."""
 
@@ -95,6 +105,9 @@ class PlainRelease:
         self.learner.adopt(inbound)
         masses = self.learner.em_round(round_index, float(inbound["temperature"]))
         return Reply(UPDATE, self.learner.upload(masses))
+
+    def conclude(self, round_index: int, stage: str, inbound: Mapping[str, np.ndarray]) -> None:
+        self.learner.adopt(inbound)
 
     def state_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         return {}, {}
@@ -227,6 +240,9 @@ class CountsRelease(DpMechanisms):
         }
         return Reply(UPDATE, learner.upload(noisy), events)
 
+    def conclude(self, round_index: int, stage: str, inbound: Mapping[str, np.ndarray]) -> None:
+        self.learner.adopt(inbound)
+
 
 class StatisticsRelease(DpMechanisms):
     """The statistics design (module docstring)."""
@@ -244,6 +260,10 @@ class StatisticsRelease(DpMechanisms):
             learner.seed,
             self.noise_rng,
         )
+        # Split DP-SGD: one trajectory every client follows, set up at the first VAE round.
+        self.shared: SharedAdam | None = None
+        self.resp: Tensor | None = None
+        self.normaliser = 1.0
 
     @property
     def identifier(self) -> FineClusterModel | None:
@@ -252,15 +272,18 @@ class StatisticsRelease(DpMechanisms):
     def respond(self, round_index: int, stage: str, inbound: Mapping[str, np.ndarray]) -> Reply:
         t, stats = round_index, self.plan.statistics
         in_phase = t <= stats.rounds
-        expect_stage(self.learner.client_id, t, stage, downlink_stage(stats, t) if in_phase else BROADCAST)
+        vae_stage = GRADIENT_TOTALS if self.plan.split_sgd else BROADCAST
+        expect_stage(self.learner.client_id, t, stage, downlink_stage(stats, t) if in_phase else vae_stage)
         if in_phase:
             self.statistics.absorb(t, None if t == 0 else inbound[AGGREGATE_FIELD].astype(np.float64))
         else:
-            self.learner.adopt(inbound)
+            self.conclude(t, stage, inbound)
         self.commit(self.plan.round_entries(t))
         if t < stats.rounds:
             stage, name, value = self.statistics.contribution(t)
             return Reply(stage, {name: value}, {name: f"{stats.release_at(t)}@round{t}"})
+        if self.plan.split_sgd:
+            return Reply(GRADIENT, {GRADIENT: self._gradient_share(t)}, {GRADIENT: f"{DPSGD}@round{t}"})
         histogram = f"{HISTOGRAM}@round{stats.rounds - 1}"  # the weights are its post-processing
         events = {
             "masses": histogram,
@@ -269,24 +292,69 @@ class StatisticsRelease(DpMechanisms):
         }
         return Reply(UPDATE, self.learner.upload(self._vae_round(t)), events)
 
-    def _vae_round(self, round_index: int) -> np.ndarray:
-        """DP-SGD on the VAEs with r(x) = softmax(log pi~ + log P(j(x) | k)): pi~ and the fine
-        clusters are released values, j(x) depends on x alone. Returns the weights n~ pi~, a
-        function of the released histograms only."""
+    def conclude(self, round_index: int, stage: str, inbound: Mapping[str, np.ndarray]) -> None:
+        """Take in a VAE-phase aggregate: under split DP-SGD the step every client takes with
+        the decrypted gradient sum; otherwise the averaged components."""
+        if not self.plan.split_sgd:
+            self.learner.adopt(inbound)
+            return
+        self._shared_setup()
+        assert self.shared is not None
+        self.shared.step(inbound[AGGREGATE_FIELD] / self.normaliser)
+
+    def _responsibilities(self) -> Tensor:
+        """r(x) = softmax(log pi~ + log P(j(x) | k)): pi~ and the fine clusters are released
+        values, j(x) depends on x alone. Sets this client's pi to pi~."""
         learner, slot = self.learner, self.privacy.slot
         grouping, model = self.statistics.state.grouping, self.statistics.state.model
         assert grouping is not None and model is not None
         pi = np.maximum(grouping.pi[slot], learner.settings.pi_floor)
         learner.pi = pi / pi.sum()
-        learner.public_randomness(round_index)
         scores = torch.as_tensor(model.log_likelihood(learner.x), dtype=torch.float32)
-        self.train(responsibilities(scores, log_prior(learner.pi)), self.plan.steps_per_round)
-        return learner.pi * max(float(grouping.sizes[slot]), 0.0)
+        return responsibilities(scores, log_prior(learner.pi))
+
+    def _vae_round(self, round_index: int) -> np.ndarray:
+        """Local DP-SGD on the VAEs; returns the weights n~ pi~, a function of the released
+        histograms only."""
+        resp = self._responsibilities()
+        self.learner.public_randomness(round_index)
+        self.train(resp, self.plan.steps_per_round)
+        grouping = self.statistics.state.grouping
+        assert grouping is not None
+        return self.learner.pi * max(float(grouping.sizes[self.privacy.slot]), 0.0)
+
+    def _shared_setup(self) -> None:
+        if self.shared is None:
+            grouping = self.statistics.state.grouping
+            assert grouping is not None
+            self.resp = self._responsibilities()
+            # The divisor of the summed step: the expected pooled batch, from released sizes.
+            self.normaliser = max(1.0, self.plan.sample_rate * float(np.maximum(grouping.sizes, 0).sum()))
+            self.shared = SharedAdam(self.learner.model, self.learner.settings.learning_rate)
+
+    def _gradient_share(self, round_index: int) -> np.ndarray:
+        """This client's clipped gradient sum over a private Poisson sample, plus its share of
+        the step's noise (the sum over min_clients shares carries all of it)."""
+        self._shared_setup()
+        x, resp = torch.as_tensor(self.learner.x), self.resp
+        assert resp is not None
+
+        def per_sample_loss(module: nn.Module, batch: Tensor) -> Tensor:
+            return mixture_loss(module(x[batch]), resp[batch])
+
+        self.learner.public_randomness(round_index)  # the ELBO's latent draws
+        batch = self.trainer.poisson_batch(len(x), int(self.noise_rng.integers(2**63)), 0)
+        return self.trainer.noisy_share(per_sample_loss, batch, self.plan.sgd_share_scale, self.observe)
 
     def state_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         arrays, metadata = super().state_arrays()
-        return arrays | self.statistics.state_arrays(), metadata
+        shared = {} if self.shared is None else self.shared.state_arrays()
+        return arrays | self.statistics.state_arrays() | shared, metadata
 
     def load_state(self, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
         super().load_state(arrays, metadata)
         self.statistics.load_state(arrays)
+        if self.plan.split_sgd and any(k.startswith("adam.") for k in arrays):
+            self._shared_setup()
+            assert self.shared is not None
+            self.shared.load_state(dict(arrays))

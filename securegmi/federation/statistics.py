@@ -14,12 +14,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from securegmi.core import fine_clusters as fc
-from securegmi.privacy.calibration import CLUSTERS, HISTOGRAM, MOMENTS, StatisticsPlan
+from securegmi.privacy.calibration import CLUSTERS, HISTOGRAM, MOMENTS, PrivateMixturePlan, StatisticsPlan
 from securegmi.privacy.mechanisms import gaussian_release
 from securegmi.protocol import START
 
 # Each uplink stage carries one field of the same name (the servers add that field).
 UPLINK = {MOMENTS: "moments", CLUSTERS: "cluster_stats", HISTOGRAM: "histogram"}
+GRADIENT, GRADIENT_TOTALS = "gradient", "gradient_totals"  # split DP-SGD: one step per round
 DOWNLINK = {MOMENTS: "moment_totals", CLUSTERS: "cluster_totals", HISTOGRAM: "histograms"}
 AGGREGATE_FIELD = "aggregate"
 SENSITIVITY = {
@@ -29,12 +30,16 @@ SENSITIVITY = {
 }
 
 
-def statistics_dims(plan: StatisticsPlan, clients: int) -> dict[str, int]:
-    return {
-        "M": fc.moments_size(plan.sketch_dim),
-        "S": plan.clusters * (plan.projection_dim + 1),
-        "H": clients * plan.clusters,
+def statistics_dims(plan: PrivateMixturePlan, clients: int, gradient_size: int) -> dict[str, int]:
+    """The sizes a protocol's private phases need; `gradient_size` (K x P) where DP-SGD's
+    noise is split (one gradient release per round)."""
+    stats = plan.statistics
+    dims = {
+        "M": fc.moments_size(stats.sketch_dim),
+        "S": stats.clusters * (stats.projection_dim + 1),
+        "H": clients * stats.clusters,
     }
+    return dims | ({"G": gradient_size} if plan.split_sgd else {})
 
 
 def downlink_stage(plan: StatisticsPlan, round_index: int) -> str:

@@ -222,7 +222,17 @@ def statistics_noise(
 @dataclass(frozen=True)
 class PrivateMixturePlan:
     """The whole private run: the statistics phase, then `vae_rounds` rounds of DP-SGD on the
-    VAEs with responsibilities from the released statistics only."""
+    VAEs with responsibilities from the released statistics only.
+
+    `sgd_placement` "local": each VAE round is `steps_per_round` DP-SGD steps on one client's
+    records, each step's sum carrying the full noise. "split": one round per step; each client
+    adds noise of standard deviation sigma C / sqrt(min_clients) to its clipped gradient sum
+    and only the CKKS sum over at least `min_clients` clients is decrypted, so the sum carries
+    the full noise, as one curator's step over the pooled Poisson sample would (the statistics'
+    split noise, `StatisticsPlan`, applied to DP-SGD). Either way the ledger records the same
+    subsampled Gaussian steps; against the server colluding with one client a split step is
+    one at noise multiplier sigma / sqrt(min_clients) (the fallback event).
+    """
 
     epsilon: float
     delta: float
@@ -233,16 +243,30 @@ class PrivateMixturePlan:
     clip_norm: float
     statistics_share: float
     sgd_noise_multiplier: float
+    sgd_placement: str = "local"
+
+    @property
+    def split_sgd(self) -> bool:
+        return self.sgd_placement == "split"
 
     @property
     def rounds(self) -> int:
-        return self.statistics.rounds + self.vae_rounds
+        steps = self.vae_rounds * self.steps_per_round if self.split_sgd else self.vae_rounds
+        return self.statistics.rounds + steps
+
+    @property
+    def sgd_share_scale(self) -> float:
+        """The fraction of a step's noise standard deviation each client adds."""
+        return 1.0 / math.sqrt(self.statistics.min_clients) if self.split_sgd else 1.0
 
     def round_entries(self, round_index: int) -> tuple[LedgerEntry, ...]:
         if round_index < self.statistics.rounds:
             return (self.statistics.entry(round_index),)
-        event = dpsgd_event(self.sgd_noise_multiplier, self.sample_rate, self.steps_per_round)
-        return (LedgerEntry.of(round_index, DPSGD, event),)
+        sigma, q = self.sgd_noise_multiplier, self.sample_rate
+        if self.split_sgd:
+            fallback = dpsgd_event(sigma * self.sgd_share_scale, q, 1)
+            return (LedgerEntry.of(round_index, DPSGD, dpsgd_event(sigma, q, 1), fallback),)
+        return (LedgerEntry.of(round_index, DPSGD, dpsgd_event(sigma, q, self.steps_per_round)),)
 
     def planned_epsilon(self) -> float:
         events = [e.event for r in range(self.rounds) for e in self.round_entries(r)]
@@ -264,6 +288,7 @@ def calibrate_private_mixture(
     sample_rate: float,
     clip_norm: float,
     statistics_share: float,
+    sgd_placement: str = "local",
     shares: tuple[float, float, float] = STATISTICS_SHARES,
 ) -> PrivateMixturePlan:
     """The statistics alone may spend `statistics_share` of epsilon; DP-SGD's noise then makes
@@ -295,4 +320,5 @@ def calibrate_private_mixture(
         clip_norm,
         statistics_share,
         sgd_sigma,
+        sgd_placement,
     )

@@ -79,6 +79,7 @@ class PrivateTrainer:
 
         check_privatisable(module)
         self.config = config
+        self.noise_generator = noise_generator if noise_generator is not None else private_torch_generator()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
             self.module = GradSampleModuleFastGradientClipping(
@@ -91,7 +92,7 @@ class PrivateTrainer:
                 expected_batch_size=config.batch_normaliser,  # public, never len(private data)
                 loss_reduction="mean",
                 # The noise must not be reproducible by anyone else: see privacy.noise.
-                generator=noise_generator if noise_generator is not None else private_torch_generator(),
+                generator=self.noise_generator,
             )
 
     def _accumulate_clipped(self, loss_fn: PerSampleLoss, batch: Tensor) -> None:
@@ -118,6 +119,21 @@ class PrivateTrainer:
         grads = [p.grad.detach().clone() for p in self.module.parameters() if p.grad is not None]
         self.optimiser.zero_grad()
         return grads
+
+    def noisy_share(
+        self, loss_fn: PerSampleLoss, batch: Tensor, share: float, observe: GradObserver | None = None
+    ) -> np.ndarray:
+        """This client's part of one split-noise DP-SGD step: its clipped gradient sum over
+        `batch` (parameters flattened in order) plus Gaussian noise of standard deviation
+        `share` x noise multiplier x clipping norm. Sound only if nothing but the sum over enough
+        clients' parts is ever seen (privacy.calibration.PrivateMixturePlan)."""
+        grads = self.clipped_sum(loss_fn, batch)
+        if observe is not None:
+            observe(grads)
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        std = share * self.config.noise_multiplier * self.config.clip_norm
+        noise = torch.normal(0.0, std, size=flat.shape, generator=self.noise_generator)
+        return (flat + noise).double().numpy()
 
     def step(self, loss_fn: PerSampleLoss, batch: Tensor, observe: GradObserver | None = None) -> None:
         """One DP-SGD step on the records `batch` (indices); an empty batch still adds noise."""

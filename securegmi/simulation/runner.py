@@ -167,11 +167,14 @@ def run_federated(
     finally:
         server.close()
     per_client_round = uplink_total / max(1, federation.rounds * len(clients))
+    # The final model: what a client holds once it takes in the server's last aggregate.
+    final = next(iter(clients.values()))
+    final.conclude(server.broadcast(federation.rounds, 1.0))
     summary = None
     if plan is not None:
         ledgers = [c.ledger for c in clients.values() if c.ledger is not None]
         summary = privacy_summary(federation.config, plan, ledgers)
-    return [reference] * len(clients), [c.pi for c in clients.values()], per_client_round, summary
+    return [final.components] * len(clients), [c.pi for c in clients.values()], per_client_round, summary
 
 
 def open_model(server: Server, codec: ClientCodec, model: MixtureOfVAEs, round_index: int) -> None:
@@ -205,5 +208,6 @@ def privacy_summary(
             "cluster_noise_multiplier": s.cluster_noise,
             "histogram_noise_multiplier": s.histogram_noise,
             "min_clients": s.min_clients,
+            "sgd_placement": plan.sgd_placement,
         }
     return summary

@@ -21,7 +21,7 @@ from securegmi.federation.client import Client
 from securegmi.federation.local import ClientSettings, derive_seed
 from securegmi.federation.release import ClientPrivacy
 from securegmi.federation.server import Server
-from securegmi.federation.statistics import UPLINK, statistics_dims
+from securegmi.federation.statistics import GRADIENT, UPLINK, statistics_dims
 from securegmi.privacy.calibration import (
     DpPlan,
     PrivateMixturePlan,
@@ -29,7 +29,6 @@ from securegmi.privacy.calibration import (
     calibrate,
     calibrate_private_mixture,
 )
-from securegmi.privacy.dpsgd import DpSgdConfig
 from securegmi.privacy.ledger import PrivacyBudget
 from securegmi.protocol import ProtocolBuilder, ProtocolSpec
 from securegmi.records.rundir import LEDGERS, PLAN, PROTOCOL, RunDirectory
@@ -89,7 +88,8 @@ class Federation:
         plan = dp_plan(config, data) if config.epsilon is not None else None
         extra = {}
         if isinstance(plan, PrivateMixturePlan):
-            extra["statistics"] = statistics_dims(plan.statistics, len(data.clients))
+            size = reference.n_components * reference.parameter_count()
+            extra["statistics"] = statistics_dims(plan, len(data.clients), size)
         spec = builder(
             components=reference.n_components,
             parameters=reference.parameter_count(),
@@ -158,8 +158,8 @@ class Federation:
 
     def server(self, public: PublicContext | None, transcript_path: Path | None = None) -> Server:
         minimum = {}
-        if self.statistics is not None:
-            minimum = {stage: self.statistics.min_clients for stage in UPLINK.values()}
+        if self.statistics is not None:  # every release whose noise may be split
+            minimum = {stage: self.statistics.min_clients for stage in (*UPLINK.values(), GRADIENT)}
         return Server(self.spec, public, cohort_minimum=minimum, transcript_path=transcript_path)
 
     def exported(self, values: np.ndarray) -> np.ndarray:
@@ -192,7 +192,6 @@ def dp_plan(config: SimulationConfig, data: FederatedData) -> DpPlan | PrivateMi
             "e.g. 1e-5."
         )
     q = config.sample_rate
-    steps_per_epoch = DpSgdConfig(0.0, config.clip_norm, q, config.dp_batch_normaliser).steps_per_epoch
     if config.private_training == "statistics":
         return calibrate_private_mixture(
             PrivacyBudget(config.epsilon, config.delta),
@@ -212,7 +211,8 @@ def dp_plan(config: SimulationConfig, data: FederatedData) -> DpPlan | PrivateMi
                 histogram_noise=0.0,
             ),
             vae_rounds=config.vae_rounds,
-            steps_per_round=config.local_epochs * steps_per_epoch,
+            steps_per_round=config.sgd_steps,
+            sgd_placement=config.sgd_placement,
             sample_rate=q,
             clip_norm=config.clip_norm,
             statistics_share=config.statistics_share,
@@ -220,7 +220,7 @@ def dp_plan(config: SimulationConfig, data: FederatedData) -> DpPlan | PrivateMi
     return calibrate(
         PrivacyBudget(config.epsilon, config.delta),
         rounds=config.rounds,
-        steps_per_round=config.local_epochs * steps_per_epoch,
+        steps_per_round=config.sgd_steps,
         sample_rate=q,
         clip_norm=config.clip_norm,
         count_share=config.count_share,

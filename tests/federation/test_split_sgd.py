@@ -1,0 +1,118 @@
+"""Split-noise DP-SGD (`sgd_placement="split"`): one step per round, each client's clipped
+gradient sum plus a share of the noise, encrypted; every client takes the same step with the
+decrypted sum, as one curator would (privacy.calibration.PrivateMixturePlan)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from securegmi.config import SimulationConfig
+from securegmi.crypto.keys import SecretContext
+from securegmi.errors import ConfigError, RunAbortedError
+from securegmi.federation.server import play_round
+from securegmi.federation.transport import InProcessTransport
+from securegmi.protocols import builder
+from securegmi.simulation.study import Federation
+
+CONFIG = SimulationConfig(
+    dataset="synthetic",
+    clients=4,
+    local_epochs=1,
+    hidden=8,
+    latent=2,
+    protocol="secure",
+    epsilon=8.0,
+    min_clients=3,
+    vae_rounds=1,
+    kmeans_iterations=1,
+    sgd_placement="split",
+)
+
+
+def _federation():  # type: ignore[no-untyped-def]
+    federation = Federation.build(CONFIG, builder("secure"))
+    keys = SecretContext.generate(federation.ckks_parameters())
+    clients = {cid: federation.client(i, keys) for i, cid in enumerate(federation.client_ids)}
+    server = federation.server(keys.public())
+    transport = InProcessTransport(server.endpoint, {cid: c.endpoint for cid, c in clients.items()})
+    return federation, clients, server, transport
+
+
+@pytest.fixture(scope="module")
+def finished():  # type: ignore[no-untyped-def]
+    """A whole run, with each client's gradient shares and pre-noise sums observed."""
+    federation, clients, server, transport = _federation()
+    shares: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {cid: [] for cid in clients}
+    for cid, client in clients.items():
+        policy = client.policy
+        trainer, real = policy.trainer, policy.trainer.noisy_share  # type: ignore[attr-defined]
+
+        def spy(loss_fn, batch, share, observe=None, cid=cid, real=real):  # type: ignore[no-untyped-def]
+            seen = []
+            released = real(loss_fn, batch, share, lambda grads: seen.append(grads))
+            pre = np.concatenate([g.reshape(-1).numpy() for g in seen[0]]).astype(np.float64)
+            shares[cid].append((pre, released))
+            return released
+
+        trainer.noisy_share = spy
+    for t in range(federation.rounds):
+        play_round(server, transport, list(clients), t, 1.0)
+    final = server.broadcast(federation.rounds, 1.0)
+    for client in clients.values():
+        client.conclude(final)
+    return federation, clients, shares
+
+
+def test_one_step_per_round_and_every_client_ends_on_the_same_model(finished):
+    federation, clients, shares = finished
+    plan = federation.plan
+    steps = plan.vae_rounds * plan.steps_per_round
+    assert federation.rounds == plan.statistics.rounds + steps
+    vectors = [c.components.get_component_vectors() for c in clients.values()]
+    assert all(np.array_equal(v, vectors[0]) for v in vectors)  # one trajectory
+    for cid, client in clients.items():
+        entries = [e for e in client.ledger.entries if e.name == "dpsgd"]  # type: ignore[union-attr]
+        assert len(entries) == steps == len(shares[cid])  # each step one ledger entry, one share
+        assert all(e.fallback_json is not None for e in entries)
+        assert 0.99 * 8.0 <= client.ledger.spent <= 8.0 * (1 + 1e-6)  # type: ignore[union-attr]
+
+
+def test_each_share_carries_sigma_c_over_root_min_clients(finished):
+    """The sample sd of the added noise within 5 / sqrt(2 n) of the plan's share (a false alarm
+    below 1e-6); the same bound rejects the full noise (local placement) and no noise."""
+    federation, _, shares = finished
+    plan = federation.plan
+    noise = np.concatenate([released - pre for s in shares.values() for pre, released in s])
+    claimed = plan.sgd_noise_multiplier * plan.clip_norm / math.sqrt(CONFIG.min_clients or 1)
+    tolerance = 5 / math.sqrt(2 * noise.size)
+    assert abs(noise.std() / claimed - 1) < tolerance
+    for wrong in (math.sqrt(CONFIG.min_clients or 1), 0.5, 2.0):
+        assert abs(noise.std() / (wrong * claimed) - 1) > tolerance
+
+
+def test_a_step_with_fewer_than_min_clients_is_abandoned():
+    federation, clients, server, transport = _federation()
+    for t in range(federation.plan.statistics.rounds):
+        play_round(server, transport, list(clients), t, 1.0)
+    t = federation.plan.statistics.rounds
+    replies = transport.exchange({cid: server.broadcast(t, 1.0) for cid in clients}).replies
+    assert {m.stage for m in replies.values()} == {"gradient"}
+    with pytest.raises(RunAbortedError, match="minimum cohort"):
+        server.aggregate(dict(list(replies.items())[: CONFIG.min_clients - 1]))  # type: ignore[operator]
+    assert server.aggregate(replies) == {}  # negative control: the whole cohort is added
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"protocol": "dp"}, "sound only when"),
+        ({"private_training": "em"}, "sound only when"),
+        ({"sgd_placement": "elsewhere"}, "sgd_placement"),
+    ],
+)
+def test_split_sgd_is_refused_where_it_would_not_be_sound(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        SimulationConfig(**{**CONFIG.to_dict(), **kwargs})
