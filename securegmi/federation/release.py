@@ -20,6 +20,8 @@ classes. Three policies:
     4. DP-SGD steps on sum_k r_k(x) (-ELBO_k(x)), clipped jointly over all K components.
     5. Upload w = max(m~, 0) and w * theta: post-processing of steps 2 and 4.
 The two private policies share `DpMechanisms`: the ledger, private noise and DP-SGD trainer.
+All three live in this one module (about 350 lines) so that a round crosses six federation
+modules: server, transport, client, codec, release and local work (or the statistics role).
 """
 
 from __future__ import annotations

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable
 
 import dp_accounting
+import numpy as np
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
@@ -30,10 +32,33 @@ def rdp_accountant() -> dp_accounting.PrivacyAccountant:
 
 
 def epsilon_rdp(events: Iterable[dp_accounting.DpEvent], delta: float) -> float:
+    total = sum((_rdp_curve(event) for event in events), np.zeros(len(RDP_ORDERS)))
+    epsilon, _ = rdp_privacy_accountant.compute_epsilon(RDP_ORDERS, total, delta)
+    return float(epsilon)
+
+
+def _rdp_curve(event: dp_accounting.DpEvent) -> np.ndarray:
+    """The event's RDP at every order. RDP composes by addition, so a composition is the sum of
+    its parts' curves, each computed once (`_base_curve`)."""
+    if isinstance(event, dp_accounting.SelfComposedDpEvent):
+        return event.count * _rdp_curve(event.event)
+    if isinstance(event, dp_accounting.ComposedDpEvent):
+        return sum((_rdp_curve(e) for e in event.events), np.zeros(len(RDP_ORDERS)))
+    return _base_curve(event)
+
+
+@functools.lru_cache(maxsize=256)
+def _base_curve(event: dp_accounting.DpEvent) -> np.ndarray:
+    """dp-accounting's RDP curve of one event, cached: a ledger re-checks its whole history before
+    every release, and the subsampled Gaussian's curve costs ~10 ms (a 100-step split DP-SGD run
+    spent a third of its time here). dp-accounting has no public getter for the curve, so it is
+    read from the accountant after composing that one event; `test_accounting` checks the sums
+    against the accountant's own composition."""
     accountant = rdp_accountant()
-    for event in events:
-        accountant.compose(event)
-    return float(accountant.get_epsilon(delta))
+    accountant.compose(event)
+    curve = np.array(accountant._rdp, dtype=np.float64)
+    curve.setflags(write=False)
+    return curve
 
 
 def epsilon_pld(events: Iterable[dp_accounting.DpEvent], delta: float) -> float:

@@ -1,8 +1,12 @@
 """Noise calibration from a whole-run budget: pure functions over dp-accounting's accountant.
 
-The budget is split in a documented way: the R count releases alone may spend `count_share`
-of epsilon; DP-SGD's noise is then calibrated so that counts and DP-SGD together spend exactly
-the budget, composed by the RDP accountant (composition is what is bounded, not the shares).
+Two plans, one per private design, each with the calibration that makes its whole run spend
+exactly the budget (kept together, about 320 lines, because they share the search in
+`_noise_for` and the ledger entries they promise must stay side by side):
+- `DpPlan` (em design): the R count releases alone may spend `count_share` of epsilon; DP-SGD's
+  noise is then calibrated so that counts and DP-SGD together spend exactly the budget,
+  composed by the RDP accountant (composition is what is bounded, not the shares).
+- `PrivateMixturePlan` (statistics design): the statistics phase (`StatisticsPlan`), then DP-SGD.
 """
 
 from __future__ import annotations

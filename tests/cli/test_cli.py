@@ -92,3 +92,40 @@ def test_report_draws_samples_of_each_component_for_image_data(tmp_path):
     assert result.exit_code == 0, result.output
     assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / "privacy.png").exists()  # no ledgers: nothing was spent
+
+
+def test_debug_shows_the_traceback_of_a_user_error():
+    from securegmi.errors import ConfigError
+
+    result = runner.invoke(app, ["--debug", "simulate", "--alpha", "-1"])
+    assert result.exit_code != 0 and isinstance(result.exception, ConfigError)
+
+
+def test_a_bug_is_one_line_that_says_so_and_debug_shows_it(monkeypatch, tmp_path):
+    import securegmi.records.audit as audit_module
+
+    def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("planted bug")
+
+    monkeypatch.setattr(audit_module, "audit_run", broken)
+    result = runner.invoke(app, ["audit", str(tmp_path)])
+    assert result.exit_code == 70 and "Traceback" not in result.output
+    assert "internal error" in result.output and "planted bug" in result.output
+    assert isinstance(runner.invoke(app, ["--debug", "audit", str(tmp_path)]).exception, RuntimeError)
+
+
+def test_the_readme_documents_every_error_class():
+    import inspect
+    import re
+    from pathlib import Path
+
+    import securegmi.errors as errors
+
+    classes = {
+        name
+        for name, cls in inspect.getmembers(errors, inspect.isclass)
+        if issubclass(cls, errors.SecureGMIError) and cls is not errors.SecureGMIError
+    }
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Errors") : readme.index("## Layout")]
+    assert set(re.findall(r"^\| `(\w+)` \|", section, flags=re.M)) == classes
