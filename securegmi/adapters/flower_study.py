@@ -21,19 +21,15 @@ from securegmi.adapters.flower import (
     ServerSetup,
     client_app,
     loopback_environment,
-    open_aggregate,
     server_app,
     simulation_engine,
 )
 from securegmi.config import SimulationConfig
-from securegmi.core import fine_clusters as fc
 from securegmi.crypto.keys import PUBLIC_FILE, PublicContext, SecretContext
 from securegmi.errors import ConfigError, CryptoError, RunAbortedError
 from securegmi.federation.client import Client
-from securegmi.federation.local import adopt_aggregate
-from securegmi.federation.statistics import identifier_from_state
 from securegmi.privacy.ledger import PrivacyLedger
-from securegmi.protocol import SERVER, ProtocolBuilder, read_transcript
+from securegmi.protocol import SERVER, ProtocolBuilder, decode, read_transcript
 from securegmi.records.rundir import (
     AGGREGATE,
     CLIENT_STATES,
@@ -55,18 +51,10 @@ def study_config(run_config: Mapping[str, Any]) -> SimulationConfig:
         raise ConfigError(f"the Flower run config needs 'study', a SimulationConfig as JSON ({exc})") from exc
 
 
-def _check_supported(config: SimulationConfig) -> None:
-    if config.split_sgd:
-        # The final model is every client's after the last step, and Flower's harness reads
-        # the server's aggregate; until it reads a client's state instead, refuse.
-        raise ConfigError("--sgd-placement split does not run on Flower yet: use --engine inprocess")
-
-
 def study_client(
     config: SimulationConfig, builder: ProtocolBuilder, run_dir: Path, index: int, key_dir: Path | None
 ) -> Client:
     """Client `index` of the embedded study, with its state and ledger under `run_dir`."""
-    _check_supported(config)
     federation = Federation.build(config, builder)
     keys = None
     if federation.secure:
@@ -91,7 +79,6 @@ def study_server(
     overwrite: bool = False,
 ) -> ServerSetup:
     """The server of the embedded study; it reads the public CKKS context only."""
-    _check_supported(config)
     federation = Federation.build(config, builder)
     public = None
     if federation.secure:
@@ -181,9 +168,9 @@ def run_flower_simulation(
 
     The key ceremony writes the clients' secret context to a private temporary directory that
     only the ClientApps read, and that is deleted afterwards; the final model is evaluated by
-    this harness playing a client (it decrypts the aggregate), as in-process.
+    this harness playing client 0 from its saved state (it decrypts the final aggregate), as
+    in-process.
     """
-    _check_supported(config)
     started = time.perf_counter()
     out = Path(out)
     federation = Federation.build(config, builder)
@@ -199,17 +186,19 @@ def run_flower_simulation(
         RunDirectory(out, overwrite=overwrite)
         server, client = study_apps(config, builder, out, key_dir, overwrite=True)
         simulation_engine(server, client, len(federation.client_ids), verbose)
-    if not (out / AGGREGATE).exists():
-        raise RunAbortedError(f"the Flower run did not finish: {out} has no {AGGREGATE} (see the log above)")
-    model = federation.new_model()
-    adopt_aggregate(model, open_aggregate(out / AGGREGATE, federation.spec, keys))
+        if not (out / AGGREGATE).exists():
+            raise RunAbortedError(
+                f"the Flower run did not finish: {out} has no {AGGREGATE} (see the log above)"
+            )
+        # The harness plays client 0, rebuilt from its state: it takes in the final aggregate
+        # as in-process (the averaged components, or split DP-SGD's last step).
+        final = study_client(config, builder, out, 0, key_dir)
+        final.conclude(decode((out / AGGREGATE).read_bytes()))
+    model = final.components
     states = [load_file(str(out / CLIENT_STATES / f"{cid}.safetensors")) for cid in federation.client_ids]
     pis = [state["pi"] for state in states]
     recorder = Recorder(config, federation.data, None, None)
-    if federation.statistics is not None:  # the harness plays a client: it rebuilds the identifier
-        stats = federation.statistics
-        sketch = fc.public_sketch(federation.data.data_dim, stats.sketch_dim, stats.sketch_seed)
-        recorder.identifier = identifier_from_state(stats, states[0], sketch)
+    recorder.identifier = final.identifier
     evaluation = recorder.evaluate([model] * len(pis), pis, final=True)
     privacy = None
     if federation.plan is not None:

@@ -41,9 +41,11 @@ def _rdp_curve(event: dp_accounting.DpEvent) -> np.ndarray:
     """The event's RDP at every order. RDP composes by addition, so a composition is the sum of
     its parts' curves, each computed once (`_base_curve`)."""
     if isinstance(event, dp_accounting.SelfComposedDpEvent):
-        return event.count * _rdp_curve(event.event)
+        repeated: np.ndarray = int(event.count) * _rdp_curve(event.event)
+        return repeated
     if isinstance(event, dp_accounting.ComposedDpEvent):
-        return sum((_rdp_curve(e) for e in event.events), np.zeros(len(RDP_ORDERS)))
+        composed: np.ndarray = sum((_rdp_curve(e) for e in event.events), np.zeros(len(RDP_ORDERS)))
+        return composed
     return _base_curve(event)
 
 

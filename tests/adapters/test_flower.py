@@ -40,7 +40,17 @@ from securegmi.simulation.runner import run_simulation
 from securegmi.simulation.study import Federation
 
 ROOT = Path(__file__).resolve().parents[2]
-SECURE = SimulationConfig(clients=3, rounds=3, epsilon=8.0, protocol="secure", dp_noise="seeded")
+# Split DP-SGD (one step per round, one Adam trajectory every client must restore from its
+# state), short: 6 statistics rounds and 4 steps.
+SECURE = SimulationConfig(
+    clients=3,
+    epsilon=8.0,
+    protocol="secure",
+    dp_noise="seeded",
+    sgd_placement="split",
+    vae_rounds=1,
+    local_epochs=1,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -84,8 +94,10 @@ def test_simulation_engine_matches_in_process(tmp_path):
     assert watch.seen and off_loopback(sorted(watch.seen)) == [], watch.seen
 
     a, b = load_file(str(tmp_path / "local" / CHECKPOINT)), load_file(str(tmp_path / "flower" / CHECKPOINT))
-    # Both went through the 1e-6 release grid; CKKS noise can move a value across one step.
-    assert np.abs(a["components"] - b["components"]).max() <= 2e-6
+    # Both went through the 1e-6 release grid; CKKS noise can move a value across one step,
+    # and an Adam step can turn such a step on a near-zero gradient into up to 2 x lr.
+    gap = np.abs(a["components"] - b["components"])
+    assert (gap <= 2e-6).mean() > 0.999 and gap.max() <= 5e-3
     assert np.abs(a["pi"] - b["pi"]).max() <= 1e-6
     assert _ledgers(tmp_path / "local") == _ledgers(tmp_path / "flower")
     assert len(_ledgers(tmp_path / "flower")) == 3
