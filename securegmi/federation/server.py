@@ -54,6 +54,7 @@ class Server:
         self.cohort_minimum = dict(cohort_minimum or {})
         self.totals: dict[str, np.ndarray | bytes] = {}
         self.after: str | None = None  # the uplink stage the totals sum; None before round 0
+        self.round: int | None = None  # the round of the last broadcast: replies must answer it
 
     def broadcast(self, round_index: int, temperature: float) -> Message:
         """`start` in round 0; then the sums of the previous round's replies."""
@@ -68,6 +69,7 @@ class Server:
             elif f.kind is FieldKind.PUBLIC and f.name == "temperature":
                 values[f.name] = np.asarray(temperature, dtype=np.float64)
         payload = build_payload(stage, values, events, self.summation.key_id)
+        self.round = round_index
         return Message(stage=stage.name, round=round_index, sender=SERVER, payload=payload)
 
     def aggregate(self, replies: Mapping[str, Message]) -> dict[str, str]:
@@ -80,6 +82,9 @@ class Server:
         rejected: dict[str, str] = {}
         for sender, message in replies.items():
             try:
+                if message.round != self.round:
+                    # A reply to another round (a replay, or a straggler) is never added.
+                    raise ProtocolViolation(f"a reply to round {message.round} in round {self.round}")
                 if message.stage != first.stage:
                     raise ProtocolViolation(f"stage {message.stage!r} in a round of {first.stage!r}")
                 admitted.append(self.summation.admit(message))
@@ -88,7 +93,7 @@ class Server:
         minimum = max(1, self.cohort_minimum.get(first.stage, 1))
         if len(admitted) < minimum:
             raise RunAbortedError(
-                f"round {first.round}: {len(admitted)} {first.stage} replies were accepted, the minimum "
+                f"round {self.round}: {len(admitted)} {first.stage} replies were accepted, the minimum "
                 f"cohort is {minimum}; with fewer the sum would carry less than the planned noise, so "
                 "the round is abandoned and nothing is released"
             )

@@ -83,3 +83,18 @@ def test_no_library_code_chooses_behaviour_by_client_or_server_type():
     # Negative control: the check sees a type switch on the server.
     assert _behaviour_switches("if isinstance(server, Server):\n    pass\n") == ["Server"]
     assert Client.__subclasses__() == [] and Server.__subclasses__() == []
+
+
+def test_a_reply_to_an_earlier_round_is_never_added():
+    config = SimulationConfig(**BASE)
+    federation = Federation.build(config, protocols.builder("plain"))
+    clients = {cid: federation.client(i, None) for i, cid in enumerate(federation.client_ids)}
+    server = federation.server(None)
+    transport = InProcessTransport(server.endpoint, {cid: c.endpoint for cid, c in clients.items()})
+    old = play_round(server, transport, list(clients), 0, 1.0).replies
+    fresh = transport.exchange({cid: server.broadcast(1, 1.0) for cid in clients}).replies
+    assert server.aggregate(fresh) == {}  # negative control: this round's replies are added
+    replayed = transport.exchange({cid: server.broadcast(2, 1.0) for cid in clients}).replies
+    replayed["client-1"] = old["client-1"]  # round 0's reply, resent in round 2
+    rejected = server.aggregate(replayed)
+    assert list(rejected) == ["client-1"] and "round 0 in round 2" in rejected["client-1"]

@@ -132,6 +132,7 @@ def test_an_update_under_another_key_is_rejected_and_the_round_completes():
         )
 
     stranger = SecretContext.generate(CkksParameters(max_clients=4))
+    server.broadcast(0, 1.0)
     rejected = server.aggregate(
         {"a": update(keys, "a", 1.0), "b": update(stranger, "b", 5.0), "c": update(keys, "c", 2.0)}
     )
