@@ -68,3 +68,44 @@ def test_top_b_binds_the_uplink_shape():
         )
     with pytest.raises(ValueError, match="top_b"):
         plain.build(components=3, parameters=5, top_b=4)
+
+
+def _declaration(**changes):  # type: ignore[no-untyped-def]
+    """The plain declaration's parts, with `changes` applied, built into a ProtocolSpec."""
+    from dataclasses import replace
+
+    from securegmi.protocol import ProtocolSpec
+
+    parts = {
+        "name": "planted",
+        "description": "a declaration with one thing wrong",
+        "stages": SPEC.stages,
+        "release": "none",
+        "codec": "clear",
+    }
+    parts.update(changes)
+    if "sum_of" in parts:  # a broadcast field that sums a field no client sends
+        broadcast = SPEC.stage("broadcast")
+        wrong = replace(broadcast.fields[0], sum_of=parts.pop("sum_of"))
+        parts["stages"] = tuple(
+            replace(s, fields=(wrong, *s.fields[1:])) if s.name == "broadcast" else s for s in SPEC.stages
+        )
+    return ProtocolSpec(**parts)
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"stages": (*SPEC.stages, SPEC.stage("update"))}, "duplicate stage names"),
+        ({"stages": SPEC.stages[1:]}, "opens with a 'start' stage"),
+        ({"codec": "ckks"}, "codec 'ckks' disagrees"),
+        ({"release": "dp"}, "release 'dp' disagrees"),
+        ({"sum_of": "n_samples"}, "sums an unknown field"),
+    ],
+)
+def test_a_declaration_that_contradicts_itself_is_refused(changes, match):
+    from securegmi.errors import ConfigError
+
+    _declaration()  # negative control: the plain declaration's parts are accepted
+    with pytest.raises(ConfigError, match=match):
+        _declaration(**changes)
