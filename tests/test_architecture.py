@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from .no_pickle import pickling_in_source
+
 ROOT = Path(__file__).resolve().parents[1]
 LIB = ROOT / "securegmi"
 
@@ -111,3 +113,25 @@ def test_flwr_import_check_catches_a_second_importer(tmp_path, monkeypatch):
     (tmp_path / "securegmi/federation/bad.py").write_text("from flwr.app import Message\n")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     assert _flwr_importers() == ["securegmi/adapters/flower.py", "securegmi/federation/bad.py"]
+
+
+def test_no_module_pickles():
+    """No pickle-based serialiser is imported or called anywhere a user's code or data runs
+    through: the package, its CLI and protocols, the benches and the examples."""
+    assert pickling_in_source(ROOT, ("securegmi", "cli", "protocols", "bench", "examples")) == []
+
+
+def test_the_pickle_check_catches_each_way_in(tmp_path):
+    # Negative control: one planted module per way a pickle could enter.
+    (tmp_path / "securegmi").mkdir()
+    planted = {
+        "a.py": "import pickle\n",
+        "b.py": "from dill import dumps\n",
+        "c.py": "import torch\ntorch.save({}, 'x')\n",
+        "d.py": "import numpy as np\nnp.load('x', allow_pickle=True)\n",
+        "e.py": "import joblib.numpy_pickle\n",
+    }
+    for name, text in planted.items():
+        (tmp_path / "securegmi" / name).write_text(text)
+    found = pickling_in_source(tmp_path, ("securegmi",))
+    assert [f.split(":")[0] for f in found] == [f"securegmi/{n}" for n in planted]

@@ -147,11 +147,18 @@ class FlowerTransport(Transport):
         ]
         replies: dict[str, SecureGMIMessage] = {}
         refused: dict[str, str] = {}
+        answered: set[str] = set()
         for reply in self.grid.send_and_receive(sent, timeout=self.timeout):
             cid = self.clients.get(reply.metadata.src_node_id)
             if cid is None or cid not in outgoing:
                 continue  # not a node this round addressed: nothing of it is used
             try:
+                if cid in answered:
+                    # One instruction, one reply: with two, which one the client meant is
+                    # unknowable, so neither is added.
+                    replies.pop(cid, None)
+                    raise ProtocolViolation(f"{cid} sent more than one reply this round")
+                answered.add(cid)
                 if reply.has_error():
                     raise ProtocolViolation(f"{cid} refused: {reply.error.reason}")
                 replies[cid] = self.endpoint.accept(cid, _wire(reply))

@@ -326,3 +326,14 @@ def calibrate_private_mixture(
         sgd_sigma,
         sgd_placement,
     )
+
+
+def plan_from_dict(d: dict[str, Any]) -> DpPlan | PrivateMixturePlan:
+    """The plan a run wrote with `to_dict` (dp_plan.json), for the audit to check ledgers against."""
+    try:
+        fields = {k: v for k, v in d.items() if k != "kind"}
+        if d.get("kind") == "statistics":
+            return PrivateMixturePlan(**{**fields, "statistics": StatisticsPlan(**fields["statistics"])})
+        return DpPlan(**fields)
+    except (TypeError, KeyError) as exc:
+        raise ConfigError(f"not a privacy plan written by securegmi: {exc}") from exc

@@ -10,10 +10,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from securegmi.errors import RunDirectoryError
+from securegmi.errors import ConfigError, RunDirectoryError
+from securegmi.privacy.calibration import DpPlan, PrivateMixturePlan, plan_from_dict
 from securegmi.privacy.ledger import PrivacyLedger
 from securegmi.protocol import SERVER, FieldKind, ProtocolBuilder, read_transcript
-from securegmi.records.rundir import CONFIG, LEDGERS, PROTOCOL, TRANSCRIPT
+from securegmi.records.rundir import CONFIG, LEDGERS, PLAN, PROTOCOL, TRANSCRIPT
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,7 @@ def audit_run(run_dir: Path, builder_for: Callable[[str], ProtocolBuilder]) -> A
             "DP noise was derived from the run seed (dp_noise='seeded', for tests only): anyone holding "
             "config.json can regenerate and subtract it, so no DP guarantee holds for this run"
         )
+    problems += _plan_problems(run_dir, run_config, ledgers)
     for name, clients in sorted(unprotected.items()):
         problems.append(f"{name!r} left {len(clients)} client(s) without protection (non-private)")
     budgets = []
@@ -165,3 +167,41 @@ def audit_run(run_dir: Path, builder_for: Callable[[str], ProtocolBuilder]) -> A
             )
         )
     return AuditReport(str(run_dir), spec.name, tuple(budgets), tuple(disclosures), tuple(problems))
+
+
+def _plan_problems(run_dir: Path, run_config: dict[str, Any], ledgers: dict[str, PrivacyLedger]) -> list[str]:
+    """A ledger is not trusted on its own: every entry must be the event the run's plan
+    (dp_plan.json) decided for that round, the plan must be for the configured budget and
+    spend it, and each ledger's budget must be the plan's. A ledger edited alone (say, every
+    noise multiplier inflated 10x, which would understate epsilon) disagrees with the plan."""
+    if not ledgers:
+        return []
+    path = run_dir / PLAN
+    try:
+        plan: DpPlan | PrivateMixturePlan = plan_from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, ConfigError) as exc:
+        return [f"{PLAN} is missing or unreadable ({exc}): the ledgers cannot be checked against the plan"]
+    problems = []
+    if (plan.epsilon, plan.delta) != (run_config.get("epsilon"), run_config.get("delta")):
+        problems.append(
+            f"{PLAN} is for (epsilon {plan.epsilon:g}, delta {plan.delta:g}), the configuration asks for "
+            f"(epsilon {run_config.get('epsilon')}, delta {run_config.get('delta')})"
+        )
+    planned = plan.planned_epsilon()
+    if not 0.98 * plan.epsilon <= planned <= plan.epsilon * (1 + 1e-6):
+        problems.append(
+            f"{PLAN} spends epsilon {planned:.4f} over its rounds, not its budget {plan.epsilon:g}: "
+            "it is not the plan securegmi calibrates"
+        )
+    for client, ledger in sorted(ledgers.items()):
+        if (ledger.budget.epsilon, ledger.budget.delta) != (plan.epsilon, plan.delta):
+            problems.append(f"{client}: the ledger's budget {ledger.budget} is not the plan's")
+        for entry in ledger.entries:
+            expected = [e for e in plan.round_entries(entry.round) if e.name == entry.name]
+            if entry.round >= plan.rounds or expected != [entry]:
+                problems.append(
+                    f"{client}: ledger entry {entry.event_id} records {entry.event_json}, the plan "
+                    f"decided {expected[0].event_json if expected else 'no such release'}"
+                )
+                break  # one line per client is enough to fail the audit
+    return problems

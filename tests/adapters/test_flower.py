@@ -39,6 +39,9 @@ from securegmi.records.rundir import AGGREGATE, CHECKPOINT, CLIENT_STATES, ENGIN
 from securegmi.simulation.runner import run_simulation
 from securegmi.simulation.study import Federation
 
+from ..no_pickle import non_data_files
+from ..secret_walk import secret_serialisations
+
 ROOT = Path(__file__).resolve().parents[2]
 # Split DP-SGD (one step per round, one Adam trajectory every client must restore from its
 # state), short: 6 statistics rounds and 4 steps.
@@ -192,9 +195,17 @@ def test_deployment_engine_on_loopback_completes_a_secure_run(tmp_path):
         shutil.copy(tmp_path / f"node-{i}" / LEDGERS / f"client-{i}.json", server / LEDGERS)
     report = audit_run(server, builder)
     assert report.ok, report.problems
-    final = open_aggregate(
-        server / AGGREGATE, federation.spec, SecretContext.load(keys, federation.ckks_parameters())
-    )
+    assert [
+        bad for d in (server, *(tmp_path / f"node-{i}" for i in range(3))) for bad in non_data_files(d)
+    ] == []
+    secret = SecretContext.load(keys, federation.ckks_parameters())
+    leaked = [
+        p
+        for p in server.rglob("*")
+        if p.is_file() and any(s in p.read_bytes() for s in secret_serialisations(secret))
+    ]
+    assert leaked == []  # no server-side file, log or transcript holds the secret key
+    final = open_aggregate(server / AGGREGATE, federation.spec, secret)
     masses, sums = final["component_masses"], final["component_sums"]
     assert masses.shape == (3,) and masses.sum() > 0 and np.isfinite(sums).all()
 

@@ -52,6 +52,44 @@ def test_an_uncovered_release_fails_the_audit(dp_run, tmp_path):
     assert "client-1" in audit.output and "clusters@round1" in audit.output
 
 
+def _inflate(tree: object, factor: float) -> None:
+    """Multiply every noise multiplier in a JSON tree by `factor`, in place."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            if key == "noise_multiplier":
+                tree[key] = value * factor
+            else:
+                _inflate(value, factor)
+    elif isinstance(tree, list):
+        for item in tree:
+            _inflate(item, factor)
+
+
+@pytest.mark.slow
+def test_a_ledger_whose_noise_was_inflated_fails_the_audit_naming_the_client(dp_run, tmp_path):
+    """Inflating one ledger's noise multipliers 10x understates its epsilon (1.78 for 8 once);
+    the audit checks every entry against dp_plan.json and names the client."""
+    out, _ = dp_run
+    tampered = tmp_path / "inflated"
+    _copy(out, tampered)
+    ledger_file = tampered / "ledgers" / "client-2.json"
+    ledger = json.loads(ledger_file.read_text())
+    _inflate(ledger["entries"], 10.0)
+    ledger_file.write_text(json.dumps(ledger))
+    audit = runner.invoke(app, ["audit", str(tampered), "--json"])
+    assert audit.exit_code == 1
+    (problem,) = json.loads(audit.stdout)["problems"]
+    assert problem.startswith("client-2: ledger entry") and "the plan decided" in problem
+    # Inflating the plan's noise the same way is caught too: that plan no longer spends its budget.
+    plan_file = tampered / "dp_plan.json"
+    plan = json.loads(plan_file.read_text())
+    _inflate(plan, 10.0)
+    plan["sgd_noise_multiplier"] *= 10.0
+    plan_file.write_text(json.dumps(plan))
+    problems = json.loads(runner.invoke(app, ["audit", str(tampered), "--json"]).stdout)["problems"]
+    assert any("not the plan securegmi calibrates" in p for p in problems)
+
+
 @pytest.mark.slow
 def test_an_exceeded_budget_fails_the_audit(dp_run, tmp_path):
     out, _ = dp_run

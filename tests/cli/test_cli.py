@@ -1,13 +1,23 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from securegmi.cli.main import app
+from securegmi.config import SimulationConfig
+
+from ..results_document import check_results
 
 runner = CliRunner()
+
+
+def _config(run_dir: Path) -> SimulationConfig:
+    return SimulationConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+
+
 SMALL = ["--dataset", "synthetic", "--clients", "4", "--rounds", "2", "--local-epochs", "1"]
 
 
@@ -30,7 +40,8 @@ def test_simulate_json_output_is_machine_readable(tmp_path):
     result = runner.invoke(app, ["simulate", *SMALL, "--out", str(tmp_path / "r"), "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout[result.stdout.index("{") :])
-    assert data["dataset"] == "synthetic"
+    check_results(data, _config(tmp_path / "r"))
+    assert data == json.loads((tmp_path / "r" / "results.json").read_text())
 
 
 @pytest.mark.parametrize(
@@ -67,6 +78,7 @@ def test_epsilon_alone_runs_the_secure_protocol_and_shows_the_plan(tmp_path):
     text = " ".join(result.output.split())
     assert "Privacy plan" in text and "not a cryptographically secure" in text
     results = json.loads((out / "results.json").read_text())
+    check_results(results, _config(out))
     assert results["protocol"] == "secure" and results["epsilon"]["target"] == 4.0
     assert runner.invoke(app, ["audit", str(out)]).exit_code == 0
 

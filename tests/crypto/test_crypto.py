@@ -13,7 +13,7 @@ from securegmi.crypto.aggregation import add_updates, check_update, max_envelope
 from securegmi.crypto.envelope import _header_for, _pack, decrypt, encrypt
 from securegmi.crypto.keys import PublicContext, SecretContext
 from securegmi.crypto.params import MAX_MODULUS_BITS_128, CkksParameters
-from securegmi.crypto.release import release_decrypted
+from securegmi.crypto.release import RELEASE_PRECISION, release_decrypted
 from securegmi.crypto.seal_io import load_ciphertext, save_bytes
 from securegmi.errors import CryptoError
 
@@ -103,40 +103,82 @@ def _chunks(envelope: bytes) -> list[bytes]:
     return read_envelope(envelope)[1]
 
 
-def _bad_updates(keys: SecretContext, server: PublicContext) -> dict[str, bytes]:
+def _resized(keys: SecretContext, envelope: bytes, size: int) -> list[bytes]:
+    """The envelope's chunks grown to `size` polynomials (an unrelinearised product's shape),
+    at the right level and scale."""
+    out = []
+    for chunk in _chunks(envelope):
+        ct = load_ciphertext(keys.seal_context, chunk)
+        ct.resize(keys.seal_context, size)
+        out.append(save_bytes(ct))
+    return out
+
+
+def _bad_updates(keys: SecretContext, server: PublicContext) -> dict[str, tuple[bytes, str]]:
+    """Crafted updates, each with the reason the server must give for refusing it."""
     good = encrypt(keys, _values(3))
-    other_n_params = CkksParameters(poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 40, 60))
-    other_n_chunks = _chunks(encrypt(SecretContext.generate(other_n_params), _values(4)))[:1] * 2
+    other_n_params = CkksParameters(poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 60))
+    other_n_chunk = _chunks(encrypt(SecretContext.generate(other_n_params), _values(4)))[0]
     low_scale = []
     for i in range(2):
         plaintext = sealapi.Plaintext()
         keys.encoder.encode(_values(5)[i * 2048 : (i + 1) * 2048].tolist(), 2.0**30, plaintext)
         low_scale.append(save_bytes(keys.encryptor.encrypt_symmetric(plaintext)))
+    header = _header_for(server, LENGTH)
+    max_bytes = max_envelope_bytes(server, LENGTH)
     return {
-        "other-key": encrypt(SecretContext.generate(PARAMS), _values(6)),
-        "other-n": _pack(_header_for(server, LENGTH), other_n_chunks),
-        "other-scale": _pack(_header_for(server, LENGTH), low_scale),
-        "truncated": good[:-500],
-        "oversized": encrypt(keys, _values(7)),
-        "wrong-length": encrypt(keys, _values(8)[:100]),
+        "other-key": (encrypt(SecretContext.generate(PARAMS), _values(6)), "another key"),
+        # SEAL's load checks a chunk against the context: another ring degree never parses.
+        "other-n": (_pack(header, [other_n_chunk, _chunks(good)[1]]), "chunk 0 does not parse"),
+        "other-scale": (_pack(header, low_scale), "chunk 0: scale"),
+        "three-polynomials": (_pack(header, _resized(keys, good, 3)), "ciphertext size 3 != 2"),
+        "missing-chunk": (_pack(header, _chunks(good)[:1]), "declares 2 chunks and holds 1"),
+        "truncated": (good[:-500], "does not parse"),
+        "oversized": (good + b"\x00" * max_bytes, f"exceeds the {max_bytes}-byte limit"),
+        "wrong-length": (encrypt(keys, _values(8)[:100]), "does not match the expected"),
     }
 
 
-def test_bad_updates_are_rejected_and_the_round_completes(keys, server):
+def test_bad_updates_are_rejected_each_for_its_reason_and_the_round_completes(keys, server):
     good = {f"good-{i}": _values(10 + i) for i in range(3)}
     updates = {c: encrypt(keys, v) for c, v in good.items()}
     bad = _bad_updates(keys, server)
-    max_bytes = max_envelope_bytes(server, LENGTH)
-    bad["oversized"] = bad["oversized"] + b"\x00" * max_bytes  # padded past the limit
-    result = add_updates(server, {**updates, **bad}, LENGTH, max_bytes)
+    result = add_updates(
+        server,
+        {**updates, **{c: data for c, (data, _) in bad.items()}},
+        LENGTH,
+        max_envelope_bytes(server, LENGTH),
+    )
     assert sorted(result.accepted) == sorted(good)
-    assert set(result.rejected) == set(bad)
-    assert "another key" in result.rejected["other-key"]
-    assert "exceeds" in result.rejected["oversized"]
-    assert "scale" in result.rejected["other-scale"]
+    assert {c: reason in result.rejected.get(c, "") for c, (_, reason) in bad.items()} == dict.fromkeys(
+        bad, True
+    )
     assert result.data is not None
     total = decrypt(keys, result.data)
     assert np.max(np.abs(total - sum(good.values()))) <= PARAMS.precision()
+
+
+def test_a_ciphertext_below_the_fresh_level_is_rejected():
+    """Only reachable with more than one data prime (the shipped set has one): a mod-switched
+    chunk has dropped a prime, and adding it to fresh ones would fail or decrypt wrongly."""
+    params = CkksParameters(poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 40, 40, 60))
+    keys = SecretContext.generate(params)
+    server = keys.public()
+    evaluator = sealapi.Evaluator(keys.seal_context)
+    switched = []
+    for chunk in _chunks(encrypt(keys, _values(1))):
+        ct = load_ciphertext(keys.seal_context, chunk)
+        evaluator.mod_switch_to_next_inplace(ct)
+        switched.append(save_bytes(ct))
+    with pytest.raises(CryptoError, match="level 2 is not a fresh ciphertext's"):
+        check_update(server, _pack(_header_for(server, LENGTH), switched), LENGTH, 10**7)
+    assert check_update(server, encrypt(keys, _values(1)), LENGTH, 10**7)  # a fresh one passes
+
+
+def test_a_client_refuses_to_decrypt_an_aggregate_under_another_key(keys):
+    stranger = SecretContext.generate(PARAMS)
+    with pytest.raises(CryptoError, match="under another key"):
+        decrypt(keys, encrypt(stranger, _values(2)))
 
 
 def test_nan_and_out_of_bound_values_are_never_encrypted(keys):
@@ -161,9 +203,20 @@ def test_key_ceremony_files(tmp_path, keys):
     assert "secret" not in repr(keys).lower().replace("secretcontext", "")
 
 
-def test_release_rounds_away_the_ckks_noise(keys):
-    exact = np.array([0.123456789, -2.5])
-    noisy = decrypt(keys, encrypt(keys, exact))
-    assert not np.array_equal(noisy, exact)  # decryptions carry key-dependent noise
-    released = release_decrypted(noisy, 1e-4)
-    assert np.array_equal(released, release_decrypted(exact, 1e-4))
+def test_the_release_grid_rounds_away_the_noise_of_a_full_cohorts_sum(keys, server):
+    """The shipped grid (RELEASE_PRECISION) exceeds twice the parameters' worst-case error for a
+    sum of `max_clients` encryptions, so releasing a decrypted sum gives exactly the release of
+    the true sum: nothing of the key-dependent noise (Li & Micciancio 2021) is left in it."""
+    assert 2 * PARAMS.precision() < RELEASE_PRECISION
+    rng = np.random.default_rng(7)
+    parts = [
+        rng.integers(-40_000_000, 40_000_000, LENGTH) * RELEASE_PRECISION for _ in range(PARAMS.max_clients)
+    ]
+    result = add_updates(server, {f"c{i}": encrypt(keys, v) for i, v in enumerate(parts)}, LENGTH, 10**7)
+    assert result.data is not None
+    decrypted = decrypt(keys, result.data)
+    exact = np.sum(parts, axis=0)
+    assert not np.array_equal(decrypted, exact)  # the decryption carries noise...
+    assert np.array_equal(
+        release_decrypted(decrypted, RELEASE_PRECISION), release_decrypted(exact, RELEASE_PRECISION)
+    )

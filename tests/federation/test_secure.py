@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -19,6 +20,9 @@ from securegmi.protocol.fields import Ciphertext
 from securegmi.protocols import dp, secure
 from securegmi.simulation.runner import run_simulation
 from securegmi.simulation.study import load_federated_data, new_model
+
+from ..no_pickle import non_data_files
+from ..secret_walk import secret_holders, secret_serialisations
 
 SMALL = {
     "dataset": "synthetic",
@@ -76,26 +80,6 @@ def test_a_secure_run_passes_the_audit_and_encryption_alone_would_not(runs, tmp_
     assert "encrypted only" in {d["protection"] for d in json.loads(audit.stdout)["disclosures"]}
 
 
-def _secret_holders(obj: object, seen: set[int] | None = None, depth: int = 0) -> list[str]:
-    """Every SecretContext or secret-bearing TenSEAL context reachable from `obj`."""
-    import tenseal as ts
-
-    seen = seen if seen is not None else set()
-    if id(obj) in seen or depth > 6:
-        return []
-    seen.add(id(obj))
-    if isinstance(obj, SecretContext) or (isinstance(obj, ts.Context) and obj.has_secret_key()):
-        return [type(obj).__name__]
-    children: list[object] = []
-    if isinstance(obj, dict):
-        children = list(obj.values())
-    elif isinstance(obj, list | tuple | set):
-        children = list(obj)
-    elif hasattr(obj, "__dict__"):
-        children = list(vars(obj).values())
-    return [h for c in children for h in _secret_holders(c, seen, depth + 1)]
-
-
 def _server(keys: SecretContext) -> Server:
     config = SimulationConfig(protocol="secure", **SMALL)
     ref = new_model(config, load_federated_data(config))
@@ -103,12 +87,62 @@ def _server(keys: SecretContext) -> Server:
     return Server(spec, keys.public())
 
 
-def test_the_server_holds_no_secret_key_and_the_check_can_tell():
+class _Slotted:
+    __slots__ = ("held",)
+
+    def __init__(self, held: object) -> None:
+        self.held = held
+
+
+class _Holder:
+    def __init__(self, held: object) -> None:
+        self.held = held
+
+    def method(self) -> None:
+        pass
+
+
+def _plants(keys: SecretContext, secret: bytes) -> dict[str, object]:
+    """One way each for a secret to hide in a server object."""
+    held = keys
+
+    def closure() -> object:
+        return held
+
+    return {
+        "attribute": keys,
+        "dict value": {"k": keys},
+        "dict key": {keys: 1},
+        "list": [0, keys],
+        "tuple": (keys,),
+        "set": {keys},
+        "slots": _Slotted(keys),
+        "closure": closure,
+        "default argument": lambda k=keys: k,
+        "bound method": _Holder(keys).method,
+        "partial": functools.partial(print, keys),
+        "nested object": _Holder(_Holder(keys)),
+        "tenseal context": keys.context,
+        "seal decryptor": keys.decryptor,
+        "seal symmetric encryptor": keys.encryptor,
+        "serialised secret key": b"header" + secret,
+    }
+
+
+def test_no_secret_is_reachable_from_the_server_and_the_walk_finds_each_hiding_place(monkeypatch):
     keys = SecretContext.generate(CkksParameters(max_clients=4))
+    secrets = secret_serialisations(keys)
     server = _server(keys)
-    assert _secret_holders(server) == []
-    server.__dict__["oops"] = keys  # negative control: a server that was handed the secret
-    assert _secret_holders(server) == ["SecretContext"]
+    server.broadcast(0, 1.0)
+    assert secret_holders(server, secrets) == []
+    # Negative controls: the walk finds a secret planted in each kind of place...
+    for kind, plant in _plants(keys, secrets[1]).items():
+        server.__dict__["planted"] = plant
+        assert secret_holders(server, secrets), kind
+        del server.__dict__["planted"]
+    # ...and behind a property of a securegmi class.
+    monkeypatch.setattr(Server, "leaky", property(lambda self: keys), raising=False)
+    assert secret_holders(server, secrets) == ["root.leaky: SecretContext"]
 
 
 def test_an_update_under_another_key_is_rejected_and_the_round_completes():
@@ -181,3 +215,19 @@ def test_the_audit_fails_a_run_whose_noise_was_seeded(runs):
     audit = CliRunner().invoke(app, ["audit", str(out), "--json"])
     assert audit.exit_code == 1
     assert any("regenerate and subtract" in p for p in json.loads(audit.stdout)["problems"])
+
+
+@pytest.mark.slow
+def test_every_file_a_private_run_writes_is_data_only_and_the_check_can_tell(runs, tmp_path):
+    import shutil
+
+    import torch
+
+    out, _ = runs["secure-private"]
+    assert non_data_files(out) == []
+    # Negative control: a checkpoint written with torch.save (a pickle) under the same name.
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    torch.save({"components": torch.zeros(2)}, copy / "model.safetensors")
+    (copy / "ledgers" / "extra.pt").write_bytes(b"\x80\x04K\x01.")  # pickle of 1
+    assert [line.split(":")[0] for line in non_data_files(copy)] == ["ledgers/extra.pt", "model.safetensors"]

@@ -5,6 +5,7 @@ decrypted sum, as one curator would (privacy.calibration.PrivateMixturePlan)."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,6 +17,8 @@ from securegmi.federation.server import play_round
 from securegmi.federation.transport import InProcessTransport
 from securegmi.protocols import builder
 from securegmi.simulation.study import Federation
+
+from .gaussian_scale import assert_scale, has_scale
 
 CONFIG = SimulationConfig(
     dataset="synthetic",
@@ -80,17 +83,25 @@ def test_one_step_per_round_and_every_client_ends_on_the_same_model(finished):
         assert 0.99 * 8.0 <= client.ledger.spent <= 8.0 * (1 + 1e-6)  # type: ignore[union-attr]
 
 
+def _gaussian(event: Any) -> Any:
+    """The Gaussian inside a (self-composed, Poisson-sampled) DP-SGD event."""
+    while not hasattr(event, "noise_multiplier"):
+        event = event.event
+    return event
+
+
 def test_each_share_carries_sigma_c_over_root_min_clients(finished):
-    """The sample sd of the added noise within 5 / sqrt(2 n) of the plan's share (a false alarm
-    below 1e-6); the same bound rejects the full noise (local placement) and no noise."""
-    federation, _, shares = finished
-    plan = federation.plan
+    """Each client's share of a step's noise has sd sigma C / sqrt(min_clients), sigma the
+    multiplier of the ledger's event: the minimum cohort's shares together carry the whole
+    step's noise. A chi-square test (false failure 1e-6) that also rejects the full noise
+    (local placement) and half or twice the share."""
+    federation, clients, shares = finished
     noise = np.concatenate([released - pre for s in shares.values() for pre, released in s])
-    claimed = plan.sgd_noise_multiplier * plan.clip_norm / math.sqrt(CONFIG.min_clients or 1)
-    tolerance = 5 / math.sqrt(2 * noise.size)
-    assert abs(noise.std() / claimed - 1) < tolerance
-    for wrong in (math.sqrt(CONFIG.min_clients or 1), 0.5, 2.0):
-        assert abs(noise.std() / (wrong * claimed) - 1) > tolerance
+    ledger = next(iter(clients.values())).ledger
+    (sigma,) = {_gaussian(e.event).noise_multiplier for e in ledger.entries if e.name == "dpsgd"}
+    claimed = sigma * federation.plan.clip_norm / math.sqrt(CONFIG.min_clients or 1)
+    assert_scale(noise, claimed)
+    assert not has_scale(noise, math.sqrt(CONFIG.min_clients or 1) * claimed)
 
 
 def test_a_step_with_fewer_than_min_clients_is_abandoned():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
@@ -12,6 +11,8 @@ from securegmi.config import SimulationConfig
 from securegmi.errors import ConfigError, RunDirectoryError
 from securegmi.protocols import plain
 from securegmi.simulation.runner import run_simulation
+
+from ..results_document import check_results
 
 FAST = {"dataset": "synthetic", "clients": 10, "rounds": 15, "local_epochs": 2, "hidden": 32, "latent": 2}
 
@@ -33,21 +34,8 @@ def test_fedgmi_recovers_mixture_proportions_on_synthetic(fedgmi_run):
 def test_results_contract_and_run_directory(fedgmi_run):
     out, result = fedgmi_run
     results = json.loads((out / "results.json").read_text())
-    for key in (
-        "method",
-        "protocol",
-        "dataset",
-        "clients",
-        "components",
-        "rounds",
-        "source_accuracy",
-        "pi_tv_error",
-        "uplink_bytes_per_client_round",
-        "wall_seconds",
-        "epsilon",
-    ):
-        assert key in results
-    assert results["protocol"] == "plain" and results["epsilon"] is None
+    check_results(results, SimulationConfig(**FAST))
+    assert results["protocol"] == "plain"
     assert results["source_accuracy"] == result.evaluation.source_accuracy
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in metrics] == list(range(FAST["rounds"]))
@@ -59,6 +47,26 @@ def test_results_contract_and_run_directory(fedgmi_run):
     p = checkpoint["components"].shape[1]
     assert results["uplink_bytes_per_client_round"] == 3 * 8 + 3 * 8 + 3 * p * 4
     assert (out / "transcript.jsonl").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda r: r.update(source_accuracy=1.2),
+        lambda r: r.update(source_accuracy=r["source_accuracy"] * 0.9),  # not the pooled figure
+        lambda r: r["per_client"][0].update(pi_tv_error=0.9),  # not the TV of its own pi
+        lambda r: r["per_client"][1].update(pi_estimate=[0.5, 0.6, 0.1]),  # off the simplex
+        lambda r: r.pop("nll"),
+        lambda r: r.update(epsilon={"target": 8.0}),  # a plain run claims a budget
+    ],
+)
+def test_the_results_check_catches_a_wrong_document(fedgmi_run, tamper):
+    out, _ = fedgmi_run
+    results = json.loads((out / "results.json").read_text())
+    tamper(results)
+    with pytest.raises(AssertionError):
+        check_results(results, SimulationConfig(**FAST))
 
 
 @pytest.mark.slow
@@ -85,11 +93,9 @@ def test_every_method_runs_and_reports(method, tmp_path):
     config = SimulationConfig(**{**FAST, "rounds": 2, "method": method})
     result = run_simulation(config, protocol=plain.build, out=tmp_path / method)
     results = json.loads((tmp_path / method / "results.json").read_text())
-    assert results["method"] == method
-    assert 0.0 <= result.evaluation.source_accuracy <= 1.0
-    assert np.isfinite(result.evaluation.nll)
-    assert results["components"] == (1 if method == "fedavg" else 3)
-    assert (results["protocol"] is None) == (method in ("local", "oracle"))
+    check_results(results, config)
+    assert results["source_accuracy"] == result.evaluation.source_accuracy
+    assert results["nll"] == result.evaluation.nll
 
 
 def test_existing_run_directory_is_not_overwritten(tmp_path):

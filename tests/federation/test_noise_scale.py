@@ -1,0 +1,116 @@
+"""Noise scales on the shipped release paths: the noise each release actually adds, observed
+on many releases of fixed inputs, has the standard deviation its ledger entry claims (noise
+multiplier x sensitivity, and the per-client share where the noise is split). Two-sided
+chi-square tests with a false-failure rate of 1e-6 each (`gaussian_scale`); DP-SGD's own noise
+is checked in test_ledger_equals_mechanism and test_split_sgd."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+
+from securegmi.config import SimulationConfig
+from securegmi.crypto.keys import SecretContext
+from securegmi.federation.release import BROADCAST, CountsRelease, StatisticsRelease
+from securegmi.federation.statistics import SENSITIVITY, StatisticsRole
+from securegmi.privacy.calibration import PrivateMixturePlan
+from securegmi.protocol import START
+from securegmi.protocols import dp, secure
+from securegmi.simulation.study import Federation
+
+from .gaussian_scale import assert_scale
+
+COUNT_ROUNDS = 120  # x K = 3 counts: 360 draws
+
+
+def _event_multiplier(entry: dict[str, Any]) -> float:
+    """The noise multiplier a ledger file's Gaussian event claims."""
+    assert entry["event"]["type"] == "gaussian"
+    return float(entry["event"]["noise_multiplier"])
+
+
+def test_the_count_release_adds_the_noise_its_ledger_claims(tmp_path):
+    """Every round of an em-design client (the shipped `CountsRelease.respond`: E-step, count
+    release, DP-SGD), with the released counts observed where they are handed to the upload."""
+    config = SimulationConfig(
+        dataset="synthetic",
+        clients=3,
+        rounds=COUNT_ROUNDS,
+        local_epochs=1,
+        hidden=4,
+        latent=1,
+        protocol="dp",
+        epsilon=8.0,
+        sample_rate=0.5,
+        private_training="em",
+    )
+    federation = Federation.build(config, dp.build)
+    client = federation.client(0, None, tmp_path)
+    policy = client.policy
+    assert isinstance(policy, CountsRelease)
+    learner, released, pre_noise = policy.learner, [], []
+    upload = learner.upload
+
+    def observed_upload(noisy: np.ndarray) -> dict[str, np.ndarray]:
+        released.append(np.array(noisy))
+        assert policy.pre_noise_counts is not None
+        pre_noise.append(policy.pre_noise_counts.copy())
+        return upload(noisy)
+
+    learner.upload = observed_upload  # type: ignore[method-assign]
+    temperature = {"temperature": np.array(1.0)}
+    for t in range(COUNT_ROUNDS):
+        policy.respond(t, START if t == 0 else BROADCAST, temperature)
+    ledger = json.loads((tmp_path / "client-0.json").read_text())
+    claims = {_event_multiplier(e) for e in ledger["entries"] if e["name"] == "counts"}
+    assert len(claims) == 1 and len(released) == COUNT_ROUNDS
+    # L2 sensitivity of the counts: 1 (release.CountsRelease).
+    assert_scale(np.concatenate(released) - np.concatenate(pre_noise), claims.pop() * 1.0)
+
+
+DRAWS = 400  # repeats of each statistics release: >= 400 x 3 draws
+
+
+@pytest.mark.parametrize("placement", ["local", "split"])
+def test_every_statistics_release_adds_the_noise_its_ledger_claims(placement):
+    """Each release of the statistics phase (moments, cluster sums, histogram) repeated on a
+    client's role, fed public aggregates of the shape the server sends. The claim is the ledger
+    entry the client commits for that round. Under split placement each client adds a share:
+    the entry's fallback figure (the share alone) names it, and the minimum cohort's shares
+    together must carry the aggregate's full noise."""
+    config = SimulationConfig(
+        dataset="synthetic",
+        clients=4,
+        local_epochs=1,
+        hidden=4,
+        latent=1,
+        protocol="secure",
+        epsilon=8.0,
+        kmeans_iterations=1,
+        noise_placement=placement,
+        min_clients=3,
+    )
+    federation = Federation.build(config, secure.build)
+    assert isinstance(federation.plan, PrivateMixturePlan)
+    client = federation.client(1, SecretContext.generate(federation.ckks_parameters()))
+    assert isinstance(client.policy, StatisticsRelease)
+    role: StatisticsRole = client.policy.statistics
+    stats = role.plan
+    total = None  # round 0 has no aggregate; then a pooled noisy contribution, times the cohort
+    for t in range(stats.rounds):
+        role.absorb(t, total)
+        (entry,) = federation.plan.round_entries(t)
+        share = entry.fallback_event.noise_multiplier  # type: ignore[attr-defined]
+        aggregate = entry.event.noise_multiplier  # type: ignore[attr-defined]
+        assert share**2 * stats.min_clients >= aggregate**2 * (1 - 1e-12)
+        noise = []
+        for _ in range(DRAWS):
+            _, _, value = role.contribution(t)
+            assert role.pre_noise is not None
+            mine = value.reshape(4, -1)[1] if stats.release_at(t) == "histogram" else value
+            noise.append(mine - role.pre_noise)
+        assert_scale(np.concatenate(noise), share * SENSITIVITY[stats.release_at(t)])
+        total = value * 4
