@@ -47,6 +47,18 @@ def _load_secret_from(tmp: Path, secret: bytes) -> SecretContext:
     return SecretContext.load(tmp, PARAMS)
 
 
+def _private_plan(**change: float) -> object:
+    settings = {"vae_rounds": 1, "statistics_share": 0.5} | change
+    return calibrate_private_mixture(
+        BUDGET,
+        statistics=None,  # type: ignore[arg-type]  # refused before it is read
+        steps_per_round=1,
+        sample_rate=0.5,
+        clip_norm=1.0,
+        **settings,  # type: ignore[arg-type]
+    )
+
+
 CASES: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
     # crypto
     "public context that does not parse": (
@@ -103,28 +115,12 @@ CASES: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
         "count_share",
     ),
     "private plan of no DP-SGD": (
-        lambda _: calibrate_private_mixture(
-            BUDGET,
-            statistics=None,  # type: ignore[arg-type]
-            vae_rounds=0,
-            steps_per_round=1,
-            sample_rate=0.5,
-            clip_norm=1.0,
-            statistics_share=0.5,
-        ),
+        lambda _: _private_plan(vae_rounds=0),
         ConfigError,
         "at least one DP-SGD round",
     ),
     "private plan giving the statistics everything": (
-        lambda _: calibrate_private_mixture(
-            BUDGET,
-            statistics=None,  # type: ignore[arg-type]
-            vae_rounds=1,
-            steps_per_round=1,
-            sample_rate=0.5,
-            clip_norm=1.0,
-            statistics_share=1.0,
-        ),
+        lambda _: _private_plan(statistics_share=1.0),
         ConfigError,
         "statistics_share",
     ),
