@@ -70,6 +70,20 @@ class CkksParameters:
         """SEAL's coeff_modulus_size of a fresh ciphertext: the primes without the special one."""
         return len(self.coeff_mod_bit_sizes) - 1
 
+    def release_grid(self) -> float:
+        """The step of the grid every decrypted value is rounded to before a client uses or
+        exports it (crypto.release; Li & Micciancio, EUROCRYPT 2021).
+
+        A sum of fresh encryptions decrypts to the plaintext sum plus an error e, |e| <=
+        `precision()` (for additions e does not grow with the values, only with the count).
+        Rounding to a grid of step g returns exactly the rounded plaintext unless the plaintext
+        lies within |e| of a midpoint between grid points: at most a 2|e|/g share of values, the
+        only ones whose release still depends on the key's noise. g = the smallest power of ten
+        >= 100 x precision() bounds that share by 2% at the worst-case bound and by about 2e-5
+        at the error measured at the shipped parameters (~1e-9, bench/he_cost.py); a power of
+        ten keeps released values readable. 1e-4 at the shipped parameters."""
+        return float(10.0 ** math.ceil(math.log10(100 * self.precision())))
+
     def precision(self) -> float:
         """A conservative absolute error bound of a decrypted sum of `max_clients` fresh
         encryptions: CKKS encoding and encryption noise grow with sqrt(N) per ciphertext and add

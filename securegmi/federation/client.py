@@ -29,6 +29,7 @@ from securegmi.errors import (
     CryptoError,
     DataError,
     PrivacyError,
+    ProtocolViolation,
     RunDirectoryError,
     SecureGMIError,
 )
@@ -118,6 +119,7 @@ class Client:
         self.client_id = client_id
         self.spec = protocol
         self.state_path = Path(state_path) if state_path is not None else None
+        self.run_id: str | None = None  # the run this client joined (its first message's)
         self.learner = LocalLearner(client_id, x, components, settings or ClientSettings(), seed)
         self.policy: ReleasePolicy = _policy(self.learner, privacy)
         self.codec: ClientCodec = CkksCodec(keys) if keys is not None else ClearCodec()
@@ -161,16 +163,30 @@ class Client:
         """Take in the server's last message of a run (its final aggregate) without replying:
         this client's model is then the federation's final model."""
         self.spec.validate(message, sender_role="server")
+        self._join(message)
         self.policy.conclude(message.round, message.stage, self.codec.open(message, self.spec))
 
+    def _join(self, message: Message) -> None:
+        """Bind this client to the run of its first message; refuse any other run's."""
+        if not message.run:
+            raise ProtocolViolation(f"{self.client_id}: a server message without a run id")
+        if self.run_id is None:
+            self.run_id = message.run
+        elif message.run != self.run_id:
+            raise ProtocolViolation(
+                f"{self.client_id}: a message from run {message.run[:12]!r}, this client is in run "
+                f"{self.run_id[:12]!r} (a replay, or another study's server)"
+            )
+
     def _handle(self, message: Message) -> Message:
+        self._join(message)
         inbound = self.codec.open(message, self.spec)
         reply = self.policy.respond(message.round, message.stage, inbound)
         stage = self.spec.stage(reply.stage)
         # Only what the protocol declares is sealed at all (secure has no component_index).
         values = {name: v for name, v in reply.values.items() if stage.field(name) is not None}
         payload = build_payload(stage, self.codec.seal(values), reply.events, self.codec.key_id)
-        out = Message(stage=reply.stage, round=message.round, sender=self.client_id, payload=payload)
+        out = Message(reply.stage, message.round, self.client_id, payload, run=message.run)
         if self.state_path is not None:
             self._save(self.state_path)  # before the reply leaves: a restart resumes from here
         return out
@@ -179,6 +195,8 @@ class Client:
         arrays, metadata = self.policy.state_arrays()
         arrays |= self.learner.state_arrays()
         metadata["client"] = self.client_id
+        if self.run_id is not None:
+            metadata["run"] = self.run_id
         tmp = path.with_suffix(path.suffix + ".tmp")
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp), metadata=metadata)
@@ -195,8 +213,14 @@ class Client:
             raise RunDirectoryError(
                 f"{path} holds the state of {metadata.get('client')!r}, not {self.client_id!r}"
             )
-        self.learner.load_state(arrays)
-        self.policy.load_state(arrays, metadata)
+        self.run_id = metadata.get("run")
+        try:
+            self.learner.load_state(arrays)
+            self.policy.load_state(arrays, metadata)
+        except (KeyError, ValueError, TypeError, ProtocolViolation, RuntimeError) as exc:
+            # A missing array, a wrong shape or a garbled field: the constructor fails, so no
+            # half-restored client exists.
+            raise RunDirectoryError(f"client state {path} is incomplete or corrupt ({exc!r})") from exc
 
 
 def _policy(learner: LocalLearner, privacy: ClientPrivacy | None) -> ReleasePolicy:

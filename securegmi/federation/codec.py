@@ -20,7 +20,7 @@ from tenseal import sealapi
 from securegmi.crypto.aggregation import check_update, max_envelope_bytes, pack_sum
 from securegmi.crypto.envelope import decrypt, encrypt
 from securegmi.crypto.keys import PublicContext, SecretContext
-from securegmi.crypto.release import RELEASE_PRECISION, release_decrypted
+from securegmi.crypto.release import release_decrypted
 from securegmi.errors import ProtocolViolation
 from securegmi.protocol import Ciphertext, FieldKind, FieldSpec, Message, ProtocolSpec
 from securegmi.protocol.fields import field_array
@@ -76,7 +76,7 @@ class CkksCodec:
                     raise ProtocolViolation(f"{message.stage}: expected {name!r} encrypted")
                 # Li & Micciancio (EUROCRYPT 2021): exact decryptions reveal the key's noise.
                 # Kept in float64: a float32 copy of a large sum could not hold the grid.
-                clear = release_decrypted(decrypt(self.keys, f.data), RELEASE_PRECISION)
+                clear = release_decrypted(decrypt(self.keys, f.data), self.keys.params.release_grid())
                 out[name] = clear.reshape(spec.resolve(declared.shape))
             else:
                 out[name] = field_array(f)

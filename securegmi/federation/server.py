@@ -7,6 +7,7 @@ never divides and never reads a client's values beyond adding them; clients divi
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ class Server:
         *,
         cohort_minimum: Mapping[str, int] | None = None,
         transcript_path: Path | None = None,
+        run_id: str | None = None,
     ) -> None:
         if spec.codec == "ckks" and public is None:
             raise CryptoError(f"protocol {spec.name!r} sends ciphertexts: pass the ceremony's public context")
@@ -55,6 +57,9 @@ class Server:
         self.totals: dict[str, np.ndarray | bytes] = {}
         self.after: str | None = None  # the uplink stage the totals sum; None before round 0
         self.round: int | None = None  # the round of the last broadcast: replies must answer it
+        self.aggregated: int | None = None  # the last round whose replies were added
+        # Fresh per run unless given (a resumed run keeps its id): replies must carry it.
+        self.run_id = run_id or secrets.token_hex(16)
 
     def broadcast(self, round_index: int, temperature: float) -> Message:
         """`start` in round 0; then the sums of the previous round's replies."""
@@ -70,18 +75,25 @@ class Server:
                 values[f.name] = np.asarray(temperature, dtype=np.float64)
         payload = build_payload(stage, values, events, self.summation.key_id)
         self.round = round_index
-        return Message(stage=stage.name, round=round_index, sender=SERVER, payload=payload)
+        return Message(stage=stage.name, round=round_index, sender=SERVER, payload=payload, run=self.run_id)
 
     def aggregate(self, replies: Mapping[str, Message]) -> dict[str, str]:
         """Add every reply that passes the summation's checks; return why the others were
         rejected. Nothing is released from fewer replies than the stage's minimum cohort."""
         if not replies:
             raise RunAbortedError("no replies to aggregate")
+        if self.aggregated is not None and self.aggregated == self.round:
+            # One sum per round: a second batch would be a second message from each client.
+            raise ProtocolViolation(f"round {self.round} was already aggregated")
         first = next(iter(replies.values()))
         admitted: list[Admitted] = []
         rejected: dict[str, str] = {}
         for sender, message in replies.items():
             try:
+                if message.sender != sender:
+                    raise ProtocolViolation(f"a reply signed by {message.sender!r} on {sender!r}'s link")
+                if message.run != self.run_id:
+                    raise ProtocolViolation(f"a reply from another run ({message.run[:12]!r})")
                 if message.round != self.round:
                     # A reply to another round (a replay, or a straggler) is never added.
                     raise ProtocolViolation(f"a reply to round {message.round} in round {self.round}")
@@ -104,6 +116,7 @@ class Server:
             if f.sum_of is not None
         }
         self.after = first.stage
+        self.aggregated = self.round
         return rejected
 
     def close(self) -> None:

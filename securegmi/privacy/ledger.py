@@ -6,6 +6,7 @@ raises, and the caller persists the projected ledger (write-ahead) before any me
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -77,6 +78,20 @@ class LedgerEntry:
         return f"{self.name}@round{self.round}"
 
 
+def _genesis(client_id: str, budget: Any, adjacency: str) -> str:
+    """The chain's first link: who the ledger is for, and its budget."""
+    head = json.dumps({"client": client_id, "budget": budget, "adjacency": adjacency}, sort_keys=True)
+    return hashlib.sha256(head.encode()).hexdigest()
+
+
+def _link(previous: str, record: dict[str, Any]) -> str:
+    """Each entry's link hashes the previous link with the entry: deleting, reordering or
+    editing one entry (or the budget) breaks every link after it. Tamper-evident against a
+    partial edit only; a rewrite of the whole file recomputes the chain (the audit then checks
+    the entries against the plan: records.audit)."""
+    return hashlib.sha256((previous + json.dumps(record, sort_keys=True)).encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class PrivacyLedger:
     client_id: str
@@ -141,15 +156,20 @@ class PrivacyLedger:
         return any(e.event_id == event_id for e in self.entries)
 
     def to_json(self) -> dict[str, Any]:
+        budget = {"epsilon": self.budget.epsilon, "delta": self.budget.delta}
+        link = _genesis(self.client_id, budget, self.adjacency)
+        entries = []
+        for e in self.entries:
+            record = {"round": e.round, "name": e.name, "event": json.loads(e.event_json)} | (
+                {} if e.fallback_json is None else {"fallback_event": json.loads(e.fallback_json)}
+            )
+            link = _link(link, record)
+            entries.append(record | {"chain": link})
         return {
             "client": self.client_id,
-            "budget": {"epsilon": self.budget.epsilon, "delta": self.budget.delta},
+            "budget": budget,
             "adjacency": self.adjacency,
-            "entries": [
-                {"round": e.round, "name": e.name, "event": json.loads(e.event_json)}
-                | ({} if e.fallback_json is None else {"fallback_event": json.loads(e.fallback_json)})
-                for e in self.entries
-            ],
+            "entries": entries,
             "epsilon_rdp": self.spent,
             "epsilon_fallback_rdp": self.spent_fallback,
         }
@@ -172,6 +192,15 @@ class PrivacyLedger:
             raise PrivacyError(f"malformed ledger: {exc}") from exc
         for e in ledger.entries:
             e.event, e.fallback_event  # noqa: B018 - parse every event now, so a bad file fails on load
+        link = _genesis(ledger.client_id, data["budget"], ledger.adjacency)
+        for i, record in enumerate(data["entries"]):
+            link = _link(link, {k: v for k, v in record.items() if k != "chain"})
+            if record.get("chain") != link:
+                where = f"{record.get('name')}@round{record.get('round')}"
+                raise PrivacyError(
+                    f"ledger of {ledger.client_id}: entry {i} ({where}) does not chain to the entries "
+                    "before it: the file was edited after it was written"
+                )
         return ledger
 
     def save(self, path: Path) -> None:
@@ -185,5 +214,5 @@ class PrivacyLedger:
     def load(cls, path: Path) -> PrivacyLedger:
         try:
             return cls.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # ValueError: not UTF-8, or not JSON
             raise PrivacyError(f"cannot read ledger {path}: {exc}") from exc

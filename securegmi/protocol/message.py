@@ -35,13 +35,18 @@ _META_KEY = "securegmi.message"
 
 @dataclass(frozen=True)
 class Message:
-    """One protocol message: a stage, a round, a sender, and either a payload or an error."""
+    """One protocol message: a stage, a round, a sender, and either a payload or an error.
+
+    `run` binds it to one run of a federation: the server draws a fresh id per run, every
+    client answers under the id of the run it joined, and both ends refuse another run's
+    messages (a replay from an earlier run, or a client of another study)."""
 
     stage: str
     round: int
     sender: str
     payload: Mapping[str, Field] = field(default_factory=dict)
     error: str | None = None
+    run: str = ""
 
     def __post_init__(self) -> None:
         for name, value in self.payload.items():
@@ -62,6 +67,7 @@ def encode(message: Message) -> bytes:
         "stage": message.stage,
         "round": message.round,
         "sender": message.sender,
+        "run": message.run,
         "error": message.error,
         "fields": fields,
     }
@@ -101,7 +107,12 @@ def decode(raw: bytes) -> Message:
                     None if event is None else str(event),
                 )
         return Message(
-            str(header["stage"]), int(header["round"]), str(header["sender"]), payload, header["error"]
+            str(header["stage"]),
+            int(header["round"]),
+            str(header["sender"]),
+            payload,
+            header["error"],
+            str(header.get("run", "")),
         )
     except ProtocolViolation:
         raise

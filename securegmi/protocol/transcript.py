@@ -25,6 +25,7 @@ class TranscriptWriter:
             "stage": message.stage,
             "sender": message.sender,
             "receiver": receiver,
+            "run": message.run,
             "status": status,
             "message_bytes": len(wire),
             "message_sha256": hashlib.sha256(wire).hexdigest(),

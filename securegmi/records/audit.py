@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from securegmi.errors import ConfigError, RunDirectoryError
+from securegmi.errors import ConfigError, PrivacyError, RunDirectoryError
 from securegmi.privacy.calibration import DpPlan, PrivateMixturePlan, plan_from_dict
 from securegmi.privacy.ledger import PrivacyLedger
 from securegmi.protocol import SERVER, FieldKind, ProtocolBuilder, read_transcript
@@ -66,8 +66,9 @@ def audit_run(run_dir: Path, builder_for: Callable[[str], ProtocolBuilder]) -> A
             "not the run directory of a federated run"
         )
     try:
-        rows = list(read_transcript(run_dir / TRANSCRIPT))
-        bound = json.loads((run_dir / PROTOCOL).read_text(encoding="utf-8"))
+        rows = [_transcript_row(row) for row in read_transcript(run_dir / TRANSCRIPT)]
+        run_config = _json_object(run_dir / CONFIG)
+        bound = _json_object(run_dir / PROTOCOL)
         dims = {k: int(v) for k, v in bound["dims"].items()}
         top_b = dims["B"] if dims["B"] != dims["K"] else None
         statistics = {d: dims[d] for d in ("M", "S", "H", "G") if d in dims} if "M" in dims else None
@@ -77,17 +78,21 @@ def audit_run(run_dir: Path, builder_for: Callable[[str], ProtocolBuilder]) -> A
             top_b=top_b,
             **({} if statistics is None else {"statistics": statistics}),
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, ConfigError) as exc:
         raise RunDirectoryError(f"{run_dir}: corrupt run files ({exc})") from exc
     uplink = {f.name: f for s in spec.stages if s.sender == "client" for f in s.fields}
 
+    problems: list[str] = []
     ledgers: dict[str, PrivacyLedger] = {}
     if (run_dir / LEDGERS).is_dir():
         for path in sorted((run_dir / LEDGERS).glob("*.json")):
-            ledger = PrivacyLedger.load(path)
+            try:
+                ledger = PrivacyLedger.load(path)
+            except PrivacyError as exc:  # unreadable, or edited (its hash chain is broken)
+                problems.append(f"{path.stem}: {exc}")
+                continue
             ledgers[ledger.client_id] = ledger
 
-    problems: list[str] = []
     grouped: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         if row["sender"] == SERVER or row.get("field") is None:
@@ -136,7 +141,6 @@ def audit_run(run_dir: Path, builder_for: Callable[[str], ProtocolBuilder]) -> A
             )
         )
 
-    run_config = json.loads((run_dir / CONFIG).read_text(encoding="utf-8"))
     if run_config.get("dp_noise") == "seeded":
         problems.append(
             "DP noise was derived from the run seed (dp_noise='seeded', for tests only): anyone holding "
@@ -167,6 +171,26 @@ def audit_run(run_dir: Path, builder_for: Callable[[str], ProtocolBuilder]) -> A
             )
         )
     return AuditReport(str(run_dir), spec.name, tuple(budgets), tuple(disclosures), tuple(problems))
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    value = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(value, dict):
+        raise ValueError(f"{path.name} does not hold a JSON object")
+    return value
+
+
+def _transcript_row(row: Any) -> dict[str, Any]:
+    """A transcript line with the fields the audit reads, of the types it reads them as."""
+    if not isinstance(row, dict) or not isinstance(row.get("sender"), str):
+        raise ValueError(f"transcript line {row!r:.80} is not a record of a message")
+    if row.get("field") is not None and not (
+        isinstance(row["field"], str)
+        and isinstance(row.get("kind"), str)
+        and isinstance(row.get("bytes"), int)
+    ):
+        raise ValueError(f"transcript line {row!r:.80} lacks the field's kind or size")
+    return row
 
 
 def _plan_problems(run_dir: Path, run_config: dict[str, Any], ledgers: dict[str, PrivacyLedger]) -> list[str]:

@@ -13,7 +13,7 @@ from securegmi.config import SimulationConfig
 from securegmi.core.mixture import MixtureOfVAEs
 from securegmi.crypto.keys import PublicContext, SecretContext
 from securegmi.crypto.params import CkksParameters
-from securegmi.crypto.release import RELEASE_PRECISION, release_decrypted
+from securegmi.crypto.release import release_decrypted
 from securegmi.data.datasets import load_dataset
 from securegmi.data.mixture import FederatedData, make_federated_data
 from securegmi.errors import ConfigError
@@ -168,7 +168,7 @@ class Federation:
         them to the same grid keeps every exported value on it, as an auditor can check."""
         if not self.secure:
             return values
-        return release_decrypted(values, RELEASE_PRECISION).astype(values.dtype)
+        return release_decrypted(values, self.ckks_parameters().release_grid()).astype(values.dtype)
 
     def write_public_files(self, run_dir: RunDirectory) -> None:
         """The protocol and DP plan beside the transcript, for the audit."""

@@ -1,12 +1,16 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
 from securegmi.cli.main import app
 from securegmi.config import SimulationConfig
+from securegmi.privacy import ledger as ledger_module
 from securegmi.protocols import dp, plain
 from securegmi.simulation.runner import run_simulation
 
@@ -38,18 +42,41 @@ def test_a_dp_run_passes_the_audit(dp_run):
     assert len(report["budgets"]) == 3
 
 
+def _rewrite(path: Path, change: Callable[[dict[str, Any]], None], *, consistently: bool) -> None:
+    """Edit a ledger file; `consistently` also recomputes its hash chain, as someone who knows
+    the format would."""
+    data = json.loads(path.read_text())
+    change(data)
+    if consistently:
+        link = ledger_module._genesis(data["client"], data["budget"], data["adjacency"])
+        for record in data["entries"]:
+            record.pop("chain", None)
+            link = ledger_module._link(link, record)
+            record["chain"] = link
+    path.write_text(json.dumps(data))
+
+
+def _problems(run_dir: Path) -> list[str]:
+    audit = runner.invoke(app, ["audit", str(run_dir), "--json"])
+    assert audit.exit_code == 1, audit.output
+    return list(json.loads(audit.stdout)["problems"])
+
+
+def _forget_round_1(ledger: dict[str, Any]) -> None:
+    ledger["entries"] = [e for e in ledger["entries"] if e["round"] != 1]
+
+
 @pytest.mark.slow
 def test_an_uncovered_release_fails_the_audit(dp_run, tmp_path):
     out, _ = dp_run
-    tampered = tmp_path / "tampered"
-    _copy(out, tampered)
-    ledger_file = tampered / "ledgers" / "client-1.json"
-    ledger = json.loads(ledger_file.read_text())
-    ledger["entries"] = [e for e in ledger["entries"] if e["round"] != 1]  # "forget" round 1
-    ledger_file.write_text(json.dumps(ledger))
-    audit = runner.invoke(app, ["audit", str(tampered)])
-    assert audit.exit_code == 1
-    assert "client-1" in audit.output and "clusters@round1" in audit.output
+    for consistently in (False, True):
+        tampered = tmp_path / f"tampered-{consistently}"
+        _copy(out, tampered)
+        _rewrite(tampered / "ledgers" / "client-1.json", _forget_round_1, consistently=consistently)
+        problems = _problems(tampered)
+        # An edit alone breaks the chain; a rewrite leaves round 1's release uncovered.
+        assert any(p.startswith("client-1") and "does not chain" in p for p in problems) != consistently
+        assert any(p.startswith("client-1") and "clusters@round1" in p for p in problems)
 
 
 def _inflate(tree: object, factor: float) -> None:
@@ -67,27 +94,28 @@ def _inflate(tree: object, factor: float) -> None:
 
 @pytest.mark.slow
 def test_a_ledger_whose_noise_was_inflated_fails_the_audit_naming_the_client(dp_run, tmp_path):
-    """Inflating one ledger's noise multipliers 10x understates its epsilon (1.78 for 8 once);
-    the audit checks every entry against dp_plan.json and names the client."""
+    """Inflating one ledger's noise multipliers 10x would understate its epsilon (1.78 for 8
+    once). Edited alone, the hash chain breaks; rewritten consistently, the entries disagree
+    with dp_plan.json; with the plan inflated too, the plan no longer spends its budget."""
     out, _ = dp_run
     tampered = tmp_path / "inflated"
     _copy(out, tampered)
     ledger_file = tampered / "ledgers" / "client-2.json"
-    ledger = json.loads(ledger_file.read_text())
-    _inflate(ledger["entries"], 10.0)
-    ledger_file.write_text(json.dumps(ledger))
-    audit = runner.invoke(app, ["audit", str(tampered), "--json"])
-    assert audit.exit_code == 1
-    (problem,) = json.loads(audit.stdout)["problems"]
+    original = ledger_file.read_text()
+    _rewrite(ledger_file, lambda d: _inflate(d["entries"], 10.0), consistently=False)
+    problems = _problems(tampered)  # the chain, and so every release of client-2 is uncovered
+    assert problems[0].startswith("client-2: ledger of client-2: entry 0") and "does not chain" in problems[0]
+    assert all(p.startswith("client-2") for p in problems)
+    ledger_file.write_text(original)
+    _rewrite(ledger_file, lambda d: _inflate(d["entries"], 10.0), consistently=True)
+    (problem,) = _problems(tampered)
     assert problem.startswith("client-2: ledger entry") and "the plan decided" in problem
-    # Inflating the plan's noise the same way is caught too: that plan no longer spends its budget.
     plan_file = tampered / "dp_plan.json"
     plan = json.loads(plan_file.read_text())
     _inflate(plan, 10.0)
     plan["sgd_noise_multiplier"] *= 10.0
     plan_file.write_text(json.dumps(plan))
-    problems = json.loads(runner.invoke(app, ["audit", str(tampered), "--json"]).stdout)["problems"]
-    assert any("not the plan securegmi calibrates" in p for p in problems)
+    assert any("not the plan securegmi calibrates" in p for p in _problems(tampered))
 
 
 @pytest.mark.slow
@@ -95,14 +123,14 @@ def test_an_exceeded_budget_fails_the_audit(dp_run, tmp_path):
     out, _ = dp_run
     tampered = tmp_path / "over"
     _copy(out, tampered)
-    ledger_file = tampered / "ledgers" / "client-0.json"
-    ledger = json.loads(ledger_file.read_text())
-    ledger["budget"]["epsilon"] = 0.5
-    ledger_file.write_text(json.dumps(ledger))
-    audit = runner.invoke(app, ["audit", str(tampered), "--json"])
-    assert audit.exit_code == 1
-    report = json.loads(audit.stdout)
-    assert any("exceeds its budget" in p for p in report["problems"])
+
+    def lower_budget(ledger: dict[str, Any]) -> None:
+        ledger["budget"]["epsilon"] = 0.5
+
+    _rewrite(tampered / "ledgers" / "client-0.json", lower_budget, consistently=True)
+    problems = _problems(tampered)
+    assert any("exceeds its budget" in p for p in problems)
+    assert any(p.startswith("client-0: the ledger's budget") for p in problems)
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from securegmi.crypto.aggregation import add_updates, check_update, max_envelope
 from securegmi.crypto.envelope import _header_for, _pack, decrypt, encrypt
 from securegmi.crypto.keys import PublicContext, SecretContext
 from securegmi.crypto.params import MAX_MODULUS_BITS_128, CkksParameters
-from securegmi.crypto.release import RELEASE_PRECISION, release_decrypted
+from securegmi.crypto.release import release_decrypted
 from securegmi.crypto.seal_io import load_ciphertext, save_bytes
 from securegmi.errors import CryptoError
 
@@ -203,20 +203,30 @@ def test_key_ceremony_files(tmp_path, keys):
     assert "secret" not in repr(keys).lower().replace("secretcontext", "")
 
 
-def test_the_release_grid_rounds_away_the_noise_of_a_full_cohorts_sum(keys, server):
-    """The shipped grid (RELEASE_PRECISION) exceeds twice the parameters' worst-case error for a
-    sum of `max_clients` encryptions, so releasing a decrypted sum gives exactly the release of
-    the true sum: nothing of the key-dependent noise (Li & Micciancio 2021) is left in it."""
-    assert 2 * PARAMS.precision() < RELEASE_PRECISION
+@pytest.mark.parametrize(
+    "params",
+    [
+        PARAMS,  # the shipped set: N = 4096, one 60-bit data prime, 100 clients
+        CkksParameters(poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 40, 40, 60), max_clients=30),
+    ],
+    ids=["shipped", "N8192"],
+)
+def test_the_release_grid_rounds_away_the_noise_of_a_full_cohorts_sum(params):
+    """A sum of `max_clients` encryptions at the value bound: the measured error is within the
+    parameters' bound, the release grid is at least 100x that bound, and the release of the
+    decrypted sum is exactly the release of the true sum: nothing of the key-dependent noise
+    (Li & Micciancio 2021) is left in it."""
+    keys = SecretContext.generate(params)
+    server = keys.public()
+    grid = params.release_grid()
+    assert grid >= 100 * params.precision()
     rng = np.random.default_rng(7)
-    parts = [
-        rng.integers(-40_000_000, 40_000_000, LENGTH) * RELEASE_PRECISION for _ in range(PARAMS.max_clients)
-    ]
-    result = add_updates(server, {f"c{i}": encrypt(keys, v) for i, v in enumerate(parts)}, LENGTH, 10**7)
+    top = int(params.value_bound / grid)
+    parts = [rng.integers(-top, top, LENGTH) * grid for _ in range(params.max_clients)]
+    result = add_updates(server, {f"c{i}": encrypt(keys, v) for i, v in enumerate(parts)}, LENGTH, 10**8)
     assert result.data is not None
     decrypted = decrypt(keys, result.data)
     exact = np.sum(parts, axis=0)
-    assert not np.array_equal(decrypted, exact)  # the decryption carries noise...
-    assert np.array_equal(
-        release_decrypted(decrypted, RELEASE_PRECISION), release_decrypted(exact, RELEASE_PRECISION)
-    )
+    error = np.max(np.abs(decrypted - exact))
+    assert 0 < error <= params.precision()  # the decryption carries noise, within the bound
+    assert np.array_equal(release_decrypted(decrypted, grid), release_decrypted(exact, grid))

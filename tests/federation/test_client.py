@@ -146,17 +146,17 @@ def test_a_client_must_bring_what_its_protocol_requires():
 
 
 def test_a_restored_client_continues_exactly_like_an_uninterrupted_one(tmp_path):
-    uninterrupted = _rounds(_dp_client(tmp_path / "a"), Server(_spec()), range(3))
+    uninterrupted = _rounds(_dp_client(tmp_path / "a"), Server(_spec(), run_id="run-1"), range(3))
 
     state = tmp_path / "b" / "state.safetensors"
-    server = Server(_spec())
+    server = Server(_spec(), run_id="run-1")
     first = _rounds(_dp_client(tmp_path / "b", state_path=state), server, range(1))
     # A fresh process: a new object that only has the state file.
     resumed = _rounds(_dp_client(tmp_path / "b", state_path=state), server, range(1, 3))
     assert first + resumed == uninterrupted
 
     # Negative control: without the state the new object starts over and answers differently.
-    server = Server(_spec())
+    server = Server(_spec(), run_id="run-1")
     _rounds(_dp_client(tmp_path / "c"), server, range(1))
     assert _rounds(_dp_client(tmp_path / "c"), server, range(1, 3)) != uninterrupted[1:]
 

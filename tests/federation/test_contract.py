@@ -16,6 +16,7 @@ import pytest
 from securegmi import Client, Server, protocols
 from securegmi.config import SimulationConfig
 from securegmi.crypto.keys import SecretContext
+from securegmi.errors import ProtocolViolation
 from securegmi.federation.server import play_round
 from securegmi.federation.transport import InProcessTransport
 from securegmi.simulation.study import Federation
@@ -98,3 +99,26 @@ def test_a_reply_to_an_earlier_round_is_never_added():
     replayed["client-1"] = old["client-1"]  # round 0's reply, resent in round 2
     rejected = server.aggregate(replayed)
     assert list(rejected) == ["client-1"] and "round 0 in round 2" in rejected["client-1"]
+
+
+def test_messages_are_bound_to_their_run_sender_and_round():
+    """A reply from another run, a reply signed by another client, and a second batch for a
+    round already added are refused by the server; a client refuses another run's server.
+    The same round's own replies are added (negative control)."""
+    config = SimulationConfig(**BASE)
+    federation = Federation.build(config, protocols.builder("plain"))
+    clients = {cid: federation.client(i, None) for i, cid in enumerate(federation.client_ids)}
+    server, other = federation.server(None), federation.server(None)
+    assert server.run_id != other.run_id  # a fresh id per run
+    transport = InProcessTransport(server.endpoint, {cid: c.endpoint for cid, c in clients.items()})
+    other.broadcast(0, 1.0)
+    from_other_run = clients["client-0"].handle(other.broadcast(0, 1.0))  # client-0 now in `other`
+    replies = transport.exchange({cid: server.broadcast(0, 1.0) for cid in clients})
+    assert "this client is in run" in replies.refused["client-0"]  # it refuses another run's server
+    forged = {**replies.replies, "client-0": from_other_run, "client-3": replies.replies["client-1"]}
+    rejected = server.aggregate(forged)
+    assert "another run" in rejected["client-0"]
+    assert "signed by 'client-1' on 'client-3'" in rejected["client-3"]
+    assert set(rejected) == {"client-0", "client-3"}  # client-1 and client-2 were added
+    with pytest.raises(ProtocolViolation, match="already aggregated"):
+        server.aggregate(replies.replies)

@@ -12,10 +12,11 @@ import pytest
 from safetensors.numpy import load_file
 
 import securegmi
-from securegmi.crypto.release import RELEASE_PRECISION
 from securegmi.federation import codec as codec_module
 from securegmi.federation.local import LocalLearner
+from securegmi.protocols import secure
 from securegmi.simulation import study as study_module
+from securegmi.simulation.study import Federation
 
 CONFIG = securegmi.SimulationConfig(
     dataset="synthetic",
@@ -34,7 +35,8 @@ CONFIG = securegmi.SimulationConfig(
 def _off_grid(values: np.ndarray) -> bool:
     """Whether any value is not (the float32 copy of) a multiple of the release grid."""
     v = np.asarray(values)
-    nearest = np.round(v.astype(np.float64) / RELEASE_PRECISION) * RELEASE_PRECISION
+    grid = Federation.build(CONFIG, secure.build).ckks_parameters().release_grid()
+    nearest = np.round(v.astype(np.float64) / grid) * grid
     return not np.array_equal(nearest.astype(v.dtype), v)
 
 

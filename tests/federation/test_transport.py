@@ -129,6 +129,7 @@ def test_transcript_holds_metadata_never_values(tmp_path):
         "stage",
         "sender",
         "receiver",
+        "run",
         "status",
         "message_bytes",
         "message_sha256",

@@ -122,3 +122,29 @@ def test_corrupt_ledger_files_are_clear_errors(tmp_path):
 def test_invalid_budgets_are_refused(eps, delta):
     with pytest.raises(ConfigError):
         PrivacyBudget(eps, delta)
+
+
+EDITS = {
+    "deleted": lambda d: d["entries"].pop(1),
+    "reordered": lambda d: d["entries"].reverse(),
+    "noise": lambda d: d["entries"][2]["event"].update(noise_multiplier=20.0),
+    "budget": lambda d: d["budget"].update(epsilon=80.0),
+    "chain dropped": lambda d: d["entries"][0].pop("chain"),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(EDITS))
+def test_an_edited_ledger_file_does_not_chain(tmp_path, edit):
+    """Each entry hashes the one before it (and the first the client and budget): deleting,
+    reordering or editing an entry, or changing the budget, breaks the chain on load."""
+    ledger = PrivacyLedger("c", BUDGET).check(
+        tuple(LedgerEntry.of(r, "counts", gaussian_event(2.0 + r)) for r in range(3))
+    )
+    path = tmp_path / "c.json"
+    ledger.save(path)
+    assert PrivacyLedger.load(path) == ledger  # untouched, it loads (negative control)
+    data = json.loads(path.read_text())
+    EDITS[edit](data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(PrivacyError, match="does not chain"):
+        PrivacyLedger.load(path)
