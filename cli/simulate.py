@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -111,12 +111,49 @@ def simulate(
         else:
             result = _simulate_in_process(config, builder, run_dir, overwrite, json_output)
     except KeyboardInterrupt:
-        err_console.print(
-            f"[yellow]interrupted:[/] the completed rounds are in {run_dir} (metrics.jsonl, transcript.jsonl"
-            + (", ledgers/" if epsilon is not None else "")
-            + "); results.json is written only by a finished run"
+        _interrupted(run_dir)
+    _report(result, run_dir, json_output)
+
+
+@app.command()
+@errors_as_messages
+def resume(
+    run_dir: Annotated[Path, typer.Argument(help="the directory of a stopped `securegmi simulate` run")],
+    threads: Annotated[int, typer.Option(help="torch threads; 1 is fastest for these small models")] = 1,
+    json_output: Annotated[bool, typer.Option("--json", help="print results.json instead of tables")] = False,
+) -> None:
+    """Continue a stopped (killed, interrupted) run to its planned end, with its configuration.
+
+    Every client answers a round it had already answered with the identical bytes, and its
+    ledger never charges a release twice."""
+    import torch
+
+    from securegmi import protocols
+    from securegmi.errors import RunDirectoryError
+
+    try:
+        config = SimulationConfig.from_dict(json.loads((run_dir / "config.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as exc:
+        raise RunDirectoryError(f"{run_dir}: no readable config.json of a securegmi run ({exc})") from exc
+    torch.set_num_threads(threads)
+    try:
+        result = _simulate_in_process(
+            config, protocols.builder(config.protocol), run_dir, False, json_output, True
         )
-        raise typer.Exit(code=130) from None
+    except KeyboardInterrupt:
+        _interrupted(run_dir)
+    _report(result, run_dir, json_output)
+
+
+def _interrupted(run_dir: Path) -> NoReturn:
+    err_console.print(
+        f"[yellow]interrupted:[/] the completed rounds are saved in {run_dir}; continue with "
+        f"`securegmi resume {run_dir}` (results.json is written only by a finished run)"
+    )
+    raise typer.Exit(code=130) from None
+
+
+def _report(result: RunResult, run_dir: Path, json_output: bool) -> None:
     results = result.to_dict()
     if json_output:
         console.print_json(json.dumps(results))
@@ -138,7 +175,12 @@ def _simulate_on_flower(config: SimulationConfig, builder: Any, run_dir: Path, o
 
 
 def _simulate_in_process(
-    config: SimulationConfig, builder: Any, run_dir: Path, overwrite: bool, json_output: bool
+    config: SimulationConfig,
+    builder: Any,
+    run_dir: Path,
+    overwrite: bool,
+    json_output: bool,
+    resume: bool = False,
 ) -> RunResult:
     from securegmi.simulation.recorder import RoundMetrics
     from securegmi.simulation.runner import run_simulation
@@ -175,6 +217,7 @@ def _simulate_in_process(
             overwrite=overwrite,
             progress=on_round,
             on_plan=on_plan,
+            resume=resume,
         )
 
 

@@ -66,7 +66,15 @@ def _png(path: Path) -> None:
         raise ValueError("not a PNG")
 
 
+def _ckks(path: Path) -> None:
+    """A TenSEAL context (protobuf): `securegmi keys new` and a simulated run's client keys."""
+    import tenseal as ts
+
+    ts.context_from(path.read_bytes())
+
+
 DATA_ONLY = {
+    ".ckks": _ckks,
     ".json": lambda p: json.loads(p.read_text()),
     ".jsonl": _json_lines,
     ".safetensors": _safetensors,

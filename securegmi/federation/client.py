@@ -10,6 +10,7 @@ against the protocol in both directions, so an undeclared value never leaves the
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -120,6 +121,10 @@ class Client:
         self.spec = protocol
         self.state_path = Path(state_path) if state_path is not None else None
         self.run_id: str | None = None  # the run this client joined (its first message's)
+        # Write-ahead outbox: (run, round, inbound stage, reply bytes) of the last reply, saved
+        # with the state before the reply leaves. A server that resends that message after a
+        # crash gets the identical bytes: the same release is never drawn twice with fresh noise.
+        self.outbox: tuple[str, int, str, bytes] | None = None
         self.learner = LocalLearner(client_id, x, components, settings or ClientSettings(), seed)
         self.policy: ReleasePolicy = _policy(self.learner, privacy)
         self.codec: ClientCodec = CkksCodec(keys) if keys is not None else ClearCodec()
@@ -180,6 +185,15 @@ class Client:
 
     def _handle(self, message: Message) -> Message:
         self._join(message)
+        if self.outbox is not None:
+            run, answered, asked, wire = self.outbox
+            if (message.run, message.round, message.stage) == (run, answered, asked):
+                return decode(wire)  # a resent message: the reply already sent, byte for byte
+            if message.round <= answered:
+                raise ProtocolViolation(
+                    f"{self.client_id}: round {message.round} ({message.stage}) after answering round "
+                    f"{answered}: a replay, refused"
+                )
         inbound = self.codec.open(message, self.spec)
         reply = self.policy.respond(message.round, message.stage, inbound)
         stage = self.spec.stage(reply.stage)
@@ -187,6 +201,7 @@ class Client:
         values = {name: v for name, v in reply.values.items() if stage.field(name) is not None}
         payload = build_payload(stage, self.codec.seal(values), reply.events, self.codec.key_id)
         out = Message(reply.stage, message.round, self.client_id, payload, run=message.run)
+        self.outbox = (message.run, message.round, message.stage, encode(out))
         if self.state_path is not None:
             self._save(self.state_path)  # before the reply leaves: a restart resumes from here
         return out
@@ -197,6 +212,10 @@ class Client:
         metadata["client"] = self.client_id
         if self.run_id is not None:
             metadata["run"] = self.run_id
+        if self.outbox is not None:
+            run, answered, stage, wire = self.outbox
+            metadata["outbox"] = json.dumps({"run": run, "round": answered, "stage": stage})
+            arrays["outbox"] = np.frombuffer(wire, dtype=np.uint8)
         tmp = path.with_suffix(path.suffix + ".tmp")
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp), metadata=metadata)
@@ -215,6 +234,14 @@ class Client:
             )
         self.run_id = metadata.get("run")
         try:
+            if "outbox" in metadata:
+                sent = json.loads(metadata["outbox"])
+                self.outbox = (
+                    str(sent["run"]),
+                    int(sent["round"]),
+                    str(sent["stage"]),
+                    arrays["outbox"].tobytes(),
+                )
             self.learner.load_state(arrays)
             self.policy.load_state(arrays, metadata)
         except (KeyError, ValueError, TypeError, ProtocolViolation, RuntimeError) as exc:

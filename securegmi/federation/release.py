@@ -149,6 +149,9 @@ class DpMechanisms:
         plan = privacy.plan
         self.learner, self.privacy = learner, privacy
         self.ledger = PrivacyLedger(learner.client_id, PrivacyBudget(plan.epsilon, plan.delta))
+        if privacy.ledger_path is not None and privacy.ledger_path.exists():
+            # What this client already spent (before a crash, say) counts, whatever else was lost.
+            self._adopt(PrivacyLedger.load(privacy.ledger_path))
         self.noise_rng, self.torch_noise = noise_generators(privacy.noise_seed)
         self.trainer = PrivateTrainer(
             learner.model,
@@ -160,9 +163,21 @@ class DpMechanisms:
         )
         self.observe: GradObserver | None = None  # test hook: each step's clipped sum, pre-noise
 
+    def _adopt(self, ledger: PrivacyLedger) -> None:
+        if ledger.client_id != self.learner.client_id or ledger.budget != self.ledger.budget:
+            raise PrivacyError(
+                f"{self.learner.client_id}: the saved ledger belongs to {ledger.client_id!r} with budget "
+                f"{ledger.budget}; refusing to continue under a different identity or budget"
+            )
+        self.ledger = ledger
+
     def commit(self, entries: tuple[LedgerEntry, ...]) -> None:
-        """Check, then commit, then persist: all before anything is computed for release."""
-        self.ledger = self.ledger.check(entries)
+        """Check, then commit, then persist: all before anything is computed for release.
+
+        Entries the ledger already holds were committed before a crash that came before the
+        reply was saved to the outbox, so nothing of them left the client: the release is drawn
+        afresh and charged once."""
+        self.ledger = self.ledger.check(tuple(e for e in entries if e not in self.ledger.entries))
         if self.privacy.ledger_path is not None:
             self.ledger.save(self.privacy.ledger_path)
 
@@ -198,12 +213,7 @@ class DpMechanisms:
             on_disk = PrivacyLedger.load(path)
             if len(on_disk.entries) >= len(ledger.entries):
                 ledger = on_disk
-        if ledger.client_id != self.learner.client_id or ledger.budget != self.ledger.budget:
-            raise PrivacyError(
-                f"{self.learner.client_id}: the saved ledger belongs to {ledger.client_id!r} with budget "
-                f"{ledger.budget}; refusing to continue under a different identity or budget"
-            )
-        self.ledger = ledger
+        self._adopt(ledger)
         if self.privacy.noise_seed is not None and "noise_rng" in metadata:
             self.noise_rng.bit_generator.state = json.loads(metadata["noise_rng"])
             self.torch_noise.set_state(torch.from_numpy(np.asarray(arrays["torch_noise"], dtype=np.uint8)))

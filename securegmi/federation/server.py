@@ -7,15 +7,19 @@ never divides and never reads a client's values beyond adding them; clients divi
 
 from __future__ import annotations
 
+import json
+import os
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import load_file, save_file
 
 from securegmi.crypto.keys import PublicContext
-from securegmi.errors import ConfigError, CryptoError, ProtocolViolation, RunAbortedError
+from securegmi.errors import ConfigError, CryptoError, ProtocolViolation, RunAbortedError, RunDirectoryError
 from securegmi.federation.codec import Admitted, CkksSum, ClearSum, Summation
 from securegmi.federation.transport import ServerEndpoint, Transport
 from securegmi.protocol import SERVER, START, FieldKind, Message, ProtocolSpec, TranscriptWriter
@@ -102,6 +106,7 @@ class Server:
                 admitted.append(self.summation.admit(message))
             except (CryptoError, ProtocolViolation) as exc:
                 rejected[sender] = str(exc)
+                self.endpoint.refuse(sender, message, f"not added: {exc}")  # on the transcript
         minimum = max(1, self.cohort_minimum.get(first.stage, 1))
         if len(admitted) < minimum:
             raise RunAbortedError(
@@ -118,6 +123,51 @@ class Server:
         self.after = first.stage
         self.aggregated = self.round
         return rejected
+
+    def save_state(self, path: Path, extra: Mapping[str, str] | None = None) -> None:
+        """Write what the server carries between rounds (the last sums, under CKKS ciphertexts
+        it cannot read, and the run id) atomically as safetensors; `extra` is kept beside it."""
+        arrays = {
+            f"total.{name}": np.frombuffer(v, dtype=np.uint8) if isinstance(v, bytes) else np.asarray(v)
+            for name, v in self.totals.items()
+        }
+        metadata = {
+            "run": self.run_id,
+            "after": json.dumps(self.after),
+            "round": json.dumps(self.round),
+            "aggregated": json.dumps(self.aggregated),
+            "ciphertexts": json.dumps(sorted(n for n, v in self.totals.items() if isinstance(v, bytes))),
+            **(extra or {}),
+        }
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+
+    def load_state(self, path: Path) -> dict[str, str]:
+        """Take up the state `save_state` wrote; returns its metadata (with `extra`)."""
+        try:
+            arrays = load_file(str(path))
+            with safe_open(str(path), framework="numpy") as fh:
+                metadata = dict(fh.metadata() or {})
+            encrypted = set(json.loads(metadata["ciphertexts"]))
+            totals: dict[str, np.ndarray | bytes] = {
+                k.removeprefix("total."): v.tobytes() if k.removeprefix("total.") in encrypted else v
+                for k, v in arrays.items()
+            }
+            after, round_index, aggregated = (
+                json.loads(metadata[k]) for k in ("after", "round", "aggregated")
+            )
+            run_id = metadata["run"]
+        except (OSError, SafetensorError, KeyError, ValueError) as exc:
+            raise RunDirectoryError(f"cannot read the server's state {path}: {exc}") from exc
+        self.totals, self.after, self.round, self.aggregated, self.run_id = (
+            totals,
+            after,
+            round_index,
+            aggregated,
+            run_id,
+        )
+        return metadata
 
     def close(self) -> None:
         """Close the transcript (everything in it is already on disk, line by line)."""

@@ -105,9 +105,16 @@ class InProcessTransport(Transport):
             wire = self.server.send(client_id, message)
             try:
                 replies[client_id] = self.server.accept(client_id, self.deliver(client_id, wire))
+                continue
             except (ProtocolViolation, BudgetExceededError, CryptoError) as exc:
                 # The client sent nothing (its own check or its ledger refused) or the server
                 # refused what arrived; either way the round completes with the others.
-                refused[client_id] = str(exc)
-                self.server.refuse(client_id, message, str(exc))
+                reason = str(exc)
+            except Exception as exc:
+                # A site that fails mid-round (a crash, a full disk) drops out of the round, as
+                # one that times out over a network would; what it committed to its ledger
+                # before failing stays charged.
+                reason = f"dropped out: {type(exc).__name__}: {exc}"
+            refused[client_id] = reason
+            self.server.refuse(client_id, message, reason)
         return Exchange(replies, refused)

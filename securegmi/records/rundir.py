@@ -28,6 +28,8 @@ LEDGERS = "ledgers"
 CLIENT_STATES = "client-states"  # each client's pi, model copy and ledger, where it keeps them here
 AGGREGATE = "aggregate.safetensors"  # the server's final broadcast as wire bytes (ciphertexts under CKKS)
 ENGINE = "engine.json"  # a distributed engine's own summary (wall time, refusals per round)
+SERVER_STATE = "server-state.safetensors"  # the server's sums and run id after the last round
+CLIENT_KEYS = "client-keys"  # a simulated secure run's clients' CKKS key (a node's key dir on Flower)
 
 
 class RunDirectory:
@@ -40,10 +42,25 @@ class RunDirectory:
                 f"{self.path} already holds a run; choose another --out or pass --overwrite"
             )
         self.path.mkdir(parents=True, exist_ok=True)
-        for stale in (RESULTS, METRICS, TRANSCRIPT, CHECKPOINT, PLAN, PROTOCOL, AGGREGATE, ENGINE):
+        stale_files = (
+            RESULTS,
+            METRICS,
+            TRANSCRIPT,
+            CHECKPOINT,
+            PLAN,
+            PROTOCOL,
+            AGGREGATE,
+            ENGINE,
+            SERVER_STATE,
+        )
+        for stale in stale_files:
             (self.path / stale).unlink(missing_ok=True)
         # An old client state would be restored by the new run's client: never keep one.
-        for folder, pattern in ((LEDGERS, "*.json"), (CLIENT_STATES, "*.safetensors")):
+        for folder, pattern in (
+            (LEDGERS, "*.json"),
+            (CLIENT_STATES, "*.safetensors"),
+            (CLIENT_KEYS, "*.ckks"),
+        ):
             if (self.path / folder).is_dir():
                 for old in (self.path / folder).glob(pattern):
                     old.unlink()
@@ -56,6 +73,38 @@ class RunDirectory:
         directory = cls.__new__(cls)
         directory.path = Path(path)
         return directory
+
+    @classmethod
+    def resumable(cls, path: Path) -> RunDirectory:
+        """The directory of a run that was stopped (killed, interrupted) before it finished."""
+        path = Path(path)
+        if not (path / CONFIG).is_file():
+            raise RunDirectoryError(f"{path} holds no {CONFIG}: not a securegmi run directory")
+        if (path / RESULTS).exists():
+            raise RunDirectoryError(
+                f"{path} is a finished run (it has {RESULTS}); there is nothing to resume"
+            )
+        if not (path / SERVER_STATE).is_file():
+            raise RunDirectoryError(
+                f"{path} has no {SERVER_STATE}: the run stopped before its first round was saved, or it "
+                "is a method without rounds to resume; start it again with --overwrite"
+            )
+        return cls.existing(path)
+
+    def keep_metrics_before(self, next_round: int) -> list[dict[str, Any]]:
+        """Keep the metrics rows of the rounds before `next_round` (a killed run may have
+        written the row of a round it never saved); return them."""
+        target = self.path / METRICS
+        lines = target.read_text(encoding="utf-8").splitlines() if target.exists() else []
+        try:
+            rows = [json.loads(line) for line in lines if line.strip()]
+            kept = [r for r in rows if int(r["round"]) < next_round]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RunDirectoryError(f"{target} is corrupt: {exc}") from exc
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, target)
+        return kept
 
     def file(self, name: str) -> Path:
         return self.path / name

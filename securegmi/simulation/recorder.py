@@ -15,6 +15,7 @@ from securegmi.core.em import temperature_at
 from securegmi.core.fine_clusters import FineClusterModel
 from securegmi.core.mixture import IWAE_SAMPLES, MixtureOfVAEs
 from securegmi.data.mixture import FederatedData
+from securegmi.errors import RunDirectoryError
 from securegmi.records.rundir import RunDirectory
 from securegmi.simulation.evaluation import Evaluation, evaluate
 
@@ -50,6 +51,16 @@ class Recorder:
         # Source identification from released statistics, where the run has them; None: the
         # VAEs' ELBOs identify sources.
         self.identifier: FineClusterModel | None = None
+
+    def resume(self, next_round: int) -> None:
+        """Take up the metrics of the rounds a stopped run completed."""
+        assert self.run_dir is not None
+        try:
+            self.history = [RoundMetrics(**row) for row in self.run_dir.keep_metrics_before(next_round)]
+        except TypeError as exc:
+            raise RunDirectoryError(
+                f"{self.run_dir.path}: a metrics row is not one securegmi wrote ({exc})"
+            ) from exc
 
     def temperature(self, t: int) -> float:
         c = self.config

@@ -20,7 +20,16 @@ from securegmi.federation.transport import InProcessTransport
 from securegmi.privacy.calibration import DpPlan, PrivateMixturePlan
 from securegmi.privacy.ledger import PrivacyLedger
 from securegmi.protocol import ProtocolBuilder
-from securegmi.records.rundir import CONFIG, LEDGERS, RESULTS, TRANSCRIPT, RunDirectory
+from securegmi.records.rundir import (
+    CLIENT_KEYS,
+    CLIENT_STATES,
+    CONFIG,
+    LEDGERS,
+    RESULTS,
+    SERVER_STATE,
+    TRANSCRIPT,
+    RunDirectory,
+)
 from securegmi.simulation.baselines import run_central_dp, run_local, run_oracle
 from securegmi.simulation.evaluation import Evaluation
 from securegmi.simulation.recorder import PlanCallback, ProgressCallback, Recorder, RoundMetrics
@@ -70,16 +79,24 @@ def run_simulation(
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
     on_plan: PlanCallback | None = None,
+    resume: bool = False,
 ) -> RunResult:
     """Run one simulated study and, with `out`, write its run directory.
 
     Federated methods need a `protocol` builder (e.g. ``securegmi.protocols.builder("secure")``);
-    `local`, `oracle` and `central-dp` exchange no messages.
+    `local`, `oracle` and `central-dp` exchange no messages. A federated run with `out` saves
+    the server's and every client's state after each round; `resume=True` continues a stopped
+    run in `out` from its last saved round (`config` must be the one in its config.json).
     """
     started = time.perf_counter()
-    run_dir = RunDirectory(out, overwrite=overwrite) if out is not None else None
+    if resume:
+        if out is None or config.method not in FEDERATED:
+            raise ConfigError("only a federated run with a run directory can be resumed")
+        run_dir: RunDirectory | None = RunDirectory.resumable(out)
+    else:
+        run_dir = RunDirectory(out, overwrite=overwrite) if out is not None else None
     data = load_federated_data(config)
-    if run_dir is not None:
+    if run_dir is not None and not resume:
         run_dir.write_json(CONFIG, config.to_dict())
     recorder = Recorder(config, data, run_dir, progress)
     spec_name: str | None = None
@@ -91,7 +108,7 @@ def run_simulation(
         if protocol is None:
             raise ConfigError(f"method {config.method} needs a protocol builder")
         federation = Federation.build(config, protocol, data)
-        models, pis, uplink, privacy = run_federated(federation, recorder, on_plan)
+        models, pis, uplink, privacy = run_federated(federation, recorder, on_plan, resume)
         spec_name = federation.spec.name
         exported = federation.exported(models[0].get_component_vectors())
     elif config.method == "central-dp":
@@ -125,45 +142,76 @@ def run_simulation(
     return result
 
 
+def _ceremony(federation: Federation, run_dir: RunDirectory | None, resume: bool) -> SecretContext | None:
+    """The key ceremony, in-process for a simulation: clients share the secret context, the
+    server gets the public one only. With a run directory the clients' key is kept in its own
+    folder (owner-only), as each Flower node keeps its key directory, so a stopped run resumes
+    under the same key as the ciphertexts the server holds."""
+    if not federation.secure:
+        return None
+    if resume:
+        assert run_dir is not None
+        return SecretContext.load(run_dir.file(CLIENT_KEYS), federation.ckks_parameters())
+    keys = SecretContext.generate(federation.ckks_parameters())
+    if run_dir is not None:
+        keys.save(run_dir.file(CLIENT_KEYS))
+    return keys
+
+
 def run_federated(
-    federation: Federation, recorder: Recorder, on_plan: PlanCallback | None
+    federation: Federation, recorder: Recorder, on_plan: PlanCallback | None, resume: bool = False
 ) -> tuple[list[MixtureOfVAEs], list[np.ndarray], float, dict[str, Any] | None]:
     """The clients and the server exchanging protocol messages in this process."""
     plan, run_dir = federation.plan, recorder.run_dir
     ledger_dir = run_dir.file(LEDGERS) if run_dir is not None and plan is not None else None
-    if run_dir is not None:
+    if run_dir is not None and not resume:
         federation.write_public_files(run_dir)
     if plan is not None and on_plan is not None:
         on_plan(plan.to_dict())
-    # The key ceremony, in-process for a simulation: clients share the secret context, the
-    # server gets the public one only.
-    keys = SecretContext.generate(federation.ckks_parameters()) if federation.secure else None
-    clients = {cid: federation.client(i, keys, ledger_dir) for i, cid in enumerate(federation.client_ids)}
+    keys = _ceremony(federation, run_dir, resume)
+
+    def state_of(cid: str) -> Path | None:
+        return run_dir.file(CLIENT_STATES) / f"{cid}.safetensors" if run_dir is not None else None
+
+    clients = {
+        cid: federation.client(i, keys, ledger_dir, state_path=state_of(cid))
+        for i, cid in enumerate(federation.client_ids)
+    }
     transcript = run_dir.file(TRANSCRIPT) if run_dir is not None else None
     server = federation.server(keys.public() if keys is not None else None, transcript)
     # The harness plays a client to evaluate: it opens each aggregate as a client would.
     harness: ClientCodec = CkksCodec(keys) if keys is not None else ClearCodec()
     reference = federation.new_model()
     transport = InProcessTransport(server.endpoint, {cid: client.endpoint for cid, client in clients.items()})
-    uplink_total = 0
+    uplink_total, start = 0, 0
+    server_state = run_dir.file(SERVER_STATE) if run_dir is not None else None
+    if server_state is not None and resume:
+        saved = server.load_state(server_state)
+        start, uplink_total = int(saved["next_round"]), int(saved["uplink"])
+        recorder.resume(start)
+        if start > 0:  # the harness's model: what the last saved round's sums give
+            open_model(server, harness, reference, start)
+    elif server_state is not None:  # the run id, before any client joins the run
+        server.save_state(server_state, {"next_round": "0", "uplink": "0"})
     stats_rounds = federation.statistics.rounds if federation.statistics is not None else 0
     try:
-        for t in range(federation.rounds):
+        for t in range(start, federation.rounds):
             t0 = time.perf_counter()
             outcome = play_round(server, transport, list(clients), t, recorder.temperature(t))
             uplink_total += outcome.uplink_bytes
-            if t < stats_rounds:
-                continue  # no model yet: the statistics phase ends with the first VAE round
-            recorder.identifier = next(iter(clients.values())).identifier
-            open_model(server, harness, reference, t + 1)
-            recorder.finish_round(
-                t,
-                t0,
-                [reference] * len(clients),
-                [c.pi for c in clients.values()],
-                outcome.uplink_bytes,
-                len(outcome.refused) + len(outcome.rejected),
-            )
+            if t >= stats_rounds:  # the statistics phase ends with the first VAE round
+                recorder.identifier = next(iter(clients.values())).identifier
+                open_model(server, harness, reference, t + 1)
+                recorder.finish_round(
+                    t,
+                    t0,
+                    [reference] * len(clients),
+                    [c.pi for c in clients.values()],
+                    outcome.uplink_bytes,
+                    len(outcome.refused) + len(outcome.rejected),
+                )
+            if server_state is not None:  # every client saved its state before it replied
+                server.save_state(server_state, {"next_round": str(t + 1), "uplink": str(uplink_total)})
     finally:
         server.close()
     per_client_round = uplink_total / max(1, federation.rounds * len(clients))

@@ -17,14 +17,14 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import securegmi
 from securegmi import VAE, Client, MixtureOfVAEs
-from securegmi.errors import ConfigError, CryptoError, DataError, PrivacyError
+from securegmi.errors import ConfigError, CryptoError, DataError, PrivacyError, ProtocolViolation
 from securegmi.federation.client import as_records
 from securegmi.federation.local import ClientSettings, client_stream
 from securegmi.federation.release import ClientPrivacy
 from securegmi.federation.server import Server
 from securegmi.privacy.calibration import calibrate
-from securegmi.privacy.ledger import PrivacyBudget
-from securegmi.protocol import encode
+from securegmi.privacy.ledger import PrivacyBudget, PrivacyLedger
+from securegmi.protocol import decode, encode
 from securegmi.protocols import builder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -228,3 +228,46 @@ def test_the_example_needs_only_the_front_door():
     ]
     # Everything the front door lists is importable from it.
     assert all(hasattr(securegmi, name) for name in securegmi.__all__)
+
+
+def test_a_resent_message_gets_the_identical_reply_and_no_second_charge(tmp_path):
+    """The write-ahead outbox: a message the client already answered (the server resends it
+    after a crash) gets the same bytes, from the saved state too, and the ledger does not
+    grow; an earlier round after a later one is a replay and is refused."""
+    state = tmp_path / "state.safetensors"
+    server = Server(_spec(), run_id="run-1")
+    client = _dp_client(tmp_path, state_path=state)
+    first = server.broadcast(0, 2.0)
+    reply = encode(client.handle(first))
+    entries = len(client.ledger.entries)  # type: ignore[union-attr]
+    assert encode(client.handle(first)) == reply
+    restored = _dp_client(tmp_path, state_path=state)  # a fresh process, from the saved state
+    assert encode(restored.handle(first)) == reply
+    assert len(restored.ledger.entries) == entries  # type: ignore[union-attr]
+    server.aggregate({"site-a": decode(reply)})
+    restored.handle(server.broadcast(1, 2.0))
+    with pytest.raises(ProtocolViolation, match="a replay, refused"):
+        restored.handle(first)
+
+
+def test_a_crash_after_the_ledger_commit_is_charged_once(tmp_path):
+    """The ledger is written before the release is computed; a client that dies before its
+    reply is saved has sent nothing, so on restart it computes the release afresh and the
+    ledger keeps the one charge (no repeated (round, release) entry)."""
+    state = tmp_path / "state.safetensors"
+    server = Server(_spec(), run_id="run-1")
+    broadcast = server.broadcast(0, 2.0)
+    crashing = _dp_client(tmp_path, state_path=state)
+
+    def die(*args: object) -> None:
+        raise RuntimeError("killed")
+
+    crashing.learner.upload = die  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError):
+        crashing.handle(broadcast)
+    charged = PrivacyLedger.load(tmp_path / "ledger.json").entries
+    assert charged and not state.exists()  # charged, and no reply was saved or sent
+    restarted = _dp_client(tmp_path, state_path=state)
+    assert restarted.ledger.entries == charged  # type: ignore[union-attr]  # the ledger file is the truth
+    restarted.handle(broadcast)
+    assert restarted.ledger.entries == charged  # type: ignore[union-attr]
