@@ -14,12 +14,12 @@ Round 0 is tested in test_dp.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import pytest
 
-from securegmi.config import SimulationConfig
 from securegmi.core.em import mixture_estimate
 from securegmi.federation.client import Client
 from securegmi.federation.release import CountsRelease
@@ -28,21 +28,12 @@ from securegmi.protocol import Message
 from securegmi.protocols import dp
 from securegmi.simulation.study import Federation
 
+from .test_dp import CONFIG as DP_CONFIG
 from .test_dp import neighbour_violations
 
-CONFIG = SimulationConfig(
-    dataset="synthetic",
-    clients=3,
-    rounds=4,
-    local_epochs=1,
-    hidden=8,
-    latent=2,
-    protocol="dp",
-    epsilon=4.0,
-    sample_rate=0.25,
-    private_training="em",
-    dp_noise="seeded",  # the noise generators' positions are part of the covered state
-)
+# The em design of test_dp, four rounds; the noise generators' positions are part of the covered
+# state, so the noise is seeded.
+CONFIG = replace(DP_CONFIG, rounds=4, hidden=8, dp_noise="seeded")
 
 
 def _client(federation: Federation, x: np.ndarray) -> tuple[Client, list[np.ndarray]]:
