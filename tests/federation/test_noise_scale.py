@@ -114,3 +114,28 @@ def test_every_statistics_release_adds_the_noise_its_ledger_claims(placement):
             noise.append(mine - role.pre_noise)
         assert_scale(np.concatenate(noise), share * SENSITIVITY[stats.release_at(t)])
         total = value * 4
+
+
+def test_an_empty_dp_sgd_batch_still_releases_the_claimed_noise():
+    """A Poisson sample may be empty; the step is then taken on a zero gradient sum plus the
+    full noise, never skipped (skipping would reveal the empty batch). The noise Opacus leaves
+    in the gradients (times the public normaliser) has sd noise multiplier x clipping norm."""
+    import torch
+
+    from securegmi.privacy.dpsgd import DpSgdConfig, PrivateTrainer
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(20, 50), torch.nn.Linear(50, 20))
+    config = DpSgdConfig(noise_multiplier=1.5, clip_norm=2.0, sample_rate=0.5, batch_normaliser=8.0)
+    trainer = PrivateTrainer(module, torch.optim.SGD(module.parameters(), lr=0.0), config)
+    before = [p.detach().clone() for p in module.parameters()]
+
+    def never_called(m: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("no record was sampled")
+
+    trainer.step(never_called, torch.zeros(0, dtype=torch.long))
+    noise = np.concatenate(
+        [p.grad.detach().numpy().ravel() * config.batch_normaliser for p in module.parameters()]
+    )
+    assert_scale(noise, config.noise_multiplier * config.clip_norm)
+    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))  # lr 0
