@@ -7,6 +7,7 @@ is checked in test_ledger_equals_mechanism and test_split_sgd."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from securegmi.protocols import dp, secure
 from securegmi.simulation.study import Federation
 
 from .gaussian_scale import assert_scale
+from .test_dropouts import CONFIG as DROPOUT_CONFIG
 
 COUNT_ROUNDS = 120  # x K = 3 counts: 360 draws
 
@@ -81,18 +83,7 @@ def test_every_statistics_release_adds_the_noise_its_ledger_claims(placement):
     entry the client commits for that round. Under split placement each client adds a share:
     the entry's fallback figure (the share alone) names it, and the minimum cohort's shares
     together must carry the aggregate's full noise."""
-    config = SimulationConfig(
-        dataset="synthetic",
-        clients=4,
-        local_epochs=1,
-        hidden=4,
-        latent=1,
-        protocol="secure",
-        epsilon=8.0,
-        kmeans_iterations=1,
-        noise_placement=placement,
-        min_clients=3,
-    )
+    config = replace(DROPOUT_CONFIG, vae_rounds=5, noise_placement=placement)  # 4 clients, cohort 3
     federation = Federation.build(config, secure.build)
     assert isinstance(federation.plan, PrivateMixturePlan)
     client = federation.client(1, SecretContext.generate(federation.ckks_parameters()))
