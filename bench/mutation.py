@@ -246,6 +246,30 @@ MUTANTS: tuple[Mutant, ...] = (
         "tests/cli/test_audit.py",
     ),
     _one(
+        "audit-ignores-the-transcript",
+        "the audit does not compare the events the server received with the ledgers",
+        "securegmi/records/audit.py",
+        "if mine is None or mine == entry:",
+        "if True:",
+        "tests/cli/test_audit.py",
+    ),
+    _one(
+        "release-without-its-event",
+        "a client's message need not carry the parameters of the events its fields name",
+        "securegmi/protocol/spec.py",
+        'if sender_role == "client" and named != set(message.events):',
+        "if False:",
+        "tests/protocol/test_spec.py",
+    ),
+    _one(
+        "one-run-audit-binomial-at-half",
+        "the one-run audit's null hypothesis ignores epsilon (randomised response at 1/2)",
+        "securegmi/privacy/auditing.py",
+        "q = 1.0 / (1.0 + math.exp(-epsilon))",
+        "q = 0.5",
+        "tests/privacy/test_one_run_audit.py",
+    ),
+    _one(
         "accounting-ignores-step-count",
         "a self-composed event (T DP-SGD steps) is accounted as one step",
         "securegmi/privacy/accounting.py",
@@ -514,6 +538,9 @@ def apply(mutant: Mutant, tree: Path) -> None:
         path.write_text(text.replace(old, new))
 
 
+TIMEOUT = 900  # seconds per mutant; the slowest selection takes about 150 s
+
+
 def run_tests(tree: Path, tests: tuple[str, ...], stop_at_first: bool) -> tuple[int, list[str], float]:
     """(pytest exit code, the failing tests, seconds) for `tests` run in `tree`."""
     env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONDONTWRITEBYTECODE": "1"}
@@ -521,7 +548,10 @@ def run_tests(tree: Path, tests: tuple[str, ...], stop_at_first: bool) -> tuple[
     if stop_at_first:
         command.insert(4, "-x")
     started = time.perf_counter()
-    done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True)
+    try:
+        done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:  # a hang: neither killed nor survived, reported as such
+        return -1, ["timeout"], round(time.perf_counter() - started, 1)
     failed = [
         line.split(" ", 1)[1].split(" - ")[0]
         for line in done.stdout.splitlines()
@@ -561,7 +591,7 @@ def main() -> None:
             code, failed, seconds = run_tests(tree, mutant.tests, stop_at_first=True)
             # 1: a test failed; 2: collection failed (the mutant broke an import). Anything else
             # (no tests found, a usage error) says nothing about the mutant.
-            status = {0: "survived", 1: "killed", 2: "killed"}.get(code, "error")
+            status = {0: "survived", 1: "killed", 2: "killed", -1: "timeout"}.get(code, "error")
             rows.append(
                 {
                     "id": mutant.id,

@@ -139,6 +139,11 @@ CASES: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
         PrivacyError,
         "malformed ledger",
     ),
+    "release its ledger does not cover": (
+        lambda _: PrivacyLedger("c", BUDGET).declared(["counts@round0"]),
+        PrivacyError,
+        "no ledger entry covers counts@round0; nothing was sent",
+    ),
     # protocol vocabulary
     "non-numeric field": (lambda _: DpRelease(np.array(["a"]), "e@round0"), ProtocolViolation, "numeric"),
     "ciphertext without a key id": (lambda _: Ciphertext(b"x", ""), ProtocolViolation, "non-empty key id"),

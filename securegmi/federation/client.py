@@ -200,7 +200,9 @@ class Client:
         # Only what the protocol declares is sealed at all (secure has no component_index).
         values = {name: v for name, v in reply.values.items() if stage.field(name) is not None}
         payload = build_payload(stage, self.codec.seal(values), reply.events, self.codec.key_id)
-        out = Message(reply.stage, message.round, self.client_id, payload, run=message.run)
+        ledger = self.policy.ledger
+        declared = {} if ledger is None else ledger.declared(list(reply.events.values()))
+        out = Message(reply.stage, message.round, self.client_id, payload, run=message.run, events=declared)
         self.outbox = (message.run, message.round, message.stage, encode(out))
         if self.state_path is not None:
             self._save(self.state_path)  # before the reply leaves: a restart resumes from here

@@ -95,6 +95,11 @@ def _noise_for(events_of: Any, epsilon: float, delta: float, share: float = 1.0)
     return float(sigma) + 1e-4
 
 
+def dp_sgd_noise(budget: PrivacyBudget, *, sample_rate: float, steps: int) -> float:
+    """The noise multiplier at which `steps` DP-SGD steps alone spend `budget`."""
+    return _noise_for(lambda s: dpsgd_event(s, sample_rate, steps), budget.epsilon, budget.delta)
+
+
 def calibrate(
     budget: PrivacyBudget,
     *,

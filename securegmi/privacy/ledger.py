@@ -77,6 +77,13 @@ class LedgerEntry:
         """The id a DpRelease field names: what was released in which round."""
         return f"{self.name}@round{self.round}"
 
+    def parameters(self) -> dict[str, Any]:
+        """The event (and the fallback event, under split noise) as the ledger file holds them,
+        and as a message carrying this release declares them to the server's transcript."""
+        return {"event": json.loads(self.event_json)} | (
+            {} if self.fallback_json is None else {"fallback_event": json.loads(self.fallback_json)}
+        )
+
 
 def _genesis(client_id: str, budget: Any, adjacency: str) -> str:
     """The chain's first link: who the ledger is for, and its budget."""
@@ -155,14 +162,23 @@ class PrivacyLedger:
     def covers(self, event_id: str) -> bool:
         return any(e.event_id == event_id for e in self.entries)
 
+    def declared(self, event_ids: Sequence[str]) -> dict[str, str]:
+        """Each event's parameters as canonical JSON, for a message's `events`: a release its
+        ledger does not cover never leaves (the check is here as well as before the release)."""
+        entries = {e.event_id: e for e in self.entries}
+        missing = sorted(set(event_ids) - set(entries))
+        if missing:
+            raise PrivacyError(
+                f"{self.client_id}: no ledger entry covers {', '.join(missing)}; nothing was sent"
+            )
+        return {i: json.dumps(entries[i].parameters(), sort_keys=True) for i in sorted(set(event_ids))}
+
     def to_json(self) -> dict[str, Any]:
         budget = {"epsilon": self.budget.epsilon, "delta": self.budget.delta}
         link = _genesis(self.client_id, budget, self.adjacency)
         entries = []
         for e in self.entries:
-            record = {"round": e.round, "name": e.name, "event": json.loads(e.event_json)} | (
-                {} if e.fallback_json is None else {"fallback_event": json.loads(e.fallback_json)}
-            )
+            record = {"round": e.round, "name": e.name} | e.parameters()
             link = _link(link, record)
             entries.append(record | {"chain": link})
         return {

@@ -39,7 +39,12 @@ class Message:
 
     `run` binds it to one run of a federation: the server draws a fresh id per run, every
     client answers under the id of the run it joined, and both ends refuse another run's
-    messages (a replay from an earlier run, or a client of another study)."""
+    messages (a replay from an earlier run, or a client of another study).
+
+    `events` maps each ledger event a field names to that event's parameters as the sender's
+    ledger records them (canonical JSON: mechanism, noise multiplier, sample rate, steps), so
+    the receiving end's transcript holds what each release claims as it arrives, independent
+    of the ledger files (the audit compares the two)."""
 
     stage: str
     round: int
@@ -47,6 +52,7 @@ class Message:
     payload: Mapping[str, Field] = field(default_factory=dict)
     error: str | None = None
     run: str = ""
+    events: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name, value in self.payload.items():
@@ -57,7 +63,21 @@ class Message:
                 )
         if self.error is not None and self.payload:
             raise ProtocolViolation("an error message carries no payload")
+        for event_id, record in self.events.items():
+            if not (isinstance(event_id, str) and isinstance(record, str) and _is_event_record(record)):
+                raise ProtocolViolation(
+                    f"event {event_id!r}: its parameters must be a JSON object with an 'event'"
+                )
         object.__setattr__(self, "payload", MappingProxyType(dict(self.payload)))
+        object.__setattr__(self, "events", MappingProxyType(dict(self.events)))
+
+
+def _is_event_record(record: str) -> bool:
+    try:
+        parsed = json.loads(record)
+    except ValueError:
+        return False
+    return isinstance(parsed, dict) and isinstance(parsed.get("event"), dict)
 
 
 def encode(message: Message) -> bytes:
@@ -70,6 +90,7 @@ def encode(message: Message) -> bytes:
         "run": message.run,
         "error": message.error,
         "fields": fields,
+        "events": dict(message.events),
     }
     return bytes(st_save(arrays, metadata={_META_KEY: json.dumps(header, sort_keys=True)}))
 
@@ -113,6 +134,7 @@ def decode(raw: bytes) -> Message:
             payload,
             header["error"],
             str(header.get("run", "")),
+            dict(header.get("events", {})),
         )
     except ProtocolViolation:
         raise

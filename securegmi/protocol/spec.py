@@ -131,6 +131,13 @@ class ProtocolSpec:
         missing = sorted(declared - set(message.payload))
         if missing:
             raise ProtocolViolation(f"{where}: missing declared field(s) {missing}")
+        named = {e for f in message.payload.values() if (e := getattr(f, "event", None)) is not None}
+        if sender_role == "client" and named != set(message.events):
+            raise ProtocolViolation(
+                f"{where}: the message declares the parameters of events {sorted(message.events)}, its "
+                f"fields name {sorted(named)}; each release's event travels with it so that the "
+                "server's transcript records what it claims"
+            )
         for spec in stage.fields:
             value = message.payload[spec.name]
             if value.kind is not spec.kind:

@@ -34,10 +34,13 @@ class TranscriptWriter:
             self._write({**base, "field": None, "error": message.error})
         for name, f in message.payload.items():
             array = field_array(f)
+            labels = field_labels(f)
+            declared = message.events.get(labels.get("event", ""))
             self._write(
                 {
                     **base,
-                    **field_labels(f),
+                    **labels,
+                    **({} if declared is None else {"dp_event": json.loads(declared)}),
                     "field": name,
                     "shape": list(array.shape),
                     "dtype": str(array.dtype),

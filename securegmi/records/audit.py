@@ -12,7 +12,7 @@ from typing import Any
 
 from securegmi.errors import ConfigError, PrivacyError, RunDirectoryError
 from securegmi.privacy.calibration import DpPlan, PrivateMixturePlan, plan_from_dict
-from securegmi.privacy.ledger import PrivacyLedger
+from securegmi.privacy.ledger import LedgerEntry, PrivacyLedger
 from securegmi.protocol import SERVER, FieldKind, ProtocolBuilder, read_transcript
 from securegmi.records.rundir import CONFIG, LEDGERS, PLAN, PROTOCOL, TRANSCRIPT
 
@@ -24,6 +24,9 @@ class ClientBudget:
     epsilon_rdp: float
     epsilon_pld: float
     epsilon_fallback: float  # against the server colluding with one client (split noise)
+    # Recomputed from the events the server's transcript recorded as the releases arrived
+    # (RDP); at most epsilon_rdp, or the ledger understates what was released.
+    epsilon_transcript: float
     delta: float
     budget: float
     remaining: float
@@ -147,6 +150,7 @@ def audit_run(run_dir: Path, builder_for: Callable[[str], ProtocolBuilder]) -> A
             "config.json can regenerate and subtract it, so no DP guarantee holds for this run"
         )
     problems += _plan_problems(run_dir, run_config, ledgers)
+    received = _transcript_entries(rows, ledgers, problems)
     for name, clients in sorted(unprotected.items()):
         problems.append(f"{name!r} left {len(clients)} client(s) without protection (non-private)")
     budgets = []
@@ -157,6 +161,14 @@ def audit_run(run_dir: Path, builder_for: Callable[[str], ProtocolBuilder]) -> A
             problems.append(
                 f"{client}: spent epsilon {spent:.4f} exceeds its budget {ledger.budget.epsilon:g}"
             )
+        seen = PrivacyLedger(
+            client, ledger.budget, tuple(received.get(client, {}).values()), ledger.adjacency
+        )
+        if seen.spent > spent * (1 + 1e-6):
+            problems.append(
+                f"{client}: the releases the server received spend epsilon {seen.spent:.4f}, its ledger "
+                f"claims {spent:.4f}"
+            )
         budgets.append(
             ClientBudget(
                 client,
@@ -164,6 +176,7 @@ def audit_run(run_dir: Path, builder_for: Callable[[str], ProtocolBuilder]) -> A
                 spent,
                 ledger.spent_pld(),
                 ledger.spent_fallback,
+                seen.spent,
                 ledger.budget.delta,
                 ledger.budget.epsilon,
                 ledger.remaining,
@@ -191,6 +204,49 @@ def _transcript_row(row: Any) -> dict[str, Any]:
     ):
         raise ValueError(f"transcript line {row!r:.80} lacks the field's kind or size")
     return row
+
+
+def _transcript_entries(
+    rows: list[dict[str, Any]], ledgers: dict[str, PrivacyLedger], problems: list[str]
+) -> dict[str, dict[str, LedgerEntry]]:
+    """Each client's releases as the server recorded them on arrival (a row's `dp_event`), by
+    event id, each checked against that client's ledger entry. The transcript is written by
+    the server, the ledger by the client: editing one alone disagrees with the other."""
+    received: dict[str, dict[str, LedgerEntry]] = defaultdict(dict)
+    reported: set[str] = set()
+    recorded = {client: {e.event_id: e for e in ledger.entries} for client, ledger in ledgers.items()}
+    for row in rows:
+        client, event_id = row["sender"], row.get("event")
+        if client == SERVER or event_id is None or row.get("status", "delivered") != "delivered":
+            continue
+        mine = recorded.get(client, {}).get(str(event_id))
+        try:
+            declared = row["dp_event"]
+            name, _, at = str(event_id).rpartition("@round")
+            entry = LedgerEntry(
+                int(at),
+                name,
+                json.dumps(declared["event"], sort_keys=True),
+                json.dumps(declared["fallback_event"], sort_keys=True)
+                if "fallback_event" in declared
+                else None,
+            )
+            entry.event, entry.fallback_event  # noqa: B018 - parse both: a garbled row is a problem
+        except (KeyError, TypeError, ValueError, PrivacyError) as exc:
+            why = (
+                f"{client}: the transcript's record of its release {event_id} has no readable event ({exc!r})"
+            )
+        else:
+            received[client][entry.event_id] = entry
+            if mine is None or mine == entry:
+                continue
+            received_as, recorded_as = (json.dumps(e.parameters(), sort_keys=True) for e in (entry, mine))
+            why = f"{client}: the server received {event_id} as {received_as}, "
+            why += f"the client's ledger records {recorded_as}"
+        if client not in reported:  # one line per client is enough to fail the audit
+            reported.add(client)
+            problems.append(why)
+    return received
 
 
 def _plan_problems(run_dir: Path, run_config: dict[str, Any], ledgers: dict[str, PrivacyLedger]) -> list[str]:

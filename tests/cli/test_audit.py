@@ -108,14 +108,58 @@ def test_a_ledger_whose_noise_was_inflated_fails_the_audit_naming_the_client(dp_
     assert all(p.startswith("client-2") for p in problems)
     ledger_file.write_text(original)
     _rewrite(ledger_file, lambda d: _inflate(d["entries"], 10.0), consistently=True)
-    (problem,) = _problems(tampered)
-    assert problem.startswith("client-2: ledger entry") and "the plan decided" in problem
+    against_plan, against_transcript, understated = _problems(tampered)
+    assert against_plan.startswith("client-2: ledger entry") and "the plan decided" in against_plan
+    assert (
+        against_transcript.startswith("client-2: the server received")
+        and "ledger records" in against_transcript
+    )
+    assert understated.startswith("client-2: the releases the server received spend epsilon 2.0000")
     plan_file = tampered / "dp_plan.json"
     plan = json.loads(plan_file.read_text())
     _inflate(plan, 10.0)
     plan["sgd_noise_multiplier"] *= 10.0
     plan_file.write_text(json.dumps(plan))
-    assert any("not the plan securegmi calibrates" in p for p in _problems(tampered))
+    problems = _problems(tampered)
+    assert any("not the plan securegmi calibrates" in p for p in problems)
+    # Ledger and plan rewritten together: the server's record of what arrived still disagrees.
+    assert any(p.startswith("client-2: the server received") for p in problems)
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_the_transcript_records_each_release_as_received_and_the_audit_recomputes_it(dp_run, tmp_path):
+    out, _ = dp_run
+    rows = _rows(out / "transcript.jsonl")
+    released = [r for r in rows if r.get("kind") == "dp-release" and r["sender"] != "server"]
+    assert released and all("noise_multiplier" in json.dumps(r["dp_event"]) for r in released)
+    ledger = json.loads((out / "ledgers" / "client-0.json").read_text())
+    recorded = {f"{e['name']}@round{e['round']}": e["event"] for e in ledger["entries"]}
+    for row in released:
+        if row["sender"] == "client-0":
+            assert row["dp_event"]["event"] == recorded[row["event"]]
+    report = json.loads(runner.invoke(app, ["audit", str(out), "--json"]).stdout)
+    for budget in report["budgets"]:
+        assert budget["epsilon_transcript"] == pytest.approx(budget["epsilon_rdp"], rel=1e-9)
+
+    # Negative controls: the transcript edited alone (one release's noise inflated 10x, or its
+    # event removed) disagrees with the client's ledger.
+    for name, edit in (
+        ("inflated", lambda row: _inflate(row["dp_event"], 10.0)),
+        ("stripped", lambda row: row.pop("dp_event")),
+    ):
+        tampered = tmp_path / name
+        _copy(out, tampered)
+        edited = _rows(tampered / "transcript.jsonl")
+        target = next(r for r in edited if r.get("dp_event") and r["sender"] == "client-1")
+        edit(target)
+        (tampered / "transcript.jsonl").write_text("".join(json.dumps(r) + "\n" for r in edited))
+        (problem,) = _problems(tampered)
+        expected = "the server received" if name == "inflated" else "the transcript's record of its release"
+        assert problem.startswith(f"client-1: {expected} {target['event']}"), problem
 
 
 @pytest.mark.slow

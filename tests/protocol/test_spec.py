@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from securegmi.errors import ProtocolViolation
-from securegmi.protocol import SERVER, Message, NonPrivate, Public
-from securegmi.protocols import plain
+from securegmi.protocol import SERVER, DpRelease, Message, NonPrivate, Public
+from securegmi.protocols import dp, plain
 
 SPEC = plain.build(components=3, parameters=5)
 
@@ -109,3 +111,30 @@ def test_a_declaration_that_contradicts_itself_is_refused(changes, match):
     _declaration()  # negative control: the plain declaration's parts are accepted
     with pytest.raises(ConfigError, match=match):
         _declaration(**changes)
+
+
+def _dp_update(events: dict[str, str]) -> Message:
+    payload = {
+        "masses": DpRelease(np.array([1.0, 2.0, 3.0]), "counts@round0"),
+        "component_index": DpRelease(np.arange(3, dtype=np.int64), "counts@round0"),
+        "weighted_components": DpRelease(np.zeros((3, 5), np.float32), "dpsgd@round0"),
+    }
+    return Message("update", 0, "client-0", payload, events=events)
+
+
+GAUSSIAN = json.dumps({"event": {"type": "gaussian", "noise_multiplier": 2.0}})
+
+
+def test_each_release_travels_with_its_events_parameters():
+    spec = dp.build(components=3, parameters=5)
+    spec.validate(_dp_update({"counts@round0": GAUSSIAN, "dpsgd@round0": GAUSSIAN}), sender_role="client")
+    # Negative controls: an event named but not declared, and one declared but never named.
+    with pytest.raises(ProtocolViolation, match="declares the parameters of events"):
+        spec.validate(_dp_update({"counts@round0": GAUSSIAN}), sender_role="client")
+    with pytest.raises(ProtocolViolation, match="declares the parameters of events"):
+        spec.validate(
+            _dp_update({"counts@round0": GAUSSIAN, "dpsgd@round0": GAUSSIAN, "x@round0": GAUSSIAN}),
+            sender_role="client",
+        )
+    with pytest.raises(ProtocolViolation, match="JSON object with an 'event'"):
+        _dp_update({"counts@round0": "{}", "dpsgd@round0": GAUSSIAN})
