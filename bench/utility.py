@@ -30,7 +30,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-METHODS = ["fedgmi", "oracle", "local", "fedem-weights", "fedavg"]
+METHODS = ["fedgmi", "oracle", "local", "fedem-weights", "fedavg", "ifca", "fedgmm"]
 RESULTS = Path(__file__).parent / "results" / "utility.json"
 
 
@@ -41,7 +41,7 @@ def run_one(
 
     from securegmi.config import SimulationConfig
     from securegmi.protocols import builder
-    from securegmi.simulation.runner import run_simulation
+    from securegmi.simulation.runner import FEDERATED, run_simulation
 
     torch.set_num_threads(1)  # one process per core is faster than threads for these models
     privacy: dict[str, Any] = {}
@@ -54,7 +54,7 @@ def run_one(
             if split_sgd and placement == "split":
                 privacy["sgd_placement"] = "split"
     config = SimulationConfig(method=method, seed=seed, **overrides, **privacy)
-    result = run_simulation(config, protocol=builder(config.protocol))
+    result = run_simulation(config, protocol=builder(config.protocol) if method in FEDERATED else None)
     label = method
     if epsilon is not None:
         label = f"{method}{' local' if placement == 'local' and method == 'fedgmi' else ''} eps={epsilon:g}"
@@ -79,7 +79,10 @@ def summarise(runs: list[dict[str, Any]], methods: list[str]) -> dict[str, dict[
         rows = [r for r in runs if r["method"] == m]
         out[m] = {}
         for key in ("source_accuracy", "pi_tv_error", "nll", "wall_seconds"):
-            values = [r[key] for r in rows]
+            values = [r[key] for r in rows if r[key] is not None]  # fedgmm has no VAE NLL
+            if not values:
+                out[m][f"{key}_mean"] = out[m][f"{key}_sd"] = None
+                continue
             out[m][f"{key}_mean"] = statistics.fmean(values)
             out[m][f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
     return out

@@ -7,8 +7,17 @@ from typing import Any, Literal
 
 from securegmi.errors import ConfigError
 
-Method = Literal["fedgmi", "local", "fedem-weights", "fedavg", "oracle", "central-dp"]
-METHODS: tuple[str, ...] = ("fedgmi", "local", "fedem-weights", "fedavg", "oracle", "central-dp")
+Method = Literal["fedgmi", "local", "fedem-weights", "fedavg", "ifca", "fedgmm", "oracle", "central-dp"]
+METHODS: tuple[str, ...] = (
+    "fedgmi",
+    "local",
+    "fedem-weights",
+    "fedavg",
+    "ifca",
+    "fedgmm",
+    "oracle",
+    "central-dp",
+)
 PRIVATE_TRAINING: tuple[str, ...] = ("statistics", "em")
 PLACEMENTS: tuple[str, ...] = ("split", "local")
 DATASETS: tuple[str, ...] = ("digits", "synthetic", "mnist5k")
@@ -205,6 +214,10 @@ class SimulationConfig:
             _check(getattr(self, name) >= 1, name, "must be at least 1", getattr(self, name))
         if self.method in ("local", "oracle"):
             raise ConfigError(f"method {self.method} sends nothing, so --epsilon does not apply to it")
+        if self.method in ("ifca", "fedgmm"):
+            raise ConfigError(
+                f"method {self.method} is a non-private peer for comparison; under --epsilon use fedgmi"
+            )
         if self.method == "fedem-weights":
             raise ConfigError(
                 "fedem-weights weights components by each client's raw sample count, which is not "

@@ -53,6 +53,17 @@ class CkksParameters:
         if self.scale_bits > self.coeff_mod_bit_sizes[-1]:
             raise CryptoError("the scale must not exceed the special prime's bits (SEAL encodes at it)")
 
+    @classmethod
+    def for_cohort(cls, clients: int) -> CkksParameters:
+        """The smallest set this package ships whose data modulus holds the sum of `clients`
+        values at the bound: N=4096 with one 60-bit data prime up to 128 clients, beyond that
+        N=8192 with 60 + 40 data bits (160 of the 218 bits 128-bit security allows), which
+        doubles the bytes per value."""
+        try:
+            return cls(max_clients=clients)
+        except CryptoError:
+            return cls(poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 40, 60), max_clients=clients)
+
     @property
     def data_modulus_bits(self) -> int:
         return sum(self.coeff_mod_bit_sizes[:-1])

@@ -23,6 +23,7 @@ from securegmi.core.training import e_step_elbo, train_components
 from securegmi.errors import ConfigError, ProtocolViolation
 
 Weighting = Literal["mass", "size"]
+Assignment = Literal["mixture", "cluster"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class ClientSettings:
     pi_floor: float = 1e-3
     weighting: Weighting = "mass"  # "size": FedEM's weighting by client size, for comparison
     top_b: int | None = None
+    # "cluster": IFCA's hard choice of one component per client, for comparison (em_round)
+    assignment: Assignment = "mixture"
 
     def __post_init__(self) -> None:
         positive = ("local_epochs", "batch_size", "elbo_samples", "e_step_iterations")
@@ -104,11 +107,25 @@ class LocalLearner:
         soft counts."""
         s = self.settings
         rng = self.public_randomness(round_index)
-        resp, masses, self.pi = infer_mixture(
-            self.elbo(), self.pi, temperature, s.e_step_iterations, s.pi_floor
-        )
+        if s.assignment == "cluster":
+            resp, masses, self.pi = self._choose_cluster()
+        else:
+            resp, masses, self.pi = infer_mixture(
+                self.elbo(), self.pi, temperature, s.e_step_iterations, s.pi_floor
+            )
         self.train(resp, rng)
         return masses
+
+    def _choose_cluster(self) -> tuple[Tensor, np.ndarray, np.ndarray]:
+        """IFCA (Ghosh et al., NeurIPS 2020, Algorithm 1): the client takes the one cluster
+        model whose loss on its data is lowest (here the mean negative ELBO) and trains only it;
+        its pi is that choice (floored, so the evaluation's prior stays finite)."""
+        k = int(self.elbo().mean(0).argmax())
+        resp = torch.zeros(len(self.x), self.model.n_components)
+        resp[:, k] = 1.0
+        pi = np.full(self.model.n_components, self.settings.pi_floor)
+        pi[k] = 1.0
+        return resp, resp.sum(0).numpy().astype(np.float64), pi / pi.sum()
 
     def elbo(self) -> Tensor:
         return e_step_elbo(self.model, self.x, self.settings.elbo_samples)

@@ -17,7 +17,7 @@ from securegmi.core.mixture import IWAE_SAMPLES, MixtureOfVAEs
 from securegmi.data.mixture import FederatedData
 from securegmi.errors import RunDirectoryError
 from securegmi.records.rundir import RunDirectory
-from securegmi.simulation.evaluation import Evaluation, evaluate
+from securegmi.simulation.evaluation import Evaluation, Scorer, evaluate
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,9 @@ class Recorder:
         # Source identification from released statistics, where the run has them; None: the
         # VAEs' ELBOs identify sources.
         self.identifier: FineClusterModel | None = None
+        # A method whose components are not VAEs (fedgmm) scores records itself, and has no
+        # IWAE bound to report as its NLL.
+        self.scorer: Scorer | None = None
 
     def resume(self, next_round: int) -> None:
         """Take up the metrics of the rounds a stopped run completed."""
@@ -73,8 +76,8 @@ class Recorder:
             self.data,
             per_client_matching=self.config.method == "local",
             elbo_samples=self.config.elbo_samples,
-            iwae_samples=IWAE_SAMPLES if final else None,
-            scorer=None if self.identifier is None else self.identifier.log_likelihood,
+            iwae_samples=IWAE_SAMPLES if final and self.scorer is None else None,
+            scorer=self.identifier.log_likelihood if self.identifier is not None else self.scorer,
         )
 
     def finish_round(

@@ -32,10 +32,11 @@ from securegmi.records.rundir import (
 )
 from securegmi.simulation.baselines import run_central_dp, run_local, run_oracle
 from securegmi.simulation.evaluation import Evaluation
+from securegmi.simulation.fedgmm import run_fedgmm
 from securegmi.simulation.recorder import PlanCallback, ProgressCallback, Recorder, RoundMetrics
 from securegmi.simulation.study import Federation, load_federated_data
 
-FEDERATED = ("fedgmi", "fedem-weights", "fedavg")
+FEDERATED = ("fedgmi", "fedem-weights", "fedavg", "ifca")
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,8 @@ def run_simulation(
         models, pis, privacy = run_central_dp(recorder)
     elif config.method == "local":
         models, pis = run_local(recorder)
+    elif config.method == "fedgmm":
+        models, pis, uplink = run_fedgmm(recorder)
     else:
         models, pis = run_oracle(recorder)
         exported = models[0].get_component_vectors()

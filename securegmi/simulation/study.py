@@ -42,6 +42,7 @@ def client_settings(config: SimulationConfig) -> ClientSettings:
         **{name: getattr(config, name) for name in shared},
         weighting="size" if config.method == "fedem-weights" else "mass",
         top_b=config.top_b,
+        assignment="cluster" if config.method == "ifca" else "mixture",
     )
 
 
@@ -116,7 +117,7 @@ class Federation:
         return self.spec.codec == "ckks"
 
     def ckks_parameters(self) -> CkksParameters:
-        return CkksParameters(max_clients=max(2, self.config.clients))
+        return CkksParameters.for_cohort(max(2, self.config.clients))
 
     def new_model(self) -> MixtureOfVAEs:
         return new_model(self.config, self.data)

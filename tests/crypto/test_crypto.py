@@ -208,8 +208,9 @@ def test_key_ceremony_files(tmp_path, keys):
     [
         PARAMS,  # the shipped set: N = 4096, one 60-bit data prime, 100 clients
         CkksParameters(poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 40, 40, 60), max_clients=30),
+        CkksParameters.for_cohort(1000),  # the set a federation of more than 128 clients gets
     ],
-    ids=["shipped", "N8192"],
+    ids=["shipped", "N8192", "cohort-1000"],
 )
 def test_the_release_grid_rounds_away_the_noise_of_a_full_cohorts_sum(params):
     """A sum of `max_clients` encryptions at the value bound: the measured error is within the
@@ -230,3 +231,11 @@ def test_the_release_grid_rounds_away_the_noise_of_a_full_cohorts_sum(params):
     error = np.max(np.abs(decrypted - exact))
     assert 0 < error <= params.precision()  # the decryption carries noise, within the bound
     assert np.array_equal(release_decrypted(decrypted, grid), release_decrypted(exact, grid))
+
+
+def test_a_cohort_beyond_the_shipped_sets_headroom_gets_the_larger_set():
+    assert CkksParameters.for_cohort(128) == CkksParameters(max_clients=128)
+    with pytest.raises(CryptoError, match="no headroom"):
+        CkksParameters(max_clients=129)  # the shipped set would wrap a sum of 129 bound values
+    larger = CkksParameters.for_cohort(129)
+    assert larger.poly_modulus_degree == 8192 and larger.data_modulus_bits == 100
