@@ -9,6 +9,8 @@ one set of weights; here each client keeps its own weights and only sums leave i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -63,12 +65,14 @@ class GaussianComponents:
         means = rng.multivariate_normal(whole.means[0], whole.covariances[0], size=k)
         return cls(means, np.repeat(whole.covariances, k, axis=0))
 
+    @cached_property
+    def _densities(self) -> list[Any]:
+        # Frozen once: each one factorises its D x D covariance, the costly part at D = 784.
+        return [
+            stats.multivariate_normal(m, c, allow_singular=True)
+            for m, c in zip(self.means, self.covariances, strict=True)
+        ]
+
     def log_likelihood(self, x: np.ndarray) -> np.ndarray:
         """(n, K) log densities of each record under each component."""
-        return np.stack(
-            [
-                np.atleast_1d(stats.multivariate_normal(m, c, allow_singular=True).logpdf(x))
-                for m, c in zip(self.means, self.covariances, strict=True)
-            ],
-            axis=1,
-        )
+        return np.stack([np.atleast_1d(d.logpdf(x)) for d in self._densities], axis=1)
