@@ -28,7 +28,9 @@ class Moments:
     @classmethod
     def of(cls, x: np.ndarray, resp: np.ndarray) -> Moments:
         x = np.asarray(x, dtype=np.float64)
-        return cls(resp.sum(0), resp.T @ x, np.einsum("nk,ni,nj->kij", resp, x, x))
+        # One matrix product per component: a three-operand einsum runs as a plain loop.
+        outer = np.stack([(x * resp[:, k, None]).T @ x for k in range(resp.shape[1])])
+        return cls(resp.sum(0), resp.T @ x, outer)
 
     @property
     def nbytes(self) -> int:
