@@ -18,7 +18,7 @@ from securegmi.crypto.seal_io import load_ciphertext, save_bytes
 from securegmi.errors import CryptoError
 
 PARAMS = CkksParameters()
-LENGTH = 3000  # two chunks at N = 4096
+LENGTH = 6000  # two chunks at N = 4096 (4,096 values each: real and imaginary parts of 2,048 slots)
 
 
 @pytest.fixture(scope="module")
@@ -239,3 +239,14 @@ def test_a_cohort_beyond_the_shipped_sets_headroom_gets_the_larger_set():
         CkksParameters(max_clients=129)  # the shipped set would wrap a sum of 129 bound values
     larger = CkksParameters.for_cohort(129)
     assert larger.poly_modulus_degree == 8192 and larger.data_modulus_bits == 100
+
+
+def test_a_chunk_carries_a_value_in_each_part_of_every_slot(keys, server):
+    """Real and imaginary parts both carry values: a full chunk of N values costs about twice
+    their float32 bytes (seeded, one 60-bit prime), and both halves decrypt to their values."""
+    values = np.random.default_rng(0).uniform(-50, 50, PARAMS.poly_modulus_degree)
+    envelope = encrypt(keys, values)
+    assert len(_chunks(envelope)) == 1
+    assert len(envelope) < 2.1 * 4 * values.size
+    decrypted = decrypt(keys, add_updates(server, {"c": envelope}, values.size, 10**7).data or b"")
+    assert np.max(np.abs(decrypted - values)) <= PARAMS.precision()
