@@ -2,10 +2,13 @@
 
 20 clients, K = 3 class-group sources, alpha = 0.5, 5 seeds by default (the spread across seeds
 is large, so one seed says little). Prints mean ± sd of source accuracy, pi TV error and wall
-time, and writes bench/results/utility.json.
+time, and writes bench/results/utility.json after every finished run (a stopped study keeps
+what it ran). Jobs go seed by seed, so a partial study compares every method on its seeds.
 
     python bench/utility.py                 # all methods, seeds 0-4, 2 worker processes
     python bench/utility.py --methods fedgmi oracle --seeds 0 1 2
+    python bench/utility.py --dataset mnist5k --components 5 --seeds 0 1 2 \
+        --out bench/results/utility_mnist.json
     python bench/utility.py --methods fedgmi central-dp --epsilons 1 4 8 --placements split local \
         --out bench/results/utility_dp.json
     python bench/utility.py --methods fedgmi --epsilons 4 8 --sgd-placement split \
@@ -30,7 +33,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-METHODS = ["fedgmi", "oracle", "local", "fedem-weights", "fedavg", "ifca", "fedgmm"]
+METHODS = ["fedgmi", "oracle", "central-em", "local", "fedem-weights", "fedavg", "ifca", "fedgmm"]
 RESULTS = Path(__file__).parent / "results" / "utility.json"
 
 
@@ -88,6 +91,23 @@ def summarise(runs: list[dict[str, Any]], methods: list[str]) -> dict[str, dict[
     return out
 
 
+def write(
+    out: Path, settings: dict[str, Any], runs: list[dict[str, Any]], wall: float, complete: bool
+) -> None:
+    """The results so far, atomically: a study stopped midway keeps every finished run."""
+    summary = summarise(runs, list(dict.fromkeys(r["method"] for r in runs)))
+    document = {
+        "settings": settings,
+        "complete": complete,
+        "summary": summary,
+        "runs": runs,
+        "total_wall_seconds": wall,
+    }
+    partial = out.with_suffix(".json.partial")
+    partial.write_text(json.dumps(document, indent=2) + "\n")
+    partial.replace(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -134,11 +154,13 @@ def main() -> None:
     budgets: list[float | None] = [None if math.isinf(e) else e for e in args.epsilons] or [None]
     jobs = [
         (m, s, e, p)
+        for s in args.seeds
         for m in args.methods
         for e in budgets
         for p in (args.placements if e is not None and m == "fedgmi" else ["split"])
-        for s in args.seeds
     ]
+    settings = {**overrides, "seeds": args.seeds}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         futures = [pool.submit(run_one, m, s, overrides, e, p) for m, s, e, p in jobs]
         runs = []
@@ -149,6 +171,7 @@ def main() -> None:
                 f"pi-TV {runs[-1]['pi_tv_error']:.3f} {runs[-1]['wall_seconds']:.1f}s",
                 flush=True,
             )
+            write(args.out, settings, runs, time.perf_counter() - started, complete=len(runs) == len(jobs))
     summary = summarise(runs, list(dict.fromkeys(r["method"] for r in runs)))
 
     table = Table(title=f"{args.dataset}-PM, 20 clients, K={args.components}, alpha=0.5, seeds {args.seeds}")
@@ -163,19 +186,6 @@ def main() -> None:
             f"{s['wall_seconds_mean']:.1f} ± {s['wall_seconds_sd']:.1f}",
         )
     Console().print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "settings": {**overrides, "seeds": args.seeds},
-                "summary": summary,
-                "runs": runs,
-                "total_wall_seconds": time.perf_counter() - started,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
     print(f"wrote {args.out}")
 
 

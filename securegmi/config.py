@@ -7,7 +7,9 @@ from typing import Any, Literal
 
 from securegmi.errors import ConfigError
 
-Method = Literal["fedgmi", "local", "fedem-weights", "fedavg", "ifca", "fedgmm", "oracle", "central-dp"]
+Method = Literal[
+    "fedgmi", "local", "fedem-weights", "fedavg", "ifca", "fedgmm", "central-em", "oracle", "central-dp"
+]
 METHODS: tuple[str, ...] = (
     "fedgmi",
     "local",
@@ -15,6 +17,7 @@ METHODS: tuple[str, ...] = (
     "fedavg",
     "ifca",
     "fedgmm",
+    "central-em",
     "oracle",
     "central-dp",
 )
@@ -119,6 +122,13 @@ class SimulationConfig:
         )
         _check(0 < self.test_fraction < 1, "test_fraction", "must be in (0, 1)", self.test_fraction)
         _check(self.seed >= 0, "seed", "must be non-negative", self.seed)
+        if self.method == "oracle":
+            _check(
+                self.components == self.n_sources,
+                "components",
+                f"must equal n_sources ({self.n_sources}): the oracle trains component k on source k",
+                self.components,
+            )
         if self.temperature is not None:
             _check(self.temperature >= 1, "temperature", "must be at least 1", self.temperature)
         if self.top_b is not None:
@@ -212,7 +222,7 @@ class SimulationConfig:
         _check(0 < self.statistics_share < 1, "statistics_share", "must be in (0, 1)", self.statistics_share)
         for name in ("fine_clusters", "projection_dim", "kmeans_iterations", "vae_rounds"):
             _check(getattr(self, name) >= 1, name, "must be at least 1", getattr(self, name))
-        if self.method in ("local", "oracle"):
+        if self.method in ("local", "central-em", "oracle"):
             raise ConfigError(f"method {self.method} sends nothing, so --epsilon does not apply to it")
         if self.method in ("ifca", "fedgmm"):
             raise ConfigError(

@@ -44,7 +44,7 @@ def check_results(results: dict[str, Any], config: SimulationConfig) -> None:
     # fedgmm's components are Gaussians: no VAE bound to report.
     assert (results["nll"] is None) == (config.method == "fedgmm") and results["wall_seconds"] > 0
     assert results["nll"] is None or math.isfinite(results["nll"])
-    federated = config.method not in ("local", "oracle")
+    federated = config.method not in ("local", "central-em", "oracle")
     assert (results["protocol"] is not None) == (federated and config.method != "fedgmm")
     assert (results["uplink_bytes_per_client_round"] > 0) == federated
     rows = results["per_client"]

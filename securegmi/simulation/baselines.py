@@ -1,4 +1,5 @@
-"""The two references that exchange no messages: each client alone, and centralised EM."""
+"""The references that exchange no messages: each client alone, centralised EM, the oracle
+that knows every record's source, and the central-DP curator."""
 
 from __future__ import annotations
 
@@ -39,8 +40,42 @@ def run_local(recorder: Recorder) -> tuple[list[MixtureOfVAEs], list[np.ndarray]
 
 
 def run_oracle(recorder: Recorder) -> tuple[list[MixtureOfVAEs], list[np.ndarray]]:
+    """The upper reference: component k trained on exactly the pooled records of source k, and
+    each client's pi its training records' source shares (floored like every method's). It
+    knows what no method can, the hidden source of every record, so it bounds what finding
+    the components (EM, federation, privacy) can reach with these VAEs."""
+    config, data = recorder.config, recorder.data
+    model = new_model(config, data)
+    k = model.n_components
+    pooled = np.concatenate([c.x_train for c in data.clients])
+    truth = torch.as_tensor(np.concatenate([c.source_train for c in data.clients]), dtype=torch.long)
+    assignment = torch.nn.functional.one_hot(truth, k).float()
+    pis = []
+    for client in data.clients:
+        shares = np.maximum(
+            np.bincount(client.source_train, minlength=k) / len(client.source_train), config.pi_floor
+        )
+        pis.append(shares / shares.sum())
+    optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    for t in range(config.rounds):
+        t0 = time.perf_counter()
+        train_components(
+            model,
+            pooled,
+            assignment,
+            optimiser,
+            epochs=config.local_epochs,
+            batch_size=config.batch_size,
+            generator=seed_torch(config.seed, t),
+        )
+        recorder.finish_round(t, t0, [model] * len(pis), pis)
+    return [model] * len(pis), pis
+
+
+def run_central_em(recorder: Recorder) -> tuple[list[MixtureOfVAEs], list[np.ndarray]]:
     """Centralised EM on the pooled training data, each client's pi still its own prior: the
-    upper reference that federation and privacy can at best match."""
+    same algorithm as fedgmi with no network between the records (not an upper bound: it
+    still has to find the components, and can find worse ones than the federation does)."""
     config, data = recorder.config, recorder.data
     model = new_model(config, data)
     k = model.n_components

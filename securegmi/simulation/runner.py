@@ -30,7 +30,7 @@ from securegmi.records.rundir import (
     TRANSCRIPT,
     RunDirectory,
 )
-from securegmi.simulation.baselines import run_central_dp, run_local, run_oracle
+from securegmi.simulation.baselines import run_central_dp, run_central_em, run_local, run_oracle
 from securegmi.simulation.evaluation import Evaluation
 from securegmi.simulation.fedgmm import run_fedgmm
 from securegmi.simulation.recorder import PlanCallback, ProgressCallback, Recorder, RoundMetrics
@@ -85,7 +85,7 @@ def run_simulation(
     """Run one simulated study and, with `out`, write its run directory.
 
     Federated methods need a `protocol` builder (e.g. ``securegmi.protocols.builder("secure")``);
-    `local`, `oracle` and `central-dp` exchange no messages. A federated run with `out` saves
+    `local`, `central-em`, `oracle` and `central-dp` exchange no messages. A federated run with `out` saves
     the server's and every client's state after each round; `resume=True` continues a stopped
     run in `out` from its last saved round (`config` must be the one in its config.json).
     """
@@ -119,7 +119,7 @@ def run_simulation(
     elif config.method == "fedgmm":
         models, pis, uplink = run_fedgmm(recorder)
     else:
-        models, pis = run_oracle(recorder)
+        models, pis = (run_oracle if config.method == "oracle" else run_central_em)(recorder)
         exported = models[0].get_component_vectors()
     final = recorder.evaluate(models, pis, final=True)
     result = RunResult(
@@ -133,7 +133,7 @@ def run_simulation(
         privacy,
     )
     if run_dir is not None:
-        if exported is not None:  # one shared model: the federated methods and the oracle
+        if exported is not None:  # one shared model: the federated methods and the central ones
             extra = {} if recorder.identifier is None else recorder.identifier.arrays()
             mixtures = np.stack(pis)
             if federation is not None:

@@ -88,7 +88,9 @@ def test_top_b_sends_fewer_components():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["local", "oracle", "fedavg", "fedem-weights", "ifca", "fedgmm"])
+@pytest.mark.parametrize(
+    "method", ["local", "central-em", "oracle", "fedavg", "fedem-weights", "ifca", "fedgmm"]
+)
 def test_every_method_runs_and_reports(method, tmp_path):
     config = SimulationConfig(**{**FAST, "rounds": 2, "method": method})
     result = run_simulation(config, protocol=plain.build, out=tmp_path / method)
