@@ -52,11 +52,15 @@ def deployment(config: SimulationConfig, work: Path) -> dict[str, float]:
         done = time.perf_counter()
     if result.returncode != 0:
         raise SystemExit(result.stdout[-2000:] + result.stderr[-2000:])
-    server_app = json.loads((work / "server" / ENGINE).read_text())["wall_seconds"]
+    engine = json.loads((work / "server" / ENGINE).read_text())
+    exchanges = engine["exchange_seconds"]
     return {
         "start_processes_s": ready - started,
         "flwr_run_s": done - ready,
-        "server_app_rounds_s": server_app,
+        "server_app_rounds_s": engine["wall_seconds"],
+        "exchanges": len(exchanges),
+        "exchange_s_mean": sum(exchanges) / len(exchanges),
+        "exchange_s": exchanges,
         "total_s": done - started,
     }
 
@@ -102,7 +106,8 @@ def main() -> None:
     d = rows["flower-deployment"]
     print(
         f"deployment: {d['start_processes_s']:.1f} s to start the SuperLink and SuperNodes, "
-        f"{d['server_app_rounds_s']:.1f} s in the ServerApp's rounds"
+        f"{d['server_app_rounds_s']:.1f} s in the ServerApp's rounds, {d['exchanges']} exchanges of "
+        f"{d['exchange_s_mean']:.2f} s on average (sending to the last reply)"
     )
 
 

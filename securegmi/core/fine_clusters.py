@@ -21,7 +21,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.decomposition import NMF
 
 # Per-record L2 norm of a moments contribution (1, u, triu(u u^T)) with ||u|| = 1:
 # 1 + ||u||^2 + ||triu(u u^T)||_F^2 <= 3, since sum_{i<=j} u_i^2 u_j^2 <= (sum_i u_i^2)^2 = 1.
@@ -161,6 +160,10 @@ def group_clusters(counts: np.ndarray, components: int, seed: int, restarts: int
     """Rank-K non-negative factorisation of the (C, J) count matrix under the KL divergence:
     the maximum-likelihood fit of counts[c, j] ~ n_c sum_k pi_ck P(j | k) (PLSA; Hofmann 1999),
     so it is the mixture model itself. scikit-learn's NMF, best of `restarts` random starts."""
+    # Imported here: scikit-learn takes about a second to import, and a Flower ClientApp that
+    # starts a process per message and never groups clusters should not pay it every time.
+    from sklearn.decomposition import NMF
+
     m = np.maximum(np.asarray(counts, dtype=np.float64), 0.0) + 1e-3
     best: tuple[float, np.ndarray, np.ndarray] | None = None
     for r in range(restarts):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Protocol
 
@@ -49,7 +50,7 @@ from securegmi.federation.statistics import (
     downlink_stage,
 )
 from securegmi.privacy.calibration import COUNTS, DPSGD, HISTOGRAM, DpPlan, PrivateMixturePlan
-from securegmi.privacy.dpsgd import DpSgdConfig, GradObserver, PrivateTrainer
+from securegmi.privacy.dpsgd import DpSgdConfig, GradObserver, PrivateTrainer, check_privatisable
 from securegmi.privacy.ledger import LedgerEntry, PrivacyBudget, PrivacyLedger
 from securegmi.privacy.mechanisms import gaussian_release
 from securegmi.privacy.noise import noise_generators
@@ -153,15 +154,24 @@ class DpMechanisms:
             # What this client already spent (before a crash, say) counts, whatever else was lost.
             self._adopt(PrivacyLedger.load(privacy.ledger_path))
         self.noise_rng, self.torch_noise = noise_generators(privacy.noise_seed)
-        self.trainer = PrivateTrainer(
-            learner.model,
-            torch.optim.Adam(learner.model.parameters(), lr=learner.settings.learning_rate),
+        check_privatisable(learner.model)  # refused now, before anything is released
+        self.observe: GradObserver | None = None  # test hook: each step's clipped sum, pre-noise
+
+    @cached_property
+    def trainer(self) -> PrivateTrainer:
+        """Built on first use: torch's first optimiser imports torch._dynamo (about 1.8 s of
+        CPU), paid on every message by a Flower ClientApp, which runs in a fresh process each
+        time, even when the message trains nothing."""
+        plan, settings = self.privacy.plan, self.learner.settings
+        self.learner.model.train()  # Opacus validates the module in training mode
+        return PrivateTrainer(
+            self.learner.model,
+            torch.optim.Adam(self.learner.model.parameters(), lr=settings.learning_rate),
             DpSgdConfig(
-                plan.sgd_noise_multiplier, plan.clip_norm, plan.sample_rate, privacy.batch_normaliser
+                plan.sgd_noise_multiplier, plan.clip_norm, plan.sample_rate, self.privacy.batch_normaliser
             ),
             noise_generator=self.torch_noise,
         )
-        self.observe: GradObserver | None = None  # test hook: each step's clipped sum, pre-noise
 
     def _adopt(self, ledger: PrivacyLedger) -> None:
         if ledger.client_id != self.learner.client_id or ledger.budget != self.ledger.budget:

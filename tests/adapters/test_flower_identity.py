@@ -11,6 +11,7 @@ test (`FlowerTransport`, `connect`, the server endpoint and its checks) is the s
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from uuid import uuid4
 
 import numpy as np
 import pytest
@@ -42,7 +43,28 @@ def flower_task(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(TaskIdentity, name, value)
 
 
-class ScriptedGrid:
+class PushPullGrid:
+    """A Grid's push and pull, as Flower's in-memory grid does them (an id per pushed
+    message), with the replies `replies_to` scripts: all of them on the first pull."""
+
+    pending: list[Message]
+
+    def replies_to(self, sent: list[Message]) -> list[Message]:
+        raise NotImplementedError
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        sent = list(messages)
+        for message in sent:
+            message.metadata.__dict__["_message_id"] = str(uuid4())
+        self.pending = self.replies_to(sent)
+        return [m.metadata.message_id for m in sent]
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        pulled, self.pending = self.pending, []
+        return pulled
+
+
+class ScriptedGrid(PushPullGrid):
     """Delivers each TRAIN instruction to the client its node hosts and returns the reply a
     ClientApp would send; `extra` adds replies of its own (what a misbehaving node sends)."""
 
@@ -50,8 +72,7 @@ class ScriptedGrid:
         self.hosted = {NODES[cid]: client for cid, client in clients.items()}
         self.extra = extra
 
-    def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
-        sent = list(messages)
+    def replies_to(self, sent: list[Message]) -> list[Message]:
         replies = []
         for message in sent:
             client = self.hosted.get(message.metadata.dst_node_id)
@@ -131,7 +152,7 @@ def test_replies_from_nodes_not_addressed_this_round_are_never_used():
     assert np.allclose(masses, decode(encode(exchange.replies["client-0"])).payload["masses"].value)  # type: ignore[union-attr]
 
 
-class IdentityGrid:
+class IdentityGrid(PushPullGrid):
     """Answers `connect`'s query: which client each node says it hosts."""
 
     def __init__(self, claims: dict[int, str]) -> None:
@@ -140,9 +161,9 @@ class IdentityGrid:
     def get_node_ids(self) -> list[int]:
         return list(self.claims)
 
-    def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
+    def replies_to(self, sent: list[Message]) -> list[Message]:
         out = []
-        for message in messages:
+        for message in sent:
             assert message.metadata.message_type == QUERY
             claim = self.claims[message.metadata.dst_node_id]
             out.append(Message(RecordDict({RECORD: ConfigRecord({CLIENT_ID: claim})}), reply_to=message))
@@ -169,7 +190,7 @@ def test_a_silent_node_and_a_refusing_node_are_each_refused_with_their_reason():
         return [Message(Error(code=1, reason="over budget: nothing was sent"), reply_to=to_node_13)]
 
     grid = ScriptedGrid({"client-0": clients["client-0"]}, refusal)
-    transport = FlowerTransport(grid, server.endpoint, NODES, timeout=None)  # type: ignore[arg-type]
+    transport = FlowerTransport(grid, server.endpoint, NODES, timeout=0.5)  # type: ignore[arg-type]
     exchange = transport.exchange(dict.fromkeys(NODES, broadcast))
     assert set(exchange.replies) == {"client-0"}
     assert exchange.refused == {
