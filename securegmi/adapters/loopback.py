@@ -32,9 +32,6 @@ SAFETY_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
 }
-# How often each SuperNode's SuperExec looks for a message to start a ClientApp for: Flower's
-# default is 1 s, on average half a second added to every message on every node.
-LATENCY_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.05"}
 CONNECTION = "loopback"  # the SuperLink connection name written to FLWR_HOME/config.toml
 HOST = "127.0.0.1"
 
@@ -153,7 +150,6 @@ class LoopbackDeployment:
         self.env = {
             **os.environ,
             **SAFETY_ENV,
-            **LATENCY_ENV,
             "FLWR_HOME": str(flwr_home),
             # Flower's programs (and the ones they start) from this interpreter's environment.
             "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
