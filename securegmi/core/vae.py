@@ -16,6 +16,28 @@ Likelihood = Literal["bernoulli", "gaussian"]
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
+def decoded_log_likelihood(out: Tensor, x: Tensor, likelihood: Likelihood) -> Tensor:
+    """log p(x | decoder output), summed over data dimensions; `out` may carry leading
+    dimensions beyond x's, which broadcasts against it."""
+    if likelihood == "bernoulli":
+        nll: Tensor = F.binary_cross_entropy_with_logits(out, x.expand_as(out), reduction="none")
+        return -nll.sum(-1)
+    mean, log_scale = out.chunk(2, dim=-1)
+    log_scale = log_scale.clamp(-5.0, 5.0)
+    log_density: Tensor = -0.5 * (((x - mean) / log_scale.exp()) ** 2 + 2.0 * log_scale + _LOG_2PI)
+    return log_density.sum(-1)
+
+
+def kl_to_standard_normal(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)), summed over the latent dimension."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
+
+
+def log_standard_normal(e: Tensor) -> Tensor:
+    """log N(e; 0, I), summed over the last dimension."""
+    return -0.5 * (e.pow(2) + _LOG_2PI).sum(-1)
+
+
 class MlpEncoder(nn.Module):
     """x -> [mu | logvar]: one hidden ReLU layer and two linear heads."""
 
@@ -93,13 +115,7 @@ class VAE(nn.Module):
         """log p(x | z), summed over data dimensions; z may carry leading sample dimensions,
         folded into the batch so that a user's decoder only ever sees (batch, latent)."""
         out = self.decoder(z.reshape(-1, z.shape[-1])).reshape(*z.shape[:-1], -1)
-        if self.likelihood == "bernoulli":
-            nll: Tensor = F.binary_cross_entropy_with_logits(out, x.expand_as(out), reduction="none")
-            return -nll.sum(-1)
-        mean, log_scale = out.chunk(2, dim=-1)
-        log_scale = log_scale.clamp(-5.0, 5.0)
-        log_density: Tensor = -0.5 * (((x - mean) / log_scale.exp()) ** 2 + 2.0 * log_scale + _LOG_2PI)
-        return log_density.sum(-1)
+        return decoded_log_likelihood(out, x, self.likelihood)
 
     def elbo(self, x: Tensor, samples: int = 1, eps: Tensor | None = None) -> Tensor:
         """Per-sample evidence lower bound in nats, averaged over `samples` latent draws.
@@ -117,8 +133,7 @@ class VAE(nn.Module):
         else:
             z = mu + std * eps.transpose(0, 1)
             rec = self.log_likelihood(x, z).mean(0)
-        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
-        return rec - kl
+        return rec - kl_to_standard_normal(mu, logvar)
 
     def iwae(self, x: Tensor, samples: int, eps: Tensor | None = None) -> Tensor:
         """Importance-weighted bound log (1/S) sum_s p(x, z_s) / q(z_s | x) (Burda et al. 2016).
@@ -131,7 +146,8 @@ class VAE(nn.Module):
             eps = torch.randn((mu.shape[0], samples, mu.shape[1]), device=mu.device, dtype=mu.dtype)
         e = eps.transpose(0, 1)
         z = mu + std * e
-        log_pz = -0.5 * (z.pow(2) + _LOG_2PI).sum(-1)
-        log_qz = -0.5 * (e.pow(2) + logvar + _LOG_2PI).sum(-1)
-        log_w = self.log_likelihood(x, z) + log_pz - log_qz
+        # log q(z | x) = log N(e; 0, I) - sum(logvar) / 2: the change of variables z = mu + std e.
+        log_w = (
+            self.log_likelihood(x, z) + log_standard_normal(z) - log_standard_normal(e) + 0.5 * logvar.sum(-1)
+        )
         return torch.logsumexp(log_w, dim=0) - math.log(samples)

@@ -111,7 +111,7 @@ class Client:
     ) -> None:
         x = as_records(data)
         components.check(x.shape[1])
-        if components.component(0).likelihood == "bernoulli" and (x.min() < 0 or x.max() > 1):
+        if components.likelihood == "bernoulli" and (x.min() < 0 or x.max() > 1):
             raise DataError(
                 f"a Bernoulli decoder models intensities in [0, 1]; the records span [{x.min():g}, "
                 f"{x.max():g}]: rescale them, or build the components with likelihood='gaussian'"

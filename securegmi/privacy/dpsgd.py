@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from securegmi.errors import ConfigError, PrivacyError
+from securegmi.privacy.batched_samplers import register_batched_samplers
 from securegmi.privacy.noise import private_torch_generator
 
 PerSampleLoss = Callable[[nn.Module, Tensor], Tensor]  # (module, batch indices) -> (batch,) losses
@@ -97,6 +98,7 @@ class PrivateTrainer:
         from opacus.grad_sample import GradSampleModuleFastGradientClipping
 
         check_privatisable(module)
+        register_batched_samplers()
         self.config = config
         self.noise_generator = noise_generator if noise_generator is not None else private_torch_generator()
         with warnings.catch_warnings():

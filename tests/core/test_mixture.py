@@ -4,8 +4,68 @@ import numpy as np
 import pytest
 import torch
 
-from securegmi.core.mixture import MixtureOfVAEs
+from securegmi.core.mixture import FusedMlpMixture, MixtureOfVAEs
 from securegmi.core.training import train_components
+from securegmi.core.vae import VAE
+from securegmi.errors import ConfigError
+
+
+def _separate(likelihood: str, seed: int = 0) -> MixtureOfVAEs:
+    """The built-in mixture as K separate VAE.mlp modules, the fused layout's reference."""
+    return MixtureOfVAEs.from_factory(lambda: VAE.mlp(16, 32, 4, likelihood), 3, seed)
+
+
+def _same_draws(fn, model, *args):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        return fn(model)(*args)
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_the_fused_mixture_is_the_separate_components_in_another_layout(likelihood):
+    fused, separate = MixtureOfVAEs.mlp(3, 16, 32, 4, likelihood, seed=0), _separate(likelihood)
+    assert type(fused) is FusedMlpMixture
+    assert fused.parameter_count() == separate.parameter_count()
+    # Same initialisation, flattened alike: the wire cannot tell the layouts apart.
+    np.testing.assert_array_equal(fused.get_component_vectors(), separate.get_component_vectors())
+    # Same maths, after any parameters are loaded: ELBO (one draw and several) and IWAE.
+    vectors = np.random.default_rng(0).normal(0.0, 0.3, separate.get_component_vectors().shape)
+    fused.set_component_vectors(vectors.astype(np.float32))
+    separate.set_component_vectors(vectors.astype(np.float32))
+    x = torch.rand(7, 16)
+    for fn, args in [
+        (lambda m: m.elbo_matrix, (x, 1)),
+        (lambda m: m.elbo_matrix, (x, 4)),
+        (lambda m: m.iwae_matrix, (x, 16)),
+    ]:
+        np.testing.assert_allclose(
+            _same_draws(fn, fused, *args), _same_draws(fn, separate, *args), rtol=1e-5, atol=1e-5
+        )
+    # Negative control: the comparison sees a one-parameter difference in one component.
+    vectors[2, -1] += 1.0  # an output bias of component 2
+    separate.set_component_vectors(vectors.astype(np.float32))
+    assert not np.allclose(
+        _same_draws(lambda m: m.elbo_matrix, fused, x, 1),
+        _same_draws(lambda m: m.elbo_matrix, separate, x, 1),
+        atol=1e-5,
+    )
+    # A component handed out is a copy holding that component's parameters.
+    copy = fused.component(1)
+    np.testing.assert_array_equal(
+        torch.nn.utils.parameters_to_vector(copy.parameters()).detach().numpy(),
+        fused.get_component_vectors()[1],
+    )
+
+
+def test_the_fused_layout_refuses_components_it_cannot_hold():
+    def other() -> VAE:
+        vae = VAE.mlp(16, 32, 4, "bernoulli")
+        vae.decoder = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.Tanh(), torch.nn.Linear(32, 16))
+        return vae
+
+    with pytest.raises(ConfigError, match="built-in"):
+        FusedMlpMixture.from_factory(other, 2, seed=0)
+    assert type(MixtureOfVAEs.from_factory(other, 2, seed=0)) is MixtureOfVAEs  # the general layout holds it
 
 
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
