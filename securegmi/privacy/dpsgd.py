@@ -17,8 +17,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from securegmi.core.batched import BatchedLinear
 from securegmi.errors import ConfigError, PrivacyError
-from securegmi.privacy.batched_samplers import register_batched_samplers
+from securegmi.privacy.batched_samplers import (
+    add_clipped_sums,
+    only_batched_layers,
+    register_batched_samplers,
+)
 from securegmi.privacy.noise import private_torch_generator
 
 PerSampleLoss = Callable[[nn.Module, Tensor], Tensor]  # (module, batch indices) -> (batch,) losses
@@ -99,6 +104,10 @@ class PrivateTrainer:
 
         check_privatisable(module)
         register_batched_samplers()
+        # One backward pass instead of Opacus' two where the clipped sum can be read off the
+        # first (privacy.batched_samplers); the norms, the clipping and the noise are Opacus'.
+        self.one_pass = only_batched_layers(module)
+        self._biases = [m.bias for m in module.modules() if isinstance(m, BatchedLinear)]
         self.config = config
         self.noise_generator = noise_generator if noise_generator is not None else private_torch_generator()
         with warnings.catch_warnings():
@@ -117,7 +126,8 @@ class PrivateTrainer:
             )
 
     def _accumulate_clipped(self, loss_fn: PerSampleLoss, batch: Tensor) -> None:
-        """Leave sum_i clip(g_i) in p.grad (Opacus' two-pass ghost clipping), noise not yet added."""
+        """Leave sum_i clip(g_i) in p.grad (Opacus' ghost clipping norms; the sum from a second
+        backward pass, or from the first where `one_pass`), noise not yet added."""
         from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
         self.optimiser.zero_grad()
@@ -126,7 +136,15 @@ class PrivateTrainer:
             with warnings.catch_warnings():
                 # Inputs never require grad here; Opacus' hooks still fire correctly.
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                DPTensorFastGradientClipping(self.module, self.optimiser, losses, "mean").backward()
+                if self.one_pass:
+                    # Opacus' hooks see every layer's output gradient and take every sample's
+                    # norm; asking autograd for the biases only skips the weights' gradient sums,
+                    # which add_clipped_sums replaces with the clipped ones.
+                    torch.autograd.backward(losses.mean(), inputs=self._biases)
+                    self.optimiser.zero_grad(set_to_none=True)
+                    add_clipped_sums(self.module, self.module.get_clipping_coef())
+                else:
+                    DPTensorFastGradientClipping(self.module, self.optimiser, losses, "mean").backward()
         else:
             # Nothing sampled: the mechanism still releases noise, so the step is taken on a zero
             # gradient sum rather than skipped (skipping would reveal the empty batch).

@@ -14,6 +14,7 @@ from securegmi.core.batched import BatchedLinear
 from securegmi.core.em import mixture_loss
 from securegmi.core.mixture import MixtureOfVAEs
 from securegmi.core.vae import VAE
+from securegmi.privacy import batched_samplers, dpsgd
 from securegmi.privacy.batched_samplers import register_batched_samplers
 from securegmi.privacy.dpsgd import DpSgdConfig, PrivateTrainer
 
@@ -63,17 +64,16 @@ def test_the_fused_layers_are_clipped_as_the_separate_layers_are():
 
 
 def _norm_without_bias(layer, activations, backprops):
-    b2 = backprops.pow(2).sum(-1)
-    a = activations[0]
-    a2 = (a[:, None, :] if a.dim() == 2 else a).pow(2).sum(-1)
-    return {layer.weight: (b2 * a2).sum(1).sqrt(), layer.bias: torch.zeros(len(a))}
+    norms = batched_samplers._norm_sample(layer, activations, backprops)
+    norms[layer.bias] = torch.zeros_like(norms[layer.bias])
+    return norms
 
 
 def _norm_of_one_component(layer, activations, backprops):
-    b2 = backprops[:, :1].pow(2).sum(-1)
+    norms = batched_samplers._norm_sample(layer, activations, backprops)  # keeps the pass's tensors
     a = activations[0]
-    a2 = (a[:, None, :1] if a.dim() == 2 else a[:, :1]).pow(2).sum(-1)
-    return {layer.weight: (b2 * a2).sum(1).sqrt(), layer.bias: b2.sum(1).sqrt()}
+    b2, a2 = backprops[:, 0].pow(2).sum(-1), (a if a.dim() == 2 else a[:, 0]).pow(2).sum(-1)
+    return norms | {layer.weight: (b2 * a2).sqrt(), layer.bias: b2.sqrt()}
 
 
 @pytest.mark.parametrize("broken", [_norm_without_bias, _norm_of_one_component])
@@ -99,3 +99,38 @@ def test_per_sample_gradients_match_functorch():
 
     for hooks, functorch in zip(per_sample(False), per_sample(True), strict=True):
         np.testing.assert_allclose(hooks.numpy(), functorch.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def _trainer_sum(one_pass: bool) -> np.ndarray:
+    model = MixtureOfVAEs.mlp(K, D, 16, 2, "gaussian", seed=0)
+    trainer = PrivateTrainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), DpSgdConfig(1.0, CLIP, 0.5, 12)
+    )
+    assert trainer.one_pass  # the fused mixture is all batched layers
+    trainer.one_pass = one_pass
+    torch.manual_seed(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        grads = trainer.clipped_sum(lambda m, b: mixture_loss(m(X[b]), RESP[b]), torch.arange(len(X)))
+    return _fused_as_components(grads)
+
+
+def test_one_pass_gives_opacus_two_pass_clipped_sum():
+    np.testing.assert_allclose(
+        _trainer_sum(one_pass=True), _trainer_sum(one_pass=False), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_negative_control_one_pass_without_the_clipping_factors_differs(monkeypatch):
+    two_pass = _trainer_sum(one_pass=False)
+    unclipped = batched_samplers.add_clipped_sums
+    monkeypatch.setattr(dpsgd, "add_clipped_sums", lambda module, c: unclipped(module, torch.ones_like(c)))
+    assert not np.allclose(_trainer_sum(one_pass=True), two_pass, rtol=1e-4, atol=1e-5)
+
+
+def test_a_module_with_other_layers_keeps_opacus_two_passes():
+    separate = MixtureOfVAEs.from_factory(lambda: VAE.mlp(D, 16, 2, "bernoulli"), K, seed=0)
+    trainer = PrivateTrainer(
+        separate, torch.optim.SGD(separate.parameters(), lr=0.1), DpSgdConfig(1.0, 1.0, 0.5, 12)
+    )
+    assert not trainer.one_pass
