@@ -183,8 +183,8 @@ class FusedMlpMixture(MixtureOfVAEs):
     component, so that every layer of all K components is one matrix product.
 
     A loop over K separate modules pays Python and autograd overhead per layer per component,
-    and DP-SGD pays Opacus' per-sample hooks on each of them: fused, a DP-SGD epoch took about
-    half the time on digits and two thirds on MNIST-5k (bench/dp_overhead.py). The maths, the
+    and DP-SGD pays Opacus' per-sample hooks on each of them: fused, a DP-SGD epoch took 0.43x
+    the time on digits and 0.57x on MNIST-5k (bench/dp_overhead.py). The maths, the
     initialisation and the component vectors are those of the separate modules (the test
     compares them), so which layout a party runs is invisible on the wire.
     """
