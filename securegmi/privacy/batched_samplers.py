@@ -62,6 +62,14 @@ def only_batched_layers(module: nn.Module) -> bool:
     return bool(trainable) and trainable <= batched
 
 
+def forget_last_pass(module: nn.Module) -> None:
+    """Drop what the norm sampler kept of `module`'s layers, so that a layer the next pass
+    misses fails loudly in add_clipped_sums instead of lending an earlier batch's tensors."""
+    for layer in module.modules():
+        if isinstance(layer, BatchedLinear):
+            _last_pass.pop(layer, None)
+
+
 def add_clipped_sums(module: nn.Module, coefficients: Tensor) -> None:
     """Set each BatchedLinear parameter's .grad to sum_i c_i grad_i from the layer's last pass."""
     for layer in module.modules():

@@ -21,6 +21,7 @@ from securegmi.core.batched import BatchedLinear
 from securegmi.errors import ConfigError, PrivacyError
 from securegmi.privacy.batched_samplers import (
     add_clipped_sums,
+    forget_last_pass,
     only_batched_layers,
     register_batched_samplers,
 )
@@ -140,6 +141,7 @@ class PrivateTrainer:
                     # Opacus' hooks see every layer's output gradient and take every sample's
                     # norm; asking autograd for the biases only skips the weights' gradient sums,
                     # which add_clipped_sums replaces with the clipped ones.
+                    forget_last_pass(self.module)
                     torch.autograd.backward(losses.mean(), inputs=self._biases)
                     self.optimiser.zero_grad(set_to_none=True)
                     add_clipped_sums(self.module, self.module.get_clipping_coef())

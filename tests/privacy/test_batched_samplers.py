@@ -134,3 +134,42 @@ def test_a_module_with_other_layers_keeps_opacus_two_passes():
         separate, torch.optim.SGD(separate.parameters(), lr=0.1), DpSgdConfig(1.0, 1.0, 0.5, 12)
     )
     assert not trainer.one_pass
+
+
+def test_a_layer_the_pass_misses_fails_loudly_rather_than_lending_an_earlier_batch(monkeypatch):
+    model = MixtureOfVAEs.mlp(K, D, 16, 2, "gaussian", seed=0)
+    trainer = PrivateTrainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), DpSgdConfig(1.0, CLIP, 0.5, 12)
+    )
+
+    def step(batch: torch.Tensor) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.clipped_sum(lambda m, b: mixture_loss(m(X[b]), RESP[b]), batch)
+
+    trainer.one_pass = False
+    step(torch.arange(12))  # Opacus' two passes leave the first pass's tensors behind
+    trainer.one_pass = True
+
+    def norms_only(layer, activations, backprops):  # a pass that keeps nothing
+        kept = dict(batched_samplers._last_pass)
+        norms = batched_samplers._norm_sample(layer, activations, backprops)
+        batched_samplers._last_pass.clear()
+        batched_samplers._last_pass.update(kept)
+        return norms
+
+    monkeypatch.setitem(GradSampleModuleFastGradientClipping.NORM_SAMPLERS, BatchedLinear, norms_only)
+    with pytest.raises(KeyError):
+        step(torch.arange(12, 24))
+    # Negative control: without forgetting first, the earlier batch's tensors would be used.
+    forgets_skipped = []
+    monkeypatch.setattr(dpsgd, "forget_last_pass", lambda module: forgets_skipped.append(1))
+    trainer.one_pass = False
+    monkeypatch.setitem(
+        GradSampleModuleFastGradientClipping.NORM_SAMPLERS, BatchedLinear, batched_samplers._norm_sample
+    )
+    step(torch.arange(12))
+    trainer.one_pass = True
+    monkeypatch.setitem(GradSampleModuleFastGradientClipping.NORM_SAMPLERS, BatchedLinear, norms_only)
+    step(torch.arange(12, 24))  # silently summed the wrong batch
+    assert forgets_skipped == [1]
