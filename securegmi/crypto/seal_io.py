@@ -3,49 +3,60 @@
 TenSEAL's high-level vectors cannot produce seeded ciphertexts; SEAL's symmetric encryption
 stores the pseudo-random half of a fresh ciphertext as a seed, halving the upload (measured at
 N=4096 with real-only slots: 4.0x instead of 8.1x the float32 bytes). SEAL's Python bindings
-save and load through file paths only (`Ciphertext.save(str)`, `load(context, str)`; no bytes
-or stream overload), so bytes pass through a private scratch file, in memory where the system
-has a tmpfs (measured with cProfile: 0.15 ms per chunk in all, SEAL's own save included, of a
-chunk's 0.7-0.95 ms to encode, encrypt and save).
+save and load through file paths only (`Ciphertext.save(str)`, `load(context, str)`; no bytes,
+stream or compression-mode overload in TenSEAL 0.3.18), so the bytes pass through a file.
+
+On Linux that file is an anonymous memory file (`memfd_create`) reached through its
+`/proc/self/fd` path: it has no name in any directory, so nothing is left behind if the process
+dies, no other user's process can open it, and there are no directory operations per chunk
+(measured per 4,096-value chunk: save 0.11-0.13 ms instead of 0.18 ms through a private
+directory on /dev/shm, load 0.17-0.26 ms instead of 0.29-0.32 ms; SEAL's own save to an
+existing file takes 0.12 ms, the floor). Elsewhere it is a private temporary directory.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tenseal import sealapi
 
-_SCRATCH_ROOT = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
-
-def _scratch() -> Path:
-    return Path(tempfile.mkdtemp(prefix="securegmi-", dir=_SCRATCH_ROOT))
+@contextmanager
+def _memory_file() -> Iterator[tuple[int, str]]:
+    """An open, empty, private file and a path SEAL can open it by; closed (and so freed) after."""
+    if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+        fd = os.memfd_create("securegmi-ciphertext", os.MFD_CLOEXEC)
+        try:
+            yield fd, f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+        return
+    directory = Path(tempfile.mkdtemp(prefix="securegmi-"))
+    path = directory / "ct"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        yield fd, str(path)
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        directory.rmdir()
 
 
 def save_bytes(obj: sealapi.Ciphertext | sealapi.SerializableCiphertext) -> bytes:
-    directory = _scratch()
-    path = directory / "ct"
-    try:
-        obj.save(str(path))
-        return path.read_bytes()
-    finally:
-        path.unlink(missing_ok=True)
-        directory.rmdir()
+    with _memory_file() as (fd, path):
+        obj.save(path)
+        return os.pread(fd, os.fstat(fd).st_size, 0)
 
 
 def load_ciphertext(context: sealapi.SEALContext, data: bytes) -> sealapi.Ciphertext:
     """Parse bytes as a ciphertext valid for `context` (SEAL checks parameters on load)."""
-    directory = _scratch()
-    path = directory / "ct"
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+    with _memory_file() as (fd, path):
+        if os.pwrite(fd, data, 0) != len(data):
+            raise OSError("short write of a ciphertext into its scratch file")
         ciphertext = sealapi.Ciphertext()
-        ciphertext.load(context, str(path))
+        ciphertext.load(context, path)
         return ciphertext
-    finally:
-        path.unlink(missing_ok=True)
-        directory.rmdir()
