@@ -70,6 +70,14 @@ def simulate(
     engine: Annotated[
         str, typer.Option(help="inprocess, or flower: Flower's simulation engine (extra 'flower')")
     ] = "inprocess",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            envvar="RAY_ADDRESS",
+            help="with --engine flower: join this running Ray cluster (e.g. 127.0.0.1:6379 or auto) "
+            "instead of starting a Ray on this machine",
+        ),
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="print results.json instead of tables")] = False,
 ) -> None:
     """Run a full simulated federated study on an embedded dataset and write its run directory."""
@@ -105,9 +113,14 @@ def simulate(
         builder = protocols.builder(config.protocol)
         torch.set_num_threads(threads)
         if engine == "flower":
-            result = _simulate_on_flower(config, builder, run_dir, overwrite)
+            result = _simulate_on_flower(config, builder, run_dir, overwrite, ray_address)
         elif engine != "inprocess":
             raise typer.BadParameter(f"--engine must be inprocess or flower, got {engine!r}")
+        elif ray_address is not None:
+            raise typer.BadParameter(
+                "--ray-address (or RAY_ADDRESS) is for --engine flower; the in-process engine "
+                "runs in this process only"
+            )
         else:
             result = _simulate_in_process(config, builder, run_dir, overwrite, json_output)
     except KeyboardInterrupt:
@@ -162,16 +175,21 @@ def _report(result: RunResult, run_dir: Path, json_output: bool) -> None:
     _print_summary(results, run_dir)
 
 
-def _simulate_on_flower(config: SimulationConfig, builder: Any, run_dir: Path, overwrite: bool) -> RunResult:
+def _simulate_on_flower(
+    config: SimulationConfig, builder: Any, run_dir: Path, overwrite: bool, ray_address: str | None
+) -> RunResult:
     if config.method != "fedgmi":
         raise typer.BadParameter("--engine flower runs the fedgmi method only")
     try:
         from securegmi.adapters.flower_study import run_flower_simulation
     except ImportError:
         raise typer.BadParameter("--engine flower needs Flower: pip install 'securegmi[flower]'") from None
-    status = f"fedgmi on Flower's simulation engine: {config.clients} SuperNodes, {config.rounds} rounds"
+    where = f"the Ray cluster at {ray_address}" if ray_address else "this machine"
+    status = (
+        f"fedgmi on Flower's simulation engine ({where}): {config.clients} SuperNodes, {config.rounds} rounds"
+    )
     with err_console.status(status):
-        return run_flower_simulation(config, builder, run_dir, overwrite=overwrite)
+        return run_flower_simulation(config, builder, run_dir, overwrite=overwrite, ray_address=ray_address)
 
 
 def _simulate_in_process(

@@ -21,6 +21,8 @@ sets that and keeps Flower's files inside the directory you name.
 from __future__ import annotations
 
 import os
+import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -32,10 +34,11 @@ from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from securegmi.adapters.loopback import SAFETY_ENV
+from securegmi.adapters.loopback import QUIET_ENV, SAFETY_ENV
 from securegmi.crypto.keys import SecretContext
 from securegmi.errors import (
     BudgetExceededError,
+    ConfigError,
     CryptoError,
     ProtocolViolation,
     RunAbortedError,
@@ -62,6 +65,7 @@ __all__ = [  # with the Flower types the study module builds on (only this modul
     "connect",
     "loopback_environment",
     "open_aggregate",
+    "ray_environment",
     "save_aggregate",
     "server_app",
     "simulation_engine",
@@ -72,6 +76,41 @@ QUERY, TRAIN = "query", "train"
 REFUSED = 1  # Flower error code of a client that refused to answer (its checks or its ledger)
 
 ClientFactory = Callable[[Context], Client]
+
+
+def ray_environment(home: Path, ray_address: str | None) -> None:
+    """Set up this process for Flower's simulation engine, before Ray is imported: Flower's files
+    under `home`, telemetry and update checks off, and Ray kept on 127.0.0.1 unless it joins a
+    cluster elsewhere (`ray_address`: the head's host:port, or "auto"). Refuses, with the reason,
+    an address where nothing answers (Ray would retry it for minutes)."""
+    if ray_address is None:
+        loopback_environment(home)
+        return
+    host, _, port = ray_address.rpartition(":")
+    if ray_address != "auto":
+        if not host or not port.isdigit():
+            raise ConfigError(f"a Ray address is the head's host:port or 'auto', got {ray_address!r}")
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except OSError as exc:
+            raise ConfigError(
+                f"no Ray cluster answers at {ray_address} ({exc}); start one (`ray start --head`) or "
+                "check the address"
+            ) from None
+    if host not in ("127.0.0.1", "localhost"):
+        (home / "flwr").mkdir(parents=True, exist_ok=True)
+        os.environ.update({**QUIET_ENV, "FLWR_HOME": str(home / "flwr")})
+        return
+    # Ray rewrites a loopback head address to this host's network address unless told not to
+    # when it is imported: too late if this process imported Ray already.
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None and getattr(constants, "ENABLE_RAY_CLUSTER", False):
+        raise ConfigError(
+            "Ray was imported in this process without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, so it would "
+            f"reach {ray_address} through this host's network address; set it before importing Ray, "
+            "or run in a fresh process"
+        )
+    loopback_environment(home)
 
 
 def loopback_environment(home: Path) -> None:
@@ -275,18 +314,30 @@ def server_app(setup: Callable[[Context], ServerSetup]) -> ServerApp:
     return app
 
 
-def simulation_engine(server: ServerApp, client: ClientApp, supernodes: int, verbose: bool = False) -> None:
-    """Run the apps on Flower's simulation engine (Ray; call `loopback_environment` first), one
-    CPU per simulated SuperNode."""
+def simulation_engine(
+    server: ServerApp,
+    client: ClientApp,
+    supernodes: int,
+    verbose: bool = False,
+    ray_address: str | None = None,
+) -> None:
+    """Run the apps on Flower's simulation engine, one CPU per simulated SuperNode.
+
+    Call `ray_environment` first. Without `ray_address` Flower starts a Ray of this machine's
+    CPUs. With it, the apps join that running Ray cluster (`ray.init(address=...)`, e.g.
+    "127.0.0.1:6379" or "auto"), whose own resources decide how many SuperNodes run at once:
+    Ray refuses `num_cpus` from a process that joins a cluster."""
     from flwr.simulation import run_simulation
 
+    init_args: dict[str, object] = {"include_dashboard": False}
+    if ray_address is None:
+        init_args["num_cpus"] = os.cpu_count() or 1
+    else:
+        init_args["address"] = ray_address
     run_simulation(
         server_app=server,
         client_app=client,
         num_supernodes=supernodes,
-        backend_config={
-            "client_resources": {"num_cpus": 1},
-            "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
-        },
+        backend_config={"client_resources": {"num_cpus": 1}, "init_args": init_args},
         verbose_logging=verbose,
     )

@@ -20,7 +20,7 @@ from securegmi.adapters.flower import (
     ServerApp,
     ServerSetup,
     client_app,
-    loopback_environment,
+    ray_environment,
     server_app,
     simulation_engine,
 )
@@ -161,10 +161,17 @@ def run_flower_simulation(
     *,
     overwrite: bool = False,
     verbose: bool = False,
+    ray_address: str | None = None,
 ) -> RunResult:
-    """The embedded study on Flower's simulation engine (Ray, kept on 127.0.0.1), one simulated
-    SuperNode per client. `out` gets the run directory of an in-process run, without per-round
-    metrics (the server cannot evaluate), plus client states and `flower.json`.
+    """The embedded study on Flower's simulation engine, one simulated SuperNode per client.
+    `out` gets the run directory of an in-process run, without per-round metrics (the server
+    cannot evaluate), plus client states and `engine.json`.
+
+    Without `ray_address`, Flower starts a Ray on this machine, kept on 127.0.0.1. With it, the
+    SuperNodes run on that Ray cluster's workers, which write the client states and ledgers into
+    `out` and read the clients' keys from the scratch directory (`tempfile`, so `TMPDIR`): on a
+    cluster of several machines both must be one shared file system at the same path on every
+    node, and every node needs this environment (securegmi and its torch).
 
     The key ceremony writes the clients' secret context to a private temporary directory that
     only the ClientApps read, and that is deleted afterwards; the final model is evaluated by
@@ -181,11 +188,11 @@ def run_flower_simulation(
             keys = SecretContext.generate(federation.ckks_parameters())
             key_dir = Path(scratch) / "keys"
             keys.save(key_dir)
-        loopback_environment(Path(scratch))
+        ray_environment(Path(scratch), ray_address)
         # Refuse a used directory before Ray starts, not inside the ServerApp.
         RunDirectory(out, overwrite=overwrite)
-        server, client = study_apps(config, builder, out, key_dir, overwrite=True)
-        simulation_engine(server, client, len(federation.client_ids), verbose)
+        server, client = study_apps(config, builder, out.resolve(), key_dir, overwrite=True)
+        simulation_engine(server, client, len(federation.client_ids), verbose, ray_address)
         if not (out / AGGREGATE).exists():
             raise RunAbortedError(
                 f"the Flower run did not finish: {out} has no {AGGREGATE} (see the log above)"

@@ -25,13 +25,10 @@ from types import TracebackType
 
 from securegmi.errors import RunAbortedError
 
-# Keep Ray on 127.0.0.1 (it binds the host's address otherwise, even when told 127.0.0.1; set
-# before Ray is imported), and Flower from phoning home.
-SAFETY_ENV = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-}
+# Keep Flower from phoning home, and Ray on 127.0.0.1 (it binds the host's address otherwise,
+# even when told 127.0.0.1; set before Ray is imported).
+QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+SAFETY_ENV = {**QUIET_ENV, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 CONNECTION = "loopback"  # the SuperLink connection name written to FLWR_HOME/config.toml
 HOST = "127.0.0.1"
 

@@ -4,12 +4,14 @@ and TenSEAL throughout; every process a test starts is stopped by PID."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -23,8 +25,10 @@ pytest.importorskip("flwr")
 from securegmi.adapters.flower import client_app, loopback_environment, open_aggregate, server_app
 from securegmi.adapters.flower_study import run_flower_simulation, study_client, study_server
 from securegmi.adapters.loopback import (
+    SAFETY_ENV,
     LoopbackDeployment,
     descendants,
+    free_port,
     group_alive,
     group_members,
     listening_addresses,
@@ -62,12 +66,20 @@ def _listening_in_groups(pgids: list[int]) -> list[str]:
     return listening_addresses(pid for pgid in pgids for pid in group_members(pgid))
 
 
+def _command_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 class ListeningWatch:
     """Polls, in a thread, every socket this test's descendant processes listen on (Ray's
-    among them while the simulation engine runs)."""
+    among them while the simulation engine runs), and which of them are a Ray cluster's GCS."""
 
     def __enter__(self) -> ListeningWatch:
         self.seen: set[str] = set()
+        self.ray_gcs: set[int] = set()
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._poll, daemon=True)
         self.thread.start()
@@ -75,7 +87,9 @@ class ListeningWatch:
 
     def _poll(self) -> None:
         while not self.done.is_set():
-            self.seen.update(listening_addresses(descendants(os.getpid())))
+            pids = descendants(os.getpid())
+            self.seen.update(listening_addresses(pids))
+            self.ray_gcs.update(pid for pid in pids if _command_name(pid) == "gcs_server")
             self.done.wait(0.3)
 
     def __exit__(self, *exc: object) -> None:
@@ -95,6 +109,9 @@ def test_simulation_engine_matches_in_process(tmp_path):
         flower = run_flower_simulation(SECURE, builder("secure"), tmp_path / "flower")
     # Ray and Flower listened, and only on loopback (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0).
     assert watch.seen and off_loopback(sorted(watch.seen)) == [], watch.seen
+    # The run started a Ray of its own, and the watch sees its GCS (the control for the test
+    # that a run told to join a cluster starts none).
+    assert len(watch.ray_gcs) == 1
 
     a, b = load_file(str(tmp_path / "local" / CHECKPOINT)), load_file(str(tmp_path / "flower" / CHECKPOINT))
     # Both went through the 1e-6 release grid; CKKS noise can move a value across one step,
@@ -119,6 +136,71 @@ def test_simulation_engine_matches_in_process(tmp_path):
     # The run directory an auditor receives holds no secret key.
     for path in (tmp_path / "flower").rglob("*"):
         assert path.is_dir() or b"secret" not in path.name.encode()
+
+
+class RayHead:
+    """A Ray cluster's head node on 127.0.0.1, as a user starts one with `ray start --head`, in
+    its own session (stopped with its group by PID)."""
+
+    def __init__(self, logs: Path) -> None:
+        self.log = logs / "ray-head.log"
+        # Ray's Unix sockets live far below its temp dir: keep the directory's path short.
+        self.temp = Path(tempfile.mkdtemp(prefix="sg-ray-"))
+        self.address = f"127.0.0.1:{free_port()}"
+
+    def __enter__(self) -> RayHead:
+        command = [
+            str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+            "--node-ip-address=127.0.0.1", f"--port={self.address.split(':')[1]}",
+            f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+            "--include-dashboard=false", "--disable-usage-stats", "--num-cpus=2",
+            f"--temp-dir={self.temp}",
+        ]  # fmt: skip
+        env = {**os.environ, **SAFETY_ENV, "RAY_USAGE_STATS_ENABLED": "0"}
+        with self.log.open("w") as log:
+            self.process = subprocess.Popen(
+                command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + 120
+        while "Ray runtime started" not in self.log.read_text():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise AssertionError(f"the Ray head did not start:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        self.members = set(group_members(self.process.pid))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, sig)
+            deadline = time.monotonic() + wait
+            while group_alive(self.process.pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+        self.process.wait()
+        shutil.rmtree(self.temp, ignore_errors=True)
+        assert not group_alive(self.process.pid)
+
+
+def test_simulation_engine_joins_a_running_ray_cluster(tmp_path):
+    """`ray_address` (`securegmi simulate --engine flower --ray-address`): the SuperNodes run on
+    a Ray cluster that was already running, the run starts no Ray of its own, and it is the same
+    run as in-process (same seeds, same seeded noise)."""
+    local = run_simulation(SECURE, protocol=builder("secure"), out=tmp_path / "local")
+    with RayHead(tmp_path) as head, ListeningWatch() as watch:
+        cluster = run_flower_simulation(
+            SECURE, builder("secure"), tmp_path / "cluster", ray_address=head.address
+        )
+    # The only GCS that ran is the head's: a run that started its own Ray would show a second
+    # one (the in-process comparison test shows the watch sees it).
+    assert watch.ray_gcs and watch.ray_gcs <= head.members, (watch.ray_gcs, head.members)
+    assert off_loopback(sorted(watch.seen)) == [], watch.seen
+    a, b = load_file(str(tmp_path / "local" / CHECKPOINT)), load_file(str(tmp_path / "cluster" / CHECKPOINT))
+    assert np.abs(a["pi"] - b["pi"]).max() <= 1e-6
+    assert _ledgers(tmp_path / "local") == _ledgers(tmp_path / "cluster")
+    assert cluster.privacy == local.privacy
+    report = audit_run(tmp_path / "cluster", builder)
+    assert all("seeded" in problem for problem in report.problems), report.problems
 
 
 def test_a_client_over_budget_refuses_over_flower_and_the_round_completes(tmp_path):

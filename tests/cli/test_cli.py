@@ -52,6 +52,9 @@ def test_simulate_json_output_is_machine_readable(tmp_path):
         (["simulate", "--protocol", "nope"], "unknown protocol"),
         (["simulate", "--dataset", "cifar"], "dataset must be one of"),
         (["report", "/nonexistent/run"], "not a finished securegmi run"),
+        (["simulate", "--ray-address", "127.0.0.1:6379"], "is for --engine flower"),
+        (["simulate", "--engine", "flower", "--ray-address", "127.0.0.1:1"], "no Ray cluster answers"),
+        (["simulate", "--engine", "flower", "--ray-address", "head-node"], "host:port or 'auto'"),
     ],
 )
 def test_user_mistakes_are_messages_not_tracebacks(args, message):
