@@ -1,6 +1,7 @@
 """Wall time of one study on each engine, side by side in one run: in-process, Flower's
-simulation engine (Ray on loopback), and Flower's deployment engine (a SuperLink and one
-SuperNode per client as processes on 127.0.0.1, started with `flwr run`).
+simulation engine (the Ray it starts on loopback, then a running Ray cluster it joins: a head
+node on 127.0.0.1 with 2 CPUs, its start timed apart), and Flower's deployment engine (a
+SuperLink and one SuperNode per client as processes on 127.0.0.1, started with `flwr run`).
 
     python bench/engines.py [--clients 3] [--rounds 5] [--protocol secure]
 
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from securegmi.adapters.flower_study import run_flower_simulation
-from securegmi.adapters.loopback import LoopbackDeployment
+from securegmi.adapters.loopback import LoopbackDeployment, LoopbackRayHead
 from securegmi.config import SimulationConfig
 from securegmi.crypto.keys import PUBLIC_FILE, SecretContext
 from securegmi.protocols import builder
@@ -86,6 +87,16 @@ def main() -> None:
         started = time.perf_counter()
         flower = run_flower_simulation(config, builder(config.protocol), work / "flower-sim")
         rows["flower-simulation"] = {"total_s": time.perf_counter() - started}
+        started = time.perf_counter()
+        with LoopbackRayHead(work) as head:
+            ready = time.perf_counter()
+            run_flower_simulation(
+                config, builder(config.protocol), work / "flower-cluster", ray_address=head.address
+            )
+            rows["flower-simulation-cluster"] = {
+                "start_ray_head_s": ready - started,
+                "total_s": time.perf_counter() - ready,
+            }
         rows["flower-deployment"] = deployment(config, work / "deploy")
     base = rows["inprocess"]["total_s"]
     for row in rows.values():
@@ -100,9 +111,9 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{'engine':<20} {'wall s':>8} {'x in-process':>13}")
+    print(f"{'engine':<26} {'wall s':>8} {'x in-process':>13}")
     for name, row in rows.items():
-        print(f"{name:<20} {row['total_s']:8.1f} {row['ratio_to_inprocess']:13.2f}")
+        print(f"{name:<26} {row['total_s']:8.1f} {row['ratio_to_inprocess']:13.2f}")
     d = rows["flower-deployment"]
     print(
         f"deployment: {d['start_processes_s']:.1f} s to start the SuperLink and SuperNodes, "

@@ -1,6 +1,7 @@
-"""A Flower deployment on one machine: a SuperLink and SuperNodes as processes on 127.0.0.1.
+"""A Flower deployment on one machine: a SuperLink and SuperNodes as processes on 127.0.0.1;
+and a Ray cluster's head node on 127.0.0.1 for the simulation engine to join.
 
-For trying the deployment engine before going across machines, and for the tests. It runs
+For trying either before going across machines, and for the tests and benches. It runs
 Flower's own command-line programs (no flwr import here) with what keeps every process and
 byte on loopback: each API bound to 127.0.0.1, no runtime dependency installation (`flwr run`
 would otherwise install the app's dependencies, a multi-GB torch build among them), telemetry
@@ -17,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -250,3 +252,56 @@ class LoopbackDeployment:
     @property
     def pids(self) -> list[int]:
         return [p.pid for p in self.processes.values()]
+
+
+class LoopbackRayHead:
+    """`with LoopbackRayHead(logs) as head: ... ray_address=head.address`: a Ray cluster's head
+    node on 127.0.0.1, as `ray start --head` starts one, with `cpus` CPUs, in its own session
+    and stopped with its group by PID (`ray stop` would stop every Ray of this user)."""
+
+    def __init__(self, logs: Path, cpus: int = 2, start_timeout: float = 120.0) -> None:
+        self.log = Path(logs) / "ray-head.log"
+        self.cpus, self.start_timeout = cpus, start_timeout
+        self.address = f"{HOST}:{free_port()}"
+        self.members: set[int] = set()
+
+    def __enter__(self) -> LoopbackRayHead:
+        # Ray's Unix sockets live about 70 characters below its temp dir: keep its path short.
+        self.temp = Path(tempfile.mkdtemp(prefix="sg-ray-"))
+        command = [
+            str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+            f"--node-ip-address={HOST}", f"--port={self.address.rsplit(':', 1)[1]}",
+            f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+            "--include-dashboard=false", "--disable-usage-stats", f"--num-cpus={self.cpus}",
+            f"--temp-dir={self.temp}",
+        ]  # fmt: skip
+        env = {**os.environ, **SAFETY_ENV, "RAY_USAGE_STATS_ENABLED": "0"}
+        with self.log.open("w") as log:
+            self.process = subprocess.Popen(
+                command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + self.start_timeout
+        while "Ray runtime started" not in self.log.read_text():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RunAbortedError(f"the Ray head did not start; see {self.log}")
+            time.sleep(0.5)
+        self.members = set(group_members(self.process.pid))
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """SIGTERM to the group, SIGKILL to what is left after 15 s; returns when none is left."""
+        for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 10.0)):
+            _signal_group(self.process.pid, sig)
+            deadline = time.monotonic() + wait
+            while group_alive(self.process.pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+        self.process.wait()
+        shutil.rmtree(self.temp, ignore_errors=True)
+        if group_alive(self.process.pid):
+            raise RunAbortedError(f"processes of the Ray head's group {self.process.pid} outlived SIGKILL")

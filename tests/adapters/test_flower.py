@@ -4,14 +4,12 @@ and TenSEAL throughout; every process a test starts is stopped by PID."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -25,10 +23,9 @@ pytest.importorskip("flwr")
 from securegmi.adapters.flower import client_app, loopback_environment, open_aggregate, server_app
 from securegmi.adapters.flower_study import run_flower_simulation, study_client, study_server
 from securegmi.adapters.loopback import (
-    SAFETY_ENV,
     LoopbackDeployment,
+    LoopbackRayHead,
     descendants,
-    free_port,
     group_alive,
     group_members,
     listening_addresses,
@@ -138,56 +135,12 @@ def test_simulation_engine_matches_in_process(tmp_path):
         assert path.is_dir() or b"secret" not in path.name.encode()
 
 
-class RayHead:
-    """A Ray cluster's head node on 127.0.0.1, as a user starts one with `ray start --head`, in
-    its own session (stopped with its group by PID)."""
-
-    def __init__(self, logs: Path) -> None:
-        self.log = logs / "ray-head.log"
-        # Ray's Unix sockets live far below its temp dir: keep the directory's path short.
-        self.temp = Path(tempfile.mkdtemp(prefix="sg-ray-"))
-        self.address = f"127.0.0.1:{free_port()}"
-
-    def __enter__(self) -> RayHead:
-        command = [
-            str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
-            "--node-ip-address=127.0.0.1", f"--port={self.address.split(':')[1]}",
-            f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-            "--include-dashboard=false", "--disable-usage-stats", "--num-cpus=2",
-            f"--temp-dir={self.temp}",
-        ]  # fmt: skip
-        env = {**os.environ, **SAFETY_ENV, "RAY_USAGE_STATS_ENABLED": "0"}
-        with self.log.open("w") as log:
-            self.process = subprocess.Popen(
-                command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        deadline = time.monotonic() + 120
-        while "Ray runtime started" not in self.log.read_text():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.__exit__()
-                raise AssertionError(f"the Ray head did not start:\n{self.log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        self.members = set(group_members(self.process.pid))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, sig)
-            deadline = time.monotonic() + wait
-            while group_alive(self.process.pid) and time.monotonic() < deadline:
-                time.sleep(0.2)
-        self.process.wait()
-        shutil.rmtree(self.temp, ignore_errors=True)
-        assert not group_alive(self.process.pid)
-
-
 def test_simulation_engine_joins_a_running_ray_cluster(tmp_path):
     """`ray_address` (`securegmi simulate --engine flower --ray-address`): the SuperNodes run on
     a Ray cluster that was already running, the run starts no Ray of its own, and it is the same
     run as in-process (same seeds, same seeded noise)."""
     local = run_simulation(SECURE, protocol=builder("secure"), out=tmp_path / "local")
-    with RayHead(tmp_path) as head, ListeningWatch() as watch:
+    with LoopbackRayHead(tmp_path) as head, ListeningWatch() as watch:
         cluster = run_flower_simulation(
             SECURE, builder("secure"), tmp_path / "cluster", ray_address=head.address
         )
