@@ -329,15 +329,15 @@ def simulation_engine(
     Ray refuses `num_cpus` from a process that joins a cluster."""
     from flwr.simulation import run_simulation
 
-    init_args: dict[str, object] = {"include_dashboard": False}
-    if ray_address is None:
-        init_args["num_cpus"] = os.cpu_count() or 1
-    else:
-        init_args["address"] = ray_address
     run_simulation(
         server_app=server,
         client_app=client,
         num_supernodes=supernodes,
-        backend_config={"client_resources": {"num_cpus": 1}, "init_args": init_args},
+        backend_config={
+            "client_resources": {"num_cpus": 1},
+            "init_args": {"include_dashboard": False, "num_cpus": os.cpu_count() or 1}
+            if ray_address is None
+            else {"include_dashboard": False, "address": ray_address},
+        },
         verbose_logging=verbose,
     )
