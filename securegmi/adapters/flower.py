@@ -98,8 +98,7 @@ def ray_environment(home: Path, ray_address: str | None) -> None:
                 "check the address"
             ) from None
     if host not in ("127.0.0.1", "localhost"):
-        (home / "flwr").mkdir(parents=True, exist_ok=True)
-        os.environ.update({**QUIET_ENV, "FLWR_HOME": str(home / "flwr")})
+        _flower_home(home)
         return
     # Ray rewrites a loopback head address to this host's network address unless told not to
     # when it is imported: too late if this process imported Ray already.
@@ -121,9 +120,15 @@ def loopback_environment(home: Path) -> None:
     # may not exceed 107 bytes: a deep `home` gets a short private directory instead.
     if len(str(ray)) > 36:
         ray = Path(tempfile.mkdtemp(prefix="sg-ray-"))
-    for path in (home / "flwr", ray):
-        path.mkdir(parents=True, exist_ok=True)
-    os.environ.update({**SAFETY_ENV, "FLWR_HOME": str(home / "flwr"), "RAY_TMPDIR": str(ray)})
+    ray.mkdir(parents=True, exist_ok=True)
+    _flower_home(home)
+    os.environ.update({**SAFETY_ENV, "RAY_TMPDIR": str(ray)})
+
+
+def _flower_home(home: Path) -> None:
+    """Flower's files under `home`; telemetry and update checks off."""
+    (home / "flwr").mkdir(parents=True, exist_ok=True)
+    os.environ.update({**QUIET_ENV, "FLWR_HOME": str(home / "flwr")})
 
 
 def _content(wire: bytes) -> RecordDict:

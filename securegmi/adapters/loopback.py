@@ -118,6 +118,25 @@ def off_loopback(addresses: list[str]) -> list[str]:
     return [a for a in addresses if not a.startswith(("127.", "::1:", "::ffff:127."))]
 
 
+def stop_groups(processes: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM to each process's group, SIGKILL to what is left after 10 s; returns when no
+    process of any group is left (or 10 s after the SIGKILL)."""
+    for process in processes:
+        _signal_group(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    for process in processes:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+    while any(group_alive(p.pid) for p in processes) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for process in processes:
+        _signal_group(process.pid, signal.SIGKILL)  # what outlived its leader
+        process.wait()
+    deadline = time.monotonic() + 10
+    while any(group_alive(p.pid) for p in processes) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
@@ -233,20 +252,7 @@ class LoopbackDeployment:
     def stop(self) -> None:
         """Stop every process group this deployment started, by its leader's PID, and wait
         until no process of any group is left (SIGKILL after 10 s)."""
-        for process in self.processes.values():
-            _signal_group(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for process in self.processes.values():
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-        while any(group_alive(p.pid) for p in self.processes.values()) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        for process in self.processes.values():
-            _signal_group(process.pid, signal.SIGKILL)  # what outlived its leader
-            process.wait()
-        deadline = time.monotonic() + 10
-        while any(group_alive(p.pid) for p in self.processes.values()) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        stop_groups(list(self.processes.values()))
         self.processes.clear()
 
     @property
@@ -295,13 +301,8 @@ class LoopbackRayHead:
         self.stop()
 
     def stop(self) -> None:
-        """SIGTERM to the group, SIGKILL to what is left after 15 s; returns when none is left."""
-        for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 10.0)):
-            _signal_group(self.process.pid, sig)
-            deadline = time.monotonic() + wait
-            while group_alive(self.process.pid) and time.monotonic() < deadline:
-                time.sleep(0.2)
-        self.process.wait()
+        """Stop the head's whole group (`stop_groups`); raises if a process outlived SIGKILL."""
+        stop_groups([self.process])
         shutil.rmtree(self.temp, ignore_errors=True)
         if group_alive(self.process.pid):
             raise RunAbortedError(f"processes of the Ray head's group {self.process.pid} outlived SIGKILL")
