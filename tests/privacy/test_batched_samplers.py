@@ -63,6 +63,46 @@ def test_the_fused_layers_are_clipped_as_the_separate_layers_are():
     np.testing.assert_allclose(fused, separate, rtol=1e-4, atol=1e-5)
 
 
+def _halved_output_gradients() -> type:
+    class Halved(dpsgd._module_class()):  # type: ignore[misc]
+        def capture_backprops_hook(self, module, inputs, grad_output, **how):  # type: ignore[no-untyped-def]
+            return super().capture_backprops_hook(module, inputs, (grad_output[0] / 2,), **how)
+
+    return Halved
+
+
+@pytest.mark.parametrize("layout", ["fused", "separate"])
+def test_output_gradient_hooks_give_opacus_full_hook_norms_and_sums(monkeypatch, layout):
+    """The trainer hands each layer's output gradient to Opacus by a hook on the output tensor;
+    Opacus' own module takes it from a full backward hook. Same norms, same clipped sums."""
+
+    def clipped(module_class: type) -> tuple[np.ndarray, torch.Tensor]:
+        monkeypatch.setattr(dpsgd, "_module_class", lambda: module_class)
+        model = (
+            MixtureOfVAEs.mlp(K, D, 16, 2, "bernoulli", seed=0)
+            if layout == "fused"
+            else MixtureOfVAEs.from_factory(lambda: VAE.mlp(D, 16, 2, "bernoulli"), K, seed=0)
+        )
+        trainer = PrivateTrainer(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), DpSgdConfig(1.0, CLIP, 0.5, 12)
+        )
+        torch.manual_seed(2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            grads = trainer.clipped_sum(lambda m, b: mixture_loss(m(X[b]), RESP[b]), torch.arange(len(X)))
+        return torch.cat([g.reshape(-1) for g in grads]).numpy(), trainer.module.per_sample_gradient_norms
+
+    ours, our_norms = clipped(dpsgd._module_class())
+    stock, stock_norms = clipped(GradSampleModuleFastGradientClipping)
+    assert our_norms.min() < CLIP < our_norms.max()  # some samples clipped, some not
+    np.testing.assert_array_equal(ours, stock)
+    torch.testing.assert_close(our_norms, stock_norms, rtol=0, atol=0)
+    # Negative control: output gradients delivered halved change the norms and the sums.
+    halved, halved_norms = clipped(_halved_output_gradients())
+    assert not np.allclose(halved, stock, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(halved_norms, stock_norms)
+
+
 def _norm_without_bias(layer, activations, backprops):
     norms = batched_samplers._norm_sample(layer, activations, backprops)
     norms[layer.bias] = torch.zeros_like(norms[layer.bias])
