@@ -170,7 +170,7 @@ def _print_audit(report: Any) -> None:
             f"[{style}]{protection}[/]",
             str(len(rows)),
             str(sum(r.messages for r in rows)),
-            str(sum(r.bytes for r in rows)),
+            f"in {rows[0].packed_in}" if rows[0].packed_in else str(sum(r.bytes for r in rows)),
             ", ".join(uncovered[:3]) + (" ..." if len(uncovered) > 3 else ""),
         )
     console.print(table)

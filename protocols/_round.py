@@ -42,9 +42,10 @@ def fedgmi_protocol(
     codec: Codec,
     dims: Mapping[str, int],
     statistics: Mapping[str, int] | None = None,
+    pack_masses: bool = False,
 ) -> ProtocolSpec:
     """A protocol of `start`, [the statistics phase,] then FedGMI rounds (`fedgmi_stages`)."""
-    stages = (start_stage(), *fedgmi_stages(kind, describe))
+    stages = (start_stage(), *fedgmi_stages(kind, describe, pack_masses))
     spec = ProtocolSpec(name, description, stages, release, codec).bind(**dims)
     what = "Enc: " if kind is FieldKind.CIPHERTEXT else ""
     return with_statistics(spec, kind, what, statistics)
@@ -58,14 +59,17 @@ def heaviest(components: int, top_b: int | None) -> int:
     return b
 
 
-def fedgmi_stages(kind: FieldKind, describe: Mapping[str, str]) -> tuple[StageSpec, StageSpec]:
+def fedgmi_stages(
+    kind: FieldKind, describe: Mapping[str, str], pack_masses: bool = False
+) -> tuple[StageSpec, StageSpec]:
     """The FedGMI round (DESIGN §1): `broadcast` returns S_k and W_k, the sums of the clients'
     `update` (w_ck theta_ck and w_ck); every data-derived field of `kind`, described by
     `describe` (field name -> text). With a `component_index` description a client sends its B
-    heaviest components and says which; without, all K."""
+    heaviest components and says which; without, all K. With `pack_masses` (ciphertexts) the K
+    masses and their sums travel in the last chunk of the components' envelope."""
     top_b = "component_index" in describe
 
-    def one(name: str, shape: tuple[str, ...], dtype: str, **how: str) -> FieldSpec:
+    def one(name: str, shape: tuple[str, ...], dtype: str, **how: str | None) -> FieldSpec:
         return FieldSpec(name, kind, shape, dtype, describe[name], **how)
 
     broadcast = StageSpec(
@@ -73,7 +77,13 @@ def fedgmi_stages(kind: FieldKind, describe: Mapping[str, str]) -> tuple[StageSp
         "server",
         (
             one("component_sums", ("K", "P"), "float32", sum_of="weighted_components"),
-            one("component_masses", ("K",), "float64", sum_of="masses"),
+            one(
+                "component_masses",
+                ("K",),
+                "float64",
+                sum_of="masses",
+                packed_in="component_sums" if pack_masses else None,
+            ),
             start_stage().fields[0],
         ),
     )
@@ -81,7 +91,8 @@ def fedgmi_stages(kind: FieldKind, describe: Mapping[str, str]) -> tuple[StageSp
     weighted = one("weighted_components", ("B" if top_b else "K", "P"), "float32")
     if top_b:
         weighted = replace(weighted, rows_at="component_index")
-    update = StageSpec("update", "client", (one("masses", ("K",), "float64"), *sent, weighted))
+    masses = one("masses", ("K",), "float64", packed_in="weighted_components" if pack_masses else None)
+    update = StageSpec("update", "client", (masses, *sent, weighted))
     return broadcast, update
 
 

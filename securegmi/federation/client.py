@@ -199,7 +199,7 @@ class Client:
         stage = self.spec.stage(reply.stage)
         # Only what the protocol declares is sealed at all (secure has no component_index).
         values = {name: v for name, v in reply.values.items() if stage.field(name) is not None}
-        payload = build_payload(stage, self.codec.seal(values), reply.events, self.codec.key_id)
+        payload = build_payload(stage, self.codec.seal(values, stage), reply.events, self.codec.key_id)
         ledger = self.policy.ledger
         declared = {} if ledger is None else ledger.declared(list(reply.events.values()))
         out = Message(reply.stage, message.round, self.client_id, payload, run=message.run, events=declared)

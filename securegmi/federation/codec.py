@@ -22,7 +22,7 @@ from securegmi.crypto.envelope import decrypt, encrypt
 from securegmi.crypto.keys import PublicContext, SecretContext
 from securegmi.crypto.release import release_decrypted
 from securegmi.errors import ProtocolViolation
-from securegmi.protocol import Ciphertext, FieldKind, FieldSpec, Message, ProtocolSpec
+from securegmi.protocol import Ciphertext, FieldKind, FieldSpec, Message, ProtocolSpec, StageSpec
 from securegmi.protocol.fields import field_array
 
 Admitted = Mapping[str, Any]  # one reply's fields, as the summation will add them
@@ -31,7 +31,7 @@ Admitted = Mapping[str, Any]  # one reply's fields, as the summation will add th
 class ClientCodec(Protocol):
     key_id: str | None
 
-    def seal(self, values: Mapping[str, np.ndarray]) -> dict[str, np.ndarray | bytes]: ...
+    def seal(self, values: Mapping[str, np.ndarray], stage: StageSpec) -> dict[str, np.ndarray | bytes]: ...
 
     def open(self, message: Message, spec: ProtocolSpec) -> dict[str, np.ndarray]: ...
 
@@ -49,7 +49,7 @@ class Summation(Protocol):
 class ClearCodec:
     key_id: str | None = None
 
-    def seal(self, values: Mapping[str, np.ndarray]) -> dict[str, np.ndarray | bytes]:
+    def seal(self, values: Mapping[str, np.ndarray], stage: StageSpec) -> dict[str, np.ndarray | bytes]:
         return dict(values)
 
     def open(self, message: Message, spec: ProtocolSpec) -> dict[str, np.ndarray]:
@@ -63,8 +63,18 @@ class CkksCodec:
         self.keys = keys
         self.key_id: str | None = keys.key_id
 
-    def seal(self, values: Mapping[str, np.ndarray]) -> dict[str, np.ndarray | bytes]:
-        return {name: encrypt(self.keys, np.asarray(v)) for name, v in values.items()}
+    def seal(self, values: Mapping[str, np.ndarray], stage: StageSpec) -> dict[str, np.ndarray | bytes]:
+        """One envelope per field; a field the stage packs into another travels at the end of
+        that one's envelope and is sealed as an empty marker."""
+        sealed: dict[str, np.ndarray | bytes] = {}
+        for name, v in values.items():
+            if stage.require(name).packed_in is not None:
+                sealed[name] = b""
+                continue
+            parts = [v, *(values[p.name] for p in stage.packed(name))]
+            flat = np.concatenate([np.asarray(p, np.float64).ravel() for p in parts])
+            sealed[name] = encrypt(self.keys, flat)
+        return sealed
 
     def open(self, message: Message, spec: ProtocolSpec) -> dict[str, np.ndarray]:
         stage, out = spec.stage(message.stage), {}
@@ -74,10 +84,18 @@ class CkksCodec:
             if declared.kind is FieldKind.CIPHERTEXT:
                 if not isinstance(f, Ciphertext):
                     raise ProtocolViolation(f"{message.stage}: expected {name!r} encrypted")
+                if declared.packed_in is not None:
+                    continue  # opened with its host's envelope
                 # Li & Micciancio (EUROCRYPT 2021): exact decryptions reveal the key's noise.
                 # Kept in float64: a float32 copy of a large sum could not hold the grid.
                 clear = release_decrypted(decrypt(self.keys, f.data), self.keys.params.release_grid())
-                out[name] = clear.reshape(spec.resolve(declared.shape))
+                layout = spec.envelope(declared)
+                if clear.size != sum(prod(shape) for _, shape in layout):
+                    raise ProtocolViolation(f"{message.stage}: {name!r} holds {clear.size} values")
+                offset = 0
+                for part, shape in layout:
+                    out[part.name] = clear[offset : offset + prod(shape)].reshape(shape)
+                    offset += prod(shape)
             else:
                 out[name] = field_array(f)
         return out
@@ -118,12 +136,17 @@ class CkksSum:
                 raise ProtocolViolation(f"{name} is not a ciphertext")
             declared = stage.field(name)
             assert declared is not None  # the endpoint validated the message
+            if declared.packed_in is not None:
+                continue  # an empty marker (validated): its values are in its host's envelope
             length = self._length(declared)
             parts[name] = check_update(self.public, f.data, length, max_envelope_bytes(self.public, length))
         return parts
 
     def add(self, admitted: Sequence[Admitted], down: FieldSpec, up: FieldSpec) -> np.ndarray | bytes:
+        if down.packed_in is not None:
+            return b""  # summed within its host's envelope
         return pack_sum(self.public, [a[up.name] for a in admitted], self._length(down))
 
     def _length(self, f: FieldSpec) -> int:
-        return prod(self.spec.resolve(f.shape))
+        """Values in `f`'s envelope: its own and those of the fields packed in it."""
+        return sum(prod(shape) for _, shape in self.spec.envelope(f))

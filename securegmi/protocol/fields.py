@@ -76,11 +76,19 @@ class Ciphertext:
     data: bytes
     key_id: str
     event: str | None = None
+    # The field whose envelope carries these values (the protocol's `packed_in`); `data` is
+    # then empty: the field is a marker that still names its own ledger event.
+    packed_in: str | None = None
     kind: FieldKind = field(default=FieldKind.CIPHERTEXT, init=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.data, bytes) or not self.key_id:
             raise ProtocolViolation("a Ciphertext holds bytes and a non-empty key id")
+        if self.packed_in is not None and self.data:
+            raise ProtocolViolation(
+                f"a ciphertext packed in {self.packed_in!r} travels in that field's envelope and "
+                "carries no bytes of its own"
+            )
 
 
 Field = Public | NonPrivate | DpRelease | Ciphertext
@@ -95,11 +103,14 @@ def field_array(f: Field) -> np.ndarray:
 
 
 def field_labels(f: Field) -> dict[str, str]:
-    """What a field declares about itself besides its value: kind, and the ledger event and key
-    that cover it (the wire header and the transcript both carry these)."""
+    """What a field declares about itself besides its value: kind, the ledger event and key that
+    cover it, and the envelope it travels in if packed (the wire header and the transcript both
+    carry these)."""
     labels = {"kind": f.kind.value}
     if isinstance(f, Ciphertext):
         labels["key_id"] = f.key_id
+        if f.packed_in is not None:
+            labels["packed_in"] = f.packed_in
     event = getattr(f, "event", None)
     if event is not None:
         labels["event"] = event

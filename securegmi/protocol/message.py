@@ -121,11 +121,12 @@ def decode(raw: bytes) -> Message:
             elif kind is FieldKind.DP_RELEASE:
                 payload[name] = DpRelease(value, str(meta["event"]))
             else:
-                event = meta.get("event")
+                event, packed_in = meta.get("event"), meta.get("packed_in")
                 payload[name] = Ciphertext(
                     np.asarray(value, np.uint8).tobytes(),
                     str(meta["key_id"]),
                     None if event is None else str(event),
+                    None if packed_in is None else str(packed_in),
                 )
         return Message(
             str(header["stage"]),

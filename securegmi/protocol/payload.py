@@ -28,7 +28,7 @@ def build_payload(
         if spec.kind is FieldKind.CIPHERTEXT:
             if not isinstance(value, bytes) or key_id is None:
                 raise ProtocolViolation(f"{stage.name}: {spec.name!r} must be ciphertext bytes under a key")
-            payload[spec.name] = Ciphertext(value, key_id, events.get(spec.name))
+            payload[spec.name] = Ciphertext(value, key_id, events.get(spec.name), spec.packed_in)
             continue
         if isinstance(value, bytes):
             raise ProtocolViolation(f"{stage.name}: {spec.name!r} is declared {spec.kind.value}, got bytes")

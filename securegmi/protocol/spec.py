@@ -31,6 +31,11 @@ class FieldSpec:
     sum_of: str | None = None
     # An uplink field whose row i belongs at row `index[i]` of that sum (top-B uploads).
     rows_at: str | None = None
+    # A ciphertext field whose values travel at the end of the named ciphertext field's envelope,
+    # in the same stage, instead of in chunks of their own: a few values would otherwise cost a
+    # whole ciphertext. On the wire it is an empty marker naming its host; its own ledger event
+    # still travels with it (and so reaches the transcript).
+    packed_in: str | None = None
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,10 @@ class StageSpec:
 
     def field(self, name: str) -> FieldSpec | None:
         return next((f for f in self.fields if f.name == name), None)
+
+    def packed(self, host: str) -> tuple[FieldSpec, ...]:
+        """The fields whose values travel in `host`'s envelope after its own, in order."""
+        return tuple(f for f in self.fields if f.packed_in == host)
 
     def require(self, name: str) -> FieldSpec:
         found = self.field(name)
@@ -85,7 +94,43 @@ class ProtocolSpec:
                     u.sender == "client" and u.field(f.sum_of) for u in self.stages
                 ):
                     raise ConfigError(f"protocol {self.name}: {stage.name}.{f.name} sums an unknown field")
+        for stage in self.stages:
+            for f in stage.fields:
+                if f.packed_in is not None:
+                    self._check_host(stage, f)
+        uplink_fields = {u.name: u for s in self.stages if s.sender == "client" for u in s.fields}
+        for stage in self.stages:
+            for f in stage.fields:
+                if f.sum_of is None:
+                    continue
+                # Both ends split an envelope by the declaration: a sum is packed exactly when
+                # the field it sums is, and in the sum of that field's host.
+                packed_sum_of = None if f.packed_in is None else stage.require(f.packed_in).sum_of or "-"
+                if packed_sum_of != uplink_fields[f.sum_of].packed_in:
+                    raise ConfigError(
+                        f"protocol {self.name}: {stage.name}.{f.name} sums {f.sum_of!r}, packed in "
+                        f"{uplink_fields[f.sum_of].packed_in!r}; the sum must be packed in that host's sum"
+                    )
         object.__setattr__(self, "dims", MappingProxyType(dict(self.dims)))
+
+    def _check_host(self, stage: StageSpec, f: FieldSpec) -> None:
+        """A packed field rides in a ciphertext host of its own stage that is not packed itself."""
+        where = f"protocol {self.name}: {stage.name}.{f.name} packed in {f.packed_in!r}"
+        host = stage.field(f.packed_in or "")
+        if host is None or host.packed_in is not None:
+            raise ConfigError(f"{where}: the host must be an unpacked field of the same stage")
+        if f.kind is not FieldKind.CIPHERTEXT or host.kind is not FieldKind.CIPHERTEXT:
+            raise ConfigError(f"{where}: only ciphertext fields share an envelope")
+        if f.rows_at is not None or host.rows_at is not None:
+            raise ConfigError(f"{where}: rows placed by an index cannot share an envelope")
+
+    def envelope(self, host: FieldSpec) -> tuple[tuple[FieldSpec, tuple[int, ...]], ...]:
+        """What `host`'s ciphertext envelope carries, in order: its own values, then those of the
+        fields packed in it, each with its shape."""
+        stage = next((s for s in self.stages if any(f is host for f in s.fields)), None)
+        if stage is None:
+            raise ProtocolViolation(f"protocol {self.name!r} does not declare field {host.name!r}")
+        return tuple((f, self.resolve(f.shape)) for f in (host, *stage.packed(host.name)))
 
     def bind(self, **dims: int) -> ProtocolSpec:
         return replace(self, dims={**self.dims, **dims})
@@ -145,6 +190,12 @@ class ProtocolSpec:
                     f"{where}: field {spec.name!r} is declared {spec.kind.value}, got {value.kind.value}"
                 )
             if isinstance(value, Ciphertext):
+                if value.packed_in != spec.packed_in:
+                    raise ProtocolViolation(
+                        f"{where}: ciphertext field {spec.name!r} must travel "
+                        + (f"packed in {spec.packed_in!r}" if spec.packed_in else "in its own envelope")
+                        + (f", it claims {value.packed_in!r}" if value.packed_in else ", it has its own")
+                    )
                 continue  # ciphertext structure is checked by the crypto layer
             array = field_array(value)
             expected = self.resolve(spec.shape)

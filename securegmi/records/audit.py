@@ -42,6 +42,7 @@ class Disclosure:
     bytes: int
     protection: str  # "dp", "dp+encrypted" (every release on the ledger), "public", "none", ...
     uncovered_events: tuple[str, ...] = ()
+    packed_in: str | None = None  # the field whose ciphertexts carried these values (bytes 0)
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,12 @@ def audit_run(run_dir: Path, builder_for: Callable[[str], ProtocolBuilder]) -> A
             problems.append(
                 f"{client} sent {name!r} as {kind}, which protocol {spec.name!r} does not declare"
             )
+        packing = {r.get("packed_in") for r in items}
+        if declared is not None and packing != {declared.packed_in}:
+            problems.append(
+                f"{client} sent {name!r} packed in {sorted(map(str, packing))}, protocol {spec.name!r} "
+                f"declares {declared.packed_in!r}"
+            )
         uncovered: tuple[str, ...] = ()
         if kind in (FieldKind.DP_RELEASE.value, FieldKind.CIPHERTEXT.value):
             # Encryption is the second layer: an encrypted field must be DP by itself too.
@@ -140,7 +147,14 @@ def audit_run(run_dir: Path, builder_for: Callable[[str], ProtocolBuilder]) -> A
             unprotected[name].add(client)
         disclosures.append(
             Disclosure(
-                client, name, kind, len(items), sum(int(r["bytes"]) for r in items), protection, uncovered
+                client,
+                name,
+                kind,
+                len(items),
+                sum(int(r["bytes"]) for r in items),
+                protection,
+                uncovered,
+                next(iter(packing)) if len(packing) == 1 else None,
             )
         )
 

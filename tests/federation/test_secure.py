@@ -80,6 +80,29 @@ def test_a_secure_run_passes_the_audit_and_encryption_alone_would_not(runs, tmp_
     assert "encrypted only" in {d["protection"] for d in json.loads(audit.stdout)["disclosures"]}
 
 
+def test_the_masses_leave_inside_the_components_ciphertexts_and_the_audit_checks_it(runs, tmp_path):
+    out, _ = runs["secure-private"]
+    rows = [json.loads(line) for line in (out / "transcript.jsonl").read_text().splitlines()]
+    masses = [r for r in rows if r.get("field") == "masses" and r["sender"] != "server"]
+    assert masses and all(
+        r["packed_in"] == "weighted_components" and r["bytes"] == 0 and r["event"] for r in masses
+    )
+    runner = CliRunner()
+    report = json.loads(runner.invoke(app, ["audit", str(out), "--json"]).stdout)
+    packed = {d["packed_in"] for d in report["disclosures"] if d["field"] == "masses"}
+    assert report["ok"] and packed == {"weighted_components"}
+    # Negative control: a transcript claiming the masses left in an envelope of their own.
+    import shutil
+
+    shutil.copytree(out, tmp_path / "t")
+    for r in masses:
+        r.pop("packed_in")  # edits `rows` in place
+    (tmp_path / "t" / "transcript.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    audit = json.loads(runner.invoke(app, ["audit", str(tmp_path / "t"), "--json"]).stdout)
+    assert not audit["ok"]
+    assert any("'masses' packed in ['None'], protocol 'secure' declares" in p for p in audit["problems"])
+
+
 def _server(keys: SecretContext) -> Server:
     config = SimulationConfig(protocol="secure", **SMALL)
     ref = new_model(config, load_federated_data(config))
@@ -158,9 +181,10 @@ def test_an_update_under_another_key_is_rejected_and_the_round_completes():
             0,
             sender,
             {
-                "masses": Ciphertext(encrypt(k, np.full(3, scale)), k.key_id, "counts@round0"),
+                # The masses travel after the components, in one envelope.
+                "masses": Ciphertext(b"", k.key_id, "counts@round0", "weighted_components"),
                 "weighted_components": Ciphertext(
-                    encrypt(k, np.full(3 * p, scale)), k.key_id, "dpsgd@round0"
+                    encrypt(k, np.full(3 * p + 3, scale)), k.key_id, "dpsgd@round0"
                 ),
             },
             run=server.run_id,
@@ -173,9 +197,9 @@ def test_an_update_under_another_key_is_rejected_and_the_round_completes():
     )
     assert list(rejected) == ["b"] and "another key" in rejected["b"]
     masses, sums = server.totals["component_masses"], server.totals["component_sums"]
-    assert isinstance(masses, bytes) and isinstance(sums, bytes)
-    assert np.allclose(decrypt(keys, masses), 3.0, atol=1e-5)
-    assert np.allclose(decrypt(keys, sums), 3.0, atol=1e-5)
+    assert masses == b"" and isinstance(sums, bytes)  # the masses' sums are in the sums' envelope
+    total = decrypt(keys, sums)
+    assert total.shape == (3 * p + 3,) and np.allclose(total, 3.0, atol=1e-5)
 
 
 def test_keys_new_writes_an_owner_only_secret(tmp_path):

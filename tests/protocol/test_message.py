@@ -18,6 +18,7 @@ def _message() -> Message:
             "b": NonPrivate(np.arange(6, dtype=np.float32).reshape(2, 3)),
             "c": DpRelease(np.array([1.0, -2.0]), event="counts-round-3"),
             "d": Ciphertext(b"\x00\x01ckks", key_id="abc123"),
+            "e": Ciphertext(b"", key_id="abc123", event="counts-round-3", packed_in="d"),
         },
     )
 
@@ -31,7 +32,8 @@ def test_roundtrip_preserves_every_kind():
         g = back.payload[name]
         assert g.kind is f.kind
         if isinstance(f, Ciphertext):
-            assert isinstance(g, Ciphertext) and (g.data, g.key_id) == (f.data, f.key_id)
+            assert isinstance(g, Ciphertext)
+            assert (g.data, g.key_id, g.event, g.packed_in) == (f.data, f.key_id, f.event, f.packed_in)
         else:
             assert not isinstance(g, Ciphertext)
             assert np.array_equal(g.value, f.value) and g.value.dtype == f.value.dtype
@@ -55,6 +57,14 @@ def test_raw_values_cannot_enter_a_payload(raw):
 def test_a_tensor_cannot_be_wrapped_either():
     with pytest.raises(ProtocolViolation, match="numpy array"):
         NonPrivate(torch.zeros(3))  # type: ignore[arg-type]
+
+
+def test_a_packed_ciphertext_is_an_empty_marker():
+    with pytest.raises(ProtocolViolation, match="carries no bytes of its own"):
+        Ciphertext(b"\x00", key_id="abc123", packed_in="d")
+    # Negative control: the marker without bytes, and bytes without packing.
+    assert Ciphertext(b"", key_id="abc123", packed_in="d").packed_in == "d"
+    assert Ciphertext(b"\x00", key_id="abc123").packed_in is None
 
 
 def test_dp_release_must_name_its_event():

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from securegmi.errors import ProtocolViolation
-from securegmi.protocol import SERVER, DpRelease, Message, NonPrivate, Public
-from securegmi.protocols import dp, plain
+from securegmi.errors import ConfigError, ProtocolViolation
+from securegmi.protocol import SERVER, Ciphertext, DpRelease, Message, NonPrivate, Public
+from securegmi.protocols import dp, plain, secure
 
 SPEC = plain.build(components=3, parameters=5)
 
@@ -138,3 +138,60 @@ def test_each_release_travels_with_its_events_parameters():
         )
     with pytest.raises(ProtocolViolation, match="JSON object with an 'event'"):
         _dp_update({"counts@round0": "{}", "dpsgd@round0": GAUSSIAN})
+
+
+SECURE = secure.build(components=3, parameters=5)
+
+
+def _secure_update(masses: Ciphertext, weighted: Ciphertext | None = None) -> Message:
+    weighted = weighted or Ciphertext(b"ckks", "key", "dpsgd@round0")
+    events = {e: GAUSSIAN for e in ("counts@round0", "dpsgd@round0")}
+    return Message(
+        "update", 0, "client-0", {"masses": masses, "weighted_components": weighted}, events=events
+    )
+
+
+def test_the_masses_travel_packed_in_the_components_envelope_and_nothing_else_passes():
+    assert SECURE.stage("update").require("masses").packed_in == "weighted_components"
+    assert SECURE.stage("broadcast").require("component_masses").packed_in == "component_sums"
+    marker = Ciphertext(b"", "key", "counts@round0", packed_in="weighted_components")
+    SECURE.validate(_secure_update(marker), sender_role="client")
+    # Negative controls: the masses in an envelope of their own, or claiming another host.
+    with pytest.raises(ProtocolViolation, match="must travel packed in 'weighted_components'"):
+        SECURE.validate(_secure_update(Ciphertext(b"ckks", "key", "counts@round0")), sender_role="client")
+    with pytest.raises(ProtocolViolation, match="claims 'moments'"):
+        SECURE.validate(
+            _secure_update(Ciphertext(b"", "key", "counts@round0", packed_in="moments")), sender_role="client"
+        )
+    unpacked = _secure_update(marker, Ciphertext(b"", "key", "dpsgd@round0", packed_in="masses"))
+    with pytest.raises(ProtocolViolation, match="in its own envelope, it claims 'masses'"):
+        SECURE.validate(unpacked, sender_role="client")
+
+
+def _repacked(stage: str, name: str, **changes: object):  # type: ignore[no-untyped-def]
+    """The secure declaration with one field of one stage changed."""
+    from dataclasses import replace
+
+    stages = tuple(
+        replace(s, fields=tuple(replace(f, **changes) if f.name == name else f for f in s.fields))
+        if s.name == stage
+        else s
+        for s in SECURE.stages
+    )
+    return replace(SECURE, stages=stages)
+
+
+@pytest.mark.parametrize(
+    ("stage", "name", "changes", "match"),
+    [
+        ("update", "masses", {"packed_in": "component_sums"}, "unpacked field of the same stage"),
+        ("update", "weighted_components", {"packed_in": "masses"}, "unpacked field of the same stage"),
+        ("broadcast", "temperature", {"packed_in": "component_sums"}, "only ciphertext fields"),
+        ("broadcast", "component_masses", {"packed_in": None}, "must be packed in that host's sum"),
+        ("update", "masses", {"packed_in": None}, "must be packed in that host's sum"),
+    ],
+)
+def test_a_packing_the_two_ends_could_split_differently_is_refused(stage, name, changes, match):
+    _repacked("update", "masses")  # negative control: the secure declaration itself is accepted
+    with pytest.raises(ConfigError, match=match):
+        _repacked(stage, name, **changes)
