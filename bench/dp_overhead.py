@@ -6,10 +6,12 @@ with q = 32/n. All on one thread, the variants taking turns epoch by epoch; the 
 several epochs after a warm-up. The shipped module is the fused mixture (`MixtureOfVAEs.mlp`:
 each layer of all K components one batched layer, clipped sum read off one backward pass);
 beside it, the same components as K separate `VAE.mlp` modules (the layout before fusing:
-Opacus' two backward passes), plain and DP-SGD; and Opacus' other per-sample gradient modes on
-the fused module (`hooks`, `functorch`: per-sample gradients materialised), as options measured,
-not shipped. Opacus' `ew` (expanded weights) mode handles only torch's own layer functions and
-fails on the fused layer. Writes bench/results/dp_overhead.json.
+Opacus' two backward passes), plain and DP-SGD; the shipped trainer with Opacus' own module
+and optimiser classes (full backward hooks, copied gradient sums, a zeros tensor per noise draw:
+what the trainer's lighter hooks and buffers replace, bit for bit); and Opacus' other per-sample
+gradient modes on the fused module (`hooks`, `functorch`: per-sample gradients materialised), as
+options measured, not shipped. Opacus' `ew` (expanded weights) mode handles only torch's own
+layer functions and fails on the fused layer. Writes bench/results/dp_overhead.json.
 
     python bench/dp_overhead.py     # digits, and MNIST-5k if the 'mnist' extra is installed
 """
@@ -33,6 +35,7 @@ from securegmi.core.training import train_components
 from securegmi.core.vae import VAE
 from securegmi.data.datasets import load_dataset
 from securegmi.errors import DataError
+from securegmi.privacy import dpsgd
 from securegmi.privacy.batched_samplers import register_batched_samplers
 from securegmi.privacy.dpsgd import DpSgdConfig, PrivateTrainer
 
@@ -72,7 +75,8 @@ def _opacus_mode_epoch(
 
 
 def training_epoch(name: str, mode: str, fused: bool = True) -> Epoch:
-    """One epoch of `mode` ("plain", "ghost" = the shipped DP-SGD, or an Opacus mode)."""
+    """One epoch of `mode` ("plain", "ghost" = the shipped DP-SGD, "ghost-stock" = the same with
+    Opacus' own module and optimiser classes, or an Opacus mode)."""
     data = load_dataset(name)
     x = torch.as_tensor(data.x)
     n = len(x)
@@ -91,10 +95,22 @@ def training_epoch(name: str, mode: str, fused: bool = True) -> Epoch:
             train_components(model, data.x, resp, optimiser, epochs=1, batch_size=BATCH, generator=rng)
 
         return plain_epoch
-    if mode != "ghost":
+    if mode not in ("ghost", "ghost-stock"):
         return _opacus_mode_epoch(mode, model, optimiser, x, resp)
     config = DpSgdConfig(noise_multiplier=1.0, clip_norm=1.0, sample_rate=BATCH / n, batch_normaliser=BATCH)
-    trainer = PrivateTrainer(model, optimiser, config)
+    if mode == "ghost":
+        trainer = PrivateTrainer(model, optimiser, config)
+    else:
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
+        from opacus.optimizers import DPOptimizerFastGradientClipping
+
+        shipped = dpsgd._module_class, dpsgd._optimiser_class
+        dpsgd._module_class = lambda: GradSampleModuleFastGradientClipping  # type: ignore[assignment]
+        dpsgd._optimiser_class = lambda: DPOptimizerFastGradientClipping  # type: ignore[assignment]
+        try:
+            trainer = PrivateTrainer(model, optimiser, config)
+        finally:
+            dpsgd._module_class, dpsgd._optimiser_class = shipped
 
     def loss(module: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
         return mixture_loss(module(x[idx]), resp[idx])
@@ -129,6 +145,7 @@ def main() -> None:
             variants = {
                 "plain": training_epoch(name, "plain"),
                 "dp": training_epoch(name, "ghost"),
+                "dp_opacus_classes": training_epoch(name, "ghost-stock"),
                 "separate_plain": training_epoch(name, "plain", fused=False),
                 "separate_dp": training_epoch(name, "ghost", fused=False),
             } | {m: training_epoch(name, m) for m in OTHER_MODES}
@@ -142,6 +159,7 @@ def main() -> None:
             "plain_epoch_s": plain,
             "dp_epoch_s": dp,
             "ratio": dp / plain,
+            "opacus_classes_ratio": t["dp_opacus_classes"] / plain,
             "other_modes_ratio": others,
             "separate_modules": {
                 "plain_epoch_s": t["separate_plain"],
@@ -152,7 +170,8 @@ def main() -> None:
         }
         print(
             f"{name:8s} fused: plain {plain:.3f} s/epoch, DP-SGD (shipped) {dp:.3f} s/epoch,"
-            f" ratio {dp / plain:.2f}x" + "".join(f", {m} {r:.2f}x" for m, r in others.items()),
+            f" ratio {dp / plain:.2f}x (with Opacus' own classes {t['dp_opacus_classes'] / plain:.2f}x)"
+            + "".join(f", {m} {r:.2f}x" for m, r in others.items()),
             flush=True,
         )
         print(
