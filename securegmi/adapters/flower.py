@@ -287,7 +287,7 @@ class ServerSetup:
     """What the ServerApp runs: a server that holds no secret, and the round schedule."""
 
     server: Server  # its endpoint validates and records every message
-    run_dir: RunDirectory | None  # gets flower.json: wall time and refusals per round
+    run_dir: RunDirectory | None  # gets engine.json: wall time, start, exchanges, refusals per round
     clients: int
     rounds: int
     temperature: Callable[[int], float]

@@ -120,7 +120,7 @@ def study_apps(
     """ServerApp and ClientApp of the embedded study for Flower's simulation engine, where every
     node shares this machine (`flwr.simulation.run_simulation(..., num_supernodes=config.clients)`).
     The run directory gets the same files as an in-process run's server side, plus each
-    client's state, and `flower.json`."""
+    client's state, and `engine.json`."""
     run_dir = Path(run_dir)
 
     def make_client(context: Context) -> Client:

@@ -27,7 +27,7 @@ PROTOCOL = "protocol.json"  # the protocol's name and bound dimensions, for the 
 LEDGERS = "ledgers"
 CLIENT_STATES = "client-states"  # each client's pi, model copy and ledger, where it keeps them here
 AGGREGATE = "aggregate.safetensors"  # the server's final broadcast as wire bytes (ciphertexts under CKKS)
-ENGINE = "engine.json"  # a distributed engine's own summary (wall time, refusals per round)
+ENGINE = "engine.json"  # a distributed engine's own summary (wall time, start, exchanges, refusals)
 SERVER_STATE = "server-state.safetensors"  # the server's sums and run id after the last round
 CLIENT_KEYS = "client-keys"  # a simulated secure run's clients' CKKS key (a node's key dir on Flower)
 
