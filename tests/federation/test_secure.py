@@ -103,6 +103,41 @@ def test_the_masses_leave_inside_the_components_ciphertexts_and_the_audit_checks
     assert any("'masses' packed in ['None'], protocol 'secure' declares" in p for p in audit["problems"])
 
 
+def _first_update(protocol: str, keys: SecretContext | None) -> Message:
+    """Client 0's round-0 update under `protocol`, with seeded (test-only) noise."""
+    from securegmi.protocols import builder
+    from securegmi.simulation.study import Federation
+
+    config = SimulationConfig(
+        protocol=protocol, dp_noise="seeded", noise_placement="local", private_training="em", **SMALL
+    )
+    federation = Federation.build(config, builder(protocol))
+    server = federation.server(keys.public() if keys is not None else None)
+    return federation.client(0, keys).handle(server.broadcast(0, 1.0))
+
+
+def test_packing_changes_where_the_releases_travel_not_what_they_are():
+    """The secure update, decrypted, is the dp update: the same released masses and components
+    (the same seeded noise), the masses after the components in one envelope."""
+    from securegmi.crypto.envelope import decrypt
+
+    keys = SecretContext.generate(CkksParameters(max_clients=SMALL["clients"]))
+    clear, sealed = _first_update("dp", None), _first_update("secure", keys)
+    masses = sealed.payload["masses"]
+    assert isinstance(masses, Ciphertext) and masses.data == b"" and masses.event is not None
+    assert masses.event == clear.payload["masses"].event  # type: ignore[union-attr]
+    envelope = sealed.payload["weighted_components"]
+    assert isinstance(envelope, Ciphertext)
+    opened = decrypt(keys, envelope.data)
+    components = clear.payload["weighted_components"].value.ravel()  # type: ignore[union-attr]
+    expected = np.concatenate([components, clear.payload["masses"].value])  # type: ignore[union-attr]
+    assert opened.shape == expected.shape
+    np.testing.assert_allclose(opened, expected, atol=1e-6)
+    # Negative control: the masses placed before the components would not match.
+    swapped = np.concatenate([clear.payload["masses"].value, components])  # type: ignore[union-attr]
+    assert not np.allclose(opened, swapped, atol=1e-6)
+
+
 def _server(keys: SecretContext) -> Server:
     config = SimulationConfig(protocol="secure", **SMALL)
     ref = new_model(config, load_federated_data(config))
