@@ -9,23 +9,26 @@ values), so nothing here can reach an exact CKKS decryption.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load_file
+from torch import Tensor
 
 from securegmi.config import SimulationConfig
 from securegmi.core.em import log_prior, responsibilities
 from securegmi.core.fine_clusters import FineClusterModel
-from securegmi.core.mixture import IWAE_SAMPLES, MixtureOfVAEs
+from securegmi.core.mixture import IWAE_SAMPLES, SCORE_SAMPLES, MixtureOfVAEs
 from securegmi.data.datasets import load_dataset
 from securegmi.errors import ConfigError, DataError, RunDirectoryError
 from securegmi.records.rundir import CHECKPOINT, CONFIG
 
 # Fixed-point iterations of pi on frozen components: the same alternation as a round's E-step.
 PI_ITERATIONS = 50
+BLOCK = 128  # records scored at a time
 _SEED = 2_147
 
 
@@ -70,17 +73,23 @@ class TrainedMixture:
         x = self._records(x)
         if self.identifier is not None:
             return self.identifier.log_likelihood(x)
+        return self._in_blocks(lambda block: self.components.elbo_matrix(block, SCORE_SAMPLES), x)
+
+    def _in_blocks(self, score: Callable[[Tensor], Tensor], x: np.ndarray) -> np.ndarray:
+        """`score` a few records at a time: one record's draws take K x draws x features floats
+        (128 MNIST records at K = 5: 128 MB), so a whole site's records at once could exhaust memory."""
         torch.manual_seed(_SEED)
         with torch.no_grad():
-            scores: np.ndarray = self.components.elbo_matrix(
-                torch.as_tensor(x), self.config.elbo_samples
-            ).numpy()
-        return scores
+            blocks = [score(torch.as_tensor(x[i : i + BLOCK])) for i in range(0, len(x), BLOCK)]
+        out: np.ndarray = torch.cat(blocks).numpy()
+        return out
 
     def estimate_pi(self, x: np.ndarray) -> np.ndarray:
         """The mixture proportions of a site from its records alone (E-steps, frozen components):
         how a site that did not take part in training learns its pi."""
-        scores = torch.as_tensor(self.log_likelihoods(x), dtype=torch.float32)
+        return self._estimate_pi(torch.as_tensor(self.log_likelihoods(x), dtype=torch.float32))
+
+    def _estimate_pi(self, scores: Tensor) -> np.ndarray:
         pi = np.full(self.n_components, 1.0 / self.n_components)
         for _ in range(PI_ITERATIONS):
             pi = responsibilities(scores, log_prior(np.maximum(pi, 1e-12))).mean(0).numpy().astype(np.float64)
@@ -89,8 +98,8 @@ class TrainedMixture:
 
     def responsibilities(self, x: np.ndarray, pi: np.ndarray | None = None) -> np.ndarray:
         """(n, K) posterior over components; `pi` defaults to the records' own estimate."""
-        prior = self.estimate_pi(x) if pi is None else self._pi(pi)
         scores = torch.as_tensor(self.log_likelihoods(x), dtype=torch.float32)
+        prior = self._estimate_pi(scores) if pi is None else self._pi(pi)
         out: np.ndarray = responsibilities(scores, log_prior(np.maximum(prior, 1e-12))).numpy()
         return out
 
@@ -103,11 +112,12 @@ class TrainedMixture:
         """Per record, the importance-weighted bound on log sum_k pi_k p_k(x) in nats (the VAEs'
         density, whatever identifies sources); `pi` defaults to the records' own estimate."""
         prior = self.estimate_pi(x) if pi is None else self._pi(pi)
-        records = torch.as_tensor(self._records(x))
-        torch.manual_seed(_SEED)
-        with torch.no_grad():
-            iwae = self.components.iwae_matrix(records, IWAE_SAMPLES)
-            out: np.ndarray = torch.logsumexp(log_prior(np.maximum(prior, 1e-12)) + iwae, dim=1).numpy()
+        iwae = self._in_blocks(
+            lambda block: self.components.iwae_matrix(block, IWAE_SAMPLES), self._records(x)
+        )
+        out: np.ndarray = torch.logsumexp(
+            log_prior(np.maximum(prior, 1e-12)) + torch.as_tensor(iwae), dim=1
+        ).numpy()
         return out
 
     def sample(self, n: int, component: int | None = None, seed: int = 0) -> np.ndarray:

@@ -13,7 +13,7 @@ import numpy as np
 from securegmi.config import SimulationConfig
 from securegmi.core.em import temperature_at
 from securegmi.core.fine_clusters import FineClusterModel
-from securegmi.core.mixture import IWAE_SAMPLES, MixtureOfVAEs
+from securegmi.core.mixture import IWAE_SAMPLES, SCORE_SAMPLES, MixtureOfVAEs
 from securegmi.data.mixture import FederatedData
 from securegmi.errors import RunDirectoryError
 from securegmi.records.rundir import RunDirectory
@@ -75,7 +75,7 @@ class Recorder:
             pis,
             self.data,
             per_client_matching=self.config.method == "local",
-            elbo_samples=self.config.elbo_samples,
+            elbo_samples=SCORE_SAMPLES if final else self.config.elbo_samples,
             iwae_samples=IWAE_SAMPLES if final and self.scorer is None else None,
             scorer=self.identifier.log_likelihood if self.identifier is not None else self.scorer,
         )
