@@ -86,7 +86,7 @@ def main() -> None:
                     canaries=args.canaries,
                     guesses=args.guesses,
                     delta=delta,
-                    learning_rate=config.learning_rate,
+                    learning_rate=config.step_size,
                     seed=seed,
                 )
                 found.append(audit)

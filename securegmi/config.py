@@ -29,6 +29,11 @@ SOURCE_KINDS: tuple[str, ...] = ("class-groups", "transforms")
 # Initial likelihood temperature by dataset: it must grow with the data dimension, since ELBO
 # gaps grow with it (DESIGN §1: about 10 for 64-d digits, a few hundred for 784-d MNIST).
 DEFAULT_TEMPERATURE = {"digits": 10.0, "synthetic": 10.0, "mnist5k": 300.0}
+# Adam's step size for non-private training, by dataset: on digits-PM tuning seeds 10-29, 3e-3
+# instead of 2e-3 lifted fedgmi from 0.961 +- 0.015 to 0.966 +- 0.008 source accuracy (its
+# weakest seed 0.916 -> 0.953: more progress per round while the split forms). The other sets
+# keep the 2e-3 their figures were measured with. DP-SGD has its own (`dp_learning_rate`).
+DEFAULT_LEARNING_RATE = {"digits": 3e-3, "synthetic": 2e-3, "mnist5k": 2e-3}
 
 
 def _check(ok: bool, name: str, rule: str, value: object) -> None:
@@ -52,7 +57,7 @@ class SimulationConfig:
     top_b: int | None = None
     seed: int = 0
     batch_size: int = 32
-    learning_rate: float = 2e-3
+    learning_rate: float | None = None  # Adam's, non-private training; None: the dataset's default
     hidden: int = 128
     latent: int = 8
     temperature: float | None = None  # initial T0; None: the dataset's default
@@ -70,6 +75,9 @@ class SimulationConfig:
     clip_norm: float = 1.0
     sample_rate: float = 0.25
     dp_batch_normaliser: float = 16.0
+    # Adam's step size on DP-SGD's noisy gradients (every private run, and central-dp): tuned
+    # apart from `learning_rate`, as noise changes what step size pays.
+    dp_learning_rate: float = 2e-3
     count_share: float = 0.2
     # "private": DP noise and sampling from OS entropy. "seeded": reproducible from `seed`, for
     # tests only; anyone holding config.json could then subtract the noise (the audit fails it).
@@ -115,7 +123,9 @@ class SimulationConfig:
         ):
             _check(getattr(self, name) >= 1, name, "must be at least 1", getattr(self, name))
         _check(self.alpha > 0, "alpha", "must be positive", self.alpha)
-        _check(self.learning_rate > 0, "learning_rate", "must be positive", self.learning_rate)
+        if self.learning_rate is not None:
+            _check(self.learning_rate > 0, "learning_rate", "must be positive", self.learning_rate)
+        _check(self.dp_learning_rate > 0, "dp_learning_rate", "must be positive", self.dp_learning_rate)
         _check(0 < self.anneal_fraction <= 1, "anneal_fraction", "must be in (0, 1]", self.anneal_fraction)
         _check(
             0 < self.pi_floor < 1 / self.components, "pi_floor", "must be in (0, 1/components)", self.pi_floor
@@ -271,6 +281,14 @@ class SimulationConfig:
     def model_components(self) -> int:
         """fedavg is one shared VAE, whatever --components says."""
         return 1 if self.method == "fedavg" else self.components
+
+    @property
+    def step_size(self) -> float:
+        """Adam's step size for this run's training: `dp_learning_rate` in a private run (all
+        its training is DP-SGD), else `learning_rate` or the dataset's default."""
+        if self.epsilon is not None:
+            return self.dp_learning_rate
+        return self.learning_rate if self.learning_rate is not None else DEFAULT_LEARNING_RATE[self.dataset]
 
     @property
     def initial_temperature(self) -> float:

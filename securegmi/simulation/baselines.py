@@ -56,7 +56,7 @@ def run_oracle(recorder: Recorder) -> tuple[list[MixtureOfVAEs], list[np.ndarray
             np.bincount(client.source_train, minlength=k) / len(client.source_train), config.pi_floor
         )
         pis.append(shares / shares.sum())
-    optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    optimiser = torch.optim.Adam(model.parameters(), lr=config.step_size)
     for t in range(config.rounds):
         t0 = time.perf_counter()
         train_components(
@@ -81,7 +81,7 @@ def run_central_em(recorder: Recorder) -> tuple[list[MixtureOfVAEs], list[np.nda
     k = model.n_components
     pis = [np.full(k, 1.0 / k) for _ in data.clients]
     pooled = np.concatenate([c.x_train for c in data.clients])
-    optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    optimiser = torch.optim.Adam(model.parameters(), lr=config.step_size)
     for t in range(config.rounds):
         t0 = time.perf_counter()
         rng = seed_torch(config.seed, t)
@@ -152,7 +152,7 @@ def run_central_dp(recorder: Recorder) -> tuple[list[MixtureOfVAEs], list[np.nda
     normaliser = max(1.0, plan.sample_rate * float(grouping.sizes.sum()))
     trainer = PrivateTrainer(
         model,
-        torch.optim.Adam(model.parameters(), lr=config.learning_rate),
+        torch.optim.Adam(model.parameters(), lr=config.step_size),
         DpSgdConfig(plan.sgd_noise_multiplier, plan.clip_norm, plan.sample_rate, normaliser),
         noise_generator=torch_noise,
     )

@@ -37,9 +37,10 @@ SKETCH_DIM = 64  # see core.fine_clusters.public_sketch
 
 
 def client_settings(config: SimulationConfig) -> ClientSettings:
-    shared = ("local_epochs", "batch_size", "learning_rate", "elbo_samples", "e_step_iterations", "pi_floor")
+    shared = ("local_epochs", "batch_size", "elbo_samples", "e_step_iterations", "pi_floor")
     return ClientSettings(
         **{name: getattr(config, name) for name in shared},
+        learning_rate=config.step_size,
         weighting="size" if config.method == "fedem-weights" else "mass",
         top_b=config.top_b,
         assignment="cluster" if config.method == "ifca" else "mixture",

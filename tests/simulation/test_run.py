@@ -11,6 +11,7 @@ from securegmi.config import SimulationConfig
 from securegmi.errors import ConfigError, RunDirectoryError
 from securegmi.protocols import plain
 from securegmi.simulation.runner import run_simulation
+from securegmi.simulation.study import client_settings
 
 from ..results_document import check_results
 
@@ -116,8 +117,20 @@ def test_existing_run_directory_is_not_overwritten(tmp_path):
         ({"top_b": 1, "method": "local"}, "top_b"),
         ({"alpha": -1.0}, "alpha"),
         ({"temperature": 0.5}, "temperature"),
+        ({"learning_rate": 0.0}, "learning_rate"),
+        ({"dp_learning_rate": -1e-3}, "dp_learning_rate"),
     ],
 )
 def test_invalid_configuration_is_refused_on_construction(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         SimulationConfig(**kwargs)
+
+
+def test_private_training_takes_dp_sgds_step_size_and_plain_training_the_datasets():
+    private = [SimulationConfig(protocol=p, epsilon=8.0, learning_rate=5e-3) for p in ("dp", "secure")]
+    private.append(SimulationConfig(method="central-dp", epsilon=8.0))
+    for config in private:
+        assert client_settings(config).learning_rate == config.dp_learning_rate == 2e-3
+    assert client_settings(SimulationConfig()).learning_rate == 3e-3  # digits' default
+    assert client_settings(SimulationConfig(dataset="mnist5k")).learning_rate == 2e-3
+    assert client_settings(SimulationConfig(learning_rate=1e-3)).learning_rate == 1e-3
