@@ -28,8 +28,8 @@ Assignment = Literal["mixture", "cluster"]
 
 @dataclass(frozen=True)
 class ClientSettings:
-    """A client's local training hyper-parameters (the simulator's defaults are tuned on
-    digits-PM: README, Benchmarks)."""
+    """A client's local training hyper-parameters (tuned on digits-PM: README, Benchmarks; the
+    simulator takes a larger step for non-private training there, config.DEFAULT_LEARNING_RATE)."""
 
     local_epochs: int = 5
     batch_size: int = 32
