@@ -115,7 +115,7 @@ def training_epoch(name: str, mode: str, fused: bool = True) -> Epoch:
     def loss(module: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
         return mixture_loss(module(x[idx]), resp[idx])
 
-    return lambda e: trainer.train(loss, n, config.steps_per_epoch, seed=e)
+    return lambda e: trainer.train(loss, n, config.steps_per_epoch, public_seed=e)
 
 
 def interleaved_medians(epochs: dict[str, Epoch], rounds: int) -> dict[str, float]:

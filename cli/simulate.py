@@ -12,7 +12,6 @@ from rich.table import Table
 
 from securegmi.cli.app import app, console, err_console, errors_as_messages
 from securegmi.config import METHODS, SimulationConfig
-from securegmi.privacy.dpsgd import NOT_CSPRNG
 from securegmi.simulation.runner import RunResult
 
 
@@ -226,7 +225,6 @@ def _simulate_in_process(
 
         def on_plan(plan: dict[str, Any]) -> None:
             bar.console.print(_plan_table(plan))
-            bar.console.print(f"[yellow]note:[/] {NOT_CSPRNG}")
 
         return run_simulation(
             config,

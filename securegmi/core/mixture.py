@@ -16,6 +16,7 @@ from torch.nn import functional as F
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from securegmi.core.batched import BatchedLinear
+from securegmi.core.latent import record_keyed_normals
 from securegmi.core.vae import (
     VAE,
     Likelihood,
@@ -115,18 +116,16 @@ class MixtureOfVAEs(nn.Module):
         return self.elbo_matrix(x)
 
     def _draws(self, x: Tensor, samples: int) -> Tensor:
-        """(batch, K, samples, latent) standard normals for every component at once, record by
-        record: a record's draws never depend on which other records share its batch (the
-        coupling that DP's neighbour analysis and its test rely on).
+        """(batch, K, samples, latent) standard normals for every component at once, each
+        record's a function of that record and a public context alone (`core.latent`), never of
+        its position among the other records: the sensitivity DP-SGD and the soft counts
+        declare rests on it (DESIGN §2, law 1).
 
-        numpy fills arrays sequentially; torch's CPU randn fills in vectorised blocks, so its
-        first n-1 values change with n. One torch draw seeds numpy, so torch's global seed still
-        determines everything.
+        The context is one draw from torch's global generator, which the caller seeds from
+        public values (run seed, round, client, step); one call, one context.
         """
-        seed = int(torch.randint(0, 2**62, (1,)).item())
-        shape = (x.shape[0], self.n_components, samples, self.latent)
-        eps = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
-        return torch.from_numpy(eps).to(device=x.device, dtype=x.dtype)
+        context = int(torch.randint(0, 2**62, (1,)).item())
+        return record_keyed_normals(x, context, (self.n_components, samples, self.latent))
 
     def elbo_matrix(self, x: Tensor, samples: int = 1) -> Tensor:
         eps = self._draws(x, samples)

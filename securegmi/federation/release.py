@@ -41,7 +41,7 @@ from securegmi.core.em import log_prior, mixture_estimate, mixture_loss, respons
 from securegmi.core.fine_clusters import FineClusterModel
 from securegmi.core.training import SharedAdam
 from securegmi.errors import PrivacyError, ProtocolViolation
-from securegmi.federation.local import LocalLearner
+from securegmi.federation.local import LocalLearner, derive_seed
 from securegmi.federation.statistics import (
     AGGREGATE_FIELD,
     GRADIENT,
@@ -53,7 +53,7 @@ from securegmi.privacy.calibration import COUNTS, DPSGD, HISTOGRAM, DpPlan, Priv
 from securegmi.privacy.dpsgd import DpSgdConfig, GradObserver, PrivateTrainer, check_privatisable
 from securegmi.privacy.ledger import LedgerEntry, PrivacyBudget, PrivacyLedger
 from securegmi.privacy.mechanisms import gaussian_release
-from securegmi.privacy.noise import noise_generators
+from securegmi.privacy.noise import NoiseSource
 from securegmi.protocol import START
 
 BROADCAST, UPDATE = "broadcast", "update"
@@ -126,8 +126,8 @@ class ClientPrivacy:
     plan: DpPlan | PrivateMixturePlan
     batch_normaliser: float  # public divisor of the noisy DP-SGD sum
     ledger_path: Path | None = None  # written before anything leaves (write-ahead)
-    # None: noise from OS entropy. An int makes the noise reproducible, for tests only: anyone
-    # holding it could subtract the noise (privacy.noise).
+    # None: ChaCha20 keyed from OS entropy. An int makes the noise reproducible, for tests only:
+    # anyone holding it could subtract the noise (privacy.noise).
     noise_seed: int | None = None
     # Under the statistics design: this client's position in the public cohort list (its block
     # of the histogram matrix) and the cohort's size.
@@ -153,7 +153,8 @@ class DpMechanisms:
         if privacy.ledger_path is not None and privacy.ledger_path.exists():
             # What this client already spent (before a crash, say) counts, whatever else was lost.
             self._adopt(PrivacyLedger.load(privacy.ledger_path))
-        self.noise_rng, self.torch_noise = noise_generators(privacy.noise_seed)
+        self.noise = NoiseSource(privacy.noise_seed)
+        self.noise_rng = self.noise.generator  # the statistics' and counts' Gaussian releases
         check_privatisable(learner.model)  # refused now, before anything is released
         self.observe: GradObserver | None = None  # test hook: each step's clipped sum, pre-noise
 
@@ -170,7 +171,7 @@ class DpMechanisms:
             DpSgdConfig(
                 plan.sgd_noise_multiplier, plan.clip_norm, plan.sample_rate, self.privacy.batch_normaliser
             ),
-            noise_generator=self.torch_noise,
+            noise=self.noise,
         )
 
     def _adopt(self, ledger: PrivacyLedger) -> None:
@@ -191,7 +192,7 @@ class DpMechanisms:
         if self.privacy.ledger_path is not None:
             self.ledger.save(self.privacy.ledger_path)
 
-    def train(self, resp: Tensor, steps: int) -> None:
+    def train(self, resp: Tensor, steps: int, round_index: int) -> None:
         x = torch.as_tensor(self.learner.x)
 
         def per_sample_loss(module: nn.Module, batch: Tensor) -> Tensor:
@@ -199,10 +200,10 @@ class DpMechanisms:
 
         # A fresh Adam each round, as in the non-private client.
         self.trainer.optimiser.original_optimizer.state.clear()
-        # Which records each step samples must stay secret too: subsampling amplification
-        # assumes nobody knows whether a given record was drawn.
-        step_seed = int(self.noise_rng.integers(2**63))
-        self.trainer.train(per_sample_loss, len(x), steps, step_seed, self.observe)
+        # The steps' public randomness (latent draws' contexts) from public values; which
+        # records each step samples comes from the secret noise source (PrivateTrainer).
+        public = derive_seed(self.learner.seed, round_index, self.learner.stream)
+        self.trainer.train(per_sample_loss, len(x), steps, public, self.observe)
 
     def state_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         arrays: dict[str, np.ndarray] = {}
@@ -210,8 +211,7 @@ class DpMechanisms:
         if self.privacy.noise_seed is not None:
             # Only reproducible test noise is carried over; private noise is never written
             # down, and a restored client draws fresh OS entropy instead.
-            metadata["noise_rng"] = json.dumps(self.noise_rng.bit_generator.state)
-            arrays["torch_noise"] = self.torch_noise.get_state().numpy()
+            metadata["noise"] = json.dumps(self.noise.state())
         return arrays, metadata
 
     def load_state(self, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
@@ -224,9 +224,8 @@ class DpMechanisms:
             if len(on_disk.entries) >= len(ledger.entries):
                 ledger = on_disk
         self._adopt(ledger)
-        if self.privacy.noise_seed is not None and "noise_rng" in metadata:
-            self.noise_rng.bit_generator.state = json.loads(metadata["noise_rng"])
-            self.torch_noise.set_state(torch.from_numpy(np.asarray(arrays["torch_noise"], dtype=np.uint8)))
+        if self.privacy.noise_seed is not None and "noise" in metadata:
+            self.noise.restore(json.loads(metadata["noise"]))
 
 
 class CountsRelease(DpMechanisms):
@@ -248,12 +247,15 @@ class CountsRelease(DpMechanisms):
         learner.public_randomness(round_index)  # the ELBO's latent draws
         temperature = float(inbound["temperature"])
         elbo = learner.elbo()
-        counts = responsibilities(elbo, log_prior(learner.pi), temperature).sum(0).numpy().astype(np.float64)
+        # Summed in float64: a float32 sum of n rows errs by ~n ulps, past the sensitivity of 1.
+        counts = responsibilities(elbo, log_prior(learner.pi), temperature).double().sum(0).numpy()
         self.pre_noise_counts = counts
         # L2 sensitivity 1 under add/remove-one: ||r(x)||_2 <= ||r(x)||_1 = 1.
         noisy = gaussian_release(counts, self.plan.count_noise_multiplier, 1.0, self.noise_rng)
         learner.pi = mixture_estimate(noisy, s.pi_floor)
-        self.train(responsibilities(elbo, log_prior(learner.pi), temperature), self.plan.steps_per_round)
+        self.train(
+            responsibilities(elbo, log_prior(learner.pi), temperature), self.plan.steps_per_round, round_index
+        )
         counts_event = f"{COUNTS}@round{round_index}"
         events = {
             "masses": counts_event,
@@ -338,9 +340,7 @@ class StatisticsRelease(DpMechanisms):
     def _vae_round(self, round_index: int) -> np.ndarray:
         """Local DP-SGD on the VAEs; returns the weights n~ pi~, a function of the released
         histograms only."""
-        resp = self._responsibilities()
-        self.learner.public_randomness(round_index)
-        self.train(resp, self.plan.steps_per_round)
+        self.train(self._responsibilities(), self.plan.steps_per_round, round_index)
         grouping = self.statistics.state.grouping
         assert grouping is not None
         return self.learner.pi * max(float(grouping.sizes[self.privacy.slot]), 0.0)
@@ -365,7 +365,7 @@ class StatisticsRelease(DpMechanisms):
             return mixture_loss(module(x[batch]), resp[batch])
 
         self.learner.public_randomness(round_index)  # the ELBO's latent draws
-        batch = self.trainer.poisson_batch(len(x), int(self.noise_rng.integers(2**63)), 0)
+        batch = self.trainer.poisson_batch(len(x))
         return self.trainer.noisy_share(per_sample_loss, batch, self.plan.sgd_share_scale, self.observe)
 
     def state_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:

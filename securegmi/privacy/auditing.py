@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from securegmi.errors import ConfigError
 from securegmi.privacy.dpsgd import DpSgdConfig, PrivateTrainer
+from securegmi.privacy.noise import NoiseSource
 
 
 def p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
@@ -104,7 +105,7 @@ def audit_dp_sgd(
     delta: float,
     learning_rate: float,
     seed: int,
-    noise_generator: torch.Generator | None = None,
+    noise: NoiseSource | None = None,
     confidence: float = 0.95,
 ) -> CanaryAudit:
     """Train `module` on the records `x` for `steps` DP-SGD steps with Dirac canaries among
@@ -118,9 +119,7 @@ def audit_dp_sgd(
     members = np.nonzero(rng.random(canaries) < 0.5)[0]
     n = len(x)
     wrapped = _WithProbe(module, canaries)
-    trainer = PrivateTrainer(
-        wrapped, torch.optim.Adam(wrapped.parameters(), lr=learning_rate), config, noise_generator
-    )
+    trainer = PrivateTrainer(wrapped, torch.optim.Adam(wrapped.parameters(), lr=learning_rate), config, noise)
     canary_of = torch.as_tensor(members)
     # Any loss slope above the clipping norm is clipped to exactly the norm: the strongest
     # canary a record can be.
@@ -138,8 +137,8 @@ def audit_dp_sgd(
         return torch.where(real, record_loss(out, rows), -slope * probe)
 
     trainer.module.train()
-    for step in range(steps):
-        trainer.step(per_sample_loss, trainer.poisson_batch(n + len(members), seed, step))
+    for _ in range(steps):
+        trainer.step(per_sample_loss, trainer.poisson_batch(n + len(members)))
     scores = wrapped.probe.weight.detach().reshape(-1).numpy()
     order = np.argsort(scores)
     guessed_in, guessed_out = order[-guesses:], order[:guesses]

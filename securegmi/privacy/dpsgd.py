@@ -26,16 +26,10 @@ from securegmi.privacy.batched_samplers import (
     only_batched_layers,
     register_batched_samplers,
 )
-from securegmi.privacy.noise import private_torch_generator
+from securegmi.privacy.noise import NoiseSource
 
 PerSampleLoss = Callable[[nn.Module, Tensor], Tensor]  # (module, batch indices) -> (batch,) losses
 GradObserver = Callable[[list[Tensor]], None]  # receives each step's clipped gradient sum
-
-NOT_CSPRNG = (
-    "DP noise is seeded from OS entropy but drawn with torch's and numpy's standard generators, "
-    "not a cryptographically secure one: Opacus' secure_mode needs torchcsprng, which is not "
-    "installed. The (epsilon, delta) figures assume ideal Gaussian noise."
-)
 
 
 @dataclass(frozen=True)
@@ -63,6 +57,18 @@ def check_privatisable(module: nn.Module) -> None:
     """Refuse, with the reason and the fix, a module Opacus cannot give per-sample gradients."""
     from opacus.validators import ModuleValidator
 
+    dropout = sorted(
+        {type(m).__name__ for m in module.modules() if isinstance(m, nn.modules.dropout._DropoutNd)}
+    )
+    if dropout:
+        # Dropout masks come from torch's global generator, row by row of the batch: a record's
+        # mask would depend on its position among the others and on a public seed, so removing
+        # one record would move every later record's gradient (DESIGN §2, law 1).
+        raise PrivacyError(
+            f"this module cannot be trained with DP-SGD: it holds {', '.join(dropout)}, whose masks are "
+            "drawn by a record's position in its batch. Remove the dropout layers (DP-SGD's noise "
+            "already regularises)."
+        )
     errors = ModuleValidator.validate(module, strict=False)
     if errors:
         reasons = "; ".join(sorted({str(e) for e in errors}))
@@ -77,19 +83,25 @@ def check_privatisable(module: nn.Module) -> None:
 def _optimiser_class() -> type:
     """Opacus' ghost-clipping optimiser, less the copies it makes of tensors it never reuses.
 
+    The noise comes from the trainer's `NoiseSource` (ChaCha20 keyed from OS entropy), never
+    from a torch generator: torch's CPU generator keeps 32 bits of its seed (privacy.noise).
+    Opacus' own `secure_mode` would need torchcsprng, which does not install with this torch.
+
     Per step and parameter, Opacus deep-copies the clipped gradient sum into `summed_grad`
     (Python's deep-copy machinery alone took about a tenth of a step on the digits module) and
     allocates a zeros tensor beside each noise draw, discarded unless the noise is zero (on the
     MNIST-5k module the copies and zeros took about 0.9 ms of an 18 ms step; cProfile of
     bench/dp_overhead.py). Here `summed_grad` takes the gradient tensor itself (add_noise then
-    gives p.grad a new tensor, and the next step starts from cleared gradients) and the noise is
-    the same `torch.normal` call on the same generator as Opacus' `_generate_noise`, so every
-    value is Opacus' own (tests/privacy/test_dpsgd.py compares whole runs bit for bit).
-    Clipping, the noise scale, scaling and the step are Opacus'."""
+    gives p.grad a new tensor, and the next step starts from cleared gradients). Given the same
+    Gaussian draws, every value is Opacus' own (tests/privacy/test_dpsgd.py compares whole runs
+    bit for bit against Opacus' optimiser fed the same draws). Clipping, the noise scale,
+    scaling and the step are Opacus'."""
     from opacus.optimizers import DPOptimizerFastGradientClipping
     from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
     class Optimiser(DPOptimizerFastGradientClipping):  # type: ignore[misc]
+        noise_source: NoiseSource  # set by PrivateTrainer
+
         def accumulate(self) -> None:
             for p in self.params:
                 if p.summed_grad is not None:
@@ -99,15 +111,13 @@ def _optimiser_class() -> type:
 
         def add_noise(self) -> None:
             std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier) * self.max_grad_norm
-            if std == 0 or self.secure_mode:  # Opacus draws nothing, or its secure draw
+            if std == 0:  # Opacus draws nothing
                 super().add_noise()
                 return
             for p in self.params:
                 _check_processed_flag(p.summed_grad)
                 reference = p.summed_grad
-                noise = torch.normal(
-                    mean=0, std=std, size=reference.shape, device=reference.device, generator=self.generator
-                )
+                noise = self.noise_source.normal(std, reference.shape).to(reference.device)
                 p.grad = (reference + noise).view_as(p)
                 _mark_as_processed(p.summed_grad)
 
@@ -165,14 +175,17 @@ def _module_class() -> type:
 
 
 class PrivateTrainer:
-    """Trains `module` with DP-SGD (Opacus ghost clipping) on Poisson batches of a tensor."""
+    """Trains `module` with DP-SGD (Opacus ghost clipping) on Poisson batches of a tensor.
+
+    `noise` draws both the Gaussian noise and the Poisson samples: secret, from OS entropy,
+    unless a test passes a seeded `NoiseSource`."""
 
     def __init__(
         self,
         module: nn.Module,
         optimiser: torch.optim.Optimizer,
         config: DpSgdConfig,
-        noise_generator: torch.Generator | None = None,
+        noise: NoiseSource | None = None,
     ) -> None:
         check_privatisable(module)
         register_batched_samplers()
@@ -181,7 +194,7 @@ class PrivateTrainer:
         self.one_pass = only_batched_layers(module)
         self._biases = [m.bias for m in module.modules() if isinstance(m, BatchedLinear)]
         self.config = config
-        self.noise_generator = noise_generator if noise_generator is not None else private_torch_generator()
+        self.noise = noise if noise is not None else NoiseSource()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
             self.module = _module_class()(
@@ -193,9 +206,9 @@ class PrivateTrainer:
                 max_grad_norm=config.clip_norm,
                 expected_batch_size=config.batch_normaliser,  # public, never len(private data)
                 loss_reduction="mean",
-                # The noise must not be reproducible by anyone else: see privacy.noise.
-                generator=self.noise_generator,
             )
+            # Every noise draw comes from here, never from Opacus' torch generator (privacy.noise).
+            self.optimiser.noise_source = self.noise
 
     def _accumulate_clipped(self, loss_fn: PerSampleLoss, batch: Tensor) -> None:
         """Leave sum_i clip(g_i) in p.grad (Opacus' ghost clipping norms; the sum from a second
@@ -245,8 +258,7 @@ class PrivateTrainer:
             observe(grads)
         flat = torch.cat([g.reshape(-1) for g in grads])
         std = share * self.config.noise_multiplier * self.config.clip_norm
-        noise = torch.normal(0.0, std, size=flat.shape, generator=self.noise_generator)
-        return (flat + noise).double().numpy()
+        return (flat + self.noise.normal(std, flat.shape)).double().numpy()
 
     def step(self, loss_fn: PerSampleLoss, batch: Tensor, observe: GradObserver | None = None) -> None:
         """One DP-SGD step on the records `batch` (indices); an empty batch still adds noise."""
@@ -255,25 +267,28 @@ class PrivateTrainer:
             observe([p.grad.detach().clone() for p in self.module.parameters() if p.grad is not None])
         self.optimiser.step()
 
-    def poisson_batch(self, n_records: int, seed: int, step: int) -> Tensor:
-        """Every record joins with probability q, independently.
-
-        A fresh generator per step, one draw per record in record order: removing the last
-        record leaves every other record's membership in every step unchanged, which is what
-        lets the neighbour test compare the two runs step by step.
-        """
-        draws = np.random.default_rng([seed, step]).random(n_records)
-        return torch.as_tensor(np.nonzero(draws < self.config.sample_rate)[0])
+    def poisson_batch(self, n_records: int) -> Tensor:
+        """Every record joins with probability q, independently, by secret draws: subsampling
+        amplification assumes nobody can tell whether a given record was drawn."""
+        return torch.as_tensor(self.noise.bernoulli(n_records, self.config.sample_rate))
 
     def train(
         self,
         loss_fn: PerSampleLoss,
         n_records: int,
         steps: int,
-        seed: int,
+        public_seed: int,
         observe: GradObserver | None = None,
     ) -> None:
-        """`steps` DP-SGD steps on Poisson batches."""
+        """`steps` DP-SGD steps on Poisson batches.
+
+        Before each step torch's global generator is seeded from `public_seed` and the step's
+        index: it gives the step's public randomness (the context of the ELBO's record-keyed
+        latent draws, `core.latent`). Seeding per step keeps that a function of the step alone:
+        an empty batch draws nothing, so with one seed per run every later step's draws would
+        shift with a secret event (which records the Poisson sample missed).
+        """
         self.module.train()
         for step in range(steps):
-            self.step(loss_fn, self.poisson_batch(n_records, seed, step), observe)
+            torch.manual_seed(int(np.random.SeedSequence([public_seed, step]).generate_state(1)[0]))
+            self.step(loss_fn, self.poisson_batch(n_records), observe)

@@ -78,9 +78,13 @@ class TrainedMixture:
     def _in_blocks(self, score: Callable[[Tensor], Tensor], x: np.ndarray) -> np.ndarray:
         """`score` a few records at a time: one record's draws take K x draws x features floats
         (128 MNIST records at K = 5: 128 MB), so a whole site's records at once could exhaust memory."""
-        torch.manual_seed(_SEED)
+        blocks = []
         with torch.no_grad():
-            blocks = [score(torch.as_tensor(x[i : i + BLOCK])) for i in range(0, len(x), BLOCK)]
+            for i in range(0, len(x), BLOCK):
+                # One context for every block: a record's draws (core.latent) are then the
+                # same whichever block it falls in.
+                torch.manual_seed(_SEED)
+                blocks.append(score(torch.as_tensor(x[i : i + BLOCK])))
         out: np.ndarray = torch.cat(blocks).numpy()
         return out
 

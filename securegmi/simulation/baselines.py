@@ -19,7 +19,7 @@ from securegmi.privacy.calibration import CLUSTERS, HISTOGRAM, MOMENTS, PrivateM
 from securegmi.privacy.dpsgd import DpSgdConfig, PrivateTrainer
 from securegmi.privacy.ledger import PrivacyBudget, PrivacyLedger
 from securegmi.privacy.mechanisms import gaussian_release
-from securegmi.privacy.noise import noise_generators
+from securegmi.privacy.noise import NoiseSource
 from securegmi.simulation.recorder import Recorder
 from securegmi.simulation.study import client_settings, dp_plan, new_model
 
@@ -115,7 +115,8 @@ def run_central_dp(recorder: Recorder) -> tuple[list[MixtureOfVAEs], list[np.nda
     plan = dp_plan(config, data)
     assert isinstance(plan, PrivateMixturePlan)
     stats = plan.statistics
-    rng, torch_noise = noise_generators(None)
+    noise = NoiseSource()
+    rng = noise.generator
     k = config.model_components
     sketch = fc.public_sketch(data.data_dim, stats.sketch_dim, stats.sketch_seed)
     spheres = [fc.on_sphere(c.x_train, stats.centre, sketch) for c in data.clients]
@@ -154,7 +155,7 @@ def run_central_dp(recorder: Recorder) -> tuple[list[MixtureOfVAEs], list[np.nda
         model,
         torch.optim.Adam(model.parameters(), lr=config.step_size),
         DpSgdConfig(plan.sgd_noise_multiplier, plan.clip_norm, plan.sample_rate, normaliser),
-        noise_generator=torch_noise,
+        noise=noise,
     )
     x = torch.as_tensor(pooled)
 
@@ -162,7 +163,7 @@ def run_central_dp(recorder: Recorder) -> tuple[list[MixtureOfVAEs], list[np.nda
         return mixture_loss(module(x[batch]), resp[batch])
 
     t0 = time.perf_counter()
-    trainer.train(per_sample_loss, len(x), plan.steps_per_round * plan.vae_rounds, int(rng.integers(2**63)))
+    trainer.train(per_sample_loss, len(x), plan.steps_per_round * plan.vae_rounds, public_seed=config.seed)
     recorder.identifier = identifier
     recorder.finish_round(0, t0, [model] * len(pis), pis)
     ledger = PrivacyLedger("central", PrivacyBudget(plan.epsilon, plan.delta)).check(
@@ -174,7 +175,7 @@ def run_central_dp(recorder: Recorder) -> tuple[list[MixtureOfVAEs], list[np.nda
         "max_spent": ledger.spent,
         "max_spent_pld": ledger.spent_pld(),
         "placement": "central",
-        "secure_rng": False,
+        "secure_rng": True,  # ChaCha20 keyed from OS entropy (privacy.noise)
         "noise": "private",
     }
     return [model] * len(pis), pis, summary

@@ -247,7 +247,8 @@ def privacy_summary(
         "placement": config.placement,
         "design": config.private_training,
         "sgd_noise_multiplier": plan.sgd_noise_multiplier,
-        "secure_rng": False,
+        # ChaCha20 keyed from OS entropy, unless a test seeded the noise (privacy.noise).
+        "secure_rng": config.dp_noise == "private",
         "noise": config.dp_noise,
     }
     if isinstance(plan, DpPlan):

@@ -16,6 +16,7 @@ from securegmi.federation.release import UPDATE, ClientPrivacy, Reply
 from securegmi.federation.server import Server
 from securegmi.federation.transport import InProcessTransport
 from securegmi.privacy.dpsgd import DpSgdConfig, PrivateTrainer, check_privatisable
+from securegmi.privacy.noise import NoiseSource
 from securegmi.protocol import START, FieldKind, FieldSpec, Message, ProtocolSpec, StageSpec, decode
 from securegmi.protocols import dp
 from securegmi.simulation.study import client_settings, dp_plan, load_federated_data, new_model
@@ -201,7 +202,10 @@ def _clipped_sum_differences(clip_declared: float, clip_actual: float) -> list[f
     x = torch.as_tensor(data.clients[0].x_train)
     resp = torch.softmax(torch.randn(len(x), 3), 1)
     trainer = PrivateTrainer(
-        model, torch.optim.Adam(model.parameters(), lr=1e-2), DpSgdConfig(1.0, clip_actual, 0.5, 16.0)
+        model,
+        torch.optim.Adam(model.parameters(), lr=1e-2),
+        DpSgdConfig(1.0, clip_actual, 0.5, 16.0),
+        NoiseSource(11),  # seeded: the same samples in every run of the test
     )
 
     def loss(module, idx):  # type: ignore[no-untyped-def]
@@ -209,8 +213,9 @@ def _clipped_sum_differences(clip_declared: float, clip_actual: float) -> list[f
 
     diffs = []
     for step in range(4):
-        batch = trainer.poisson_batch(len(x), seed=11, step=step)
-        batch_minus = trainer.poisson_batch(len(x) - 1, seed=11, step=step)  # the last record removed
+        batch = trainer.poisson_batch(len(x))
+        # The last record removed (every position: test_record_randomness).
+        batch_minus = batch[batch != len(x) - 1]
         torch.manual_seed(100 + step)
         with_record = trainer.clipped_sum(loss, batch)
         torch.manual_seed(100 + step)
@@ -237,6 +242,15 @@ def test_a_module_opacus_cannot_privatise_is_refused_with_the_fix():
     module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
     with pytest.raises(PrivacyError, match="GroupNorm"):
         check_privatisable(module)
+
+
+@pytest.mark.parametrize(
+    "layer", [torch.nn.Dropout(0.1), torch.nn.Dropout2d(0.1), torch.nn.AlphaDropout(0.1)]
+)
+def test_dropout_is_refused_since_its_masks_are_drawn_by_batch_position(layer):
+    with pytest.raises(PrivacyError, match="position in its batch"):
+        check_privatisable(torch.nn.Sequential(torch.nn.Linear(4, 4), layer))
+    check_privatisable(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()))  # negative control
 
 
 @pytest.mark.parametrize(

@@ -36,8 +36,8 @@ class Observer:
         self.n_records = len(policy.learner.x)
         sampler = trainer.poisson_batch
 
-        def counted_batch(n: int, seed: int, step: int) -> Any:
-            batch = sampler(n, seed, step)
+        def counted_batch(n: int) -> Any:
+            batch = sampler(n)
             self.sampled += len(batch)
             return batch
 

@@ -18,6 +18,7 @@ from securegmi.privacy.calibration import dp_sgd_noise
 from securegmi.privacy.dpsgd import DpSgdConfig
 from securegmi.privacy.events import dpsgd_event
 from securegmi.privacy.ledger import PrivacyBudget
+from securegmi.privacy.noise import NoiseSource
 
 DELTA = 1e-5
 
@@ -69,7 +70,7 @@ def _audit(noise_factor: float, claim: float, seed: int) -> tuple[float, float, 
         delta=DELTA,
         learning_rate=1e-3,
         seed=seed,
-        noise_generator=torch.Generator().manual_seed(1000 + seed),
+        noise=NoiseSource(1000 + seed),
     )
     return epsilon_rdp([dpsgd_event(sigma, q, steps)], DELTA), audit.empirical_epsilon, audit.correct
 
