@@ -46,6 +46,11 @@ NOISE_TESTS = "tests/federation/test_noise_scale.py"
 DP_TESTS = "tests/federation/test_dp.py"
 NEIGHBOUR_TESTS = "tests/federation/test_neighbours.py"
 SPLIT_TESTS = "tests/federation/test_split_sgd.py"
+RECORD_TESTS = "tests/federation/test_record_randomness.py"
+NOISE_SOURCE_TESTS = "tests/privacy/test_noise.py"
+DPSGD_TESTS = "tests/privacy/test_dpsgd.py"
+MIXTURE = "securegmi/core/mixture.py"
+NOISE = "securegmi/privacy/noise.py"
 STATS_TESTS = "tests/federation/test_statistics.py"
 CRYPTO_TESTS = "tests/crypto/test_crypto.py"
 SECURE_TESTS = "tests/federation/test_secure.py"
@@ -106,16 +111,16 @@ MUTANTS: tuple[Mutant, ...] = (
         "dpsgd-rate-x2",
         "Poisson sampling at twice the rate the ledger records",
         DP_SGD,
-        "draws < self.config.sample_rate",
-        "draws < 2 * self.config.sample_rate",
+        "self.noise.bernoulli(n_records, self.config.sample_rate)",
+        "self.noise.bernoulli(n_records, 2 * self.config.sample_rate)",
         LEDGER_TESTS,
     ),
     _one(
         "dpsgd-steps-x3",
         "DP-SGD takes three times the steps the ledger records",
         RELEASE,
-        "self.trainer.train(per_sample_loss, len(x), steps, step_seed, self.observe)",
-        "self.trainer.train(per_sample_loss, len(x), 3 * steps, step_seed, self.observe)",
+        "self.trainer.train(per_sample_loss, len(x), steps, public, self.observe)",
+        "self.trainer.train(per_sample_loss, len(x), 3 * steps, public, self.observe)",
         LEDGER_TESTS,
     ),
     _one(
@@ -135,6 +140,32 @@ MUTANTS: tuple[Mutant, ...] = (
         "return 1.0 / math.sqrt(2 * self.statistics.min_clients) if self.split_sgd else 1.0",
         NOISE_TESTS,
         SPLIT_TESTS,
+    ),
+    # --- the three laws of DESIGN §2: randomness of the record, unguessable noise -----------
+    _one(
+        "latent-draws-positional",
+        "the ELBO's latent draws handed out by batch position from a public seed (main before law 1)",
+        MIXTURE,
+        "return record_keyed_normals(x, context, (self.n_components, samples, self.latent))",
+        "return torch.from_numpy(np.random.default_rng(context).standard_normal("
+        "(x.shape[0], self.n_components, samples, self.latent), dtype=np.float32))",
+        RECORD_TESTS,
+    ),
+    _one(
+        "noise-key-32-bits",
+        "the noise generator keyed with 32 bits of entropy (as torch's mt19937 keeps of any seed)",
+        NOISE,
+        "bits = ChaCha(key=secrets.randbits(KEY_BITS), rounds=ROUNDS)",
+        "bits = ChaCha(key=secrets.randbits(KEY_BITS) & 0xFFFFFFFF, rounds=ROUNDS)",
+        NOISE_SOURCE_TESTS,
+    ),
+    _one(
+        "dpsgd-noise-from-torch",
+        "DP-SGD's noise drawn with torch's global generator instead of the secret ChaCha20 source",
+        DP_SGD,
+        "noise = self.noise_source.normal(std, reference.shape).to(reference.device)",
+        "noise = torch.normal(0.0, std, size=reference.shape)",
+        DPSGD_TESTS,
     ),
     # --- the count release (em design) -------------------------------------------------------
     _one(
