@@ -15,11 +15,12 @@ from dataclasses import replace
 
 from securegmi.errors import ConfigError
 from securegmi.protocol import START, FieldKind, FieldSpec, ProtocolSpec, StageSpec
-from securegmi.protocol.spec import Codec, Release
+from securegmi.protocol.spec import CONTRIBUTIONS, Codec, Release
 
 # Symbolic sizes: M moments (1 + D + D(D+1)/2), S cluster statistics (J x (d+1)), H the
 # clients x clusters histogram matrix; G, where DP-SGD's noise is split, the K x P gradient.
-STATISTICS_DIMS = ("M", "S", "H")
+# N is a count, not a size: the fewest client releases a private phase's aggregate may sum.
+STATISTICS_DIMS = ("M", "S", "H", "N")
 GRADIENT_DIM = "G"
 
 
@@ -104,6 +105,12 @@ def with_statistics(
     if statistics is None:
         return spec
     stages = statistics_stages(kind, what)
+    missing = [d for d in STATISTICS_DIMS if d not in statistics]
+    if missing:
+        raise ConfigError(
+            f"protocol {spec.name!r}: the statistics phase needs sizes {missing} "
+            "(federation.statistics.statistics_dims gives them from the plan)"
+        )
     dims = {d: int(statistics[d]) for d in STATISTICS_DIMS}
     if GRADIENT_DIM in statistics:
         stages += gradient_stages(kind, what)
@@ -113,6 +120,12 @@ def with_statistics(
         description=spec.description + " Preceded by the DP statistics phase.",
         stages=(spec.stage(START), *stages, *spec.stages[1:]),
     ).bind(**dims)
+
+
+def contributions() -> FieldSpec:
+    """How many client releases a private aggregate sums: public (the server sees who
+    answered), and checked by both ends against the declared minimum N."""
+    return FieldSpec(CONTRIBUTIONS, FieldKind.PUBLIC, (), "int64", "client releases the aggregate sums")
 
 
 def gradient_stages(kind: FieldKind, what: str) -> tuple[StageSpec, ...]:
@@ -133,7 +146,8 @@ def gradient_stages(kind: FieldKind, what: str) -> tuple[StageSpec, ...]:
         what + "sum of the gradient releases",
         sum_of="gradient",
     )
-    return StageSpec("gradient", "client", (up,)), StageSpec("gradient_totals", "server", (down,))
+    totals = StageSpec("gradient_totals", "server", (down, contributions()), min_shares="N")
+    return StageSpec("gradient", "client", (up,)), totals
 
 
 def statistics_stages(kind: FieldKind, what: str) -> tuple[StageSpec, ...]:
@@ -144,7 +158,7 @@ def statistics_stages(kind: FieldKind, what: str) -> tuple[StageSpec, ...]:
 
     def down(stage: str, of: str, dim: str, description: str) -> StageSpec:
         field = FieldSpec("aggregate", kind, (dim,), "float64", what + description, sum_of=of)
-        return StageSpec(stage, "server", (field,))
+        return StageSpec(stage, "server", (field, contributions()), min_shares="N")
 
     return (
         up("moments", "M", "sum of (1, u, triu(u u^T)) + noise (event moments@round)"),

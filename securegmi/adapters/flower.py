@@ -20,6 +20,7 @@ sets that and keeps Flower's files inside the directory you name.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -46,7 +47,13 @@ from securegmi.errors import (
 from securegmi.federation.client import Client
 from securegmi.federation.codec import CkksCodec, ClearCodec, ClientCodec
 from securegmi.federation.server import Server, play_round
-from securegmi.federation.transport import Exchange, ServerEndpoint, Transport
+from securegmi.federation.transport import (
+    Exchange,
+    ServerEndpoint,
+    Transport,
+    client_refusal,
+    recorded_refusal,
+)
 from securegmi.protocol import Message as SecureGMIMessage
 from securegmi.protocol import ProtocolSpec, decode, encode
 from securegmi.records.rundir import (
@@ -54,6 +61,8 @@ from securegmi.records.rundir import (
     ENGINE,
     RunDirectory,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = [  # with the Flower types the study module builds on (only this module imports flwr)
     "ClientApp",
@@ -163,8 +172,10 @@ def client_app(factory: ClientFactory) -> ClientApp:
         try:
             reply = client.receive(_wire(message))
         except (ProtocolViolation, BudgetExceededError, CryptoError) as exc:
-            # Nothing of this round leaves the client: only why it refused.
-            return Message(Error(code=REFUSED, reason=str(exc)), reply_to=message)
+            # Nothing of this round leaves the client: only the class of why it refused; the
+            # full reason stays in the site's own log.
+            log.warning("%s refused round %s: %s", client.client_id, message.metadata.message_id, exc)
+            return Message(Error(code=REFUSED, reason=client_refusal(exc)), reply_to=message)
         return Message(_content(reply), reply_to=message)
 
     return app
@@ -208,7 +219,7 @@ class FlowerTransport(Transport):
                     raise ProtocolViolation(f"{cid} sent more than one reply this round")
                 answered.add(cid)
                 if reply.has_error():
-                    raise ProtocolViolation(f"{cid} refused: {reply.error.reason}")
+                    raise ProtocolViolation(f"{cid}: {recorded_refusal(reply.error.reason)}")
                 replies[cid] = self.endpoint.accept(cid, _wire(reply))
             except (ProtocolViolation, CryptoError) as exc:
                 refused[cid] = str(exc)

@@ -44,7 +44,7 @@ from securegmi.federation.release import (
     StatisticsRelease,
 )
 from securegmi.federation.transport import ClientEndpoint
-from securegmi.privacy.calibration import DpPlan
+from securegmi.privacy.calibration import DpPlan, PrivateMixturePlan
 from securegmi.privacy.ledger import PrivacyLedger
 from securegmi.protocol import Message, ProtocolSpec, TranscriptWriter, decode, encode
 from securegmi.protocol.payload import build_payload
@@ -271,6 +271,15 @@ def _check_protocol(
             raise ConfigError(
                 f"protocol {spec.name!r} declares {dim} = {spec.dims[dim]}, but these components have "
                 f"{dim} = {value}: every client must use the federation's component architecture"
+            )
+    if privacy is not None and isinstance(privacy.plan, PrivateMixturePlan):
+        required = privacy.plan.statistics.min_clients
+        if spec.dims.get("N", 0) < required:
+            raise PrivacyError(
+                f"protocol {spec.name!r} lets an aggregate sum {spec.dims.get('N', 'any number of')} "
+                f"client releases; this client's plan splits its noise over at least {required}, "
+                "so a smaller sum would carry less than the planned noise: build the protocol from "
+                "the plan (securegmi.protocol(..., plan=plan, clients=...))"
             )
     mismatches: list[tuple[bool, type[SecureGMIError], str]] = [
         (

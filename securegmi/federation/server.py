@@ -25,6 +25,7 @@ from securegmi.federation.transport import ServerEndpoint, Transport
 from securegmi.protocol import SERVER, START, FieldKind, Message, ProtocolSpec, TranscriptWriter
 from securegmi.protocol.fields import field_array
 from securegmi.protocol.payload import build_payload
+from securegmi.protocol.spec import CONTRIBUTIONS
 
 AGGREGATE = "aggregate"  # the ledger-style provenance of every server field: aggregate@round<t>
 
@@ -55,9 +56,27 @@ class Server:
         self.summation: Summation = CkksSum(public, spec) if public is not None else ClearSum(spec)
         transcript = TranscriptWriter(Path(transcript_path)) if transcript_path is not None else None
         self.endpoint = ServerEndpoint(spec, transcript)
-        # Per uplink stage: the fewest replies whose sum may be released (split noise is sized
-        # so that this many shares carry the full noise: privacy.calibration.StatisticsPlan).
-        self.cohort_minimum = dict(cohort_minimum or {})
+        # Per uplink stage: the fewest replies whose sum may be released. The protocol declares
+        # it where the noise is split (shares of sigma / sqrt(N): privacy.calibration.
+        # StatisticsPlan), and no server is built below that (DESIGN §2, law 3); a caller may
+        # only ask for more.
+        self.cohort_minimum = {
+            s.name: spec.min_shares(spec.downlink_after(s.name).name)
+            for s in spec.stages
+            if s.sender == "client"
+        }
+        for stage, minimum in (cohort_minimum or {}).items():
+            declared = self.cohort_minimum.get(stage)
+            if declared is None:
+                raise ConfigError(f"protocol {spec.name!r} has no client stage {stage!r} to set a cohort for")
+            if minimum < declared:
+                raise ConfigError(
+                    f"a minimum cohort of {minimum} for {stage!r} is below the {declared} releases protocol "
+                    f"{spec.name!r} declares: each client adds a 1/sqrt({declared}) share of the noise, so a "
+                    "smaller sum would carry less than the planned noise"
+                )
+            self.cohort_minimum[stage] = minimum
+        self.contributions = 0  # how many replies the last sums add
         self.totals: dict[str, np.ndarray | bytes] = {}
         self.after: str | None = None  # the uplink stage the totals sum; None before round 0
         self.round: int | None = None  # the round of the last broadcast: replies must answer it
@@ -77,6 +96,8 @@ class Server:
                 events[f.name] = f"{AGGREGATE}@round{round_index - 1}"
             elif f.kind is FieldKind.PUBLIC and f.name == "temperature":
                 values[f.name] = np.asarray(temperature, dtype=np.float64)
+            elif f.kind is FieldKind.PUBLIC and f.name == CONTRIBUTIONS:
+                values[f.name] = np.asarray(self.contributions, dtype=np.int64)
         payload = build_payload(stage, values, events, self.summation.key_id)
         self.round = round_index
         return Message(stage=stage.name, round=round_index, sender=SERVER, payload=payload, run=self.run_id)
@@ -107,7 +128,7 @@ class Server:
             except (CryptoError, ProtocolViolation) as exc:
                 rejected[sender] = str(exc)
                 self.endpoint.refuse(sender, message, f"not added: {exc}")  # on the transcript
-        minimum = max(1, self.cohort_minimum.get(first.stage, 1))
+        minimum = self.cohort_minimum.get(first.stage, 1)
         if len(admitted) < minimum:
             raise RunAbortedError(
                 f"round {self.round}: {len(admitted)} {first.stage} replies were accepted, the minimum "
@@ -122,6 +143,7 @@ class Server:
         }
         self.after = first.stage
         self.aggregated = self.round
+        self.contributions = len(admitted)
         return rejected
 
     def save_state(self, path: Path, extra: Mapping[str, str] | None = None) -> None:
@@ -136,6 +158,7 @@ class Server:
             "after": json.dumps(self.after),
             "round": json.dumps(self.round),
             "aggregated": json.dumps(self.aggregated),
+            "contributions": json.dumps(self.contributions),
             "ciphertexts": json.dumps(sorted(n for n, v in self.totals.items() if isinstance(v, bytes))),
             **(extra or {}),
         }
@@ -154,8 +177,8 @@ class Server:
                 k.removeprefix("total."): v.tobytes() if k.removeprefix("total.") in encrypted else v
                 for k, v in arrays.items()
             }
-            after, round_index, aggregated = (
-                json.loads(metadata[k]) for k in ("after", "round", "aggregated")
+            after, round_index, aggregated, contributions = (
+                json.loads(metadata[k]) for k in ("after", "round", "aggregated", "contributions")
             )
             run_id = metadata["run"]
         except (OSError, SafetensorError, KeyError, ValueError) as exc:
@@ -167,6 +190,7 @@ class Server:
             aggregated,
             run_id,
         )
+        self.contributions = int(contributions)
         return metadata
 
     def close(self) -> None:

@@ -31,13 +31,15 @@ SENSITIVITY = {
 
 
 def statistics_dims(plan: PrivateMixturePlan, clients: int, gradient_size: int) -> dict[str, int]:
-    """The sizes a protocol's private phases need; `gradient_size` (K x P) where DP-SGD's
-    noise is split (one gradient release per round)."""
+    """The sizes a protocol's private phases need, and N, the plan's minimum cohort (the
+    fewest releases an aggregate may sum, for split noise to carry its full scale);
+    `gradient_size` (K x P) where DP-SGD's noise is split (one gradient release per round)."""
     stats = plan.statistics
     dims = {
         "M": fc.moments_size(stats.sketch_dim),
         "S": stats.clusters * (stats.projection_dim + 1),
         "H": clients * stats.clusters,
+        "N": stats.min_clients,
     }
     return dims | ({"G": gradient_size} if plan.split_sgd else {})
 

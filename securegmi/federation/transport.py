@@ -7,6 +7,7 @@ its own check is still refused). The in-process transport is the twin that Flowe
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -15,6 +16,24 @@ from securegmi.errors import BudgetExceededError, CryptoError, ProtocolViolation
 from securegmi.protocol import SERVER, Message, ProtocolSpec, TranscriptWriter, decode, encode
 
 Handler = Callable[[Message], Message]
+
+
+def client_refusal(exc: BaseException) -> str:
+    """What the server may record of a client's failure: its class, never its text. A client's
+    message can hold data-derived values (an encryption refusal names the magnitude of the value
+    it would not encrypt; a budget refusal, the epsilon spent), and the server's records hold
+    no data-derived value (DESIGN §2). The site keeps the full message on its side."""
+    return f"refused by the client ({type(exc).__name__})"
+
+
+def recorded_refusal(reason: str) -> str:
+    """A refusal reason that arrived from a client, as the server records it: only in the form
+    `client_refusal` gives, so a client (or a site's older code) cannot write free text into the
+    server's transcript."""
+    return reason if _REFUSAL.fullmatch(reason) else "refused by the client (reason withheld)"
+
+
+_REFUSAL = re.compile(r"refused by the client \([A-Za-z]+\)")
 
 
 class ClientEndpoint:
@@ -104,17 +123,22 @@ class InProcessTransport(Transport):
         for client_id, message in outgoing.items():
             wire = self.server.send(client_id, message)
             try:
-                replies[client_id] = self.server.accept(client_id, self.deliver(client_id, wire))
-                continue
+                answer = self.deliver(client_id, wire)
             except (ProtocolViolation, BudgetExceededError, CryptoError) as exc:
-                # The client sent nothing (its own check or its ledger refused) or the server
-                # refused what arrived; either way the round completes with the others.
-                reason = str(exc)
+                # The client sent nothing (its own check or its ledger refused); the round
+                # completes with the others.
+                reason = client_refusal(exc)
             except Exception as exc:
                 # A site that fails mid-round (a crash, a full disk) drops out of the round, as
                 # one that times out over a network would; what it committed to its ledger
                 # before failing stays charged.
-                reason = f"dropped out: {type(exc).__name__}: {exc}"
+                reason = f"dropped out ({type(exc).__name__})"
+            else:
+                try:
+                    replies[client_id] = self.server.accept(client_id, answer)
+                    continue
+                except ProtocolViolation as exc:
+                    reason = str(exc)  # the server's own check: public facts of the message
             refused[client_id] = reason
             self.server.refuse(client_id, message, reason)
         return Exchange(replies, refused)

@@ -38,11 +38,19 @@ class FieldSpec:
     packed_in: str | None = None
 
 
+# The public field of a server stage that says how many client releases its sums add.
+CONTRIBUTIONS = "contributions"
+
+
 @dataclass(frozen=True)
 class StageSpec:
     name: str
     sender: Role
     fields: tuple[FieldSpec, ...]
+    # A server stage: the fewest client releases its sums may add. Where each client adds a
+    # share sigma / sqrt(m) of the noise, a sum of fewer than m shares carries less than the
+    # planned noise (DESIGN §2, law 3); such a stage declares CONTRIBUTIONS, which both ends check.
+    min_shares: Dim = 1
 
     def field(self, name: str) -> FieldSpec | None:
         return next((f for f in self.fields if f.name == name), None)
@@ -141,6 +149,11 @@ class ProtocolSpec:
                 return s
         raise ProtocolViolation(f"protocol {self.name!r} has no stage {name!r}")
 
+    def min_shares(self, stage: str) -> int:
+        """The fewest client releases the server stage `stage` may sum (1 if it says nothing)."""
+        (value,) = self.resolve((self.stage(stage).min_shares,))
+        return value
+
     def downlink_after(self, uplink: str) -> StageSpec:
         """The server stage that returns the sums of the clients' `uplink` stage."""
         fields = {f.name for f in self.stage(uplink).fields}
@@ -206,6 +219,14 @@ class ProtocolSpec:
                 )
             if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
                 raise ProtocolViolation(f"{where}: field {spec.name!r} holds NaN or infinity")
+        if stage.sender == "server" and stage.field(CONTRIBUTIONS) is not None:
+            summed, required = int(field_array(message.payload[CONTRIBUTIONS])), self.min_shares(stage.name)
+            if summed < required:
+                raise ProtocolViolation(
+                    f"{where}: the aggregate sums {summed} client releases, the protocol requires at "
+                    f"least {required}; a sum of fewer noise shares carries less than the planned "
+                    "noise, so it is refused"
+                )
 
 
 # A protocol module's `build(components=K, parameters=P, top_b=B, [statistics=...])`.

@@ -75,7 +75,7 @@ def audit_run(run_dir: Path, builder_for: Callable[[str], ProtocolBuilder]) -> A
         bound = _json_object(run_dir / PROTOCOL)
         dims = {k: int(v) for k, v in bound["dims"].items()}
         top_b = dims["B"] if dims["B"] != dims["K"] else None
-        statistics = {d: dims[d] for d in ("M", "S", "H", "G") if d in dims} if "M" in dims else None
+        statistics = {d: dims[d] for d in ("M", "S", "H", "N", "G") if d in dims} if "M" in dims else None
         spec = builder_for(str(bound["name"]))(
             components=dims["K"],
             parameters=dims["P"],

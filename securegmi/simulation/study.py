@@ -21,7 +21,7 @@ from securegmi.federation.client import Client
 from securegmi.federation.local import ClientSettings, derive_seed
 from securegmi.federation.release import ClientPrivacy
 from securegmi.federation.server import Server
-from securegmi.federation.statistics import GRADIENT, UPLINK, statistics_dims
+from securegmi.federation.statistics import statistics_dims
 from securegmi.privacy.calibration import (
     DpPlan,
     PrivateMixturePlan,
@@ -159,10 +159,8 @@ class Federation:
         )
 
     def server(self, public: PublicContext | None, transcript_path: Path | None = None) -> Server:
-        minimum = {}
-        if self.statistics is not None:  # every release whose noise may be split
-            minimum = {stage: self.statistics.min_clients for stage in (*UPLINK.values(), GRADIENT)}
-        return Server(self.spec, public, cohort_minimum=minimum, transcript_path=transcript_path)
+        # The protocol declares the minimum cohort of every private aggregate (its N).
+        return Server(self.spec, public, transcript_path=transcript_path)
 
     def exported(self, values: np.ndarray) -> np.ndarray:
         """Values a run exports (components, the source identifier). Under CKKS they are

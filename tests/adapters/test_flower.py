@@ -181,7 +181,7 @@ def test_a_client_over_budget_refuses_over_flower_and_the_round_completes(tmp_pa
     )
     refused = json.loads((out / ENGINE).read_text())["refused"]
     assert refused[:2] == [{}, {}]
-    assert list(refused[2]) == ["client-1"] and "budget" in refused[2]["client-1"]
+    assert refused[2] == {"client-1": "client-1: refused by the client (BudgetExceededError)"}
     rows = list(read_transcript(out / TRANSCRIPT))
     refusals = [r for r in rows if r["status"] == "refused"]
     assert [(r["round"], r["sender"]) for r in refusals] == [(2, "client-1")]

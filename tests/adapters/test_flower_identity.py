@@ -179,7 +179,8 @@ def test_two_nodes_claiming_one_client_stop_the_run_before_round_0():
 
 def test_a_silent_node_and_a_refusing_node_are_each_refused_with_their_reason():
     """client-1's node stays silent past the round's timeout; client-2's node answers with a
-    Flower error (its ledger refused): the round completes with client-0 alone."""
+    Flower error (its ledger refused): the round completes with client-0 alone. The server
+    records a refusal's class, never free text from the client (point 6 of issue 25)."""
     from flwr.app import Error
 
     _, clients, server = _setup()
@@ -187,13 +188,23 @@ def test_a_silent_node_and_a_refusing_node_are_each_refused_with_their_reason():
 
     def refusal(sent: list[Message]) -> list[Message]:
         to_node_13 = next(m for m in sent if m.metadata.dst_node_id == 13)
-        return [Message(Error(code=1, reason="over budget: nothing was sent"), reply_to=to_node_13)]
+        return [Message(Error(code=1, reason=reason), reply_to=to_node_13)]
 
-    grid = ScriptedGrid({"client-0": clients["client-0"]}, refusal)
-    transport = FlowerTransport(grid, server.endpoint, NODES, timeout=0.5)  # type: ignore[arg-type]
-    exchange = transport.exchange(dict.fromkeys(NODES, broadcast))
-    assert set(exchange.replies) == {"client-0"}
-    assert exchange.refused == {
+    def refused_with(text: str) -> dict[str, str]:
+        nonlocal reason
+        reason = text
+        grid = ScriptedGrid({"client-0": clients["client-0"]}, refusal)
+        transport = FlowerTransport(grid, server.endpoint, NODES, timeout=0.5)  # type: ignore[arg-type]
+        exchange = transport.exchange(dict.fromkeys(NODES, broadcast))
+        assert set(exchange.replies) == {"client-0"}
+        return exchange.refused
+
+    reason = ""
+    assert refused_with("refused by the client (BudgetExceededError)") == {
         "client-1": "no reply before the round's timeout",
-        "client-2": "client-2 refused: over budget: nothing was sent",
+        "client-2": "client-2: refused by the client (BudgetExceededError)",
     }
+    # A client's own text (here a private spend) never reaches the server's records.
+    assert refused_with("over budget: 7.93 of 8 spent")["client-2"] == (
+        "client-2: refused by the client (reason withheld)"
+    )

@@ -114,7 +114,10 @@ def test_messages_are_bound_to_their_run_sender_and_round():
     other.broadcast(0, 1.0)
     from_other_run = clients["client-0"].handle(other.broadcast(0, 1.0))  # client-0 now in `other`
     replies = transport.exchange({cid: server.broadcast(0, 1.0) for cid in clients})
-    assert "this client is in run" in replies.refused["client-0"]  # it refuses another run's server
+    # It refuses another run's server; the server records the refusal's class only.
+    assert replies.refused["client-0"] == "refused by the client (ProtocolViolation)"
+    with pytest.raises(ProtocolViolation, match="this client is in run"):
+        clients["client-0"].handle(server.broadcast(0, 1.0))
     forged = {**replies.replies, "client-0": from_other_run, "client-3": replies.replies["client-1"]}
     rejected = server.aggregate(forged)
     assert "another run" in rejected["client-0"]

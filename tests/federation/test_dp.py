@@ -95,9 +95,10 @@ def test_planned_rounds_fit_and_the_next_is_refused_with_nothing_sent(tmp_path):
 
     before = len(transport.sent)
     exchange = transport.exchange({cid: server.broadcast(CONFIG.rounds, 1.0) for cid in clients})
-    assert set(exchange.refused) == set(clients)
-    assert all("nothing was sent" in reason for reason in exchange.refused.values())
+    assert exchange.refused == dict.fromkeys(clients, "refused by the client (BudgetExceededError)")
     assert len(transport.sent) == before  # the spy saw zero messages from the refused round
+    with pytest.raises(BudgetExceededError, match="nothing was sent"):  # the client's own reason
+        clients["client-0"].handle(server.broadcast(CONFIG.rounds, 1.0))
     on_disk = json.loads((tmp_path / "client-0.json").read_text())
     assert len(on_disk["entries"]) == 2 * CONFIG.rounds  # the refused round was not committed
 

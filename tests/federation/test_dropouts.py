@@ -55,7 +55,8 @@ def test_a_client_that_fails_mid_round_is_dropped_and_the_minimum_cohort_complet
     _crash_in_release(clients["client-3"])
     outcome = play_round(server, transport, list(clients), 1, 1.0)
     assert set(outcome.replies) == {"client-0", "client-1", "client-2"}
-    assert outcome.refused == {"client-3": "dropped out: RuntimeError: the site's process died"}
+    # The class only: a site's error text stays with the site (it could hold private values).
+    assert outcome.refused == {"client-3": "dropped out (RuntimeError)"}
     assert clients["client-3"].ledger.covers("clusters@round1")  # type: ignore[union-attr]
     assert server.aggregated == 1  # the three replies were added
 

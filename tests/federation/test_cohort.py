@@ -1,0 +1,98 @@
+"""Law 3 of DESIGN §2: a split release is a sum of enough shares. Where each client adds a
+sigma / sqrt(N) share of the noise, the protocol declares N; no public API builds a server
+below it, every private aggregate says how many releases it sums, and both ends refuse one of
+fewer. Each check has its negative control: the same step with enough shares goes through."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import securegmi
+from securegmi.config import SimulationConfig
+from securegmi.errors import ConfigError, PrivacyError, ProtocolViolation, RunAbortedError
+from securegmi.federation.client import Client
+from securegmi.federation.server import Server
+from securegmi.protocol import Message
+from securegmi.protocol.fields import Public
+from securegmi.protocol.spec import CONTRIBUTIONS
+from securegmi.protocols import dp
+from securegmi.simulation.study import Federation
+
+SPLIT = SimulationConfig(
+    dataset="synthetic", clients=4, local_epochs=1, hidden=16, latent=2, protocol="dp", epsilon=4.0
+)
+
+
+def _federation() -> Federation:
+    return Federation.build(SPLIT, dp.build)
+
+
+def _first_replies(federation: Federation, server: Server) -> dict[str, Message]:
+    start = server.broadcast(0, 1.0)
+    clients = [federation.client(i, None) for i in range(SPLIT.clients)]
+    return {c.client_id: c.handle(start) for c in clients}
+
+
+def test_the_public_server_takes_the_declared_minimum_cohort():
+    """Server(spec) as a bring-your-own loop builds it: the review's attack (one share of a
+    split release summed and sent back) is refused without any cohort argument."""
+    federation = _federation()
+    spec = securegmi.protocol("dp", federation.new_model(), plan=federation.plan, clients=SPLIT.clients)
+    assert spec.min_shares("moment_totals") == SPLIT.cohort_minimum == 4
+    server = Server(spec)
+    replies = _first_replies(federation, server)
+    with pytest.raises(RunAbortedError, match="minimum cohort is 4"):
+        server.aggregate(dict(list(replies.items())[:1]))
+    assert server.totals == {}
+    assert server.aggregate(replies) == {}  # negative control: the whole cohort is summed
+    assert int(server.broadcast(1, 1.0).payload[CONTRIBUTIONS].value) == 4
+
+
+def test_a_server_cannot_be_built_below_the_declared_cohort():
+    spec = _federation().spec
+    with pytest.raises(ConfigError, match="below the 4 releases"):
+        Server(spec, cohort_minimum={"moments": 1})
+    assert Server(spec, cohort_minimum={"moments": 4}).cohort_minimum["moments"] == 4  # control
+    assert Server(spec, cohort_minimum={"moments": 5}).cohort_minimum["moments"] == 5  # more is fine
+
+
+def _short_aggregate(federation: Federation) -> tuple[Message, Message]:
+    """An honest round-1 broadcast, and the one a deviating server would send: the same
+    values claiming a sum of one release."""
+    server = federation.server(None)
+    server.aggregate(_first_replies(federation, server))
+    honest = server.broadcast(1, 1.0)
+    payload = {**honest.payload, CONTRIBUTIONS: Public(np.asarray(1, dtype=np.int64))}
+    return honest, dataclasses.replace(honest, payload=payload)
+
+
+def test_both_ends_refuse_an_aggregate_of_fewer_releases():
+    federation = _federation()
+    honest, short = _short_aggregate(federation)
+    federation.spec.validate(honest, sender_role="server")  # negative control
+    with pytest.raises(ProtocolViolation, match="sums 1 client releases, the protocol requires at least 4"):
+        federation.spec.validate(short, sender_role="server")
+    client = federation.client(0, None)
+    client.handle(federation.server(None).broadcast(0, 1.0))
+    with pytest.raises(ProtocolViolation, match="requires at least 4"):
+        client.handle(dataclasses.replace(short, run=client.run_id))
+    assert client.ledger is not None
+    assert {e.round for e in client.ledger.entries} == {0}  # nothing released in round 1
+
+
+def test_a_client_refuses_a_protocol_declaring_fewer_shares_than_its_plan():
+    federation = _federation()
+    lax = federation.spec.bind(N=1)
+    with pytest.raises(PrivacyError, match="splits its noise over at least 4"):
+        Client(
+            "client-0",
+            federation.new_model(),
+            federation.data.clients[0].x_train,
+            lax,
+            privacy=federation.client(0, None).policy.privacy,  # type: ignore[attr-defined]
+        )
+    # Negative control: the federation's own declaration is accepted (as _federation's clients are).
+    assert federation.client(0, None).spec.dims["N"] == 4
