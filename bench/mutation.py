@@ -47,6 +47,7 @@ DP_TESTS = "tests/federation/test_dp.py"
 NEIGHBOUR_TESTS = "tests/federation/test_neighbours.py"
 SPLIT_TESTS = "tests/federation/test_split_sgd.py"
 RECORD_TESTS = "tests/federation/test_record_randomness.py"
+COHORT_TESTS = "tests/federation/test_cohort.py"
 NOISE_SOURCE_TESTS = "tests/privacy/test_noise.py"
 DPSGD_TESTS = "tests/privacy/test_dpsgd.py"
 MIXTURE = "securegmi/core/mixture.py"
@@ -166,6 +167,22 @@ MUTANTS: tuple[Mutant, ...] = (
         "noise = self.noise_source.normal(std, reference.shape).to(reference.device)",
         "noise = torch.normal(0.0, std, size=reference.shape)",
         DPSGD_TESTS,
+    ),
+    _one(
+        "server-cohort-1",
+        "the public Server sums any number of split shares (cohort 1, as the review's example built it)",
+        "securegmi/federation/server.py",
+        "s.name: spec.min_shares(spec.downlink_after(s.name).name)",
+        "s.name: 1",
+        COHORT_TESTS,
+    ),
+    _one(
+        "contributions-unchecked",
+        "neither end checks how many releases a private aggregate claims to sum",
+        "securegmi/protocol/spec.py",
+        "            if summed < required:",
+        "            if False:",
+        COHORT_TESTS,
     ),
     # --- the count release (em design) -------------------------------------------------------
     _one(
