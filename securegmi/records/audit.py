@@ -337,9 +337,12 @@ def _plan_problems(plan: Plan, run_config: dict[str, Any], ledgers: dict[str, Pr
         for entry in ledger.entries:
             expected = [e for e in plan.round_entries(entry.round) if e.name == entry.name]
             if entry.round >= plan.rounds or expected != [entry]:
+                # The event and, under split noise, its fallback: either may be what differs.
+                recorded = json.dumps(entry.parameters(), sort_keys=True)
+                decided = json.dumps(expected[0].parameters(), sort_keys=True) if expected else None
                 problems.append(
-                    f"{client}: ledger entry {entry.event_id} records {entry.event_json}, the plan "
-                    f"decided {expected[0].event_json if expected else 'no such release'}"
+                    f"{client}: ledger entry {entry.event_id} records {recorded}, the plan "
+                    f"decided {decided or 'no such release'}"
                 )
                 break  # one line per client is enough to fail the audit
     return problems
