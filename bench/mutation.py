@@ -40,6 +40,7 @@ STATISTICS = "securegmi/federation/statistics.py"
 CALIBRATION = "securegmi/privacy/calibration.py"
 ENVELOPE = "securegmi/crypto/envelope.py"
 AGGREGATION = "securegmi/crypto/aggregation.py"
+AUDIT = "securegmi/records/audit.py"
 
 LEDGER_TESTS = "tests/federation/test_ledger_equals_mechanism.py"
 NOISE_TESTS = "tests/federation/test_noise_scale.py"
@@ -56,6 +57,7 @@ STATS_TESTS = "tests/federation/test_statistics.py"
 CRYPTO_TESTS = "tests/crypto/test_crypto.py"
 SECURE_TESTS = "tests/federation/test_secure.py"
 PRIVACY_TESTS = "tests/privacy"
+AUDIT_TESTS = "tests/cli/test_audit.py"
 
 
 @dataclass(frozen=True)
@@ -289,7 +291,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "audit-trusts-the-ledger",
         "the audit takes each ledger's events as they are, without the plan",
         "securegmi/records/audit.py",
-        "problems += _plan_problems(run_dir, run_config, ledgers)",
+        "problems += _plan_problems(plan, run_config, ledgers)",
         "pass",
         "tests/cli/test_audit.py",
     ),
@@ -300,6 +302,55 @@ MUTANTS: tuple[Mutant, ...] = (
         "if mine is None or mine == entry:",
         "if True:",
         "tests/cli/test_audit.py",
+    ),
+    # --- the audit counts (issue 25): each partial edit of a run directory it must catch ----
+    _one(
+        "audit-ledger-tail-cut-unchecked",
+        "the audit does not compare each ledger's entries with the plan's completed rounds",
+        AUDIT,
+        "if absent and not excused:",
+        "if False:",
+        AUDIT_TESTS + "::test_a_ledger_cut_at_its_tail_with_its_transcript_rows_fails_the_audit",
+    ),
+    _one(
+        "audit-missing-client-unchecked",
+        "the audit does not compare the number of clients with the configuration",
+        AUDIT,
+        "if count != config.clients",
+        "if False",
+        AUDIT_TESTS + "::test_a_client_deleted_with_its_transcript_rows_fails_the_audit",
+    ),
+    _one(
+        "audit-double-release-unflagged",
+        "the audit does not flag a release the server received twice with different contents",
+        AUDIT,
+        "if len(contents) > 1 and client not in reported:",
+        "if False:",
+        AUDIT_TESTS + "::test_a_release_received_twice_with_different_contents_fails_the_audit",
+    ),
+    _one(
+        "audit-seeded-relabel-unchecked",
+        "the audit takes the configuration's word for the noise source, not the ledgers'",
+        AUDIT,
+        "if source != PRIVATE_NOISE:",
+        "if False:",
+        SECURE_TESTS + "::test_a_seeded_run_relabelled_private_still_fails_the_audit",
+    ),
+    _one(
+        "ledger-noise-source-outside-the-chain",
+        "a ledger's noise source is not hashed into its first link (relabelling it goes unseen)",
+        "securegmi/privacy/ledger.py",
+        'head["noise"] = noise',
+        "pass",
+        "tests/privacy/test_ledger.py",
+    ),
+    _one(
+        "audit-split-cohort-uncounted",
+        "the audit does not count the uploads a split-noise round's sum added",
+        AUDIT,
+        "if split and summed < minimum:",
+        "if False:",
+        SECURE_TESTS + "::test_a_split_round_summed_from_fewer_than_the_minimum_cohort_fails_the_audit",
     ),
     _one(
         "release-without-its-event",

@@ -149,7 +149,11 @@ class DpMechanisms:
             raise PrivacyError("a DP client weights components by its released counts only")
         plan = privacy.plan
         self.learner, self.privacy = learner, privacy
-        self.ledger = PrivacyLedger(learner.client_id, PrivacyBudget(plan.epsilon, plan.delta))
+        self.ledger = PrivacyLedger(
+            learner.client_id,
+            PrivacyBudget(plan.epsilon, plan.delta),
+            noise_source="private" if privacy.noise_seed is None else "seeded",  # bound into its first link
+        )
         if privacy.ledger_path is not None and privacy.ledger_path.exists():
             # What this client already spent (before a crash, say) counts, whatever else was lost.
             self._adopt(PrivacyLedger.load(privacy.ledger_path))

@@ -12,7 +12,7 @@ import math
 import os
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,15 @@ from securegmi.privacy.events import event_from_json, event_to_json
 
 # Slack for floating-point noise in the accountant when a plan is calibrated exactly to budget.
 _RELATIVE_SLACK = 1e-6
+
+# Where a client's DP noise comes from, bound into its ledger's first link. "private": OS
+# entropy. "seeded": reproducible from the run seed, for tests only (anyone holding config.json
+# can regenerate and subtract it). "unknown": a ledger built without saying, or written before
+# the source was recorded; the audit fails both of the latter.
+PRIVATE_NOISE = "private"
+SEEDED_NOISE = "seeded"
+UNKNOWN_NOISE = "unknown"
+NOISE_SOURCES = (PRIVATE_NOISE, SEEDED_NOISE, UNKNOWN_NOISE)
 
 
 @dataclass(frozen=True)
@@ -85,10 +94,14 @@ class LedgerEntry:
         )
 
 
-def _genesis(client_id: str, budget: Any, adjacency: str) -> str:
-    """The chain's first link: who the ledger is for, and its budget."""
-    head = json.dumps({"client": client_id, "budget": budget, "adjacency": adjacency}, sort_keys=True)
-    return hashlib.sha256(head.encode()).hexdigest()
+def _genesis(client_id: str, budget: Any, adjacency: str, noise: str | None) -> str:
+    """The chain's first link: who the ledger is for, its budget, and where its noise comes
+    from (None: a ledger written before the noise source was recorded, whose first link does
+    not hold it)."""
+    head: dict[str, Any] = {"client": client_id, "budget": budget, "adjacency": adjacency}
+    if noise is not None:
+        head["noise"] = noise
+    return hashlib.sha256(json.dumps(head, sort_keys=True).encode()).hexdigest()
 
 
 def _link(previous: str, record: dict[str, Any]) -> str:
@@ -105,6 +118,12 @@ class PrivacyLedger:
     budget: PrivacyBudget
     entries: tuple[LedgerEntry, ...] = field(default=())
     adjacency: str = ADJACENCY
+    # One of NOISE_SOURCES; hashed into the first link, so relabelling it breaks the chain.
+    noise_source: str = field(default=UNKNOWN_NOISE, kw_only=True)
+
+    def __post_init__(self) -> None:
+        if self.noise_source not in NOISE_SOURCES:
+            raise PrivacyError(f"noise source must be one of {NOISE_SOURCES}, got {self.noise_source!r}")
 
     def composed_events(self, fallback: bool = False) -> list[dp_accounting.DpEvent]:
         """Every entry's event, identical ones folded into one self-composition (same privacy
@@ -145,7 +164,7 @@ class PrivacyLedger:
         return max(0.0, self.budget.epsilon - self.spent)
 
     def project(self, entries: Sequence[LedgerEntry]) -> PrivacyLedger:
-        return PrivacyLedger(self.client_id, self.budget, (*self.entries, *entries), self.adjacency)
+        return replace(self, entries=(*self.entries, *entries))
 
     def check(self, entries: Sequence[LedgerEntry]) -> PrivacyLedger:
         """The ledger with `entries` added, or BudgetExceededError if it would exceed the budget."""
@@ -175,7 +194,7 @@ class PrivacyLedger:
 
     def to_json(self) -> dict[str, Any]:
         budget = {"epsilon": self.budget.epsilon, "delta": self.budget.delta}
-        link = _genesis(self.client_id, budget, self.adjacency)
+        link = _genesis(self.client_id, budget, self.adjacency, self.noise_source)
         entries = []
         for e in self.entries:
             record = {"round": e.round, "name": e.name} | e.parameters()
@@ -185,6 +204,7 @@ class PrivacyLedger:
             "client": self.client_id,
             "budget": budget,
             "adjacency": self.adjacency,
+            "noise": self.noise_source,
             "entries": entries,
             "epsilon_rdp": self.spent,
             "epsilon_fallback_rdp": self.spent_fallback,
@@ -203,12 +223,20 @@ class PrivacyLedger:
                 )
                 for e in data["entries"]
             )
-            ledger = cls(str(data["client"]), budget, entries, str(data["adjacency"]))
+            # A ledger written before the noise source was recorded loads as "unknown".
+            noise = str(data["noise"]) if "noise" in data else None
+            ledger = cls(
+                str(data["client"]),
+                budget,
+                entries,
+                str(data["adjacency"]),
+                noise_source=UNKNOWN_NOISE if noise is None else noise,
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise PrivacyError(f"malformed ledger: {exc}") from exc
         for e in ledger.entries:
             e.event, e.fallback_event  # noqa: B018 - parse every event now, so a bad file fails on load
-        link = _genesis(ledger.client_id, data["budget"], ledger.adjacency)
+        link = _genesis(ledger.client_id, data["budget"], ledger.adjacency, noise)
         for i, record in enumerate(data["entries"]):
             link = _link(link, {k: v for k, v in record.items() if k != "chain"})
             if record.get("chain") != link:

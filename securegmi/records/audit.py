@@ -1,20 +1,39 @@
 """The disclosure audit of a run directory: what left each client, under which protection, and
-how much privacy it cost, derived from the protocol spec, the transcript and the ledgers."""
+how much privacy it cost, derived from the protocol spec, the transcript, the ledgers, the plan
+and the configuration. Besides what each record says, the audit counts: the clients against
+the configuration, each ledger's entries against the plan's rounds and the transcript, each
+release's digests, and the contributions to every sum whose noise was split (DESIGN §2)."""
 
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError, safe_open
+
+from securegmi.config import SimulationConfig
 from securegmi.errors import ConfigError, PrivacyError, RunDirectoryError
 from securegmi.privacy.calibration import DpPlan, PrivateMixturePlan, plan_from_dict
-from securegmi.privacy.ledger import LedgerEntry, PrivacyLedger
+from securegmi.privacy.ledger import PRIVATE_NOISE, SEEDED_NOISE, LedgerEntry, PrivacyLedger
 from securegmi.protocol import SERVER, FieldKind, ProtocolBuilder, read_transcript
-from securegmi.records.rundir import CONFIG, LEDGERS, PLAN, PROTOCOL, TRANSCRIPT
+from securegmi.records.rundir import (
+    AGGREGATE,
+    CHECKPOINT,
+    CONFIG,
+    LEDGERS,
+    METRICS,
+    PLAN,
+    PROTOCOL,
+    RESULTS,
+    SERVER_STATE,
+    TRANSCRIPT,
+)
+
+Plan = DpPlan | PrivateMixturePlan
 
 
 @dataclass(frozen=True)
@@ -72,6 +91,7 @@ def audit_run(run_dir: Path, builder_for: Callable[[str], ProtocolBuilder]) -> A
     try:
         rows = [_transcript_row(row) for row in read_transcript(run_dir / TRANSCRIPT)]
         run_config = _json_object(run_dir / CONFIG)
+        config = SimulationConfig.from_dict(run_config)
         bound = _json_object(run_dir / PROTOCOL)
         dims = {k: int(v) for k, v in bound["dims"].items()}
         top_b = dims["B"] if dims["B"] != dims["K"] else None
@@ -88,14 +108,17 @@ def audit_run(run_dir: Path, builder_for: Callable[[str], ProtocolBuilder]) -> A
 
     problems: list[str] = []
     ledgers: dict[str, PrivacyLedger] = {}
-    if (run_dir / LEDGERS).is_dir():
-        for path in sorted((run_dir / LEDGERS).glob("*.json")):
-            try:
-                ledger = PrivacyLedger.load(path)
-            except PrivacyError as exc:  # unreadable, or edited (its hash chain is broken)
-                problems.append(f"{path.stem}: {exc}")
-                continue
-            ledgers[ledger.client_id] = ledger
+    ledger_files = sorted((run_dir / LEDGERS).glob("*.json")) if (run_dir / LEDGERS).is_dir() else []
+    for path in ledger_files:
+        try:
+            ledger = PrivacyLedger.load(path)
+        except PrivacyError as exc:  # unreadable, or edited (its hash chain is broken)
+            problems.append(f"{path.stem}: {exc}")
+            continue
+        if ledger.client_id != path.stem or ledger.client_id in ledgers:
+            problems.append(f"{path.stem}: {LEDGERS}/{path.name} holds the ledger of {ledger.client_id!r}")
+            continue
+        ledgers[ledger.client_id] = ledger
 
     grouped: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
@@ -158,12 +181,22 @@ def audit_run(run_dir: Path, builder_for: Callable[[str], ProtocolBuilder]) -> A
             )
         )
 
-    if run_config.get("dp_noise") == "seeded":
-        problems.append(
-            "DP noise was derived from the run seed (dp_noise='seeded', for tests only): anyone holding "
-            "config.json can regenerate and subtract it, so no DP guarantee holds for this run"
-        )
-    problems += _plan_problems(run_dir, run_config, ledgers)
+    problems += _noise_problems(config, ledgers)
+    private = config.epsilon is not None or bool(ledger_files)
+    plan = _read_plan(run_dir, problems) if private else None
+    if plan is not None:
+        problems += _plan_problems(plan, run_config, ledgers)
+        problems += _configuration_problems(config, plan, dims)
+    attempts = _round_attempts(rows)
+    if private:
+        problems += _cohort_problems(config, {p.stem for p in ledger_files}, attempts)
+    if plan is not None:
+        completed = _completed_rounds(run_dir, plan, attempts, problems)
+        last = {a.round: a for a in attempts}  # a resumed round's last attempt is the one that counts
+        problems += _ledger_round_problems(plan, ledgers, last, completed)
+        problems += _transcript_round_problems(ledgers, last, completed)
+        problems += _split_cohort_problems(plan, last, completed)
+    problems += _double_releases(rows)
     received = _transcript_entries(rows, ledgers, problems)
     for name, clients in sorted(unprotected.items()):
         problems.append(f"{name!r} left {len(clients)} client(s) without protection (non-private)")
@@ -211,6 +244,10 @@ def _transcript_row(row: Any) -> dict[str, Any]:
     """A transcript line with the fields the audit reads, of the types it reads them as."""
     if not isinstance(row, dict) or not isinstance(row.get("sender"), str):
         raise ValueError(f"transcript line {row!r:.80} is not a record of a message")
+    if not (isinstance(row.get("round"), int) and isinstance(row.get("receiver"), str)):
+        raise ValueError(f"transcript line {row!r:.80} lacks its round or receiver")
+    if not all(isinstance(row.get(k, ""), str) for k in ("status", "sha256")):
+        raise ValueError(f"transcript line {row!r:.80} has a status or digest that is not text")
     if row.get("field") is not None and not (
         isinstance(row["field"], str)
         and isinstance(row.get("kind"), str)
@@ -263,18 +300,25 @@ def _transcript_entries(
     return received
 
 
-def _plan_problems(run_dir: Path, run_config: dict[str, Any], ledgers: dict[str, PrivacyLedger]) -> list[str]:
+def _read_plan(run_dir: Path, problems: list[str]) -> Plan | None:
+    """The run's plan (dp_plan.json), or None with a problem: a private run's ledgers, rounds and
+    cohort are all checked against it."""
+    try:
+        plan = plan_from_dict(json.loads((run_dir / PLAN).read_text(encoding="utf-8")))
+        plan.planned_epsilon()  # every round's entries, built now: a plan of the wrong types fails here
+    except (OSError, ValueError, TypeError, KeyError, ArithmeticError, ConfigError, PrivacyError) as exc:
+        problems.append(
+            f"{PLAN} is missing or unreadable ({exc}): the ledgers cannot be checked against the plan"
+        )
+        return None
+    return plan
+
+
+def _plan_problems(plan: Plan, run_config: dict[str, Any], ledgers: dict[str, PrivacyLedger]) -> list[str]:
     """A ledger is not trusted on its own: every entry must be the event the run's plan
     (dp_plan.json) decided for that round, the plan must be for the configured budget and
     spend it, and each ledger's budget must be the plan's. A ledger edited alone (say, every
     noise multiplier inflated 10x, which would understate epsilon) disagrees with the plan."""
-    if not ledgers:
-        return []
-    path = run_dir / PLAN
-    try:
-        plan: DpPlan | PrivateMixturePlan = plan_from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, ConfigError) as exc:
-        return [f"{PLAN} is missing or unreadable ({exc}): the ledgers cannot be checked against the plan"]
     problems = []
     if (plan.epsilon, plan.delta) != (run_config.get("epsilon"), run_config.get("delta")):
         problems.append(
@@ -293,9 +337,268 @@ def _plan_problems(run_dir: Path, run_config: dict[str, Any], ledgers: dict[str,
         for entry in ledger.entries:
             expected = [e for e in plan.round_entries(entry.round) if e.name == entry.name]
             if entry.round >= plan.rounds or expected != [entry]:
+                # The event and, under split noise, its fallback: either may be what differs.
+                recorded = json.dumps(entry.parameters(), sort_keys=True)
+                decided = json.dumps(expected[0].parameters(), sort_keys=True) if expected else None
                 problems.append(
-                    f"{client}: ledger entry {entry.event_id} records {entry.event_json}, the plan "
-                    f"decided {expected[0].event_json if expected else 'no such release'}"
+                    f"{client}: ledger entry {entry.event_id} records {recorded}, the plan "
+                    f"decided {decided or 'no such release'}"
                 )
                 break  # one line per client is enough to fail the audit
+    return problems
+
+
+def _noise_problems(config: SimulationConfig, ledgers: dict[str, PrivacyLedger]) -> list[str]:
+    """Seeded noise (tests only) voids the guarantee. Each ledger's first link holds where its
+    client's noise came from, so a run whose config.json was relabelled 'private' still fails:
+    the ledgers say seeded, whatever the configuration says."""
+    problems = []
+    if config.dp_noise == SEEDED_NOISE:
+        problems.append(
+            "DP noise was derived from the run seed (dp_noise='seeded', for tests only): anyone holding "
+            "config.json can regenerate and subtract it, so no DP guarantee holds for this run"
+        )
+    for client, ledger in sorted(ledgers.items()):
+        source = ledger.noise_source
+        if source != PRIVATE_NOISE:
+            why = (
+                "seeded DP noise (derived from the run seed, for tests only: it can be regenerated and "
+                "subtracted)"
+                if source == SEEDED_NOISE
+                else "no source for its DP noise (written before securegmi recorded it, or by other code)"
+            )
+            problems.append(
+                f"{client}: its ledger records {why}, config.json says dp_noise {config.dp_noise!r}: "
+                "no DP guarantee holds for its releases"
+            )
+    return problems
+
+
+def _configuration_problems(config: SimulationConfig, plan: Plan, dims: dict[str, int]) -> list[str]:
+    """The public settings the plan was calibrated from must be the configuration's: a plan with
+    other rounds, another noise placement or another minimum cohort is not this run's."""
+    pairs: list[tuple[str, object, object]] = [
+        ("planned rounds", config.planned_rounds, plan.rounds),
+        ("sample_rate", config.sample_rate, plan.sample_rate),
+        ("clip_norm", config.clip_norm, plan.clip_norm),
+    ]
+    if isinstance(plan, PrivateMixturePlan):
+        stats = plan.statistics
+        pairs += [
+            ("private_training", config.private_training, "statistics"),
+            ("noise_placement", config.placement, stats.placement),
+            ("min_clients", config.cohort_minimum, stats.min_clients),
+            ("sgd_placement", config.sgd_placement, plan.sgd_placement),
+            ("vae_rounds", config.vae_rounds, plan.vae_rounds),
+            ("kmeans_iterations", config.kmeans_iterations, stats.iterations),
+            ("fine_clusters", config.fine_clusters, stats.clusters),
+            ("statistics_share", config.statistics_share, plan.statistics_share),
+            # the histogram holds one block of fine clusters per client of the cohort
+            ("clients x fine clusters", config.clients * stats.clusters, dims.get("H")),
+        ]
+    else:
+        pairs += [
+            ("private_training", config.private_training, "em"),
+            ("noise_placement", config.placement, "local"),  # the em design's noise is local
+            ("count_share", config.count_share, plan.count_share),
+        ]
+    return [
+        f"config.json gives {name} {ours!r}, {PLAN} (or {PROTOCOL}) {theirs!r}: the plan is not this run's"
+        for name, ours, theirs in pairs
+        if ours != theirs
+    ]
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    """One attempt at a round as the server's transcript records it, from the server's first
+    message of the round to its next round (or to a resumed server's second try at this one)."""
+
+    round: int
+    addressed: frozenset[str]  # clients the server sent this round's message to
+    delivered: frozenset[str]  # clients whose reply to this round arrived with its fields
+    refused: frozenset[str]  # clients the server recorded a refusal of (theirs, or its own)
+
+    @property
+    def contributions(self) -> frozenset[str]:
+        """The distinct client uploads the round's sum added."""
+        return (self.delivered & self.addressed) - self.refused
+
+
+def _round_attempts(rows: list[dict[str, Any]]) -> list[_Attempt]:
+    """The transcript cut into round attempts. The server sends each client one message per
+    attempt, so a second message of the same round to the same client (same field) starts
+    another attempt: a run killed mid-round and resumed plays that round again."""
+    attempts: list[_Attempt] = []
+    current: dict[str, Any] | None = None
+
+    def close() -> None:
+        if current is not None:
+            attempts.append(
+                _Attempt(
+                    current["round"],
+                    frozenset(current["addressed"]),
+                    frozenset(current["delivered"]),
+                    frozenset(current["refused"]),
+                )
+            )
+
+    for row in rows:
+        if row["sender"] == SERVER:
+            key = (row["receiver"], row.get("field"))
+            if current is None or row["round"] != current["round"] or key in current["sent"]:
+                close()
+                current = {"round": row["round"], "sent": set(), "addressed": set(), "delivered": set()}
+                current["refused"] = set()
+            current["sent"].add(key)
+            current["addressed"].add(row["receiver"])
+        elif current is not None:
+            status = row.get("status", "delivered")
+            if status == "delivered" and row.get("field") is not None and row["round"] == current["round"]:
+                current["delivered"].add(row["sender"])
+            elif status == "refused":
+                current["refused"].add(row["sender"])
+    close()
+    return attempts
+
+
+def _cohort_problems(config: SimulationConfig, ledger_files: set[str], attempts: list[_Attempt]) -> list[str]:
+    """Every client of the configuration has a ledger and was addressed by the server; deleting
+    one client's ledger together with its transcript rows leaves a cohort one short."""
+    addressed = frozenset().union(*(a.addressed for a in attempts))
+    problems = [
+        f"config.json has {config.clients} clients, {where} {count}: a client's records are missing or extra"
+        for where, count in (
+            (f"{LEDGERS}/ holds ledgers of", len(ledger_files)),
+            ("the server addressed", len(addressed)),
+        )
+        if count != config.clients
+    ]
+    problems += [
+        f"{c}: the server addressed it, but {LEDGERS}/ holds no ledger of it"
+        for c in sorted(addressed - ledger_files)
+    ]
+    problems += [
+        f"{c}: it has a ledger, but the server never addressed it" for c in sorted(ledger_files - addressed)
+    ]
+    return problems
+
+
+def _completed_rounds(run_dir: Path, plan: Plan, attempts: list[_Attempt], problems: list[str]) -> int:
+    """How many rounds the run completed, by every record that says: a finished run (results,
+    model, final aggregate) completed its plan; otherwise the server's saved state, the metrics
+    and the transcript (a round was broadcast only after the one before it was added)."""
+    if any((run_dir / name).exists() for name in (RESULTS, CHECKPOINT, AGGREGATE)):
+        return plan.rounds
+    counts = [max((a.round for a in attempts), default=0)]
+    if (run_dir / SERVER_STATE).exists():
+        try:
+            with safe_open(str(run_dir / SERVER_STATE), framework="numpy") as fh:
+                counts.append(int((fh.metadata() or {})["next_round"]))
+        except (OSError, SafetensorError, KeyError, ValueError) as exc:
+            problems.append(f"{SERVER_STATE} is unreadable ({exc}): the rounds the run completed are unknown")
+    if (run_dir / METRICS).exists():
+        try:
+            lines = (run_dir / METRICS).read_text(encoding="utf-8").splitlines()
+            counts += [int(json.loads(line)["round"]) + 1 for line in lines if line.strip()]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            problems.append(f"{METRICS} is unreadable ({exc}): the rounds the run completed are unknown")
+    if max(counts) > plan.rounds:
+        problems.append(f"the records show {max(counts)} rounds played, {PLAN} plans {plan.rounds}")
+    return min(max(counts), plan.rounds)
+
+
+def _ledger_round_problems(
+    plan: Plan, ledgers: dict[str, PrivacyLedger], last: dict[int, _Attempt], completed: int
+) -> list[str]:
+    """Each ledger holds the plan's entries of every round the run completed, each once. A
+    client may lack a round only where the server's transcript records its refusal and no reply
+    (it dropped out before committing). A hash chain's prefix still verifies: a ledger cut at
+    its tail together with that client's transcript rows is caught here."""
+    problems = []
+    for client, ledger in sorted(ledgers.items()):
+        held = Counter(e.event_id for e in ledger.entries)
+        twice = sorted(event for event, n in held.items() if n > 1)
+        if twice:
+            problems.append(f"{client}: its ledger holds {', '.join(twice)} more than once")
+        missing: list[str] = []
+        for r in range(completed):
+            absent = [e.event_id for e in plan.round_entries(r) if e.event_id not in held]
+            attempt = last.get(r)
+            excused = attempt is not None and client in attempt.refused and client not in attempt.delivered
+            if absent and not excused:
+                missing += absent
+        if missing:
+            problems.append(
+                f"{client}: its ledger holds {len(ledger.entries)} entries and lacks {', '.join(missing)} of "
+                f"the {completed} rounds the run completed, where the transcript records no refusal of it"
+            )
+    return problems
+
+
+def _transcript_round_problems(
+    ledgers: dict[str, PrivacyLedger], last: dict[int, _Attempt], completed: int
+) -> list[str]:
+    """The server's transcript holds every round the run completed, and in each the message to
+    every client and that client's reply or refusal."""
+    problems = [
+        f"the transcript holds no message of round {r}, which the run completed"
+        for r in range(completed)
+        if r not in last
+    ]
+    for client in sorted(ledgers):
+        for r in range(completed):
+            attempt = last.get(r)
+            if attempt is None:
+                continue
+            if client not in attempt.addressed:
+                problems.append(f"{client}: the transcript records no message to it in round {r}")
+                break
+            if client not in attempt.delivered and client not in attempt.refused:
+                problems.append(
+                    f"{client}: the transcript records neither its reply nor a refusal in round {r}"
+                )
+                break  # one line per client is enough to fail the audit
+    return problems
+
+
+def _split_cohort_problems(plan: Plan, last: dict[int, _Attempt], completed: int) -> list[str]:
+    """Where the plan splits a release's noise across clients (each adds sigma / sqrt(m_min)),
+    the sum carries the full noise only if it adds at least m_min distinct uploads: count them."""
+    if not isinstance(plan, PrivateMixturePlan):
+        return []
+    minimum = plan.statistics.min_clients
+    problems = []
+    for r in range(completed):
+        split = [e.event_id for e in plan.round_entries(r) if e.fallback_json is not None]
+        attempt = last.get(r)
+        summed = 0 if attempt is None else len(attempt.contributions)
+        if split and summed < minimum:
+            problems.append(
+                f"round {r}: the sum of {', '.join(split)} (split noise) added {summed} client uploads, the "
+                f"plan's minimum cohort is {minimum}: it carries less than the planned noise"
+            )
+    return problems
+
+
+def _double_releases(rows: list[dict[str, Any]]) -> list[str]:
+    """A (round, client, field) the server received twice with different contents is one release
+    drawn twice (each charged once). Resending the identical bytes (a resumed round) is not."""
+    digests: dict[tuple[str, int, str], set[str]] = defaultdict(set)
+    for row in rows:
+        if (
+            row["sender"] != SERVER
+            and row.get("field") is not None
+            and row.get("status", "delivered") == "delivered"
+        ):
+            digests[(row["sender"], row["round"], row["field"])].add(str(row.get("sha256")))
+    problems = []
+    reported: set[str] = set()
+    for (client, r, name), contents in sorted(digests.items()):
+        if len(contents) > 1 and client not in reported:
+            reported.add(client)  # one line per client is enough to fail the audit
+            problems.append(
+                f"{client}: the server received {name!r} of round {r} {len(contents)} times with different "
+                f"contents (sha256 {', '.join(d[:12] for d in sorted(contents))}): a release drawn twice"
+            )
     return problems

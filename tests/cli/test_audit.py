@@ -48,7 +48,7 @@ def _rewrite(path: Path, change: Callable[[dict[str, Any]], None], *, consistent
     data = json.loads(path.read_text())
     change(data)
     if consistently:
-        link = ledger_module._genesis(data["client"], data["budget"], data["adjacency"])
+        link = ledger_module._genesis(data["client"], data["budget"], data["adjacency"], data.get("noise"))
         for record in data["entries"]:
             record.pop("chain", None)
             link = ledger_module._link(link, record)
@@ -204,3 +204,187 @@ def test_report_of_a_private_run_draws_privacy_per_round(dp_run):
     assert (out / "privacy.png").stat().st_size > 1000
     # synthetic records are not square images: no sample grid, and no error for it
     assert not (out / "samples.png").exists()
+
+
+# --- An audit that counts (issue 25): each partial edit below passed the audit before ----------
+
+
+def _passes(run_dir: Path) -> None:
+    audit = runner.invoke(app, ["audit", str(run_dir), "--json"])
+    assert audit.exit_code == 0, audit.output
+
+
+def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _ledger_epsilon(path: Path) -> float:
+    return ledger_module.PrivacyLedger.load(path).spent
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("with_the_servers_message", [False, True])
+def test_a_ledger_cut_at_its_tail_with_its_transcript_rows_fails_the_audit(
+    dp_run, tmp_path, with_the_servers_message
+):
+    """A hash chain's prefix still verifies: cutting client-1's last round from its ledger and
+    its reply (and the server's message to it, or not) from the transcript understated its
+    epsilon. The plan says every completed round's entries; the transcript says whether client-1
+    dropped out of that round (a refusal), and it does not."""
+    out, _ = dp_run
+    tampered = tmp_path / "cut"
+    _copy(out, tampered)
+    _passes(tampered)  # negative control: the unedited run
+    ledger_file = tampered / "ledgers" / "client-1.json"
+    spent = _ledger_epsilon(ledger_file)
+    data = json.loads(ledger_file.read_text())
+    last = max(e["round"] for e in data["entries"])
+    cut = [e for e in data["entries"] if e["round"] == last]
+    data["entries"] = data["entries"][: -len(cut)]  # no chain recomputed: the prefix verifies
+    ledger_file.write_text(json.dumps(data))
+    assert _ledger_epsilon(ledger_file) < spent  # the edit understates what client-1 spent
+    parties = ("sender", "receiver") if with_the_servers_message else ("sender",)
+    rows = _rows(tampered / "transcript.jsonl")
+    kept = [r for r in rows if not (r["round"] == last and "client-1" in (r[p] for p in parties))]
+    assert len(kept) < len(rows)
+    _write_rows(tampered / "transcript.jsonl", kept)
+    names = ", ".join(f"{e['name']}@round{last}" for e in cut)
+    assert _problems(tampered) == [
+        f"client-1: its ledger holds {len(data['entries'])} entries and lacks {names} of the {last + 1} "
+        "rounds the run completed, where the transcript records no refusal of it",
+        f"client-1: the transcript records no message to it in round {last}"
+        if with_the_servers_message
+        else f"client-1: the transcript records neither its reply nor a refusal in round {last}",
+    ]
+
+
+@pytest.mark.slow
+def test_a_client_that_dropped_out_may_lack_the_round_it_refused(dp_run, tmp_path):
+    """The same ledger cut, with the transcript saying that client-1 refused its last round (as
+    a site that fails before committing its ledger does): the ledger may lack that round."""
+    out, _ = dp_run
+    tampered = tmp_path / "dropped"
+    _copy(out, tampered)
+    ledger_file = tampered / "ledgers" / "client-1.json"
+    data = json.loads(ledger_file.read_text())
+    last = max(e["round"] for e in data["entries"])
+    data["entries"] = [e for e in data["entries"] if e["round"] != last]
+    ledger_file.write_text(json.dumps(data))
+    rows = _rows(tampered / "transcript.jsonl")
+    reply = [r for r in rows if r["round"] == last and r["sender"] == "client-1"]
+    refusal = {
+        "round": last,
+        "stage": reply[0]["stage"],
+        "sender": "client-1",
+        "receiver": "server",
+        "status": "refused",
+        "field": None,
+        "reason": "dropped out: RuntimeError",
+    }
+    at = rows.index(reply[0])
+    _write_rows(
+        tampered / "transcript.jsonl", [*rows[:at], refusal, *[r for r in rows[at:] if r not in reply]]
+    )
+    _passes(tampered)
+    # Negative control: the refusal without the cut reply still leaves a release the ledger lacks.
+    _write_rows(tampered / "transcript.jsonl", [*rows[:at], refusal, *rows[at:]])
+    assert any(p.startswith("client-1: its ledger holds") for p in _problems(tampered))
+
+
+@pytest.mark.slow
+def test_a_client_deleted_with_its_transcript_rows_fails_the_audit(dp_run, tmp_path):
+    """Deleting client-2's ledger and every transcript row to or from it left a consistent run of
+    2 clients; config.json says 3."""
+    out, _ = dp_run
+    tampered = tmp_path / "missing"
+    _copy(out, tampered)
+    _passes(tampered)  # negative control
+    (tampered / "ledgers" / "client-2.json").unlink()
+    rows = _rows(tampered / "transcript.jsonl")
+    _write_rows(
+        tampered / "transcript.jsonl", [r for r in rows if "client-2" not in (r["sender"], r["receiver"])]
+    )
+    assert _problems(tampered) == [
+        "config.json has 3 clients, ledgers/ holds ledgers of 2: a client's records are missing or extra",
+        "config.json has 3 clients, the server addressed 2: a client's records are missing or extra",
+    ]
+
+
+@pytest.mark.slow
+def test_a_ledger_under_another_clients_name_fails_the_audit(dp_run, tmp_path):
+    out, _ = dp_run
+    tampered = tmp_path / "renamed"
+    _copy(out, tampered)
+    ledgers = tampered / "ledgers"
+    (ledgers / "client-2.json").write_text((ledgers / "client-1.json").read_text())
+    assert "client-2: ledgers/client-2.json holds the ledger of 'client-1'" in _problems(tampered)
+
+
+@pytest.mark.slow
+def test_a_release_received_twice_with_different_contents_fails_the_audit(dp_run, tmp_path):
+    """A (round, client, field) twice with two digests is one release drawn twice; the identical
+    bytes twice (a client resending its saved reply after a crash) is not (negative control)."""
+    out, _ = dp_run
+    tampered = tmp_path / "twice"
+    _copy(out, tampered)
+    rows = _rows(tampered / "transcript.jsonl")
+    first = next(r for r in rows if r["sender"] == "client-0" and r.get("dp_event") and r["round"] == 2)
+    at = rows.index(first) + 1
+    _write_rows(tampered / "transcript.jsonl", [*rows[:at], dict(first), *rows[at:]])
+    _passes(tampered)  # the identical bytes resent
+    other = dict(first, sha256="0" * 64, message_sha256="1" * 64)
+    _write_rows(tampered / "transcript.jsonl", [*rows[:at], other, *rows[at:]])
+    (problem,) = _problems(tampered)
+    digests = ", ".join(sorted(d[:12] for d in (first["sha256"], other["sha256"])))
+    assert problem == (
+        f"client-0: the server received {first['field']!r} of round 2 2 times with different contents "
+        f"(sha256 {digests}): a release drawn twice"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("key", "same", "other"),
+    [("min_clients", 3, 2), ("noise_placement", "local", None), ("sample_rate", 0.25, 0.5)],
+)
+def test_a_configuration_that_is_not_the_plans_fails_the_audit(dp_run, tmp_path, key, same, other):
+    """min_clients (and the other public settings the plan was calibrated from) must be the
+    plan's. The same value written out (min_clients 3 for "every client", placement "local",
+    the default under dp) passes: the negative control. The split placement against the plan
+    is tested on a split run (tests/federation/test_secure.py)."""
+    out, _ = dp_run
+    tampered = tmp_path / key
+    _copy(out, tampered)
+    config_file = tampered / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps(config | {key: same}))
+    _passes(tampered)
+    if other is None:  # split under dp is not a configuration at all: the audit cannot read it
+        config_file.write_text(json.dumps(config | {key: "split"}))
+        audit = runner.invoke(app, ["audit", str(tampered)])
+        assert audit.exit_code == 2 and "corrupt run files (split noise is sound only" in audit.output
+        return
+    config_file.write_text(json.dumps(config | {key: other}))
+    (problem,) = _problems(tampered)
+    assert problem.startswith(f"config.json gives {key} {other!r}, dp_plan.json (or protocol.json) {same!r}")
+
+
+@pytest.mark.slow
+def test_a_ledger_without_its_noise_source_fails_the_audit(dp_run, tmp_path):
+    """The noise source is hashed into each ledger's first link: relabelling it breaks the chain;
+    a ledger written without one (the format before it was recorded) loads, as 'unknown', and
+    fails the audit with its reason."""
+    out, _ = dp_run
+    tampered = tmp_path / "noise"
+    _copy(out, tampered)
+    ledger_file = tampered / "ledgers" / "client-0.json"
+    assert json.loads(ledger_file.read_text())["noise"] == "private"
+    _rewrite(ledger_file, lambda d: d.update(noise="seeded"), consistently=False)
+    problems = _problems(tampered)
+    assert problems[0].startswith("client-0: ledger of client-0: entry 0") and "does not chain" in problems[0]
+    _rewrite(ledger_file, lambda d: d.pop("noise"), consistently=True)  # the old format
+    assert ledger_module.PrivacyLedger.load(ledger_file).noise_source == "unknown"
+    assert _problems(tampered) == [
+        "client-0: its ledger records no source for its DP noise (written before securegmi recorded it, "
+        "or by other code), config.json says dp_noise 'private': no DP guarantee holds for its releases"
+    ]

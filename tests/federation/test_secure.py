@@ -275,6 +275,100 @@ def test_the_audit_fails_a_run_whose_noise_was_seeded(runs):
     assert any("regenerate and subtract" in p for p in json.loads(audit.stdout)["problems"])
 
 
+def _audit(run_dir) -> tuple[int, list[str]]:  # type: ignore[no-untyped-def]
+    audit = CliRunner().invoke(app, ["audit", str(run_dir), "--json"])
+    assert audit.exit_code in (0, 1), audit.output
+    return audit.exit_code, list(json.loads(audit.stdout)["problems"])
+
+
+@pytest.mark.slow
+def test_a_seeded_run_relabelled_private_still_fails_the_audit(runs, tmp_path):
+    """Each ledger's first link holds where its noise came from: changing "dp_noise": "seeded"
+    to "private" in config.json leaves every ledger saying seeded."""
+    import shutil
+
+    out, _ = runs["secure"]  # seeded
+    shutil.copytree(out, tmp_path / "t")
+    config_file = tmp_path / "t" / "config.json"
+    config = json.loads(config_file.read_text())
+    assert config["dp_noise"] == "seeded"
+    config_file.write_text(json.dumps(config | {"dp_noise": "private"}))
+    code, problems = _audit(tmp_path / "t")
+    assert code == 1 and problems == [
+        f"client-{i}: its ledger records seeded DP noise (derived from the run seed, for tests only: it can "
+        "be regenerated and subtracted), config.json says dp_noise 'private': no DP guarantee holds for "
+        "its releases"
+        for i in range(SMALL["clients"])
+    ]
+    # Negative control: a private run's ledgers say private, and it passes.
+    private, _ = runs["secure-private"]
+    assert _audit(private) == (0, [])
+    ledger = json.loads((private / "ledgers" / "client-0.json").read_text())
+    assert ledger["noise"] == "private"
+
+
+@pytest.mark.slow
+def test_a_split_round_summed_from_fewer_than_the_minimum_cohort_fails_the_audit(runs, tmp_path):
+    """Split noise is sized so that the plan's minimum cohort carries it all: the audit counts
+    the uploads each split round's sum added. Three of four clients' k-means uploads turned into
+    refusals (each client's ledger still charges them, so nothing else disagrees), or simply
+    removed from the transcript, leave one share: the sum carried half the planned noise."""
+    import shutil
+
+    out, _ = runs["secure-private"]
+    assert _audit(out) == (0, [])  # negative control: the unedited split run
+    plan = json.loads((out / "dp_plan.json").read_text())
+    assert (
+        plan["statistics"]["placement"] == "split" and plan["statistics"]["min_clients"] == SMALL["clients"]
+    )
+    rows = [json.loads(line) for line in (out / "transcript.jsonl").read_text().splitlines()]
+    r = 1  # the first k-means release
+    dropped = {"client-1", "client-2", "client-3"}
+
+    for name in ("refused", "removed"):
+        edited, seen = [], set()
+        for row in rows:
+            if not (row["round"] == r and row["sender"] in dropped):
+                edited.append(row)
+            elif name == "refused" and row["sender"] not in seen:  # the reply becomes one refusal
+                seen.add(row["sender"])
+                keys = ("round", "stage", "sender", "receiver")
+                edited.append(
+                    {**{k: row[k] for k in keys}, "status": "refused", "field": None, "reason": "x"}
+                )
+        shutil.copytree(out, tmp_path / name)
+        (tmp_path / name / "transcript.jsonl").write_text("".join(json.dumps(x) + "\n" for x in edited))
+        code, problems = _audit(tmp_path / name)
+        expected = (
+            f"round {r}: the sum of clusters@round{r} (split noise) added 1 client uploads, the plan's "
+            f"minimum cohort is {SMALL['clients']}: it carries less than the planned noise"
+        )
+        assert code == 1 and expected in problems, problems
+        if name == "refused":
+            assert problems == [expected]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("key", "same", "other"), [("noise_placement", "split", "local"), ("min_clients", 4, 3)]
+)
+def test_a_placement_or_cohort_that_is_not_the_plans_fails_the_audit(runs, tmp_path, key, same, other):
+    """The split run's configuration relabelled local, or its minimum cohort lowered, against a
+    plan that split the noise over four clients. The same value written out passes."""
+    import shutil
+
+    out, _ = runs["secure-private"]
+    shutil.copytree(out, tmp_path / "t")
+    config_file = tmp_path / "t" / "config.json"
+    config = json.loads(config_file.read_text())
+    assert config[key] is None  # the defaults: split under secure, every client
+    config_file.write_text(json.dumps(config | {key: same}))
+    assert _audit(tmp_path / "t") == (0, [])
+    config_file.write_text(json.dumps(config | {key: other}))
+    reason = f"config.json gives {key} {other!r}, dp_plan.json (or protocol.json) {same!r}"
+    assert _audit(tmp_path / "t") == (1, [f"{reason}: the plan is not this run's"])
+
+
 @pytest.mark.slow
 def test_every_file_a_private_run_writes_is_data_only_and_the_check_can_tell(runs, tmp_path):
     import shutil

@@ -130,14 +130,16 @@ EDITS = {
     "noise": lambda d: d["entries"][2]["event"].update(noise_multiplier=20.0),
     "budget": lambda d: d["budget"].update(epsilon=80.0),
     "chain dropped": lambda d: d["entries"][0].pop("chain"),
+    "noise relabelled": lambda d: d.update(noise="private"),
 }
 
 
 @pytest.mark.parametrize("edit", sorted(EDITS))
 def test_an_edited_ledger_file_does_not_chain(tmp_path, edit):
-    """Each entry hashes the one before it (and the first the client and budget): deleting,
-    reordering or editing an entry, or changing the budget, breaks the chain on load."""
-    ledger = PrivacyLedger("c", BUDGET).check(
+    """Each entry hashes the one before it (and the first the client, budget and noise source):
+    deleting, reordering or editing an entry, or changing the budget or the noise source, breaks
+    the chain on load."""
+    ledger = PrivacyLedger("c", BUDGET, noise_source="seeded").check(
         tuple(LedgerEntry.of(r, "counts", gaussian_event(2.0 + r)) for r in range(3))
     )
     path = tmp_path / "c.json"
@@ -148,3 +150,37 @@ def test_an_edited_ledger_file_does_not_chain(tmp_path, edit):
     path.write_text(json.dumps(data))
     with pytest.raises(PrivacyError, match="does not chain"):
         PrivacyLedger.load(path)
+
+
+def test_the_noise_source_is_kept_and_an_old_ledger_without_it_loads_as_unknown(tmp_path):
+    """A ledger says where its noise came from (hashed into its first link, above). One written
+    before the field existed still loads, its chain checked from the old first link, as
+    'unknown': the audit fails it (tests/cli/test_audit.py), it does not crash on it."""
+    import hashlib
+
+    entries = tuple(LedgerEntry.of(r, "counts", gaussian_event(2.0)) for r in range(2))
+    path = tmp_path / "c.json"
+    for source in ("private", "seeded"):
+        PrivacyLedger("c", BUDGET, entries, noise_source=source).save(path)
+        assert PrivacyLedger.load(path).noise_source == source
+        assert PrivacyLedger.load(path).project(entries[:1]).noise_source == source
+    assert PrivacyLedger("c", BUDGET).noise_source == "unknown"  # a ledger nobody told
+    data = json.loads(path.read_text())
+    data.pop("noise")
+    with pytest.raises(PrivacyError, match="does not chain"):  # the first link held "seeded"
+        PrivacyLedger.load(_written(path, data))
+    head = {"client": "c", "budget": data["budget"], "adjacency": data["adjacency"]}  # the old first link
+    link = hashlib.sha256(json.dumps(head, sort_keys=True).encode()).hexdigest()
+    for record in data["entries"]:
+        record.pop("chain")
+        link = hashlib.sha256((link + json.dumps(record, sort_keys=True)).encode()).hexdigest()
+        record["chain"] = link
+    old = PrivacyLedger.load(_written(path, data))
+    assert old.noise_source == "unknown" and old.entries == entries
+    with pytest.raises(PrivacyError, match="noise source must be one of"):
+        PrivacyLedger.load(_written(path, data | {"noise": "os-entropy"}))
+
+
+def _written(path, data):  # type: ignore[no-untyped-def]
+    path.write_text(json.dumps(data))
+    return path
