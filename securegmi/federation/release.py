@@ -134,6 +134,11 @@ class ClientPrivacy:
     slot: int = 0
     cohort: int = 1
 
+    @property
+    def noise_source(self) -> str:
+        """What the ledger's first link says of the noise (privacy.noise)."""
+        return "private" if self.noise_seed is None else "seeded"
+
     def __post_init__(self) -> None:
         if not self.batch_normaliser > 0:
             raise PrivacyError(f"batch_normaliser must be positive, got {self.batch_normaliser}")
@@ -152,7 +157,7 @@ class DpMechanisms:
         self.ledger = PrivacyLedger(
             learner.client_id,
             PrivacyBudget(plan.epsilon, plan.delta),
-            noise_source="private" if privacy.noise_seed is None else "seeded",  # bound into its first link
+            noise_source=privacy.noise_source,  # bound into its first link
         )
         if privacy.ledger_path is not None and privacy.ledger_path.exists():
             # What this client already spent (before a crash, say) counts, whatever else was lost.
@@ -179,6 +184,14 @@ class DpMechanisms:
         )
 
     def _adopt(self, ledger: PrivacyLedger) -> None:
+        if ledger.noise_source != self.ledger.noise_source and ledger.entries:
+            # A ledger keeps one noise source for the whole run: otherwise a run resumed with
+            # seeded noise would go on under a first link that says "private".
+            raise PrivacyError(
+                f"{self.learner.client_id}: the saved ledger's releases used {ledger.noise_source} "
+                f"noise, this client draws {self.ledger.noise_source} noise; resume with the run's own "
+                "noise setting"
+            )
         if ledger.client_id != self.learner.client_id or ledger.budget != self.ledger.budget:
             raise PrivacyError(
                 f"{self.learner.client_id}: the saved ledger belongs to {ledger.client_id!r} with budget "

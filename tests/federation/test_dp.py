@@ -284,3 +284,16 @@ def test_noise_is_private_unless_a_test_seeds_it():
     c, d = released(7), released(7)  # negative control: seeded noise is reproducible
     assert np.array_equal(c["masses"], d["masses"])
     assert np.array_equal(c["weighted_components"], d["weighted_components"])
+
+
+def test_a_ledger_is_not_continued_under_another_noise_source(tmp_path):
+    """A run resumed with seeded noise must not go on under a ledger whose first link says its
+    releases were private; the same noise setting continues (negative control)."""
+    spec, _ = _spec(CONFIG)
+    x = load_federated_data(CONFIG).clients[0].x_train
+    path = tmp_path / "client-0.json"
+    _dp_client(x, spec, path).handle(Server(spec).broadcast(0, 1.0))
+    assert json.loads(path.read_text())["noise"] == "private"
+    with pytest.raises(PrivacyError, match="used private noise, this client draws seeded"):
+        _dp_client(x, spec, path, noise_seed=7)
+    assert _dp_client(x, spec, path).ledger.entries  # type: ignore[union-attr]
