@@ -12,6 +12,7 @@ from rich.table import Table
 
 from securegmi.cli.app import app, console, err_console, errors_as_messages
 from securegmi.config import METHODS, SimulationConfig
+from securegmi.privacy.noise import NOISE_NOTE
 from securegmi.simulation.runner import RunResult
 
 
@@ -225,6 +226,7 @@ def _simulate_in_process(
 
         def on_plan(plan: dict[str, Any]) -> None:
             bar.console.print(_plan_table(plan))
+            bar.console.print(f"[dim]note:[/] {NOISE_NOTE}")
 
         return run_simulation(
             config,

@@ -33,6 +33,11 @@ from securegmi.errors import PrivacyError
 
 KEY_BITS = 256  # ChaCha20's key: the secret state an adversary would have to guess
 ROUNDS = 20  # the cipher's standard round count; fewer trade security for speed
+# What a private run prints beside its plan.
+NOISE_NOTE = (
+    "DP noise and Poisson sampling come from ChaCha20 keyed with 256 bits of OS entropy; the "
+    "(epsilon, delta) figures assume ideal Gaussian noise (drawn in floating point)."
+)
 
 
 class NoiseSource:

@@ -79,7 +79,7 @@ def test_epsilon_alone_runs_the_secure_protocol_and_shows_the_plan(tmp_path):
     result = runner.invoke(app, ["simulate", *SMALL, "--clients", "3", "--epsilon", "4", "--out", str(out)])
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
-    assert "Privacy plan" in text and "not a cryptographically secure" in text
+    assert "Privacy plan" in text and "ChaCha20 keyed with 256 bits of OS entropy" in text
     results = json.loads((out / "results.json").read_text())
     check_results(results, _config(out))
     assert results["protocol"] == "secure" and results["epsilon"]["target"] == 4.0
