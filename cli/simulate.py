@@ -12,6 +12,7 @@ from rich.table import Table
 
 from securegmi.cli.app import app, console, err_console, errors_as_messages
 from securegmi.config import METHODS, SimulationConfig
+from securegmi.errors import ConfigError
 from securegmi.privacy.dpsgd import NOT_CSPRNG
 from securegmi.simulation.runner import RunResult
 
@@ -109,15 +110,15 @@ def simulate(
             private_training=private_training,
         )
         if threads < 1:
-            raise typer.BadParameter("--threads must be at least 1")
+            raise ConfigError("--threads must be at least 1")
         builder = protocols.builder(config.protocol)
         torch.set_num_threads(threads)
         if engine == "flower":
             result = _simulate_on_flower(config, builder, run_dir, overwrite, ray_address)
         elif engine != "inprocess":
-            raise typer.BadParameter(f"--engine must be inprocess or flower, got {engine!r}")
+            raise ConfigError(f"--engine must be inprocess or flower, got {engine!r}")
         elif ray_address is not None:
-            raise typer.BadParameter(
+            raise ConfigError(
                 "--ray-address (or RAY_ADDRESS) is for --engine flower; the in-process engine "
                 "runs in this process only"
             )
@@ -179,11 +180,11 @@ def _simulate_on_flower(
     config: SimulationConfig, builder: Any, run_dir: Path, overwrite: bool, ray_address: str | None
 ) -> RunResult:
     if config.method != "fedgmi":
-        raise typer.BadParameter("--engine flower runs the fedgmi method only")
+        raise ConfigError("--engine flower runs the fedgmi method only")
     try:
         from securegmi.adapters.flower_study import run_flower_simulation
     except ImportError:
-        raise typer.BadParameter("--engine flower needs Flower: pip install 'securegmi[flower]'") from None
+        raise ConfigError("--engine flower needs Flower: pip install 'securegmi[flower]'") from None
     where = f"the Ray cluster at {ray_address}" if ray_address else "this machine"
     status = (
         f"fedgmi on Flower's simulation engine ({where}): {config.clients} SuperNodes, {config.rounds} rounds"
