@@ -136,13 +136,16 @@ def test_refuses_to_overwrite_a_run(tmp_path):
 @pytest.mark.slow
 def test_epsilon_alone_runs_the_secure_protocol_and_shows_the_plan(tmp_path):
     out = tmp_path / "private"
-    result = runner.invoke(app, ["simulate", *SMALL, "--clients", "3", "--epsilon", "4", "--out", str(out)])
+    # The statistics design takes --vae-rounds, not --rounds (6 statistics rounds, then 1 VAE round).
+    private = [a for a in SMALL if a not in ("--rounds", "2")] + ["--vae-rounds", "1"]
+    result = runner.invoke(app, ["simulate", *private, "--clients", "3", "--epsilon", "4", "--out", str(out)])
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert "Privacy plan" in text and "not a cryptographically secure" in text
     results = json.loads((out / "results.json").read_text())
     check_results(results, _config(out))
     assert results["protocol"] == "secure" and results["epsilon"]["target"] == 4.0
+    assert results["rounds"] == 4 + 2 + 1  # k-means iterations, moments and histogram, VAE
     assert runner.invoke(app, ["audit", str(out)]).exit_code == 0
 
 
@@ -156,6 +159,45 @@ def test_an_interrupted_run_says_where_its_rounds_are(tmp_path, monkeypatch):
     result = runner.invoke(app, ["simulate", *SMALL, "--out", str(tmp_path / "r")])
     assert result.exit_code == 130
     assert "interrupted" in result.output and "Traceback" not in result.output
+
+
+def test_an_option_the_run_would_ignore_is_refused_before_anything_is_written(tmp_path):
+    # Issue 24: under --epsilon (the statistics design) --rounds 12 went to config.json, unused.
+    out = tmp_path / "r"
+    result = runner.invoke(app, ["simulate", "--epsilon", "8", "--rounds", "12", "--out", str(out)])
+    assert result.exit_code == 2 and _one_error_line(result.output), result.output
+    assert "--rounds does not apply under the statistics design" in result.output
+    assert "set --vae-rounds" in result.output
+    assert not out.exists()
+
+
+def _configs_the_cli_builds(monkeypatch, *runs: list[str]) -> list[SimulationConfig]:
+    import securegmi.simulation.runner as run_module
+
+    built = []
+
+    def capture(config, *args, **kwargs):  # type: ignore[no-untyped-def]
+        built.append(config)
+        raise KeyboardInterrupt  # stops before any training
+
+    monkeypatch.setattr(run_module, "run_simulation", capture)
+    for args in runs:
+        assert runner.invoke(app, ["simulate", *args]).exit_code == 130
+    return built
+
+
+def test_the_options_that_apply_reach_the_configuration(monkeypatch, tmp_path):
+    # Negative control of the refusal above: what does apply is accepted and used.
+    vae, em, central, fedgmi = _configs_the_cli_builds(
+        monkeypatch,
+        ["--epsilon", "8", "--vae-rounds", "2", "--out", str(tmp_path / "a")],
+        ["--epsilon", "8", "--private-training", "em", "--rounds", "12", "--out", str(tmp_path / "b")],
+        ["--method", "central-dp", "--epsilon", "8", "--out", str(tmp_path / "c")],
+        ["--epsilon", "8", "--out", str(tmp_path / "d")],
+    )
+    assert vae.planned_rounds == 4 + 2 + 2 and em.planned_rounds == 12
+    # central-dp sends no message, so --epsilon alone gives it no protocol (which it would refuse).
+    assert central.protocol == "plain" and fedgmi.protocol == "secure"
 
 
 @pytest.mark.slow
