@@ -90,9 +90,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     epsilon = None if args.protocol == "plain" else 8.0
-    config = SimulationConfig(
-        clients=args.clients, rounds=args.rounds, protocol=args.protocol, epsilon=epsilon
-    )
+    # --rounds sets a plain run's length; a private one is the statistics design, of its own length.
+    length = {"rounds": args.rounds} if epsilon is None else {}
+    config = SimulationConfig(clients=args.clients, protocol=args.protocol, epsilon=epsilon, **length)
     rows = {}
     with tempfile.TemporaryDirectory(prefix="sg-bench-") as tmp:
         work = Path(tmp)
@@ -137,7 +137,7 @@ def main() -> None:
         # The same rounds once every process has started (the ServerApp's time after connecting).
         row["rounds_ratio_to_inprocess"] = row["rounds_s"] / rounds
     report = {
-        "config": {"clients": args.clients, "rounds": args.rounds, "protocol": args.protocol},
+        "config": {"clients": args.clients, "rounds": config.planned_rounds, "protocol": args.protocol},
         "accuracy": {
             "inprocess": local.evaluation.source_accuracy,
             "flower-simulation": flower.evaluation.source_accuracy,

@@ -50,12 +50,26 @@ def run_one(
     privacy: dict[str, Any] = {}
     split_sgd = overrides.get("sgd_placement") == "split"
     overrides = {k: v for k, v in overrides.items() if k != "sgd_placement"}
+    design = overrides.get("private_training", "statistics")
+    statistics_design = epsilon is not None and design == "statistics"
     if epsilon is not None:
-        privacy = {"epsilon": epsilon, "protocol": "secure" if placement == "split" else "dp"}
-        if method == "fedgmi" and overrides.get("private_training", "statistics") == "statistics":
+        privacy = {"epsilon": epsilon}
+        if method in FEDERATED:  # central-dp sends no message: no protocol
+            privacy["protocol"] = "secure" if placement == "split" else "dp"
+        if method == "fedgmi" and statistics_design:
             privacy["noise_placement"] = placement
             if split_sgd and placement == "split":
                 privacy["sgd_placement"] = "split"
+    # One set of overrides serves every method; the config refuses a setting a run would not use,
+    # so leave out --components for fedavg (one shared VAE), --rounds under the statistics design
+    # (its length is vae_rounds) and --private-training without a budget, as those runs always
+    # ignored them.
+    if method == "fedavg":
+        overrides = {k: v for k, v in overrides.items() if k != "components"}
+    if statistics_design:
+        overrides = {k: v for k, v in overrides.items() if k != "rounds"}
+    if epsilon is None:  # --private-training names a private run's design
+        overrides = {k: v for k, v in overrides.items() if k != "private_training"}
     config = SimulationConfig(method=method, seed=seed, **overrides, **privacy)
     result = run_simulation(config, protocol=builder(config.protocol) if method in FEDERATED else None)
     label = method

@@ -6,9 +6,9 @@ import functools
 from collections.abc import Callable
 from typing import Annotated, ParamSpec
 
-import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from securegmi.errors import SecureGMIError
 
@@ -44,19 +44,23 @@ def errors_as_messages(command: Callable[P, None]) -> Callable[P, None]:
     def run(*args: P.args, **kwargs: P.kwargs) -> None:
         try:
             command(*args, **kwargs)
-        except (typer.Exit, typer.Abort, click.ClickException, KeyboardInterrupt):
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
             raise
-        except SecureGMIError as exc:
+        except (SecureGMIError, typer.BadParameter) as exc:
+            # typer.BadParameter is click's class under typer 0.20 and typer's vendored copy,
+            # no longer a click.ClickException, under 0.29: named through typer, both count.
             if _debug:
                 raise
-            err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+            message = exc.format_message() if isinstance(exc, typer.BadParameter) else str(exc)
+            # escape: a message such as "pip install 'securegmi[flower]'" is not rich markup.
+            err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
             raise typer.Exit(code=USER_ERROR) from None
         except Exception as exc:
             if _debug:
                 raise
             err_console.print(
-                f"[bold red]internal error:[/] {type(exc).__name__}: {exc}. This is a bug in securegmi, not "
-                "in your input: run again with --debug for the traceback and report it.",
+                f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}. This is a bug in "
+                "securegmi, not in your input: run again with --debug for the traceback and report it.",
                 soft_wrap=True,
             )
             raise typer.Exit(code=BUG) from None

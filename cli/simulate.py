@@ -12,8 +12,9 @@ from rich.table import Table
 
 from securegmi.cli.app import app, console, err_console, errors_as_messages
 from securegmi.config import METHODS, SimulationConfig
+from securegmi.errors import ConfigError
 from securegmi.privacy.noise import NOISE_NOTE
-from securegmi.simulation.runner import RunResult
+from securegmi.simulation.runner import FEDERATED, RunResult
 
 
 @app.command()
@@ -29,7 +30,9 @@ def simulate(
     clients: Annotated[int, typer.Option(help="number of clients")] = 20,
     components: Annotated[int, typer.Option(help="number of mixture components K")] = 3,
     alpha: Annotated[float, typer.Option(help="Dirichlet concentration of each client's pi*")] = 0.5,
-    rounds: Annotated[int, typer.Option(help="communication rounds")] = 60,
+    rounds: Annotated[
+        int, typer.Option(help="communication rounds (EM; the statistics design takes --vae-rounds)")
+    ] = 60,
     local_epochs: Annotated[int, typer.Option(help="local epochs per round")] = 5,
     method: Annotated[str, typer.Option(help=f"one of {', '.join(METHODS)}")] = "fedgmi",
     protocol: Annotated[
@@ -59,6 +62,9 @@ def simulate(
     private_training: Annotated[
         str, typer.Option(help="statistics (DP statistics, then DP-SGD on the VAEs) or em (DP-SGD EM)")
     ] = "statistics",
+    vae_rounds: Annotated[
+        int, typer.Option(help="rounds of DP-SGD on the VAEs after the statistics (statistics design)")
+    ] = 5,
     top_b: Annotated[int | None, typer.Option(help="send only each client's B heaviest components")] = None,
     temperature: Annotated[
         float | None, typer.Option(help="initial likelihood temperature (default: by dataset)")
@@ -100,24 +106,26 @@ def simulate(
             top_b=top_b,
             temperature=temperature,
             seed=seed,
-            protocol=protocol or ("secure" if epsilon is not None else "plain"),
+            # A method that sends no message (central-dp) has no protocol to default to.
+            protocol=protocol or ("secure" if epsilon is not None and method in FEDERATED else "plain"),
             epsilon=epsilon,
             delta=delta,
             noise_placement=noise_placement,
             min_clients=min_clients,
             sgd_placement=sgd_placement,
             private_training=private_training,
+            vae_rounds=vae_rounds,
         )
         if threads < 1:
-            raise typer.BadParameter("--threads must be at least 1")
+            raise ConfigError("--threads must be at least 1")
         builder = protocols.builder(config.protocol)
         torch.set_num_threads(threads)
         if engine == "flower":
             result = _simulate_on_flower(config, builder, run_dir, overwrite, ray_address)
         elif engine != "inprocess":
-            raise typer.BadParameter(f"--engine must be inprocess or flower, got {engine!r}")
+            raise ConfigError(f"--engine must be inprocess or flower, got {engine!r}")
         elif ray_address is not None:
-            raise typer.BadParameter(
+            raise ConfigError(
                 "--ray-address (or RAY_ADDRESS) is for --engine flower; the in-process engine "
                 "runs in this process only"
             )
@@ -179,14 +187,15 @@ def _simulate_on_flower(
     config: SimulationConfig, builder: Any, run_dir: Path, overwrite: bool, ray_address: str | None
 ) -> RunResult:
     if config.method != "fedgmi":
-        raise typer.BadParameter("--engine flower runs the fedgmi method only")
+        raise ConfigError("--engine flower runs the fedgmi method only")
     try:
         from securegmi.adapters.flower_study import run_flower_simulation
     except ImportError:
-        raise typer.BadParameter("--engine flower needs Flower: pip install 'securegmi[flower]'") from None
+        raise ConfigError("--engine flower needs Flower: pip install 'securegmi[flower]'") from None
     where = f"the Ray cluster at {ray_address}" if ray_address else "this machine"
     status = (
-        f"fedgmi on Flower's simulation engine ({where}): {config.clients} SuperNodes, {config.rounds} rounds"
+        f"fedgmi on Flower's simulation engine ({where}): {config.clients} SuperNodes, "
+        f"{config.planned_rounds} rounds"
     )
     with err_console.status(status):
         return run_flower_simulation(config, builder, run_dir, overwrite=overwrite, ray_address=ray_address)

@@ -36,6 +36,11 @@ DEFAULT_TEMPERATURE = {"digits": 10.0, "synthetic": 10.0, "mnist5k": 300.0}
 DEFAULT_LEARNING_RATE = {"digits": 3e-3, "synthetic": 2e-3, "mnist5k": 2e-3}
 
 
+def _option(name: str) -> str:
+    """The `securegmi simulate` option that sets field `name`."""
+    return name.replace("_", "-")
+
+
 def _check(ok: bool, name: str, rule: str, value: object) -> None:
     if not ok:
         raise ConfigError(f"{name} {rule}, got {value!r}")
@@ -152,6 +157,7 @@ class SimulationConfig:
                 self.method,
             )
         self._check_privacy()
+        self._check_applicable()
         if self.samples_per_client is not None:
             _check(
                 self.samples_per_client >= 10,
@@ -170,7 +176,9 @@ class SimulationConfig:
             raise ConfigError("central-dp is the central DP reference: pass --epsilon")
         if self.epsilon is None:
             return
-        if self.method != "central-dp":
+        if self.method == "central-dp":
+            self._check_central()
+        else:
             _check(private, "protocol", "must be 'dp' or 'secure' when --epsilon is given", self.protocol)
         if self.protocol == "secure" and self.top_b is not None:
             raise ConfigError("--top-b needs cleartext component indices; use protocol 'dp' for it")
@@ -243,6 +251,89 @@ class SimulationConfig:
                 "fedem-weights weights components by each client's raw sample count, which is not "
                 "released with DP; under --epsilon use fedgmi (weights are the DP counts)"
             )
+
+    def _check_central(self) -> None:
+        """central-dp is one trusted curator over the pooled records: it sends no message and adds
+        each noise once, so the settings of a federation's messages and noise shares do not apply."""
+        _check(
+            self.private_training == "statistics",
+            "private_training",
+            "must be 'statistics' for central-dp, the central reference of the statistics design",
+            self.private_training,
+        )
+        for name, default in (("protocol", "plain"), ("noise_placement", None), ("min_clients", None)):
+            if getattr(self, name) != default:
+                raise ConfigError(
+                    f"--{_option(name)} does not apply to central-dp: one trusted curator pools the "
+                    "records, sends no message and adds each noise once; leave it out"
+                )
+        if self.sgd_placement != "local":
+            raise ConfigError(
+                "--sgd-placement does not apply to central-dp: its curator takes every DP-SGD step "
+                "on the pooled records; leave it out"
+            )
+
+    def _check_applicable(self) -> None:
+        """A setting this run would not use is refused rather than written to config.json and
+        ignored. Only a value other than the default can be told apart: every field has a
+        default, and every config.json (written by any earlier version too) carries all of them."""
+        default = {f.name: f.default for f in fields(self)}
+
+        def refuse(name: str, applies: bool, why: str) -> None:
+            if not applies and getattr(self, name) != default[name]:
+                raise ConfigError(f"--{_option(name)} {why}")
+
+        if self.statistics_design:
+            alternative = "" if self.method == "central-dp" else ", or --private-training em for DP-SGD EM"
+            refuse(
+                "rounds",
+                False,
+                "does not apply under the statistics design (the default with --epsilon): its run is "
+                f"{self.kmeans_iterations + 2} rounds of DP statistics, then --vae-rounds rounds of "
+                f"DP-SGD; set --vae-rounds{alternative}",
+            )
+        refuse(
+            "vae_rounds",
+            self.statistics_design,
+            "applies under the statistics design only (--epsilon, with --private-training statistics); "
+            "this run's length is --rounds",
+        )
+        refuse("temperature", self.tempered, f"does not apply here: {self._untempered_reason()}")
+        for name in ("delta", "private_training", "noise_placement", "sgd_placement", "min_clients"):
+            refuse(name, self.epsilon is not None, "applies to a private run only: pass --epsilon with it")
+        refuse(
+            "min_clients",
+            self.statistics_design,
+            "applies under the statistics design only: the em design's rounds take no minimum cohort",
+        )
+        refuse(
+            "components",
+            self.method != "fedavg",
+            "does not apply to fedavg, which trains one shared VAE (pick another method for K components)",
+        )
+        refuse(
+            "local_epochs",
+            self.method != "fedgmm",
+            "does not apply to fedgmm, which fits Gaussian components from moments with no local training",
+        )
+
+    @property
+    def tempered(self) -> bool:
+        """Whether the run's E-steps anneal a likelihood temperature (--temperature)."""
+        return not self.statistics_design and self.method not in ("oracle", "fedgmm", "ifca", "fedavg")
+
+    def _untempered_reason(self) -> str:
+        if self.statistics_design:
+            return (
+                "under the statistics design responsibilities come from the released statistics, "
+                "not from tempered ELBOs"
+            )
+        return {
+            "oracle": "oracle trains component k on source k, with no E-step",
+            "fedgmm": "fedgmm's E-steps on its Gaussians run at temperature 1",
+            "ifca": "each ifca client takes the one cluster with the best mean ELBO",
+            "fedavg": "fedavg's one component takes every record",
+        }.get(self.method, "")
 
     @property
     def placement(self) -> str:

@@ -126,7 +126,7 @@ def test_simulation_engine_matches_in_process(tmp_path):
         assert all("seeded" in problem for problem in report.problems), report.problems
     # Negative control: the same study with other (private) noise gives other pi estimates, so
     # the tolerances above can fail.
-    private = SimulationConfig(clients=3, rounds=3, epsilon=8.0, protocol="secure", dp_noise="private")
+    private = SimulationConfig(clients=3, epsilon=8.0, protocol="secure", dp_noise="private")
     run_simulation(private, protocol=builder("secure"), out=tmp_path / "private")
     c = load_file(str(tmp_path / "private" / CHECKPOINT))
     assert np.abs(c["pi"] - b["pi"]).max() > 1e-3
@@ -196,7 +196,7 @@ def test_deployment_engine_on_loopback_completes_a_secure_run(tmp_path):
     """A SuperLink and three SuperNodes as processes on 127.0.0.1, the app started with
     `flwr run`; each node holds its own key directory, state and ledger, the server only the
     public context. Collected, the server's directory and the nodes' ledgers pass the audit."""
-    config = SimulationConfig(clients=3, rounds=2, epsilon=8.0, protocol="secure")
+    config = SimulationConfig(clients=3, epsilon=8.0, protocol="secure")
     federation = Federation.build(config, builder("secure"))
     keys = tmp_path / "keys"
     SecretContext.generate(federation.ckks_parameters()).save(keys)

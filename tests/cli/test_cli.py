@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -17,6 +18,11 @@ runner = CliRunner()
 def _config(run_dir: Path) -> SimulationConfig:
     return SimulationConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
 
+
+# Without the extra these reach the "needs Flower" message instead (tested on its own below).
+NEEDS_FLOWER = pytest.mark.skipif(
+    importlib.util.find_spec("flwr") is None, reason="extra 'flower' not installed"
+)
 
 SMALL = ["--dataset", "synthetic", "--clients", "4", "--rounds", "2", "--local-epochs", "1"]
 
@@ -53,16 +59,70 @@ def test_simulate_json_output_is_machine_readable(tmp_path):
         (["simulate", "--dataset", "cifar"], "dataset must be one of"),
         (["report", "/nonexistent/run"], "not a finished securegmi run"),
         (["simulate", "--ray-address", "127.0.0.1:6379"], "is for --engine flower"),
-        (["simulate", "--engine", "flower", "--ray-address", "127.0.0.1:1"], "no Ray cluster answers"),
-        (["simulate", "--engine", "flower", "--ray-address", "head-node"], "host:port or 'auto'"),
+        pytest.param(
+            ["simulate", "--engine", "flower", "--ray-address", "127.0.0.1:1"],
+            "no Ray cluster answers",
+            marks=NEEDS_FLOWER,
+        ),
+        pytest.param(
+            ["simulate", "--engine", "flower", "--ray-address", "head-node"],
+            "host:port or 'auto'",
+            marks=NEEDS_FLOWER,
+        ),
+        (["simulate", "--threads", "0"], "--threads must be at least 1"),
+        (["simulate", "--engine", "bogus"], "--engine must be inprocess or flower, got 'bogus'"),
     ],
 )
 def test_user_mistakes_are_messages_not_tracebacks(args, message):
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert message in result.output
+    assert _one_error_line(result.output)
     assert "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def _one_error_line(output: str) -> bool:
+    lines = output.strip().splitlines()
+    return len(lines) == 1 and lines[0].startswith("error: ")
+
+
+def test_a_bad_parameter_raised_through_typer_is_a_user_error():
+    # typer.BadParameter is click's class under typer 0.20 and typer's own under 0.29 (no longer
+    # a click.ClickException, which once made it an "internal error", exit 70).
+    import typer
+
+    from securegmi.cli.app import errors_as_messages
+
+    probe = typer.Typer()
+
+    @probe.command()
+    @errors_as_messages
+    def wrapped() -> None:
+        raise typer.BadParameter("--planted must be positive")
+
+    @probe.command()
+    def bare() -> None:
+        raise typer.BadParameter("--planted must be positive")
+
+    result = runner.invoke(probe, ["wrapped"])
+    assert result.exit_code == 2 and _one_error_line(result.output), result.output
+    assert "--planted must be positive" in result.output
+    # Negative control: typer's own report of the same error is several lines (usage, a box),
+    # so the one-line check can fail.
+    unwrapped = runner.invoke(probe, ["bare"])
+    assert unwrapped.exit_code == 2 and not _one_error_line(unwrapped.output)
+
+
+def test_a_missing_flower_is_one_line_that_names_the_extra(monkeypatch):
+    import sys
+
+    # A None entry makes `import` raise ImportError, as on an install without the extra.
+    monkeypatch.setitem(sys.modules, "securegmi.adapters.flower_study", None)
+    result = runner.invoke(app, ["simulate", "--engine", "flower"])
+    assert result.exit_code == 2 and _one_error_line(result.output), result.output
+    # Printed as text, not rich markup (which swallowed "[flower]").
+    assert "pip install 'securegmi[flower]'" in result.output
 
 
 @pytest.mark.slow
@@ -76,13 +136,16 @@ def test_refuses_to_overwrite_a_run(tmp_path):
 @pytest.mark.slow
 def test_epsilon_alone_runs_the_secure_protocol_and_shows_the_plan(tmp_path):
     out = tmp_path / "private"
-    result = runner.invoke(app, ["simulate", *SMALL, "--clients", "3", "--epsilon", "4", "--out", str(out)])
+    # The statistics design takes --vae-rounds, not --rounds (6 statistics rounds, then 1 VAE round).
+    private = [a for a in SMALL if a not in ("--rounds", "2")] + ["--vae-rounds", "1"]
+    result = runner.invoke(app, ["simulate", *private, "--clients", "3", "--epsilon", "4", "--out", str(out)])
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert "Privacy plan" in text and "ChaCha20 keyed with 256 bits of OS entropy" in text
     results = json.loads((out / "results.json").read_text())
     check_results(results, _config(out))
     assert results["protocol"] == "secure" and results["epsilon"]["target"] == 4.0
+    assert results["rounds"] == 4 + 2 + 1  # k-means iterations, moments and histogram, VAE
     assert runner.invoke(app, ["audit", str(out)]).exit_code == 0
 
 
@@ -96,6 +159,45 @@ def test_an_interrupted_run_says_where_its_rounds_are(tmp_path, monkeypatch):
     result = runner.invoke(app, ["simulate", *SMALL, "--out", str(tmp_path / "r")])
     assert result.exit_code == 130
     assert "interrupted" in result.output and "Traceback" not in result.output
+
+
+def test_an_option_the_run_would_ignore_is_refused_before_anything_is_written(tmp_path):
+    # Issue 24: under --epsilon (the statistics design) --rounds 12 went to config.json, unused.
+    out = tmp_path / "r"
+    result = runner.invoke(app, ["simulate", "--epsilon", "8", "--rounds", "12", "--out", str(out)])
+    assert result.exit_code == 2 and _one_error_line(result.output), result.output
+    assert "--rounds does not apply under the statistics design" in result.output
+    assert "set --vae-rounds" in result.output
+    assert not out.exists()
+
+
+def _configs_the_cli_builds(monkeypatch, *runs: list[str]) -> list[SimulationConfig]:
+    import securegmi.simulation.runner as run_module
+
+    built = []
+
+    def capture(config, *args, **kwargs):  # type: ignore[no-untyped-def]
+        built.append(config)
+        raise KeyboardInterrupt  # stops before any training
+
+    monkeypatch.setattr(run_module, "run_simulation", capture)
+    for args in runs:
+        assert runner.invoke(app, ["simulate", *args]).exit_code == 130
+    return built
+
+
+def test_the_options_that_apply_reach_the_configuration(monkeypatch, tmp_path):
+    # Negative control of the refusal above: what does apply is accepted and used.
+    vae, em, central, fedgmi = _configs_the_cli_builds(
+        monkeypatch,
+        ["--epsilon", "8", "--vae-rounds", "2", "--out", str(tmp_path / "a")],
+        ["--epsilon", "8", "--private-training", "em", "--rounds", "12", "--out", str(tmp_path / "b")],
+        ["--method", "central-dp", "--epsilon", "8", "--out", str(tmp_path / "c")],
+        ["--epsilon", "8", "--out", str(tmp_path / "d")],
+    )
+    assert vae.planned_rounds == 4 + 2 + 2 and em.planned_rounds == 12
+    # central-dp sends no message, so --epsilon alone gives it no protocol (which it would refuse).
+    assert central.protocol == "plain" and fedgmi.protocol == "secure"
 
 
 @pytest.mark.slow

@@ -22,13 +22,14 @@ from securegmi.federation.transport import InProcessTransport
 from securegmi.simulation.study import Federation
 
 ROOT = Path(__file__).resolve().parents[2]
-BASE = {"dataset": "synthetic", "clients": 3, "rounds": 2, "local_epochs": 1, "hidden": 8, "latent": 2}
+BASE = {"dataset": "synthetic", "clients": 3, "local_epochs": 1, "hidden": 8, "latent": 2}
+EM = {"rounds": 2}  # the statistics design's length is its own (vae_rounds, kmeans_iterations)
 PRIVATE = {"epsilon": 8.0, "min_clients": 3, "vae_rounds": 1, "kmeans_iterations": 1}
 CASES = {
-    "plain": {},
-    "dp-em": {"protocol": "dp", "private_training": "em", "epsilon": 8.0},
+    "plain": EM,
+    "dp-em": {"protocol": "dp", "private_training": "em", "epsilon": 8.0, **EM},
     "dp-statistics": {"protocol": "dp", **PRIVATE},
-    "secure-em": {"protocol": "secure", "private_training": "em", "epsilon": 8.0},
+    "secure-em": {"protocol": "secure", "private_training": "em", "epsilon": 8.0, **EM},
     "secure-statistics": {"protocol": "secure", **PRIVATE},
 }
 
@@ -87,7 +88,7 @@ def test_no_library_code_chooses_behaviour_by_client_or_server_type():
 
 
 def test_a_reply_to_an_earlier_round_is_never_added():
-    config = SimulationConfig(**BASE)
+    config = SimulationConfig(**BASE, **EM)
     federation = Federation.build(config, protocols.builder("plain"))
     clients = {cid: federation.client(i, None) for i, cid in enumerate(federation.client_ids)}
     server = federation.server(None)
@@ -105,7 +106,7 @@ def test_messages_are_bound_to_their_run_sender_and_round():
     """A reply from another run, a reply signed by another client, and a second batch for a
     round already added are refused by the server; a client refuses another run's server.
     The same round's own replies are added (negative control)."""
-    config = SimulationConfig(**BASE)
+    config = SimulationConfig(**BASE, **EM)
     federation = Federation.build(config, protocols.builder("plain"))
     clients = {cid: federation.client(i, None) for i, cid in enumerate(federation.client_ids)}
     server, other = federation.server(None), federation.server(None)

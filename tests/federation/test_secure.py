@@ -27,7 +27,6 @@ from ..secret_walk import secret_holders, secret_serialisations
 SMALL = {
     "dataset": "synthetic",
     "clients": 4,
-    "rounds": 3,
     "local_epochs": 1,
     "hidden": 16,
     "latent": 2,
@@ -109,7 +108,12 @@ def _first_update(protocol: str, keys: SecretContext | None) -> Message:
     from securegmi.simulation.study import Federation
 
     config = SimulationConfig(
-        protocol=protocol, dp_noise="seeded", noise_placement="local", private_training="em", **SMALL
+        protocol=protocol,
+        dp_noise="seeded",
+        noise_placement="local",
+        private_training="em",
+        rounds=3,
+        **SMALL,
     )
     federation = Federation.build(config, builder(protocol))
     server = federation.server(keys.public() if keys is not None else None)
