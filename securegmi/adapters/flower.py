@@ -38,7 +38,6 @@ from flwr.serverapp import Grid, ServerApp
 from securegmi.adapters.loopback import QUIET_ENV, SAFETY_ENV
 from securegmi.crypto.keys import SecretContext
 from securegmi.errors import (
-    BudgetExceededError,
     ConfigError,
     CryptoError,
     ProtocolViolation,
@@ -161,21 +160,28 @@ def client_app(factory: ClientFactory) -> ClientApp:
     """
     app = ClientApp()
 
+    def refusal(message: Message, exc: Exception) -> Message:
+        # Nothing of this round leaves the client but the class of why it failed: the text of
+        # a site's error can name its data (a DataError gives the records' range) and Flower
+        # would put it in the server's reply (`str(exc)` in its own error). The site's log
+        # keeps the full reason.
+        log.warning("message %s refused: %s", message.metadata.message_id, exc)
+        return Message(Error(code=REFUSED, reason=client_refusal(exc)), reply_to=message)
+
     @app.query()
     def identify(message: Message, context: Context) -> Message:
-        client = factory(context)
+        try:
+            client = factory(context)
+        except Exception as exc:
+            return refusal(message, exc)
         return Message(RecordDict({RECORD: ConfigRecord({CLIENT_ID: client.client_id})}), reply_to=message)
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
-        client = factory(context)
         try:
-            reply = client.receive(_wire(message))
-        except (ProtocolViolation, BudgetExceededError, CryptoError) as exc:
-            # Nothing of this round leaves the client: only the class of why it refused; the
-            # full reason stays in the site's own log.
-            log.warning("%s refused round %s: %s", client.client_id, message.metadata.message_id, exc)
-            return Message(Error(code=REFUSED, reason=client_refusal(exc)), reply_to=message)
+            reply = factory(context).receive(_wire(message))
+        except Exception as exc:
+            return refusal(message, exc)
         return Message(_content(reply), reply_to=message)
 
     return app
@@ -283,7 +289,8 @@ def connect(grid: Grid, clients: int, timeout: float) -> dict[str, int]:
     mapping: dict[str, int] = {}
     for reply in send_and_receive(grid, queries, timeout):
         if reply.has_error():
-            raise RunAbortedError(f"node {reply.metadata.src_node_id} failed to start: {reply.error.reason}")
+            reason = recorded_refusal(reply.error.reason)
+            raise RunAbortedError(f"node {reply.metadata.src_node_id} failed to start: {reason}")
         cid = str(reply.content.config_records[RECORD][CLIENT_ID])
         if cid in mapping:
             raise RunAbortedError(f"two Flower nodes claim to host {cid}")

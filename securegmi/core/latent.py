@@ -29,6 +29,13 @@ from torch import Tensor
 _MANTISSA = 2.0**-53
 
 
+def draw_context() -> int:
+    """A pass's public context: one draw from torch's global generator, which callers seed from
+    public values (run seed, round, client, step). The only draw a mixture's forward pass makes
+    from it (privacy.dpsgd.check_record_randomness holds user components to that)."""
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
 def record_keyed_normals(x: Tensor, context: int, per_record: tuple[int, ...]) -> Tensor:
     """(batch, *per_record) standard normals; row i depends on (context, x[i]) alone."""
     rows = np.ascontiguousarray(x.detach().cpu().to(torch.float32).reshape(len(x), -1).numpy())

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from securegmi.core.batched import BatchedLinear
-from securegmi.core.latent import record_keyed_normals
+from securegmi.core.latent import draw_context, record_keyed_normals
 from securegmi.core.vae import (
     VAE,
     Likelihood,
@@ -124,8 +124,7 @@ class MixtureOfVAEs(nn.Module):
         The context is one draw from torch's global generator, which the caller seeds from
         public values (run seed, round, client, step); one call, one context.
         """
-        context = int(torch.randint(0, 2**62, (1,)).item())
-        return record_keyed_normals(x, context, (self.n_components, samples, self.latent))
+        return record_keyed_normals(x, draw_context(), (self.n_components, samples, self.latent))
 
     def elbo_matrix(self, x: Tensor, samples: int = 1) -> Tensor:
         eps = self._draws(x, samples)

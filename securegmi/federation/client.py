@@ -43,11 +43,13 @@ from securegmi.federation.release import (
     ReleasePolicy,
     StatisticsRelease,
 )
+from securegmi.federation.statistics import GRADIENT, UPLINK
 from securegmi.federation.transport import ClientEndpoint
 from securegmi.privacy.calibration import DpPlan, PrivateMixturePlan
 from securegmi.privacy.ledger import PrivacyLedger
 from securegmi.protocol import Message, ProtocolSpec, TranscriptWriter, decode, encode
 from securegmi.protocol.payload import build_payload
+from securegmi.protocol.spec import CONTRIBUTIONS
 
 Records = np.ndarray | torch.Tensor | Dataset[Any] | DataLoader[Any] | Iterable[Any]
 
@@ -261,6 +263,31 @@ def _policy(learner: LocalLearner, privacy: ClientPrivacy | None) -> ReleasePoli
     return StatisticsRelease(learner, privacy)
 
 
+def _check_split_stages(spec: ProtocolSpec, plan: PrivateMixturePlan) -> None:
+    """Refuse a declaration under which this plan's split noise could be opened short of its
+    cohort (DESIGN §2, law 3): every private aggregate must require the plan's minimum of
+    releases and say how many it sums, and a split share may only travel encrypted."""
+    required, why = plan.statistics.min_clients, "so a smaller sum would carry less than the planned noise"
+    split = plan.statistics.placement == "split" or plan.split_sgd
+    if split and spec.codec != "ckks":
+        raise PrivacyError(
+            f"protocol {spec.name!r} sends releases in the clear, and this client's plan splits its "
+            f"noise over {required} clients: a single share would be read with a fraction of the noise. "
+            "Use the secure protocol, or a plan with local noise"
+        )
+    names = {s.name for s in spec.stages}
+    for uplink in (*UPLINK.values(), GRADIENT):
+        if uplink not in names:
+            continue
+        down = spec.downlink_after(uplink)
+        if spec.min_shares(down.name) < required or down.field(CONTRIBUTIONS) is None:
+            raise PrivacyError(
+                f"protocol {spec.name!r} lets {down.name!r} sum {spec.min_shares(down.name)} client "
+                f"releases without saying how many it sums; this client's plan needs at least {required}, "
+                f"{why}: build the protocol from the plan (securegmi.protocol(..., plan=plan, clients=...))"
+            )
+
+
 def _check_protocol(
     spec: ProtocolSpec, components: MixtureOfVAEs, privacy: ClientPrivacy | None, keys: SecretContext | None
 ) -> None:
@@ -273,14 +300,7 @@ def _check_protocol(
                 f"{dim} = {value}: every client must use the federation's component architecture"
             )
     if privacy is not None and isinstance(privacy.plan, PrivateMixturePlan):
-        required = privacy.plan.statistics.min_clients
-        if spec.dims.get("N", 0) < required:
-            raise PrivacyError(
-                f"protocol {spec.name!r} lets an aggregate sum {spec.dims.get('N', 'any number of')} "
-                f"client releases; this client's plan splits its noise over at least {required}, "
-                "so a smaller sum would carry less than the planned noise: build the protocol from "
-                "the plan (securegmi.protocol(..., plan=plan, clients=...))"
-            )
+        _check_split_stages(spec, privacy.plan)
     mismatches: list[tuple[bool, type[SecureGMIError], str]] = [
         (
             spec.release == "dp" and privacy is None,

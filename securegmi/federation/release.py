@@ -50,7 +50,13 @@ from securegmi.federation.statistics import (
     downlink_stage,
 )
 from securegmi.privacy.calibration import COUNTS, DPSGD, HISTOGRAM, DpPlan, PrivateMixturePlan
-from securegmi.privacy.dpsgd import DpSgdConfig, GradObserver, PrivateTrainer, check_privatisable
+from securegmi.privacy.dpsgd import (
+    DpSgdConfig,
+    GradObserver,
+    PrivateTrainer,
+    check_privatisable,
+    check_record_randomness,
+)
 from securegmi.privacy.ledger import LedgerEntry, PrivacyBudget, PrivacyLedger
 from securegmi.privacy.mechanisms import gaussian_release
 from securegmi.privacy.noise import NoiseSource
@@ -165,6 +171,7 @@ class DpMechanisms:
         self.noise = NoiseSource(privacy.noise_seed)
         self.noise_rng = self.noise.generator  # the statistics' and counts' Gaussian releases
         check_privatisable(learner.model)  # refused now, before anything is released
+        check_record_randomness(learner.model, torch.as_tensor(learner.x[:2]))
         self.observe: GradObserver | None = None  # test hook: each step's clipped sum, pre-noise
 
     @cached_property

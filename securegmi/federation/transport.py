@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from securegmi.errors import BudgetExceededError, CryptoError, ProtocolViolation
 from securegmi.protocol import SERVER, Message, ProtocolSpec, TranscriptWriter, decode, encode
@@ -77,6 +77,9 @@ class ServerEndpoint:
 
     def accept(self, client_id: str, wire: bytes) -> Message:
         reply = decode(wire)
+        if reply.error is not None:
+            # A client's own error text is never recorded, only its allowed form.
+            reply = replace(reply, error=recorded_refusal(reply.error))
         try:
             self.spec.validate(reply, sender_role="client", sender=client_id)
         except ProtocolViolation:

@@ -163,13 +163,13 @@ class StatisticsPlan:
     Noise placement: `sigma = noise_multiplier * sensitivity` is the noise the *aggregate* must
     carry. Under "local" every client adds all of it to its own upload. Under "split" (only
     with CKKS, where nothing but the sum is ever decrypted) each client adds a share of standard
-    deviation sigma / sqrt(min_clients): a sum over m >= min_clients clients then carries
-    variance m sigma^2 / min_clients >= sigma^2, so the minimum cohort alone carries the full
-    noise and a dropout can only add noise. Against the server and the other clients the
-    release is the Gaussian mechanism at `noise_multiplier`; against the server colluding with
-    one client (shared key: it decrypts one upload) it is the Gaussian mechanism at
-    noise_multiplier / sqrt(min_clients): the ledger's fallback figure. The histogram is one
-    client's own row, so it always carries the full noise.
+    deviation sigma * `split_share(min_clients)` (`split_share`: any min_clients - 1 shares carry
+    the full noise, since every client knows its own share and can subtract it from the sum it
+    decrypts). Against the server and any one other client the release is then the Gaussian
+    mechanism at `noise_multiplier` or better; against the server colluding with one client
+    (shared key: it decrypts one upload) it is the Gaussian mechanism at noise_multiplier *
+    split_share(min_clients): the ledger's fallback figure. The histogram is one client's own
+    row, so it always carries the full noise.
     """
 
     clusters: int
@@ -197,7 +197,7 @@ class StatisticsPlan:
         """The fraction of the aggregate's noise standard deviation each client adds."""
         if release == HISTOGRAM or self.placement == "local":
             return 1.0
-        return 1.0 / math.sqrt(self.min_clients)
+        return split_share(self.min_clients)
 
     def noise_multiplier(self, release: str) -> float:
         return {MOMENTS: self.moments_noise, CLUSTERS: self.cluster_noise, HISTOGRAM: self.histogram_noise}[
@@ -209,6 +209,19 @@ class StatisticsPlan:
         sigma = self.noise_multiplier(release)
         fallback = gaussian_event(sigma * self.share_scale(release))
         return LedgerEntry.of(round_index, release, gaussian_event(sigma), fallback)
+
+
+def split_share(min_clients: int) -> float:
+    """Each client's fraction of a split release's noise standard deviation.
+
+    A client decrypts the sum and knows its own share, so what it sees of another's record is
+    masked by the other m - 1 shares only: with shares s sigma, (m - 1) s^2 >= 1 for every
+    m >= min_clients needs s = 1 / sqrt(min_clients - 1). (With s = 1 / sqrt(min_clients) a
+    single curious client would face sigma sqrt((N - 1) / N): epsilon 4.43 where 4 was claimed
+    for 4 clients.) The sum then carries variance m / (min_clients - 1) sigma^2, a little more
+    than one curator's. One client alone holds the whole noise.
+    """
+    return 1.0 / math.sqrt(max(min_clients - 1, 1))
 
 
 def statistics_noise(
@@ -235,12 +248,13 @@ class PrivateMixturePlan:
 
     `sgd_placement` "local": each VAE round is `steps_per_round` DP-SGD steps on one client's
     records, each step's sum carrying the full noise. "split": one round per step; each client
-    adds noise of standard deviation sigma C / sqrt(min_clients) to its clipped gradient sum
-    and only the CKKS sum over at least `min_clients` clients is decrypted, so the sum carries
-    the full noise, as one curator's step over the pooled Poisson sample would (the statistics'
-    split noise, `StatisticsPlan`, applied to DP-SGD). Either way the ledger records the same
-    subsampled Gaussian steps; against the server colluding with one client a split step is
-    one at noise multiplier sigma / sqrt(min_clients) (the fallback event).
+    adds noise of standard deviation sigma C split_share(min_clients) to its clipped gradient
+    sum and only the CKKS sum over at least `min_clients` clients is decrypted, so the sum, less
+    any one client's own share, carries the full noise, as one curator's step over the pooled
+    Poisson sample would (the statistics' split noise, `StatisticsPlan`, applied to DP-SGD).
+    Either way the ledger records the same subsampled Gaussian steps; against the server
+    colluding with one client a split step is one at noise multiplier sigma *
+    split_share(min_clients) (the fallback event).
     """
 
     epsilon: float
@@ -266,7 +280,7 @@ class PrivateMixturePlan:
     @property
     def sgd_share_scale(self) -> float:
         """The fraction of a step's noise standard deviation each client adds."""
-        return 1.0 / math.sqrt(self.statistics.min_clients) if self.split_sgd else 1.0
+        return split_share(self.statistics.min_clients) if self.split_sgd else 1.0
 
     def round_entries(self, round_index: int) -> tuple[LedgerEntry, ...]:
         if round_index < self.statistics.rounds:

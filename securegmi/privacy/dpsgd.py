@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from securegmi.core.batched import BatchedLinear
+from securegmi.core.latent import draw_context
 from securegmi.errors import ConfigError, PrivacyError
 from securegmi.privacy.batched_samplers import (
     add_clipped_sums,
@@ -76,6 +77,36 @@ def check_privatisable(module: nn.Module) -> None:
             f"this module cannot be trained with DP-SGD: {reasons}. Replace BatchNorm with GroupNorm "
             "or LayerNorm (opacus.validators.ModuleValidator.fix does it), and avoid layers that mix "
             "samples within a batch."
+        )
+
+
+def check_record_randomness(module: nn.Module, records: Tensor) -> None:
+    """Refuse a module whose training-mode forward pass draws from torch's global generator
+    beyond its one latent context (`core.latent.draw_context`): dropout called as a function,
+    RReLU, noise added inside the module. Such draws are handed out by a record's position in
+    its batch, so removing one record moves every later record's gradient (DESIGN §2, law 1;
+    measured by a review: F.dropout moved a clipped sum by 4 C). Randomness from a generator of
+    the module's own is not seen here: a component must not hold one.
+    """
+    saved, training = torch.random.get_rng_state(), module.training
+    try:
+        module.train()
+        torch.manual_seed(0)
+        with torch.no_grad():
+            module(records)
+        used = torch.random.get_rng_state()
+        torch.manual_seed(0)
+        draw_context()
+        expected = torch.random.get_rng_state()
+    finally:
+        torch.random.set_rng_state(saved)
+        module.train(training)
+    if not torch.equal(used, expected):
+        raise PrivacyError(
+            "this module cannot be trained with DP-SGD: its forward pass draws random numbers from "
+            "torch's global generator (functional dropout, RReLU, noise added inside the module?), "
+            "which hands them out by a record's position in its batch. Remove them; the ELBO's "
+            "latent draws are the only randomness a component may use, and securegmi supplies them."
         )
 
 

@@ -98,6 +98,12 @@ class Federation:
             top_b=config.top_b,
             **extra,
         )
+        if spec.name != config.protocol:
+            # config.json, the audit and the plan's placement all read config.protocol: a run
+            # under another protocol would be audited as the one it is not.
+            raise ConfigError(
+                f"the configuration names protocol {config.protocol!r}, the builder gives {spec.name!r}"
+            )
         return cls(config, data, spec, plan)
 
     @property

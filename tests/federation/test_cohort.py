@@ -15,7 +15,7 @@ from securegmi.config import SimulationConfig
 from securegmi.errors import ConfigError, PrivacyError, ProtocolViolation, RunAbortedError
 from securegmi.federation.client import Client
 from securegmi.federation.server import Server
-from securegmi.protocol import Message
+from securegmi.protocol import Message, ProtocolSpec
 from securegmi.protocol.fields import Public
 from securegmi.protocol.spec import CONTRIBUTIONS
 from securegmi.protocols import dp
@@ -86,7 +86,7 @@ def test_both_ends_refuse_an_aggregate_of_fewer_releases():
 def test_a_client_refuses_a_protocol_declaring_fewer_shares_than_its_plan():
     federation = _federation()
     lax = federation.spec.bind(N=1)
-    with pytest.raises(PrivacyError, match="splits its noise over at least 4"):
+    with pytest.raises(PrivacyError, match=r"sum 1 client releases .* needs at least 4"):
         Client(
             "client-0",
             federation.new_model(),
@@ -96,3 +96,52 @@ def test_a_client_refuses_a_protocol_declaring_fewer_shares_than_its_plan():
         )
     # Negative control: the federation's own declaration is accepted (as _federation's clients are).
     assert federation.client(0, None).spec.dims["N"] == 4
+
+
+def _client_on(federation: Federation, spec: ProtocolSpec) -> Client:
+    return Client(
+        "client-0",
+        federation.new_model(),
+        federation.data.clients[0].x_train,
+        spec,
+        privacy=federation.client(0, None).policy.privacy,  # type: ignore[attr-defined]
+    )
+
+
+def test_a_client_refuses_a_declaration_whose_aggregates_drop_the_minimum():
+    """The review's variant: N kept in the dimensions, but a stage that sums releases with no
+    minimum and no count of them (a declaration rebuilt by hand)."""
+    federation = _federation()
+    spec = federation.spec
+    stages = tuple(
+        dataclasses.replace(s, min_shares=1, fields=tuple(f for f in s.fields if f.name != CONTRIBUTIONS))
+        if s.name == "moment_totals"
+        else s
+        for s in spec.stages
+    )
+    with pytest.raises(PrivacyError, match="'moment_totals' sum 1 client releases"):
+        _client_on(federation, dataclasses.replace(spec, stages=stages))
+    _client_on(federation, spec)  # negative control
+
+
+def test_split_noise_is_never_sent_in_the_clear():
+    """A plan that splits its noise (secure's default) under the clear dp declaration: one
+    share would be read with a fraction of the noise. Refused by the client, and a simulation
+    whose builder is not its configuration's protocol is refused too."""
+    secure = SimulationConfig(**{**SPLIT.to_dict(), "protocol": "secure"})
+    federation = Federation.build(secure, securegmi.protocols.builder("secure"))
+    assert federation.plan.statistics.placement == "split"  # type: ignore[union-attr]
+    clear = securegmi.protocol("dp", federation.new_model(), plan=federation.plan, clients=SPLIT.clients)
+    privacy = federation.client(0, federation_keys(federation)).policy.privacy  # type: ignore[attr-defined]
+    with pytest.raises(PrivacyError, match="sends releases in the clear"):
+        Client("client-0", federation.new_model(), federation.data.clients[0].x_train, clear, privacy=privacy)
+    with pytest.raises(ConfigError, match="names protocol 'secure', the builder gives 'dp'"):
+        Federation.build(secure, dp.build)
+    # Negative control: the same declaration with a local-noise plan is accepted (test _federation).
+    _client_on(_federation(), _federation().spec)
+
+
+def federation_keys(federation: Federation):  # type: ignore[no-untyped-def]
+    from securegmi.crypto.keys import SecretContext
+
+    return SecretContext.generate(federation.ckks_parameters())

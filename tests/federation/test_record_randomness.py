@@ -137,3 +137,49 @@ def test_removing_any_record_moves_the_soft_counts_by_at_most_one(monkeypatch):
 def test_negative_control_positional_draws_move_the_counts_by_more(monkeypatch):
     moves = count_moves(monkeypatch, positional=True)
     assert moves[0] > 1 + 1e-3, moves
+
+
+class _Noisy(torch.nn.Module):
+    """An encoder body with randomness of its own, as a user's component might have."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind, self.linear = kind, torch.nn.Linear(DIGITS_DIM, 2 * 2)
+        self.rrelu = torch.nn.RReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "F.dropout":
+            x = torch.nn.functional.dropout(x, 0.1, self.training)
+        elif self.kind == "randn_like":
+            x = x + 0.01 * torch.randn_like(x)
+        out = self.linear(x)
+        return self.rrelu(out) if self.kind == "RReLU" else out
+
+
+DIGITS_DIM = 64
+
+
+def _user_components(kind: str | None) -> MixtureOfVAEs:
+    from securegmi.core.vae import VAE
+
+    def factory() -> VAE:
+        encoder = _Noisy(kind) if kind else torch.nn.Linear(DIGITS_DIM, 4)
+        decoder = torch.nn.Sequential(
+            torch.nn.Linear(2, 16), torch.nn.ReLU(), torch.nn.Linear(16, DIGITS_DIM)
+        )
+        return VAE(encoder, decoder, 2, "bernoulli")
+
+    return MixtureOfVAEs.from_factory(factory, 3, 0)
+
+
+@pytest.mark.parametrize("kind", ["F.dropout", "randn_like", "RReLU"])
+def test_a_component_with_randomness_of_its_own_is_refused_under_dp(kind):
+    from securegmi.errors import PrivacyError
+    from securegmi.privacy.dpsgd import check_record_randomness
+
+    x = torch.as_tensor(_digits()[0][:4])
+    with pytest.raises(PrivacyError, match="draws random numbers from torch's global generator"):
+        check_record_randomness(_user_components(kind), x)
+    before = torch.random.get_rng_state()
+    check_record_randomness(_user_components(None), x)  # negative control: the same without it
+    assert torch.equal(before, torch.random.get_rng_state())  # the probe leaves no trace

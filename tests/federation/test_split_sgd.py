@@ -90,18 +90,20 @@ def _gaussian(event: Any) -> Any:
     return event
 
 
-def test_each_share_carries_sigma_c_over_root_min_clients(finished):
-    """Each client's share of a step's noise has sd sigma C / sqrt(min_clients), sigma the
-    multiplier of the ledger's event: the minimum cohort's shares together carry the whole
-    step's noise. A chi-square test (false failure 1e-6) that also rejects the full noise
-    (local placement) and half or twice the share."""
+def test_each_share_carries_sigma_c_over_root_min_clients_less_one(finished):
+    """Each client's share of a step's noise has sd sigma C / sqrt(min_clients - 1), sigma the
+    multiplier of the ledger's event: any min_clients - 1 shares (all a client sees of the others
+    once it subtracts its own) carry the whole step's noise. A chi-square test (false failure
+    1e-6) that also rejects a much larger share and the sigma C / sqrt(min_clients) of before."""
     federation, clients, shares = finished
     noise = np.concatenate([released - pre for s in shares.values() for pre, released in s])
     ledger = next(iter(clients.values())).ledger
     (sigma,) = {_gaussian(e.event).noise_multiplier for e in ledger.entries if e.name == "dpsgd"}
-    claimed = sigma * federation.plan.clip_norm / math.sqrt(CONFIG.min_clients or 1)
+    # Any min_clients - 1 shares carry the full noise (a client knows its own share).
+    claimed = sigma * federation.plan.clip_norm / math.sqrt(max((CONFIG.min_clients or 1) - 1, 1))
     assert_scale(noise, claimed)
     assert not has_scale(noise, math.sqrt(CONFIG.min_clients or 1) * claimed)
+    assert not has_scale(noise, claimed * math.sqrt(2 / 3))  # sigma C / sqrt(3): one client short
 
 
 def test_a_step_with_fewer_than_min_clients_is_abandoned():

@@ -74,9 +74,10 @@ def test_neighbouring_datasets_move_every_statistics_release_by_at_most_its_sens
 @pytest.mark.parametrize("placement", ["split", "local"])
 def test_each_share_carries_the_planned_fraction_of_the_noise(placement):
     """The shipped release path, many times on fixed inputs: the standard deviation of one
-    client's noise is sigma * sensitivity / sqrt(min_clients) under split and the full sigma *
-    sensitivity under local, so min_clients shares together carry the full noise. Two-sided
-    chi-square bound on the sample variance; false-failure rate below 1e-6 per test."""
+    client's noise is sigma * sensitivity / sqrt(min_clients - 1) under split and the full
+    sigma * sensitivity under local, so any min_clients - 1 shares (what a client that knows its
+    own share sees) carry the full noise. Two-sided chi-square bound on the sample variance;
+    false-failure rate below 1e-6 per test."""
     config = SimulationConfig(**{**SMALL.to_dict(), "noise_placement": placement, "min_clients": 3})
     plan = _plan(config)
     role = _role(load_federated_data(SMALL).clients[0].x_train[:30], plan, seed=11)
@@ -84,13 +85,14 @@ def test_each_share_carries_the_planned_fraction_of_the_noise(placement):
     noise = (draws - role.pre_noise).ravel()
     expected = plan.statistics.moments_noise * SENSITIVITY[MOMENTS]
     if placement == "split":
-        expected /= math.sqrt(3)
+        expected /= math.sqrt(3 - 1)
     # n = 400 x M values: the sample sd is within 1.5% of the truth except with prob < 1e-6.
     assert noise.size > 5000
     tolerance = 5.0 / math.sqrt(2 * noise.size)  # ~5 sigma of the sd's relative error
     assert abs(noise.std() / expected - 1) < tolerance
-    # The same bound rejects a share of 1/min_clients (a mutant that under-noises the sum).
-    assert abs(noise.std() / (expected / math.sqrt(3)) - 1) > tolerance or placement == "local"
+    # The same bound rejects a share of 1/sqrt(min_clients), which one curious client could
+    # reduce to sqrt((N - 1) / N) of the noise by subtracting its own (the share before this).
+    assert abs(noise.std() / (expected * math.sqrt(2 / 3)) - 1) > tolerance or placement == "local"
 
 
 def test_split_noise_has_a_fallback_figure_and_local_noise_does_not():

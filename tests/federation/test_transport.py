@@ -150,3 +150,29 @@ def test_transcript_holds_metadata_never_values(tmp_path):
 
     row = next(r for r in rows if r["sender"] == "client-0" and r["field"] == "masses")
     assert row["sha256"] == hashlib.sha256(masses.tobytes()).hexdigest()
+
+
+def test_a_client_errors_text_never_reaches_the_servers_transcript(tmp_path):
+    """A client (one that is not securegmi's) answering with an error message of its own words:
+    the server records the allowed form only. Negative control: the allowed form is kept."""
+    from dataclasses import replace as with_error
+
+    from securegmi.protocol import decode as decoded
+    from securegmi.protocol import encode as encoded
+
+    transport, server, transcript = _setup(tmp_path)
+    broadcast = server.broadcast(0, 10.0)
+    reply = decoded(transport.deliver("client-0", server.endpoint.send("client-0", broadcast)))
+    chatty = with_error(
+        reply, payload={}, events={}, error="BudgetExceededError: spent 3.87 of 4; pi [0.71, 0.29]"
+    )
+    allowed = with_error(chatty, error="refused by the client (BudgetExceededError)")
+    for message in (chatty, allowed):
+        server.endpoint.accept("client-0", encoded(message))
+    transcript.close()
+    errors = [
+        json.loads(line).get("error") for line in (tmp_path / "transcript.jsonl").read_text().splitlines()
+    ]
+    assert "refused by the client (reason withheld)" in errors
+    assert "refused by the client (BudgetExceededError)" in errors
+    assert not any("3.87" in str(e) for e in errors)
