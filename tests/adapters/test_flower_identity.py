@@ -208,3 +208,32 @@ def test_a_silent_node_and_a_refusing_node_are_each_refused_with_their_reason():
     assert refused_with("over budget: 7.93 of 8 spent")["client-2"] == (
         "client-2: refused by the client (reason withheld)"
     )
+
+
+class FailingNodeGrid(IdentityGrid):
+    """One node's ClientApp fails to build its client, with an error naming its records."""
+
+    def __init__(self, claims: dict[int, str], reason: str) -> None:
+        super().__init__(claims)
+        self.reason = reason
+
+    def replies_to(self, sent: list[Message]) -> list[Message]:
+        from flwr.app import Error
+
+        out = super().replies_to(sent)
+        failing = next(m for m in sent if m.metadata.dst_node_id == 13)
+        return [m for m in out if m.metadata.reply_to_message_id != failing.metadata.message_id] + [
+            Message(Error(code=1, reason=self.reason), reply_to=failing)
+        ]
+
+
+def test_a_node_that_fails_to_start_is_reported_without_its_text():
+    """A site's error text (here Flower's wrapping of a DataError naming the records' range)
+    never reaches the server; the allowed form does (negative control)."""
+    claims = {11: "client-0", 12: "client-1", 13: "client-2"}
+    leaky = "<class 'securegmi.errors.DataError'>:<'the records span [-0.813424, 1.74477]'>"
+    with pytest.raises(RunAbortedError) as caught:
+        connect(FailingNodeGrid(claims, leaky), 3, timeout=1.0)  # type: ignore[arg-type]
+    assert "0.813424" not in str(caught.value) and "reason withheld" in str(caught.value)
+    with pytest.raises(RunAbortedError, match=r"refused by the client \(DataError\)"):
+        connect(FailingNodeGrid(claims, "refused by the client (DataError)"), 3, timeout=1.0)  # type: ignore[arg-type]
