@@ -186,6 +186,31 @@ MUTANTS: tuple[Mutant, ...] = (
         "            if False:",
         COHORT_TESTS,
     ),
+    _one(
+        "split-noise-in-the-clear",
+        "a client follows a clear protocol with a plan that splits its noise (one share read alone)",
+        "securegmi/federation/client.py",
+        "    if split and spec.codec != \"ckks\":",
+        "    if False:",
+        COHORT_TESTS,
+    ),
+    _one(
+        "split-share-over-root-n",
+        "split shares of sigma/sqrt(N): a client that subtracts its own share faces less than sigma",
+        CALIBRATION,
+        "return 1.0 / math.sqrt(max(min_clients - 1, 1))",
+        "return 1.0 / math.sqrt(max(min_clients, 1))",
+        STATS_TESTS,
+        SPLIT_TESTS,
+    ),
+    _one(
+        "component-randomness-unchecked",
+        "a DP client accepts components that draw from torch's generator by batch position",
+        RELEASE,
+        "        check_record_randomness(learner.model, torch.as_tensor(learner.x[:2]))\n",
+        "",
+        RECORD_TESTS,
+    ),
     # --- the count release (em design) -------------------------------------------------------
     _one(
         "count-noise-x0.1",

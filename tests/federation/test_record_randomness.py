@@ -183,3 +183,24 @@ def test_a_component_with_randomness_of_its_own_is_refused_under_dp(kind):
     before = torch.random.get_rng_state()
     check_record_randomness(_user_components(None), x)  # negative control: the same without it
     assert torch.equal(before, torch.random.get_rng_state())  # the probe leaves no trace
+
+
+def test_a_dp_client_with_such_a_component_is_refused_before_it_releases_anything():
+    import securegmi
+    from securegmi.errors import PrivacyError
+    from securegmi.federation.client import Client
+    from securegmi.federation.release import ClientPrivacy
+    from securegmi.simulation.study import dp_plan
+
+    config = SimulationConfig(dataset="digits", clients=20, protocol="dp", epsilon=4.0, private_training="em")
+    plan = dp_plan(config, load_federated_data(config))
+    x = _digits()[0]
+
+    def client(kind: str | None) -> Client:
+        components = _user_components(kind)
+        spec = securegmi.protocol("dp", components, plan=plan)
+        return Client("client-0", components, x, spec, privacy=ClientPrivacy(plan, 16.0))
+
+    with pytest.raises(PrivacyError, match="draws random numbers"):
+        client("F.dropout")
+    assert client(None).ledger is not None  # negative control
