@@ -842,9 +842,9 @@ def _results_problems(run_dir: Path, config: SimulationConfig, protocol: str) ->
         except (OSError, SafetensorError, IndexError) as exc:
             problems.append(f"{CHECKPOINT} is unreadable ({exc}): its count of clients cannot be checked")
     problems[:0] = [
-        f"config.json has {config.clients} clients, {where} {count}: a client's records are missing or extra"
-        for where, count in counts
-        if count != config.clients
+        f"config.json has {config.clients} clients, {where} {n}: a client's records are missing or extra"
+        for where, n in counts
+        if n != config.clients
     ]
     return problems
 
