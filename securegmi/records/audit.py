@@ -2,7 +2,10 @@
 how much privacy it cost, derived from the protocol spec, the transcript, the ledgers, the plan
 and the configuration. Besides what each record says, the audit counts: the clients against
 the configuration, each ledger's entries against the plan's rounds and the transcript, each
-release's digests, and the contributions to every sum whose noise was split (DESIGN §2)."""
+release's digests, and the contributions to every sum whose noise was split (DESIGN §2); and
+it compares the transcript and the ledgers with the records the run writes beside them (the
+server's saved state, the metrics or a Flower server's engine.json, each client's saved state,
+results.json and the model), each checked where the directory has it."""
 
 from __future__ import annotations
 
@@ -19,11 +22,13 @@ from securegmi.config import SimulationConfig
 from securegmi.errors import ConfigError, PrivacyError, RunDirectoryError
 from securegmi.privacy.calibration import DpPlan, PrivateMixturePlan, plan_from_dict
 from securegmi.privacy.ledger import PRIVATE_NOISE, SEEDED_NOISE, LedgerEntry, PrivacyLedger
-from securegmi.protocol import SERVER, FieldKind, ProtocolBuilder, read_transcript
+from securegmi.protocol import SERVER, FieldKind, ProtocolBuilder, ProtocolSpec, read_transcript
 from securegmi.records.rundir import (
     AGGREGATE,
     CHECKPOINT,
+    CLIENT_STATES,
     CONFIG,
+    ENGINE,
     LEDGERS,
     METRICS,
     PLAN,
@@ -187,15 +192,24 @@ def audit_run(run_dir: Path, builder_for: Callable[[str], ProtocolBuilder]) -> A
     if plan is not None:
         problems += _plan_problems(plan, run_config, ledgers)
         problems += _configuration_problems(config, plan, dims)
+    problems += _protocol_problems(config, spec, plan)
     attempts = _round_attempts(rows)
+    last = {a.round: a for a in attempts}  # a resumed round's last attempt is the one that counts
     if private:
         problems += _cohort_problems(config, {p.stem for p in ledger_files}, attempts)
+    # The server's saved state and the per-round records (optional: a Flower server's directory
+    # has engine.json and no metrics): written beside the transcript, never from it.
+    state = _server_state(run_dir, problems)
+    metrics = _metrics(run_dir, problems)
     if plan is not None:
-        completed = _completed_rounds(run_dir, plan, attempts, problems)
-        last = {a.round: a for a in attempts}  # a resumed round's last attempt is the one that counts
+        completed = _completed_rounds(run_dir, plan, attempts, state, metrics, problems)
         problems += _ledger_round_problems(plan, ledgers, last, completed)
         problems += _transcript_round_problems(ledgers, last, completed)
         problems += _split_cohort_problems(plan, last, completed)
+    problems += _contribution_problems(state, last)
+    problems += _refusal_problems(run_dir, metrics, last, problems)
+    problems += _client_state_problems(run_dir, config, ledgers, {p.stem for p in ledger_files}, plan)
+    problems += _results_problems(run_dir, config, spec.name)
     problems += _double_releases(rows)
     received = _transcript_entries(rows, ledgers, problems)
     for name, clients in sorted(unprotected.items()):
@@ -402,11 +416,49 @@ def _configuration_problems(config: SimulationConfig, plan: Plan, dims: dict[str
             ("noise_placement", config.placement, "local"),  # the em design's noise is local
             ("count_share", config.count_share, plan.count_share),
         ]
-    return [
+    problems = [
         f"config.json gives {name} {ours!r}, {PLAN} (or {PROTOCOL}) {theirs!r}: the plan is not this run's"
         for name, ours, theirs in pairs
         if ours != theirs
     ]
+    if isinstance(plan, PrivateMixturePlan) and dims.get("N") != plan.statistics.min_clients:
+        # N is the fewest shares a split sum may add, which both ends check the server's count
+        # against: a protocol bound to a smaller N would let a sum of fewer shares through.
+        problems.append(
+            f"{PROTOCOL} binds N (the fewest client shares a sum may add) to {dims.get('N')}, {PLAN} plans "
+            f"a minimum cohort of {plan.statistics.min_clients}: the protocol is not this run's"
+        )
+    return problems
+
+
+def _protocol_problems(config: SimulationConfig, spec: ProtocolSpec, plan: Plan | None) -> list[str]:
+    """The protocol the transcript is checked against (protocol.json) must be the configuration's,
+    and a split noise placement needs a protocol whose releases travel under CKKS: a split share
+    carries sigma / sqrt(min_clients) only, so each one sent in the clear reaches the server
+    with less than the planned noise."""
+    problems = []
+    if config.protocol != spec.name:
+        problems.append(
+            f"config.json gives protocol {config.protocol!r}, {PROTOCOL} names {spec.name!r}: the "
+            "transcript was recorded under another protocol than the configuration's"
+        )
+    placements = [
+        ("config.json noise_placement", config.placement),
+        ("config.json sgd_placement", config.sgd_placement),
+    ]
+    if isinstance(plan, PrivateMixturePlan):
+        placements += [
+            (f"{PLAN} placement", plan.statistics.placement),
+            (f"{PLAN} sgd_placement", plan.sgd_placement),
+        ]
+    split = [name for name, placement in placements if placement == "split"]
+    if split and spec.codec != "ckks":
+        problems.append(
+            f"{', '.join(split)} split the noise across clients, protocol {spec.name!r} ({PROTOCOL}) has "
+            f"codec {spec.codec!r}: each split share (sigma / sqrt(min_clients)) reached the server "
+            "unencrypted, with less than the planned noise"
+        )
+    return problems
 
 
 @dataclass(frozen=True)
@@ -484,25 +536,70 @@ def _cohort_problems(config: SimulationConfig, ledger_files: set[str], attempts:
     return problems
 
 
-def _completed_rounds(run_dir: Path, plan: Plan, attempts: list[_Attempt], problems: list[str]) -> int:
+@dataclass(frozen=True)
+class _ServerState:
+    """What `server-state.safetensors` says of the server's last completed round."""
+
+    next_round: int
+    aggregated: int | None  # the last round whose replies the server added
+    contributions: int  # how many replies those sums add
+
+
+def _server_state(run_dir: Path, problems: list[str]) -> _ServerState | None:
+    """The server's saved state, or None where the directory has none (a Flower server's) or it
+    is unreadable (a problem)."""
+    if not (run_dir / SERVER_STATE).exists():
+        return None
+    try:
+        with safe_open(str(run_dir / SERVER_STATE), framework="numpy") as fh:
+            metadata = fh.metadata() or {}
+        aggregated, contributions = (json.loads(metadata[k]) for k in ("aggregated", "contributions"))
+        if not (isinstance(aggregated, int | None) and isinstance(contributions, int)):
+            raise ValueError(f"aggregated {aggregated!r}, contributions {contributions!r}")
+        return _ServerState(int(metadata["next_round"]), aggregated, contributions)
+    except (OSError, SafetensorError, KeyError, ValueError) as exc:
+        problems.append(
+            f"{SERVER_STATE} is unreadable ({exc}): the server's own record of its rounds cannot be checked"
+        )
+        return None
+
+
+def _metrics(run_dir: Path, problems: list[str]) -> list[tuple[int, int]] | None:
+    """(round, refused replies) of each line of metrics.jsonl, or None where there is none (a
+    Flower server's directory) or it is unreadable (a problem)."""
+    if not (run_dir / METRICS).exists():
+        return None
+    try:
+        lines = (run_dir / METRICS).read_text(encoding="utf-8").splitlines()
+        rows = []
+        for line in filter(str.strip, lines):
+            row = json.loads(line)
+            if not (isinstance(row["round"], int) and isinstance(row["refused"], int)):
+                raise ValueError(f"round {row['round']!r}, refused {row['refused']!r}")
+            rows.append((row["round"], row["refused"]))
+        return rows
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        problems.append(f"{METRICS} is unreadable ({exc}): the run's record of its rounds cannot be checked")
+        return None
+
+
+def _completed_rounds(
+    run_dir: Path,
+    plan: Plan,
+    attempts: list[_Attempt],
+    state: _ServerState | None,
+    metrics: list[tuple[int, int]] | None,
+    problems: list[str],
+) -> int:
     """How many rounds the run completed, by every record that says: a finished run (results,
     model, final aggregate) completed its plan; otherwise the server's saved state, the metrics
     and the transcript (a round was broadcast only after the one before it was added)."""
     if any((run_dir / name).exists() for name in (RESULTS, CHECKPOINT, AGGREGATE)):
         return plan.rounds
     counts = [max((a.round for a in attempts), default=0)]
-    if (run_dir / SERVER_STATE).exists():
-        try:
-            with safe_open(str(run_dir / SERVER_STATE), framework="numpy") as fh:
-                counts.append(int((fh.metadata() or {})["next_round"]))
-        except (OSError, SafetensorError, KeyError, ValueError) as exc:
-            problems.append(f"{SERVER_STATE} is unreadable ({exc}): the rounds the run completed are unknown")
-    if (run_dir / METRICS).exists():
-        try:
-            lines = (run_dir / METRICS).read_text(encoding="utf-8").splitlines()
-            counts += [int(json.loads(line)["round"]) + 1 for line in lines if line.strip()]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            problems.append(f"{METRICS} is unreadable ({exc}): the rounds the run completed are unknown")
+    if state is not None:
+        counts.append(state.next_round)
+    counts += [r + 1 for r, _ in metrics or ()]
     if max(counts) > plan.rounds:
         problems.append(f"the records show {max(counts)} rounds played, {PLAN} plans {plan.rounds}")
     return min(max(counts), plan.rounds)
@@ -578,6 +675,180 @@ def _split_cohort_problems(plan: Plan, last: dict[int, _Attempt], completed: int
                 f"round {r}: the sum of {', '.join(split)} (split noise) added {summed} client uploads, the "
                 f"plan's minimum cohort is {minimum}: it carries less than the planned noise"
             )
+    return problems
+
+
+def _listed(items: list[str], at_most: int = 3) -> str:
+    shown = ", ".join(items[:at_most])
+    return shown if len(items) <= at_most else f"{shown} and {len(items) - at_most} more"
+
+
+def _contribution_problems(state: _ServerState | None, last: dict[int, _Attempt]) -> list[str]:
+    """The server's saved state says how many replies its last sums add; the transcript must
+    record as many added in that round (replies received, less those refused). A client's reply
+    cut from the transcript, or replaced by a refusal row, leaves the server's own count over."""
+    if state is None or state.aggregated is None:
+        return []
+    r = state.aggregated
+    attempt = last.get(r)
+    added = frozenset() if attempt is None else attempt.contributions
+    if len(added) == state.contributions:
+        return []
+    others = sorted(set() if attempt is None else attempt.addressed - added)
+    none_from = f", none from {', '.join(others)}" if others and len(added) < state.contributions else ""
+    return [
+        f"round {r}: {SERVER_STATE} says the server's sums of that round add {state.contributions} client "
+        f"uploads, the transcript records {len(added)} added{none_from}: the transcript is not the "
+        "server's record of that round"
+    ]
+
+
+def _engine_refusals(run_dir: Path, problems: list[str]) -> list[frozenset[str]] | None:
+    """The clients refused in each round as a Flower server's engine.json records them."""
+    if not (run_dir / ENGINE).exists():
+        return None
+    try:
+        rounds = _json_object(run_dir / ENGINE)["refused"]
+        if not (isinstance(rounds, list) and all(isinstance(r, dict) for r in rounds)):
+            raise ValueError(f"refused is {rounds!r:.80}, not a list of {{client: reason}} per round")
+        return [frozenset(map(str, r)) for r in rounds]
+    except (OSError, ValueError, KeyError) as exc:
+        problems.append(f"{ENGINE} is unreadable ({exc}): the refusals it counts cannot be checked")
+        return None
+
+
+def _refusal_problems(
+    run_dir: Path, metrics: list[tuple[int, int]] | None, last: dict[int, _Attempt], problems: list[str]
+) -> list[str]:
+    """The refusals of each round as the run counted them (metrics.jsonl in a simulation,
+    engine.json on Flower) must be those the transcript records: a client's reply replaced by
+    a forged refusal row (which excuses its ledger from that round) is one refusal over."""
+    found = []
+    for r, counted in metrics or ():
+        attempt = last.get(r)
+        if attempt is None:  # a round missing from the transcript is reported as such
+            continue
+        if counted != len(attempt.refused):
+            named = f" ({', '.join(sorted(attempt.refused))})" if attempt.refused else ""
+            found.append(
+                f"round {r}: {METRICS} counts {counted} refused replies, the transcript records "
+                f"{len(attempt.refused)}{named}: the transcript is not the run's record of that round"
+            )
+    for r, refused in enumerate(_engine_refusals(run_dir, problems) or ()):
+        attempt = last.get(r)
+        recorded = frozenset() if attempt is None else attempt.refused
+        if refused != recorded:
+            found.append(
+                f"round {r}: {ENGINE} records refusals of [{', '.join(sorted(refused))}], the transcript "
+                f"of [{', '.join(sorted(recorded))}]: the transcript is not the run's record of that round"
+            )
+    return found
+
+
+def _client_state_problems(
+    run_dir: Path,
+    config: SimulationConfig,
+    ledgers: dict[str, PrivacyLedger],
+    ledger_files: set[str],
+    plan: Plan | None,
+) -> list[str]:
+    """Each client saves its state (client-states/, where it keeps it here) after its ledger
+    file and before its reply leaves: the state's copy of the ledger, and the round of its last
+    reply (its outbox), say what the ledger file held then. A ledger file only grows, so it must
+    hold every entry of that copy and every release of that round; a tail cut from the file (a
+    prefix of its chain still verifies) contradicts it. Only seeded (test-only) noise has a
+    state, which is never saved for private noise: a state holding one in a run that claims
+    private noise says the noise was seeded."""
+    folder = run_dir / CLIENT_STATES
+    if not folder.is_dir():
+        return []  # a Flower server's directory: each node keeps its own state
+    problems = []
+    for path in sorted(folder.glob("*.safetensors")):
+        client, where = path.stem, f"{CLIENT_STATES}/{path.name}"
+        try:
+            with safe_open(str(path), framework="numpy") as fh:
+                metadata = fh.metadata() or {}
+            copy = PrivacyLedger.from_json(json.loads(metadata["ledger"])) if "ledger" in metadata else None
+            answered = int(json.loads(metadata["outbox"])["round"]) if "outbox" in metadata else None
+        except (OSError, SafetensorError, PrivacyError, ValueError, KeyError, TypeError) as exc:
+            problems.append(f"{client}: {where} is unreadable ({exc})")
+            continue
+        if metadata.get("client") != client:
+            problems.append(f"{client}: {where} holds the state of {metadata.get('client')!r}")
+            continue
+        ledger = ledgers.get(client)
+        claimed = {config.dp_noise, None if ledger is None else ledger.noise_source}
+        if "noise" in metadata and PRIVATE_NOISE in claimed:
+            problems.append(
+                f"{client}: {where} holds the state of seeded DP noise (only seeded, test-only noise is ever "
+                "saved), the run claims private noise: no DP guarantee holds for its releases"
+            )
+        if copy is None:
+            continue
+        if ledger is None:
+            if client not in ledger_files:  # an unreadable ledger file is reported as such
+                problems.append(f"{client}: {where} holds a copy of its ledger, {LEDGERS}/ holds none")
+            continue
+        lacks = [e.event_id for e in copy.entries if not ledger.covers(e.event_id)]
+        differs = [e.event_id for e in copy.entries if ledger.covers(e.event_id) and e not in ledger.entries]
+        if plan is not None and answered is not None and 0 <= answered < plan.rounds:
+            lacks += [
+                e.event_id
+                for e in plan.round_entries(answered)
+                if not ledger.covers(e.event_id) and e.event_id not in lacks
+            ]
+        if lacks or differs:
+            said = [f"lacks {_listed(lacks)}"] if lacks else []
+            said += [f"records {_listed(differs)} otherwise"] if differs else []
+            after = "" if answered is None else f", saved with its reply to round {answered},"
+            problems.append(
+                f"{client}: {where}{after} holds a copy of its ledger, and {LEDGERS}/{client}.json "
+                f"{' and '.join(said)}: the ledger file was edited after the client wrote it"
+            )
+    return problems
+
+
+def _results_problems(run_dir: Path, config: SimulationConfig, protocol: str) -> list[str]:
+    """results.json and the model are written by the run, not by the clients or the server's
+    transcript: their count of clients, their protocol and their noise source must be the
+    configuration's. A client erased from every other record is still in them."""
+    problems = []
+    counts: list[tuple[str, object]] = []
+    if (run_dir / RESULTS).exists():
+        try:
+            results = _json_object(run_dir / RESULTS)
+        except (OSError, ValueError) as exc:
+            return [f"{RESULTS} is unreadable ({exc}): its record of the run cannot be checked"]
+        counts.append((f"{RESULTS} reports", results.get("clients")))
+        if isinstance(results.get("per_client"), list):
+            counts.append((f"{RESULTS} evaluates", len(results["per_client"])))
+        if "protocol" in results and results["protocol"] != protocol:
+            problems.append(
+                f"{RESULTS} reports protocol {results['protocol']!r}, {PROTOCOL} names {protocol!r}: the "
+                "results are not this transcript's run"
+            )
+        privacy = results.get("epsilon")
+        expected = {"noise": config.dp_noise, "secure_rng": config.dp_noise == PRIVATE_NOISE}
+        if isinstance(privacy, dict) and any(k in privacy and privacy[k] != v for k, v in expected.items()):
+            problems.append(
+                f"{RESULTS} says the DP noise was {privacy.get('noise')!r} (secure_rng "
+                f"{privacy.get('secure_rng')!r}), config.json says dp_noise {config.dp_noise!r}: the "
+                "configuration does not say where this run's noise came from"
+            )
+    if (run_dir / CHECKPOINT).exists():
+        try:
+            with safe_open(str(run_dir / CHECKPOINT), framework="numpy") as fh:
+                if "pi" in fh.keys():  # noqa: SIM118 - a safetensors handle is not a mapping
+                    counts.append(
+                        (f"{CHECKPOINT} holds the mixture weights (pi) of", fh.get_slice("pi").get_shape()[0])
+                    )
+        except (OSError, SafetensorError, IndexError) as exc:
+            problems.append(f"{CHECKPOINT} is unreadable ({exc}): its count of clients cannot be checked")
+    problems[:0] = [
+        f"config.json has {config.clients} clients, {where} {n}: a client's records are missing or extra"
+        for where, n in counts
+        if n != config.clients
+    ]
     return problems
 
 

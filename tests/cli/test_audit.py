@@ -6,12 +6,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
 from securegmi.cli.main import app
 from securegmi.config import SimulationConfig
 from securegmi.privacy import ledger as ledger_module
 from securegmi.protocols import dp, plain
+from securegmi.records.rundir import CLIENT_STATES, ENGINE, METRICS, SERVER_STATE
 from securegmi.simulation.runner import run_simulation
 
 runner = CliRunner()
@@ -26,6 +29,16 @@ def dp_run(tmp_path_factory):
     config = SimulationConfig(**private, protocol="dp", epsilon=2.0)
     result = run_simulation(config, protocol=dp.build, out=out)
     return out, result
+
+
+@pytest.fixture(scope="module")
+def em_run(tmp_path_factory):
+    """The em design (soft counts every round): its protocol has no per-client histogram, so
+    protocol.json says nothing of the number of clients."""
+    out = tmp_path_factory.mktemp("audit") / "em"
+    config = SimulationConfig(**SMALL, protocol="dp", epsilon=2.0, private_training="em")
+    run_simulation(config, protocol=dp.build, out=out)
+    return out
 
 
 @pytest.mark.slow
@@ -111,13 +124,16 @@ def test_a_ledger_whose_noise_was_inflated_fails_the_audit_naming_the_client(dp_
     assert all(p.startswith("client-2") for p in problems)
     ledger_file.write_text(original)
     _rewrite(ledger_file, lambda d: _inflate(d["entries"], 10.0), consistently=True)
-    against_plan, against_transcript, understated = _problems(tampered)
+    against_plan, against_state, against_transcript, understated = _problems(tampered)
     assert against_plan.startswith("client-2: ledger entry") and "the plan decided" in against_plan
     assert (
         against_transcript.startswith("client-2: the server received")
         and "ledger records" in against_transcript
     )
     assert understated.startswith("client-2: the releases the server received spend epsilon 2.0000")
+    # client-2's state holds the copy of its ledger it saved with its last reply, as written.
+    assert against_state.startswith("client-2: client-states/client-2.safetensors, saved with its reply")
+    assert against_state.endswith("otherwise: the ledger file was edited after the client wrote it")
     plan_file = tampered / "dp_plan.json"
     plan = json.loads(plan_file.read_text())
     _inflate(plan, 10.0)
@@ -225,6 +241,31 @@ def _ledger_epsilon(path: Path) -> float:
     return ledger_module.PrivacyLedger.load(path).spent
 
 
+def _added(r: int, saved: int, recorded: int, none_from: str | None = None) -> str:
+    """The problem of a round whose replies the transcript records other than the server's state."""
+    also = "" if none_from is None else f", none from {none_from}"
+    return (
+        f"round {r}: server-state.safetensors says the server's sums of that round add {saved} client "
+        f"uploads, the transcript records {recorded} added{also}: the transcript is not the server's "
+        "record of that round"
+    )
+
+
+def _counted(r: int, where: str, counted: str, recorded: str) -> str:
+    """The problem of a round whose refusals the transcript records other than `where` counts them."""
+    also = "the transcript is not the run's record of that round"
+    return f"round {r}: {where} {counted}, the transcript {recorded}: {also}"
+
+
+def _lacks(client: str, r: int, cut: list[str]) -> str:
+    """The problem of a ledger file without releases its client's state says it committed."""
+    return (
+        f"{client}: client-states/{client}.safetensors, saved with its reply to round {r}, holds a copy of "
+        f"its ledger, and ledgers/{client}.json lacks {', '.join(cut)}: the ledger file was edited after "
+        "the client wrote it"
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("with_the_servers_message", [False, True])
 def test_a_ledger_cut_at_its_tail_with_its_transcript_rows_fails_the_audit(
@@ -258,40 +299,174 @@ def test_a_ledger_cut_at_its_tail_with_its_transcript_rows_fails_the_audit(
         f"client-1: the transcript records no message to it in round {last}"
         if with_the_servers_message
         else f"client-1: the transcript records neither its reply nor a refusal in round {last}",
+        # The server's saved state and client-1's own state, untouched, say otherwise.
+        _added(last, 3, 2, None if with_the_servers_message else "client-1"),
+        _lacks("client-1", last, [f"{e['name']}@round{last}" for e in cut]),
     ]
+
+
+def _forge_a_refusal(run_dir: Path, client: str) -> tuple[int, list[str]]:
+    """Cut `client`'s last round from its ledger (a prefix of the chain: it still verifies) and
+    put one refusal row in place of its reply in the transcript, as the server records a site
+    that failed before it committed its ledger: the one case in which a ledger may lack a
+    round. The round, and the releases cut."""
+    ledger_file = run_dir / "ledgers" / f"{client}.json"
+    data = json.loads(ledger_file.read_text())
+    last = max(e["round"] for e in data["entries"])
+    cut = [f"{e['name']}@round{last}" for e in data["entries"] if e["round"] == last]
+    data["entries"] = [e for e in data["entries"] if e["round"] != last]
+    ledger_file.write_text(json.dumps(data))
+    rows = _rows(run_dir / "transcript.jsonl")
+    reply = [r for r in rows if r["round"] == last and r["sender"] == client]
+    refusal = {
+        "round": last,
+        "stage": reply[0]["stage"],
+        "sender": client,
+        "receiver": "server",
+        "status": "refused",
+        "field": None,
+        "reason": "dropped out (RuntimeError)",
+    }
+    at = rows.index(reply[0])
+    kept = [*rows[:at], refusal, *[r for r in rows[at:] if r not in reply]]
+    _write_rows(run_dir / "transcript.jsonl", kept)
+    return last, cut
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    with safe_open(str(path), framework="numpy") as fh:
+        return dict(fh.metadata() or {})
+
+
+def _set_metadata(path: Path, **changes: str) -> None:
+    save_file(load_file(str(path)), str(path), metadata=_metadata(path) | changes)
+
+
+# The records a run writes beside the transcript that say who was added or refused in a round:
+# the server's saved state, the metrics, each client's own state, and a Flower server's
+# engine.json (a simulation writes none; written here as a Flower server would).
+WITNESSES = (SERVER_STATE, METRICS, CLIENT_STATES, ENGINE)
+
+
+def _write_engine(run_dir: Path, refused: dict[int, dict[str, str]]) -> None:
+    rounds = json.loads((run_dir / "results.json").read_text())["rounds"]
+    summary = {"rounds": rounds, "refused": [refused.get(r, {}) for r in range(rounds)]}
+    (run_dir / ENGINE).write_text(json.dumps(summary))
+
+
+def _agree(run_dir: Path, client: str, last: int, witness: str) -> None:
+    """Make `witness` say what a real dropout of `client` in round `last` leaves there: the
+    server added one reply fewer, the metrics count one refusal more, the client's state is the
+    one it saved with its reply to the round before, and engine.json records the refusal."""
+    if witness == SERVER_STATE:
+        state = run_dir / SERVER_STATE
+        _set_metadata(state, contributions=str(int(_metadata(state)["contributions"]) - 1))
+    elif witness == METRICS:
+        rows = _rows(run_dir / METRICS)
+        for row in rows:
+            row["refused"] += row["round"] == last
+        _write_rows(run_dir / METRICS, rows)
+    elif witness == CLIENT_STATES:
+        state = run_dir / CLIENT_STATES / f"{client}.safetensors"
+        ledger = ledger_module.PrivacyLedger.load(run_dir / "ledgers" / f"{client}.json")
+        outbox = json.loads(_metadata(state)["outbox"]) | {"round": last - 1}
+        _set_metadata(state, ledger=json.dumps(ledger.to_json(), sort_keys=True), outbox=json.dumps(outbox))
+    else:
+        _write_engine(run_dir, {last: {client: "dropped out (RuntimeError)"}})
+
+
+def _remove(run_dir: Path, witness: str) -> None:
+    import shutil
+
+    if (run_dir / witness).is_dir():
+        shutil.rmtree(run_dir / witness)
+    else:
+        (run_dir / witness).unlink()
 
 
 @pytest.mark.slow
 def test_a_client_that_dropped_out_may_lack_the_round_it_refused(dp_run, tmp_path):
     """The same ledger cut, with the transcript saying that client-1 refused its last round (as
-    a site that fails before committing its ledger does): the ledger may lack that round."""
+    a site that fails before committing its ledger does), and every other record saying so too:
+    the ledger may lack that round."""
     out, _ = dp_run
     tampered = tmp_path / "dropped"
     _copy(out, tampered)
-    ledger_file = tampered / "ledgers" / "client-1.json"
-    data = json.loads(ledger_file.read_text())
-    last = max(e["round"] for e in data["entries"])
-    data["entries"] = [e for e in data["entries"] if e["round"] != last]
-    ledger_file.write_text(json.dumps(data))
     rows = _rows(tampered / "transcript.jsonl")
-    reply = [r for r in rows if r["round"] == last and r["sender"] == "client-1"]
-    refusal = {
-        "round": last,
-        "stage": reply[0]["stage"],
-        "sender": "client-1",
-        "receiver": "server",
-        "status": "refused",
-        "field": None,
-        "reason": "dropped out: RuntimeError",
-    }
-    at = rows.index(reply[0])
-    _write_rows(
-        tampered / "transcript.jsonl", [*rows[:at], refusal, *[r for r in rows[at:] if r not in reply]]
-    )
+    last, _ = _forge_a_refusal(tampered, "client-1")
+    for witness in WITNESSES:
+        _agree(tampered, "client-1", last, witness)
     _passes(tampered)
     # Negative control: the refusal without the cut reply still leaves a release the ledger lacks.
+    refusal = next(r for r in _rows(tampered / "transcript.jsonl") if r["status"] == "refused")
+    at = next(i for i, r in enumerate(rows) if r["round"] == last and r["sender"] == "client-1")
     _write_rows(tampered / "transcript.jsonl", [*rows[:at], refusal, *rows[at:]])
     assert any(p.startswith("client-1: its ledger holds") for p in _problems(tampered))
+
+
+@pytest.mark.slow
+def test_a_ledger_tail_cut_behind_a_forged_refusal_fails_the_audit(dp_run, tmp_path):
+    """The edit above alone (client-1's last DP-SGD release cut from its ledger, its reply
+    replaced by a refusal row) understated its epsilon and passed. The records the edit left
+    alone contradict it, each naming the round or the client and the file."""
+    out, _ = dp_run
+    tampered = tmp_path / "forged"
+    _copy(out, tampered)
+    spent = _ledger_epsilon(tampered / "ledgers" / "client-1.json")
+    last, cut = _forge_a_refusal(tampered, "client-1")
+    assert _ledger_epsilon(tampered / "ledgers" / "client-1.json") < spent
+    assert _problems(tampered) == [
+        _added(last, 3, 2, "client-1"),
+        _counted(last, "metrics.jsonl", "counts 0 refused replies", "records 1 (client-1)"),
+        _lacks("client-1", last, cut),
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("witness", WITNESSES)
+def test_each_record_of_the_round_alone_catches_a_forged_refusal(dp_run, tmp_path, witness):
+    """Every record but `witness` made to agree with the forged refusal (as after a real
+    dropout): `witness`, as the run wrote it, fails the audit alone. The control: the unedited
+    run with it passes; made to agree too, the edit is a dropout and passes; absent (a Flower
+    server's directory has no metrics, server state or client states), it is not checked."""
+    out, _ = dp_run
+    tampered = tmp_path / "forged"
+    _copy(out, tampered)
+    if witness == ENGINE:
+        _write_engine(tampered, {})  # no refusal, as a Flower server would have written it
+    _passes(tampered)
+    last, cut = _forge_a_refusal(tampered, "client-1")
+    for other in WITNESSES[:3]:
+        if other != witness:
+            _agree(tampered, "client-1", last, other)
+    expected = {
+        SERVER_STATE: _added(last, 3, 2, "client-1"),
+        METRICS: _counted(last, "metrics.jsonl", "counts 0 refused replies", "records 1 (client-1)"),
+        CLIENT_STATES: _lacks("client-1", last, cut),
+        ENGINE: _counted(last, "engine.json", "records refusals of []", "of [client-1]"),
+    }
+    assert _problems(tampered) == [expected[witness]]
+    _remove(tampered, witness)
+    _passes(tampered)
+
+
+@pytest.mark.slow
+def test_a_client_state_whose_outbox_the_ledger_does_not_cover_fails_the_audit(dp_run, tmp_path):
+    """A client saves its state after committing its ledger and before its reply leaves: the
+    round of its last reply must be on its ledger file even where the state's copy of the
+    ledger was rewritten along with the file."""
+    out, _ = dp_run
+    tampered = tmp_path / "outbox"
+    _copy(out, tampered)
+    last, cut = _forge_a_refusal(tampered, "client-1")
+    for witness in (SERVER_STATE, METRICS):
+        _agree(tampered, "client-1", last, witness)
+    state = tampered / CLIENT_STATES / "client-1.safetensors"
+    ledger = ledger_module.PrivacyLedger.load(tampered / "ledgers" / "client-1.json")
+    _set_metadata(state, ledger=json.dumps(ledger.to_json(), sort_keys=True))  # the copy cut too
+    assert _problems(tampered) == [_lacks("client-1", last, cut)]
+    _agree(tampered, "client-1", last, CLIENT_STATES)  # its outbox: the round before (control)
+    _passes(tampered)
 
 
 @pytest.mark.slow
@@ -307,9 +482,12 @@ def test_a_client_deleted_with_its_transcript_rows_fails_the_audit(dp_run, tmp_p
     _write_rows(
         tampered / "transcript.jsonl", [r for r in rows if "client-2" not in (r["sender"], r["receiver"])]
     )
+    last = max(r["round"] for r in rows)
     assert _problems(tampered) == [
         "config.json has 3 clients, ledgers/ holds ledgers of 2: a client's records are missing or extra",
         "config.json has 3 clients, the server addressed 2: a client's records are missing or extra",
+        _added(last, 3, 2),
+        "client-2: client-states/client-2.safetensors holds a copy of its ledger, ledgers/ holds none",
     ]
 
 
@@ -390,4 +568,80 @@ def test_a_ledger_without_its_noise_source_fails_the_audit(dp_run, tmp_path):
     assert _problems(tampered) == [
         "client-0: its ledger records no source for its DP noise (written before securegmi recorded it, "
         "or by other code), config.json says dp_noise 'private': no DP guarantee holds for its releases"
+    ]
+
+
+@pytest.mark.slow
+def test_a_client_erased_from_an_em_run_fails_the_audit(em_run, tmp_path):
+    """client-2's ledger, state and transcript rows deleted and config.json's clients lowered to
+    2: a consistent run of two clients, but for the records written by the run itself (the
+    results, the model's mixture weights, one row per client) and the server's count of what
+    its last sums add."""
+    tampered = tmp_path / "erased"
+    _copy(em_run, tampered)
+    _passes(tampered)  # negative control
+    (tampered / "ledgers" / "client-2.json").unlink()
+    (tampered / CLIENT_STATES / "client-2.safetensors").unlink()
+    rows = _rows(tampered / "transcript.jsonl")
+    _write_rows(
+        tampered / "transcript.jsonl", [r for r in rows if "client-2" not in (r["sender"], r["receiver"])]
+    )
+    config = json.loads((tampered / "config.json").read_text())
+    (tampered / "config.json").write_text(json.dumps(config | {"clients": 2}))
+    last = max(r["round"] for r in rows)
+    counts = [
+        f"config.json has 2 clients, {where} 3: a client's records are missing or extra"
+        for where in (
+            "results.json reports",
+            "results.json evaluates",
+            "model.safetensors holds the mixture weights (pi) of",
+        )
+    ]
+    assert _problems(tampered) == [_added(last, 3, 2), *counts]
+    # Each record alone: the model's weights, the results, the server's state.
+    _remove(tampered, SERVER_STATE)
+    assert _problems(tampered) == counts
+    (tampered / "results.json").rename(tampered / "results.moved")
+    assert _problems(tampered) == counts[2:]
+    (tampered / "results.moved").rename(tampered / "results.json")
+    _remove(tampered, "model.safetensors")
+    assert _problems(tampered) == counts[:2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bound", [2, 1])
+def test_a_protocol_bound_to_fewer_shares_than_the_plans_cohort_fails_the_audit(dp_run, tmp_path, bound):
+    """protocol.json's N is the fewest client shares a sum may add, which clients and server
+    check each sum against; it must be the plan's minimum cohort (3, every client here)."""
+    out, _ = dp_run
+    tampered = tmp_path / "n"
+    _copy(out, tampered)
+    protocol_file = tampered / "protocol.json"
+    protocol = json.loads(protocol_file.read_text())
+    assert protocol["dims"]["N"] == 3
+    protocol_file.write_text(json.dumps(protocol))  # rewritten, the same N (negative control)
+    _passes(tampered)
+    protocol["dims"]["N"] = bound
+    protocol_file.write_text(json.dumps(protocol))
+    assert _problems(tampered) == [
+        f"protocol.json binds N (the fewest client shares a sum may add) to {bound}, dp_plan.json plans a "
+        "minimum cohort of 3: the protocol is not this run's"
+    ]
+
+
+@pytest.mark.slow
+def test_a_configuration_of_another_protocol_fails_the_audit(dp_run, tmp_path):
+    """config.json relabelled secure (with the dp run's local placement, so that nothing else
+    of the plan differs) is not the protocol the transcript was recorded under (protocol.json)."""
+    out, _ = dp_run
+    tampered = tmp_path / "relabelled"
+    _copy(out, tampered)
+    config_file = tampered / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps(config | {"noise_placement": "local"}))
+    _passes(tampered)  # negative control: local written out is the dp run's placement
+    config_file.write_text(json.dumps(config | {"noise_placement": "local", "protocol": "secure"}))
+    assert _problems(tampered) == [
+        "config.json gives protocol 'secure', protocol.json names 'dp': the transcript was recorded under "
+        "another protocol than the configuration's"
     ]

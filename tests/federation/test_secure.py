@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -303,12 +304,112 @@ def test_a_seeded_run_relabelled_private_still_fails_the_audit(runs, tmp_path):
         "be regenerated and subtracted), config.json says dp_noise 'private': no DP guarantee holds for "
         "its releases"
         for i in range(SMALL["clients"])
-    ]
+    ] + _SEEDED_STATES + [_SEEDED_RESULTS]
     # Negative control: a private run's ledgers say private, and it passes.
     private, _ = runs["secure-private"]
     assert _audit(private) == (0, [])
     ledger = json.loads((private / "ledgers" / "client-0.json").read_text())
     assert ledger["noise"] == "private"
+
+
+# What the records a seeded run wrote beside its ledgers say once config.json claims private noise.
+_SEEDED_STATES = [
+    f"client-{i}: client-states/client-{i}.safetensors holds the state of seeded DP noise (only seeded, "
+    "test-only noise is ever saved), the run claims private noise: no DP guarantee holds for its releases"
+    for i in range(SMALL["clients"])
+]
+_SEEDED_RESULTS = (
+    "results.json says the DP noise was 'seeded' (secure_rng False), config.json says dp_noise 'private': "
+    "the configuration does not say where this run's noise came from"
+)
+
+
+@pytest.mark.slow
+def test_a_seeded_run_relabelled_private_with_its_ledgers_rewritten_fails_the_audit(runs, tmp_path):
+    """config.json relabelled private and every ledger re-saved as private through the library
+    (its chain is an unkeyed hash, so it is recomputed): the ledgers and the configuration agree.
+    results.json still says where the noise came from, and each client's state holds the state of
+    its seeded noise, which is never saved for private noise."""
+    import shutil
+
+    from safetensors import safe_open
+
+    from securegmi.privacy.ledger import PrivacyLedger
+
+    out, _ = runs["secure"]  # seeded
+    run = tmp_path / "t"
+    shutil.copytree(out, run)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps(config | {"dp_noise": "private"}))
+    for path in sorted((run / "ledgers").glob("*.json")):
+        ledger = PrivacyLedger.load(path)
+        assert ledger.noise_source == "seeded"
+        dataclasses.replace(ledger, noise_source="private").save(path)
+    assert _audit(run) == (1, [*_SEEDED_STATES, _SEEDED_RESULTS])
+    # Each record alone fails it.
+    (run / "results.json").rename(run / "results.moved")
+    assert _audit(run) == (1, _SEEDED_STATES)
+    (run / "results.moved").rename(run / "results.json")
+    shutil.rmtree(run / "client-states")
+    assert _audit(run) == (1, [_SEEDED_RESULTS])
+    # Negative control: a private run's states hold no noise state, and it passes.
+    private, _ = runs["secure-private"]
+    assert _audit(private) == (0, [])
+    for state in sorted((private / "client-states").glob("*.safetensors")):
+        with safe_open(str(state), framework="numpy") as fh:
+            assert "noise" not in (fh.metadata() or {}) and "ledger" in (fh.metadata() or {})
+
+
+@pytest.fixture(scope="module")
+def split_in_the_clear(tmp_path_factory):
+    """A secure configuration (split noise) run with the clear `dp` protocol's builder: every
+    split share travels unencrypted, with sigma / sqrt(min_clients) of the noise."""
+    out = tmp_path_factory.mktemp("secure") / "split-clear"
+    config = SimulationConfig(protocol="secure", vae_rounds=1, **SMALL)
+    assert config.placement == "split"
+    run_simulation(config, protocol=dp.build, out=out)
+    return out
+
+
+def _split_in_the_clear(where: str) -> str:
+    return (
+        f"{where} split the noise across clients, protocol 'dp' (protocol.json) has codec 'clear': each "
+        "split share (sigma / sqrt(min_clients)) reached the server unencrypted, with less than the planned "
+        "noise"
+    )
+
+
+@pytest.mark.slow
+def test_split_noise_sent_in_the_clear_fails_the_audit(runs, split_in_the_clear, tmp_path):
+    """Split noise is sound only inside a CKKS sum. The split run under `secure` passes (the
+    control); the same configuration recorded under `dp` fails: its configuration names another
+    protocol, and its plan splits the noise of releases that travelled in the clear. With
+    config.json relabelled `dp` too, its placement is not the plan's, and the plan still splits."""
+    import shutil
+
+    assert _audit(runs["secure-private"][0]) == (0, [])
+    rows = [json.loads(line) for line in (split_in_the_clear / "transcript.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in rows if r["sender"] != "server"} == {"dp-release"}  # nothing encrypted
+    assert _audit(split_in_the_clear) == (
+        1,
+        [
+            "config.json gives protocol 'secure', protocol.json names 'dp': the transcript was recorded "
+            "under another protocol than the configuration's",
+            _split_in_the_clear("config.json noise_placement, dp_plan.json placement"),
+        ],
+    )
+    shutil.copytree(split_in_the_clear, tmp_path / "t")
+    config_file = tmp_path / "t" / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps(config | {"protocol": "dp"}))
+    assert _audit(tmp_path / "t") == (
+        1,
+        [
+            "config.json gives noise_placement 'local', dp_plan.json (or protocol.json) 'split': the plan is "
+            "not this run's",
+            _split_in_the_clear("dp_plan.json placement"),
+        ],
+    )
 
 
 @pytest.mark.slow
