@@ -149,8 +149,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "latent-draws-positional",
         "the ELBO's latent draws handed out by batch position from a public seed (main before law 1)",
         MIXTURE,
-        "return record_keyed_normals(x, context, (self.n_components, samples, self.latent))",
-        "return torch.from_numpy(np.random.default_rng(context).standard_normal("
+        "return record_keyed_normals(x, draw_context(), (self.n_components, samples, self.latent))",
+        "return torch.from_numpy(np.random.default_rng(draw_context()).standard_normal("
         "(x.shape[0], self.n_components, samples, self.latent), dtype=np.float32))",
         RECORD_TESTS,
     ),
@@ -225,8 +225,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "count-sensitivity-2-claimed-1",
         "each record counted twice (L2 sensitivity 2) while the noise is calibrated to 1",
         RELEASE,
-        "counts = responsibilities(elbo, log_prior(learner.pi), temperature).sum(0)",
-        "counts = 2 * responsibilities(elbo, log_prior(learner.pi), temperature).sum(0)",
+        "counts = responsibilities(elbo, log_prior(learner.pi), temperature).double().sum(0)",
+        "counts = 2 * responsibilities(elbo, log_prior(learner.pi), temperature).double().sum(0)",
         DP_TESTS,
         NEIGHBOUR_TESTS,
     ),
@@ -290,8 +290,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "noise-from-a-public-seed",
         "clients seed their DP noise from a constant anyone can regenerate",
         "securegmi/privacy/noise.py",
-        "seed = private_seed() if seed is None else seed",
-        "seed = 0 if seed is None else seed",
+        "bits = ChaCha(key=secrets.randbits(KEY_BITS), rounds=ROUNDS)",
+        "bits = ChaCha(key=0, rounds=ROUNDS)",
         DP_TESTS,
     ),
     # --- the ledger and its accounting ---------------------------------------------------------

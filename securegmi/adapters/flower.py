@@ -225,7 +225,7 @@ class FlowerTransport(Transport):
                     raise ProtocolViolation(f"{cid} sent more than one reply this round")
                 answered.add(cid)
                 if reply.has_error():
-                    raise ProtocolViolation(f"{cid}: {recorded_refusal(reply.error.reason)}")
+                    raise ProtocolViolation(f"{cid}: {recorded_refusal(reply.error.reason or '')}")
                 replies[cid] = self.endpoint.accept(cid, _wire(reply))
             except (ProtocolViolation, CryptoError) as exc:
                 refused[cid] = str(exc)
@@ -289,7 +289,7 @@ def connect(grid: Grid, clients: int, timeout: float) -> dict[str, int]:
     mapping: dict[str, int] = {}
     for reply in send_and_receive(grid, queries, timeout):
         if reply.has_error():
-            reason = recorded_refusal(reply.error.reason)
+            reason = recorded_refusal(reply.error.reason or "")
             raise RunAbortedError(f"node {reply.metadata.src_node_id} failed to start: {reason}")
         cid = str(reply.content.config_records[RECORD][CLIENT_ID])
         if cid in mapping:
