@@ -434,7 +434,7 @@ def _configuration_problems(config: SimulationConfig, plan: Plan, dims: dict[str
 def _protocol_problems(config: SimulationConfig, spec: ProtocolSpec, plan: Plan | None) -> list[str]:
     """The protocol the transcript is checked against (protocol.json) must be the configuration's,
     and a split noise placement needs a protocol whose releases travel under CKKS: a split share
-    carries sigma / sqrt(min_clients) only, so each one sent in the clear reaches the server
+    carries sigma / sqrt(min_clients - 1) only, so each one sent in the clear reaches the server
     with less than the planned noise."""
     problems = []
     if config.protocol != spec.name:
@@ -455,7 +455,7 @@ def _protocol_problems(config: SimulationConfig, spec: ProtocolSpec, plan: Plan 
     if split and spec.codec != "ckks":
         problems.append(
             f"{', '.join(split)} split the noise across clients, protocol {spec.name!r} ({PROTOCOL}) has "
-            f"codec {spec.codec!r}: each split share (sigma / sqrt(min_clients)) reached the server "
+            f"codec {spec.codec!r}: each split share (sigma / sqrt(min_clients - 1)) reached the server "
             "unencrypted, with less than the planned noise"
         )
     return problems

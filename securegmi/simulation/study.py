@@ -98,12 +98,7 @@ class Federation:
             top_b=config.top_b,
             **extra,
         )
-        if spec.name != config.protocol:
-            # config.json, the audit and the plan's placement all read config.protocol: a run
-            # under another protocol would be audited as the one it is not.
-            raise ConfigError(
-                f"the configuration names protocol {config.protocol!r}, the builder gives {spec.name!r}"
-            )
+        check_protocol_name(config, spec)
         return cls(config, data, spec, plan)
 
     @property
@@ -182,6 +177,15 @@ class Federation:
         if self.plan is not None:
             run_dir.write_json(PLAN, self.plan.to_dict())
             run_dir.file(LEDGERS).mkdir(exist_ok=True)
+
+
+def check_protocol_name(config: SimulationConfig, spec: ProtocolSpec) -> None:
+    """config.json, the audit and the plan's placement all read config.protocol: a run under
+    another protocol would be audited as the one it is not."""
+    if spec.name != config.protocol:
+        raise ConfigError(
+            f"the configuration names protocol {config.protocol!r}, the builder gives {spec.name!r}"
+        )
 
 
 def dp_plan(config: SimulationConfig, data: FederatedData) -> DpPlan | PrivateMixturePlan:
