@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from securegmi.errors import ConfigError, PrivacyError, RunDirectoryError
+from securegmi.files import JSON_FILE, read_json
 from securegmi.privacy.calibration import DpPlan, PrivateMixturePlan, plan_from_dict
 from securegmi.privacy.ledger import LedgerEntry, PrivacyLedger
 from securegmi.protocol import SERVER, FieldKind, ProtocolBuilder, read_transcript
@@ -201,7 +202,7 @@ def audit_run(run_dir: Path, builder_for: Callable[[str], ProtocolBuilder]) -> A
 
 
 def _json_object(path: Path) -> dict[str, Any]:
-    value = json.loads(path.read_text(encoding="utf-8"))
+    value = read_json(path, JSON_FILE)  # a regular file within the cap: no FIFO, device or link
     if not isinstance(value, dict):
         raise ValueError(f"{path.name} does not hold a JSON object")
     return value
@@ -272,8 +273,8 @@ def _plan_problems(run_dir: Path, run_config: dict[str, Any], ledgers: dict[str,
         return []
     path = run_dir / PLAN
     try:
-        plan: DpPlan | PrivateMixturePlan = plan_from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, ConfigError) as exc:
+        plan: DpPlan | PrivateMixturePlan = plan_from_dict(read_json(path, JSON_FILE))
+    except (OSError, ValueError, ConfigError, RunDirectoryError) as exc:
         return [f"{PLAN} is missing or unreadable ({exc}): the ledgers cannot be checked against the plan"]
     problems = []
     if (plan.epsilon, plan.delta) != (run_config.get("epsilon"), run_config.get("delta")):
