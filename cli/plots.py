@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import io
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from securegmi.errors import RunDirectoryError
+from securegmi.files import write_atomic
 from securegmi.records.rundir import read_run
 
 
@@ -17,14 +22,12 @@ def write_plots(run_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     results, metrics = read_run(run_dir)
-    rows = results["per_client"]
-    names = results["source_names"]
-    true = np.array([r["pi_true"] for r in rows])
-    est = np.array([r["pi_estimate"] for r in rows])
-    clients = np.arange(len(rows))
+    run = _Figures.of(Path(run_dir), results, metrics)
+    true, est, names = run.true, run.estimated, run.names
+    clients = np.arange(len(true))
     written = []
 
-    fig, axes = plt.subplots(len(names), 1, figsize=(max(6, len(rows) * 0.45), 2.2 * len(names)), sharex=True)
+    fig, axes = plt.subplots(len(names), 1, figsize=(max(6, len(true) * 0.45), 2.2 * len(names)), sharex=True)
     for s, ax in enumerate(np.atleast_1d(axes)):
         ax.bar(clients - 0.2, true[:, s], width=0.4, label="true", color="0.6")
         ax.bar(clients + 0.2, est[:, s], width=0.4, label="estimated", color="tab:blue")
@@ -33,22 +36,66 @@ def write_plots(run_dir: Path) -> list[Path]:
     np.atleast_1d(axes)[0].legend(loc="upper right", fontsize=8)
     np.atleast_1d(axes)[-1].set_xlabel("client")
     np.atleast_1d(axes)[-1].set_xticks(clients)
-    fig.suptitle(f"{results['method']}: mixture proportions (mean TV error {results['pi_tv_error']:.3f})")
+    fig.suptitle(f"{run.method}: mixture proportions (mean TV error {run.pi_tv_error:.3f})")
     written.append(_save(fig, run_dir, "pi.png"))
 
-    if metrics:
-        r = [m["round"] for m in metrics]
+    if run.rounds:
         fig, ax = plt.subplots(figsize=(7, 3.5))
-        ax.plot(r, [m["source_accuracy"] for m in metrics], label="source accuracy")
-        ax.plot(r, [m["pi_tv_error"] for m in metrics], label="mean pi TV error")
+        ax.plot(run.rounds, run.accuracy, label="source accuracy")
+        ax.plot(run.rounds, run.round_tv, label="mean pi TV error")
         ax.set_xlabel("round")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend()
-        ax.set_title(f"{results['method']} on {results['dataset']}, seed {results['seed']}")
+        ax.set_title(f"{run.method} on {run.dataset}, seed {run.seed}")
         written.append(_save(fig, run_dir, "rounds.png"))
     written += [p for p in (write_samples(run_dir), write_privacy(run_dir)) if p is not None]
     return written
+
+
+@dataclass(frozen=True)
+class _Figures:
+    """What the plots draw, read from results.json and metrics.jsonl and checked first, so that
+    an edited file is one clear error rather than a failure inside matplotlib."""
+
+    method: str
+    dataset: str
+    seed: int
+    pi_tv_error: float
+    names: list[str]
+    true: np.ndarray  # (clients, sources)
+    estimated: np.ndarray
+    rounds: list[int]
+    accuracy: list[float]
+    round_tv: list[float]
+
+    @classmethod
+    def of(cls, run_dir: Path, results: dict[str, Any], metrics: list[dict[str, Any]]) -> _Figures:
+        try:
+            rows = results["per_client"]
+            names = [str(n) for n in results["source_names"]]
+            true = np.array([r["pi_true"] for r in rows], dtype=np.float64)
+            estimated = np.array([r["pi_estimate"] for r in rows], dtype=np.float64)
+            if not names or true.shape != (len(rows), len(names)) or estimated.shape != true.shape:
+                raise ValueError("per-client proportions do not match the sources")
+            if not (np.isfinite(true).all() and np.isfinite(estimated).all()):
+                raise ValueError("non-finite proportions")
+            return cls(
+                str(results["method"]),
+                str(results["dataset"]),
+                int(results["seed"]),
+                float(results["pi_tv_error"]),
+                names,
+                true,
+                estimated,
+                [int(m["round"]) for m in metrics],
+                [float(m["source_accuracy"]) for m in metrics],
+                [float(m["pi_tv_error"]) for m in metrics],
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise RunDirectoryError(
+                f"{run_dir}: results.json or metrics.jsonl is not what securegmi wrote ({exc!r:.120})"
+            ) from None
 
 
 def write_samples(run_dir: Path, per_component: int = 8) -> Path | None:
@@ -60,7 +107,7 @@ def write_samples(run_dir: Path, per_component: int = 8) -> Path | None:
 
     from securegmi.records.trained import load
 
-    if not (Path(run_dir) / "model.safetensors").exists():
+    if not os.path.lexists(Path(run_dir) / "model.safetensors"):
         return None
     model = load(run_dir)
     side = round(model.data_dim**0.5)
@@ -123,10 +170,14 @@ def write_privacy(run_dir: Path) -> Path | None:
 
 
 def _save(fig: Any, run_dir: Path, name: str) -> Path:
+    """The figure as PNG bytes, then written atomically into the run directory: `savefig` to a
+    path would follow a link planted under that name and write wherever it points."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
     path = Path(run_dir) / name
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, dpi=120, format="png")
     plt.close(fig)
+    write_atomic(path, png.getvalue())
     return path
