@@ -6,13 +6,17 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from securegmi.errors import RunDirectoryError
 from securegmi.files import write_atomic
 from securegmi.records.rundir import read_run
+
+if TYPE_CHECKING:
+    from securegmi.privacy.ledger import PrivacyLedger
+    from securegmi.records.trained import TrainedMixture
 
 
 def write_plots(run_dir: Path) -> list[Path]:
@@ -21,8 +25,11 @@ def write_plots(run_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # Everything is read (and checked) before anything is written: a run directory with one
+    # unreadable file gets no plots at all, not some of them.
     results, metrics = read_run(run_dir)
     run = _Figures.of(Path(run_dir), results, metrics)
+    model, ledgers = _model(run_dir), _ledgers(run_dir)
     true, est, names = run.true, run.estimated, run.names
     clients = np.arange(len(true))
     written = []
@@ -49,8 +56,21 @@ def write_plots(run_dir: Path) -> list[Path]:
         ax.legend()
         ax.set_title(f"{run.method} on {run.dataset}, seed {run.seed}")
         written.append(_save(fig, run_dir, "rounds.png"))
-    written += [p for p in (write_samples(run_dir), write_privacy(run_dir)) if p is not None]
+    drawn = (write_samples(run_dir, model=model), write_privacy(run_dir, ledgers=ledgers))
+    written += [p for p in drawn if p is not None]
     return written
+
+
+def _model(run_dir: Path) -> TrainedMixture | None:
+    from securegmi.records.trained import load
+
+    return load(run_dir) if os.path.lexists(Path(run_dir) / "model.safetensors") else None
+
+
+def _ledgers(run_dir: Path) -> list[PrivacyLedger]:
+    from securegmi.privacy.ledger import PrivacyLedger
+
+    return [PrivacyLedger.load(p) for p in sorted((Path(run_dir) / "ledgers").glob("*.json"))]
 
 
 @dataclass(frozen=True)
@@ -98,18 +118,16 @@ class _Figures:
             ) from None
 
 
-def write_samples(run_dir: Path, per_component: int = 8) -> Path | None:
+def write_samples(run_dir: Path, per_component: int = 8, model: TrainedMixture | None = None) -> Path | None:
     """samples.png: decoded samples of each component, one row per component (image data)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from securegmi.records.trained import load
-
-    if not os.path.lexists(Path(run_dir) / "model.safetensors"):
+    model = model if model is not None else _model(run_dir)
+    if model is None:
         return None
-    model = load(run_dir)
     side = round(model.data_dim**0.5)
     if side * side != model.data_dim:
         return None  # not square images: nothing to show as a picture
@@ -127,7 +145,7 @@ def write_samples(run_dir: Path, per_component: int = 8) -> Path | None:
     return _save(fig, run_dir, "samples.png")
 
 
-def write_privacy(run_dir: Path) -> Path | None:
+def write_privacy(run_dir: Path, ledgers: list[PrivacyLedger] | None = None) -> Path | None:
     """privacy.png: epsilon spent per client after each round against the budget (and, under
     split noise, the fallback figure against the server colluding with one client)."""
     import matplotlib
@@ -137,10 +155,9 @@ def write_privacy(run_dir: Path) -> Path | None:
 
     from securegmi.privacy.ledger import PrivacyLedger
 
-    paths = sorted((Path(run_dir) / "ledgers").glob("*.json"))
-    if not paths:
+    ledgers = ledgers if ledgers is not None else _ledgers(run_dir)
+    if not ledgers:
         return None
-    ledgers = [PrivacyLedger.load(p) for p in paths]
     curves: dict[tuple[str, ...], tuple[list[int], list[float], list[float], int]] = {}
     for ledger in ledgers:  # clients with the same releases share one curve
         key = tuple(f"{e.round}:{e.event_json}:{e.fallback_json}" for e in ledger.entries)

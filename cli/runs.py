@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -112,7 +113,7 @@ def _csv_destination(out: str) -> Path:
     refuse_link(path, ConfigError)
     if is_run_record(path):
         raise RunDirectoryError(
-            f"--out {path} is a record of the run directory {path.parent}: refusing to overwrite it; "
+            f"--out {path} is among the records of a run directory: refusing to write there; "
             "write the CSV elsewhere"
         )
     if not path.parent.is_dir():
@@ -135,10 +136,14 @@ def _read_records(path: Path) -> np.ndarray:
             records: np.ndarray = np.load(io.BytesIO(raw), allow_pickle=False)  # never unpickle data
         else:
             text = raw.decode("utf-8")
-            try:
-                records = np.loadtxt(io.StringIO(text), delimiter=",", ndmin=2)
-            except ValueError:
-                records = np.loadtxt(io.StringIO(text), delimiter=",", ndmin=2, skiprows=1)
+            if not text.strip():
+                raise DataError(f"{path} holds no records")
+            with warnings.catch_warnings():  # numpy warns of a header-only file: the error says it
+                warnings.simplefilter("ignore")
+                try:
+                    records = np.loadtxt(io.StringIO(text), delimiter=",", ndmin=2)
+                except ValueError:
+                    records = np.loadtxt(io.StringIO(text), delimiter=",", ndmin=2, skiprows=1)
     except (OSError, ValueError, EOFError, TypeError) as exc:  # UnicodeDecodeError is a ValueError
         raise DataError(f"cannot read records from {path}: {' '.join(str(exc).split())[:160]}") from None
     if not isinstance(records, np.ndarray) or records.dtype.kind not in "fiub":

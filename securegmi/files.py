@@ -66,7 +66,9 @@ RECORDS_FILE = FileKind("records file", 4 * GiB)  # a site's records for `secure
 
 
 def _human(size: int) -> str:
-    return f"{size / GiB:g} GiB" if size >= GiB else f"{size / MiB:g} MiB"
+    if size >= GiB:
+        return f"{size / GiB:g} GiB"
+    return f"{size / MiB:g} MiB" if size >= MiB else f"{size} bytes"
 
 
 def _why(exc: OSError) -> str:

@@ -231,4 +231,7 @@ class PrivacyLedger:
         data = read_json(Path(path), LEDGER_FILE, PrivacyError)
         if not isinstance(data, dict):
             raise PrivacyError(f"cannot read ledger {path}: it does not hold a ledger object")
-        return cls.from_json(data)
+        try:
+            return cls.from_json(data)
+        except PrivacyError as exc:  # name the file: an audit reads many
+            raise PrivacyError(f"{path}: {exc}") from exc

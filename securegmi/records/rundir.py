@@ -29,6 +29,7 @@ from securegmi.files import (
     parse_json,
     read_json,
     read_lines,
+    refuse_link,
     require_regular,
     write_atomic,
 )
@@ -153,6 +154,8 @@ class RunDirectory:
             raise RunDirectoryError(
                 f"{path} is a finished run (it has {RESULTS}); there is nothing to resume"
             )
+        if os.path.lexists(path / SERVER_STATE):
+            require_regular(path / SERVER_STATE, STATE_FILE)  # a FIFO or link: say so, not "missing"
         if not (path / SERVER_STATE).is_file():
             raise RunDirectoryError(
                 f"{path} has no {SERVER_STATE}: the run stopped before its first round was saved, or it "
@@ -213,6 +216,10 @@ def _check_resumable_files(path: Path) -> None:
     for file, kind in checks:
         if os.path.lexists(file):
             require_regular(file, kind)
+    # The records the resumed run replaces at its end: a link or FIFO there is refused now, not
+    # after its rounds.
+    for name in sorted(RECORD_FILES - {SERVER_STATE, CONFIG, TRANSCRIPT, METRICS}):
+        refuse_link(path / name)
 
 
 def read_run(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:

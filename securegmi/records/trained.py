@@ -202,6 +202,12 @@ def _identifier(arrays: dict[str, np.ndarray], components: int, dim: int, where:
     at the first `assign`."""
     try:
         identifier = FineClusterModel.from_arrays(arrays)
+        centroids, table = identifier.centroids, identifier.cluster_given_component
+        if centroids.ndim != 2 or table.shape != (components, centroids.shape[0]):
+            raise ValueError(
+                f"fine clusters of shape {centroids.shape} and a cluster-given-component table of "
+                f"shape {table.shape}, expected ({components}, clusters)"
+            )
         probe = identifier.log_likelihood(np.full((1, dim), identifier.centre, dtype=np.float32))
         if probe.shape != (1, components) or not np.isfinite(probe).all():
             raise ValueError(f"it scores a record as shape {probe.shape}, expected (1, {components})")

@@ -199,8 +199,6 @@ def run_federated(
     ledger_dir = run_dir.file(LEDGERS) if run_dir is not None and plan is not None else None
     if run_dir is not None and not resume:
         federation.write_public_files(run_dir)
-    if plan is not None and on_plan is not None:
-        on_plan(plan.to_dict())
     keys = _ceremony(federation, run_dir, resume)
 
     def state_of(cid: str) -> Path | None:
@@ -228,6 +226,10 @@ def run_federated(
     elif server_state is not None:  # the run id, before any client joins the run
         server.save_state(server_state, {"next_round": "0", "uplink": "0", **digest})
     stats_rounds = federation.statistics.rounds if federation.statistics is not None else 0
+    # Shown once every party is built (a resumed run's states and ledgers read back), so that a
+    # run refused while it is set up says so in one line.
+    if plan is not None and on_plan is not None:
+        on_plan(plan.to_dict())
     try:
         for t in range(start, federation.rounds):
             t0 = time.perf_counter()
