@@ -55,6 +55,9 @@ def test_the_fifo_guard_rescues_a_reader_that_blocks(tmp_path: Path) -> None:
     with FifoGuard(fifo, after=0.2) as guard:
         assert fifo.read_bytes() == b""
     assert guard.rescued and guard.rescued[0] == fifo
+    with FifoGuard(fifo, after=0.2) as guard, fifo.open("a") as fh:  # a writer that waits, too
+        fh.write("x")
+    assert guard.rescued and guard.rescued[0] == fifo
 
 
 def test_devices_directories_and_links_are_refused_naming_the_file(tmp_path: Path) -> None:
