@@ -190,7 +190,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "split-noise-in-the-clear",
         "a client follows a clear protocol with a plan that splits its noise (one share read alone)",
         "securegmi/federation/client.py",
-        "    if split and spec.codec != \"ckks\":",
+        '    if split and spec.codec != "ckks":',
         "    if False:",
         COHORT_TESTS,
     ),

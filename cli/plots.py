@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import io
+import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from securegmi.errors import RunDirectoryError
+from securegmi.files import write_atomic
 from securegmi.records.rundir import read_run
+
+if TYPE_CHECKING:
+    from securegmi.privacy.ledger import PrivacyLedger
+    from securegmi.records.trained import TrainedMixture
 
 
 def write_plots(run_dir: Path) -> list[Path]:
@@ -16,15 +25,16 @@ def write_plots(run_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # Everything is read (and checked) before anything is written: a run directory with one
+    # unreadable file gets no plots at all, not some of them.
     results, metrics = read_run(run_dir)
-    rows = results["per_client"]
-    names = results["source_names"]
-    true = np.array([r["pi_true"] for r in rows])
-    est = np.array([r["pi_estimate"] for r in rows])
-    clients = np.arange(len(rows))
+    run = _Figures.of(Path(run_dir), results, metrics)
+    model, ledgers = _model(run_dir), _ledgers(run_dir)
+    true, est, names = run.true, run.estimated, run.names
+    clients = np.arange(len(true))
     written = []
 
-    fig, axes = plt.subplots(len(names), 1, figsize=(max(6, len(rows) * 0.45), 2.2 * len(names)), sharex=True)
+    fig, axes = plt.subplots(len(names), 1, figsize=(max(6, len(true) * 0.45), 2.2 * len(names)), sharex=True)
     for s, ax in enumerate(np.atleast_1d(axes)):
         ax.bar(clients - 0.2, true[:, s], width=0.4, label="true", color="0.6")
         ax.bar(clients + 0.2, est[:, s], width=0.4, label="estimated", color="tab:blue")
@@ -33,36 +43,91 @@ def write_plots(run_dir: Path) -> list[Path]:
     np.atleast_1d(axes)[0].legend(loc="upper right", fontsize=8)
     np.atleast_1d(axes)[-1].set_xlabel("client")
     np.atleast_1d(axes)[-1].set_xticks(clients)
-    fig.suptitle(f"{results['method']}: mixture proportions (mean TV error {results['pi_tv_error']:.3f})")
+    fig.suptitle(f"{run.method}: mixture proportions (mean TV error {run.pi_tv_error:.3f})")
     written.append(_save(fig, run_dir, "pi.png"))
 
-    if metrics:
-        r = [m["round"] for m in metrics]
+    if run.rounds:
         fig, ax = plt.subplots(figsize=(7, 3.5))
-        ax.plot(r, [m["source_accuracy"] for m in metrics], label="source accuracy")
-        ax.plot(r, [m["pi_tv_error"] for m in metrics], label="mean pi TV error")
+        ax.plot(run.rounds, run.accuracy, label="source accuracy")
+        ax.plot(run.rounds, run.round_tv, label="mean pi TV error")
         ax.set_xlabel("round")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend()
-        ax.set_title(f"{results['method']} on {results['dataset']}, seed {results['seed']}")
+        ax.set_title(f"{run.method} on {run.dataset}, seed {run.seed}")
         written.append(_save(fig, run_dir, "rounds.png"))
-    written += [p for p in (write_samples(run_dir), write_privacy(run_dir)) if p is not None]
+    drawn = (write_samples(run_dir, model=model), write_privacy(run_dir, ledgers=ledgers))
+    written += [p for p in drawn if p is not None]
     return written
 
 
-def write_samples(run_dir: Path, per_component: int = 8) -> Path | None:
+def _model(run_dir: Path) -> TrainedMixture | None:
+    from securegmi.records.trained import load
+
+    return load(run_dir) if os.path.lexists(Path(run_dir) / "model.safetensors") else None
+
+
+def _ledgers(run_dir: Path) -> list[PrivacyLedger]:
+    from securegmi.privacy.ledger import PrivacyLedger
+
+    return [PrivacyLedger.load(p) for p in sorted((Path(run_dir) / "ledgers").glob("*.json"))]
+
+
+@dataclass(frozen=True)
+class _Figures:
+    """What the plots draw, read from results.json and metrics.jsonl and checked first, so that
+    an edited file is one clear error rather than a failure inside matplotlib."""
+
+    method: str
+    dataset: str
+    seed: int
+    pi_tv_error: float
+    names: list[str]
+    true: np.ndarray  # (clients, sources)
+    estimated: np.ndarray
+    rounds: list[int]
+    accuracy: list[float]
+    round_tv: list[float]
+
+    @classmethod
+    def of(cls, run_dir: Path, results: dict[str, Any], metrics: list[dict[str, Any]]) -> _Figures:
+        try:
+            rows = results["per_client"]
+            names = [str(n) for n in results["source_names"]]
+            true = np.array([r["pi_true"] for r in rows], dtype=np.float64)
+            estimated = np.array([r["pi_estimate"] for r in rows], dtype=np.float64)
+            if not names or true.shape != (len(rows), len(names)) or estimated.shape != true.shape:
+                raise ValueError("per-client proportions do not match the sources")
+            if not (np.isfinite(true).all() and np.isfinite(estimated).all()):
+                raise ValueError("non-finite proportions")
+            return cls(
+                str(results["method"]),
+                str(results["dataset"]),
+                int(results["seed"]),
+                float(results["pi_tv_error"]),
+                names,
+                true,
+                estimated,
+                [int(m["round"]) for m in metrics],
+                [float(m["source_accuracy"]) for m in metrics],
+                [float(m["pi_tv_error"]) for m in metrics],
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise RunDirectoryError(
+                f"{run_dir}: results.json or metrics.jsonl is not what securegmi wrote ({exc!r:.120})"
+            ) from None
+
+
+def write_samples(run_dir: Path, per_component: int = 8, model: TrainedMixture | None = None) -> Path | None:
     """samples.png: decoded samples of each component, one row per component (image data)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from securegmi.records.trained import load
-
-    if not (Path(run_dir) / "model.safetensors").exists():
+    model = model if model is not None else _model(run_dir)
+    if model is None:
         return None
-    model = load(run_dir)
     side = round(model.data_dim**0.5)
     if side * side != model.data_dim:
         return None  # not square images: nothing to show as a picture
@@ -80,7 +145,7 @@ def write_samples(run_dir: Path, per_component: int = 8) -> Path | None:
     return _save(fig, run_dir, "samples.png")
 
 
-def write_privacy(run_dir: Path) -> Path | None:
+def write_privacy(run_dir: Path, ledgers: list[PrivacyLedger] | None = None) -> Path | None:
     """privacy.png: epsilon spent per client after each round against the budget (and, under
     split noise, the fallback figure against the server colluding with one client)."""
     import matplotlib
@@ -90,10 +155,9 @@ def write_privacy(run_dir: Path) -> Path | None:
 
     from securegmi.privacy.ledger import PrivacyLedger
 
-    paths = sorted((Path(run_dir) / "ledgers").glob("*.json"))
-    if not paths:
+    ledgers = ledgers if ledgers is not None else _ledgers(run_dir)
+    if not ledgers:
         return None
-    ledgers = [PrivacyLedger.load(p) for p in paths]
     curves: dict[tuple[str, ...], tuple[list[int], list[float], list[float], int]] = {}
     for ledger in ledgers:  # clients with the same releases share one curve
         key = tuple(f"{e.round}:{e.event_json}:{e.fallback_json}" for e in ledger.entries)
@@ -123,10 +187,14 @@ def write_privacy(run_dir: Path) -> Path | None:
 
 
 def _save(fig: Any, run_dir: Path, name: str) -> Path:
+    """The figure as PNG bytes, then written atomically into the run directory: `savefig` to a
+    path would follow a link planted under that name and write wherever it points."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
     path = Path(run_dir) / name
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, dpi=120, format="png")
     plt.close(fig)
+    write_atomic(path, png.getvalue())
     return path

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from securegmi.cli.app import app, console, errors_as_messages, keys_app
+from securegmi.errors import ConfigError, DataError, RunDirectoryError
 
 
 @app.command()
@@ -24,23 +29,28 @@ def report(
 
     paths = write_plots(run_dir)
     for path in paths:
-        console.print(f"wrote {path}")
+        console.print(f"wrote {escape(str(path))}")
 
 
 @keys_app.command("new")
 @errors_as_messages
 def keys_new(
-    out: Annotated[Path, typer.Option(help="directory for secret.ckks (mode 0600) and public.ckks")],
+    # A str, not a Path: Path("") is ".", and an empty --out must not mean the current directory.
+    out: Annotated[str, typer.Option(help="directory for secret.ckks (mode 0600) and public.ckks")],
 ) -> None:
     """Create a study's CKKS keys: share secret.ckks with the clients out of band; give the
     server public.ckks only (it can add ciphertexts, never decrypt or encrypt)."""
     from securegmi.crypto.keys import SecretContext
     from securegmi.crypto.params import CkksParameters
 
+    if not out.strip():
+        raise ConfigError("--out is empty: name the directory to write secret.ckks and public.ckks to")
+    directory = Path(out)
+    SecretContext.check_destination(directory)  # before the (slow) key generation
     keys = SecretContext.generate(CkksParameters())
-    secret_path, public_path = keys.save(out)
-    console.print(f"secret context (clients only, mode 0600): {secret_path}")
-    console.print(f"public context (the server):             {public_path}")
+    secret_path, public_path = keys.save(directory)
+    console.print(f"secret context (clients only, mode 0600): {escape(str(secret_path))}")
+    console.print(f"public context (the server):             {escape(str(public_path))}")
     console.print(f"key id: {keys.key_id}")
 
 
@@ -53,12 +63,13 @@ def infer(
     ],
     json_output: Annotated[bool, typer.Option("--json", help="print pi and counts as JSON")] = False,
     out: Annotated[
-        Path | None, typer.Option(help="write per-record assignments and responsibilities (CSV)")
+        str | None, typer.Option(help="write per-record assignments and responsibilities (CSV)")
     ] = None,
 ) -> None:
     """Estimate the mixture proportions of a site's records and assign each to a component."""
     from securegmi.records.trained import load
 
+    target = _csv_destination(out) if out is not None else None  # refused before any work
     model = load(run_dir)
     x = _read_records(data)
     pi = model.estimate_pi(x)
@@ -66,17 +77,21 @@ def infer(
     assigned = r.argmax(1)
     counts = np.bincount(assigned, minlength=model.n_components)
     summary = {"records": len(x), "pi": pi.round(6).tolist(), "assigned_counts": counts.tolist()}
-    if out is not None:
+    if target is not None:
+        from securegmi.files import write_atomic
+
         header = "record,component," + ",".join(f"r{k}" for k in range(model.n_components))
         rows = np.column_stack([np.arange(len(x)), assigned, r])
+        text = io.StringIO()
         np.savetxt(
-            out, rows, delimiter=",", header=header, comments="", fmt=["%d", "%d", *["%.6f"] * r.shape[1]]
+            text, rows, delimiter=",", header=header, comments="", fmt=["%d", "%d", *["%.6f"] * r.shape[1]]
         )
-        summary["out"] = str(out)
+        write_atomic(target, text.getvalue().encode(), error=ConfigError)
+        summary["out"] = str(target)
     if json_output:
         console.print_json(json.dumps(summary))
         return
-    table = Table(title=f"{len(x)} records from {data.name} (components of {run_dir})")
+    table = Table(title=escape(f"{len(x)} records from {data.name} (components of {run_dir})"))
     for col in ("component", "estimated pi", "records assigned"):
         table.add_column(col, justify="right")
     for k in range(model.n_components):
@@ -84,23 +99,56 @@ def infer(
     console.print(table)
 
 
-def _read_records(path: Path) -> np.ndarray:
-    from securegmi.errors import DataError
+def _csv_destination(out: str) -> Path:
+    """Where `infer --out` may write: a file (not a directory, link, FIFO or device), and never a
+    record of a run directory (its config.json, transcript, ledgers, model, results ...)."""
+    from securegmi.files import refuse_link
+    from securegmi.records.rundir import is_run_record
 
-    if not path.exists():
+    if not out.strip():
+        raise ConfigError("--out is empty: name the CSV file to write")
+    path = Path(out)
+    if path.is_dir() and not path.is_symlink():
+        raise ConfigError(f"--out {path} is a directory: name the CSV file to write in it")
+    refuse_link(path, ConfigError)
+    if is_run_record(path):
+        raise RunDirectoryError(
+            f"--out {path} is among the records of a run directory: refusing to write there; "
+            "write the CSV elsewhere"
+        )
+    if not path.parent.is_dir():
+        raise ConfigError(f"--out {path}: the directory {path.parent} does not exist")
+    return path
+
+
+def _read_records(path: Path) -> np.ndarray:
+    """A site's records from a regular .npy or .csv file within RECORDS_FILE's cap, read as bytes
+    first (so a FIFO or device named as --data is refused, never waited on)."""
+    from securegmi.files import RECORDS_FILE, read_bytes
+
+    if path.suffix not in (".npy", ".csv"):
+        raise DataError(f"{path}: records must be a .npy or .csv file")
+    if not os.path.lexists(path):
         raise DataError(f"{path} does not exist")
+    raw = read_bytes(path, RECORDS_FILE, DataError)
     try:
         if path.suffix == ".npy":
-            records: np.ndarray = np.load(path, allow_pickle=False)  # never unpickle a data file
-            return records
-        if path.suffix == ".csv":
-            try:
-                return np.loadtxt(path, delimiter=",", ndmin=2)
-            except ValueError:
-                return np.loadtxt(path, delimiter=",", ndmin=2, skiprows=1)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read records from {path}: {exc}") from exc
-    raise DataError(f"{path}: records must be a .npy or .csv file")
+            records: np.ndarray = np.load(io.BytesIO(raw), allow_pickle=False)  # never unpickle data
+        else:
+            text = raw.decode("utf-8")
+            if not text.strip():
+                raise DataError(f"{path} holds no records")
+            with warnings.catch_warnings():  # numpy warns of a header-only file: the error says it
+                warnings.simplefilter("ignore")
+                try:
+                    records = np.loadtxt(io.StringIO(text), delimiter=",", ndmin=2)
+                except ValueError:
+                    records = np.loadtxt(io.StringIO(text), delimiter=",", ndmin=2, skiprows=1)
+    except (OSError, ValueError, EOFError, TypeError) as exc:  # UnicodeDecodeError is a ValueError
+        raise DataError(f"cannot read records from {path}: {' '.join(str(exc).split())[:160]}") from None
+    if not isinstance(records, np.ndarray) or records.dtype.kind not in "fiub":
+        raise DataError(f"{path} does not hold an array of numbers")
+    return records
 
 
 @app.command()
@@ -125,7 +173,7 @@ def audit(
 
 def _print_audit(report: Any) -> None:
     if report.budgets:
-        table = Table(title=f"Privacy spent per client (protocol {report.protocol})")
+        table = Table(title=escape(f"Privacy spent per client (protocol {report.protocol})"))
         for col in (
             "client",
             "releases",
@@ -141,7 +189,7 @@ def _print_audit(report: Any) -> None:
             table.add_column(col, justify="left" if col in ("client", "") else "right")
         for b in report.budgets:
             table.add_row(
-                b.client,
+                escape(b.client),
                 str(b.releases),
                 f"{b.epsilon_rdp:.4f}",
                 f"{b.epsilon_pld:.4f}",
@@ -154,7 +202,7 @@ def _print_audit(report: Any) -> None:
             )
         console.print(table)
     else:
-        console.print(f"No privacy ledgers: protocol {report.protocol!r} spends no DP budget.")
+        console.print(escape(f"No privacy ledgers: protocol {report.protocol!r} spends no DP budget."))
     summary: dict[tuple[str, str, str], list[Any]] = {}
     for d in report.disclosures:
         summary.setdefault((d.field, d.kind, d.protection), []).append(d)
@@ -164,20 +212,20 @@ def _print_audit(report: Any) -> None:
     for (name, kind, protection), rows in sorted(summary.items()):
         style = "green" if protection in ("dp", "dp+encrypted", "public") else "red"
         uncovered = sorted({e for r in rows for e in r.uncovered_events})
-        table.add_row(
-            name,
-            kind,
-            f"[{style}]{protection}[/]",
+        table.add_row(  # names and events come from the run's files: never markup
+            escape(name),
+            escape(kind),
+            f"[{style}]{escape(protection)}[/]",
             str(len(rows)),
             str(sum(r.messages for r in rows)),
-            f"in {rows[0].packed_in}" if rows[0].packed_in else str(sum(r.bytes for r in rows)),
-            ", ".join(uncovered[:3]) + (" ..." if len(uncovered) > 3 else ""),
+            escape(f"in {rows[0].packed_in}") if rows[0].packed_in else str(sum(r.bytes for r in rows)),
+            escape(", ".join(uncovered[:3]) + (" ..." if len(uncovered) > 3 else "")),
         )
     console.print(table)
     if report.problems:
         console.print(f"[bold red]{len(report.problems)} problem(s):[/]")
         for p in report.problems[:20]:
-            console.print(f"  - {p}")
+            console.print(f"  - {escape(p)}")
         if len(report.problems) > 20:
             console.print(f"  ... and {len(report.problems) - 20} more (see --json)")
     else:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -151,11 +152,14 @@ def resume(
 
     from securegmi import protocols
     from securegmi.errors import RunDirectoryError
+    from securegmi.files import JSON_FILE, read_json
 
     try:
-        config = SimulationConfig.from_dict(json.loads((run_dir / "config.json").read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError) as exc:
-        raise RunDirectoryError(f"{run_dir}: no readable config.json of a securegmi run ({exc})") from exc
+        # A regular file within the cap (a FIFO would block, a link redirect); the run's own
+        # record of its configuration is then checked against it (run_simulation, resume=True).
+        config = SimulationConfig.from_dict(read_json(run_dir / "config.json", JSON_FILE))
+    except (ValueError, RunDirectoryError) as exc:  # ConfigError is a ValueError
+        raise RunDirectoryError(f"{run_dir}: no readable config.json of a securegmi run ({exc})") from None
     torch.set_num_threads(threads)
     try:
         result = _simulate_in_process(
@@ -167,9 +171,10 @@ def resume(
 
 
 def _interrupted(run_dir: Path) -> NoReturn:
+    where = escape(str(run_dir))
     err_console.print(
-        f"[yellow]interrupted:[/] the completed rounds are saved in {run_dir}; continue with "
-        f"`securegmi resume {run_dir}` (results.json is written only by a finished run)"
+        f"[yellow]interrupted:[/] the completed rounds are saved in {where}; continue with "
+        f"`securegmi resume {where}` (results.json is written only by a finished run)"
     )
     raise typer.Exit(code=130) from None
 
@@ -213,7 +218,7 @@ def _simulate_in_process(
     from securegmi.simulation.runner import run_simulation
 
     method, dataset, rounds = config.method, config.dataset, config.planned_rounds
-    with Progress(
+    bar = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -221,21 +226,30 @@ def _simulate_in_process(
         TimeElapsedColumn(),
         console=err_console,
         transient=json_output,
-    ) as bar:
-        task = bar.add_task(f"{method} on {dataset}", total=rounds, status="")
+    )
+    task = bar.add_task(f"{method} on {dataset}", total=rounds, status="")
+
+    def shown() -> Progress:
+        # The bar appears with the plan or the first round, not before: a run refused while it is
+        # set up (an impossible plan, a used --out) prints its one line of error and nothing else.
+        if not bar.live.is_started:
+            bar.start()
+        return bar
+
+    try:
 
         def on_round(m: RoundMetrics) -> None:
             # Under the statistics design the first rows come after its statistics rounds.
             tempered = "" if config.statistics_design else f"T={m.temperature:5.2f} "
-            bar.update(
+            shown().update(
                 task,
                 completed=m.round + 1,
                 status=f"{tempered}acc={m.source_accuracy:.3f} pi-TV={m.pi_tv_error:.3f}",
             )
 
         def on_plan(plan: dict[str, Any]) -> None:
-            bar.console.print(_plan_table(plan))
-            bar.console.print(f"[dim]note:[/] {NOISE_NOTE}")
+            shown().console.print(_plan_table(plan))
+            shown().console.print(f"[dim]note:[/] {NOISE_NOTE}")
 
         return run_simulation(
             config,
@@ -246,6 +260,9 @@ def _simulate_in_process(
             on_plan=on_plan,
             resume=resume,
         )
+    finally:
+        if bar.live.is_started:
+            bar.stop()
 
 
 def _plan_table(plan: dict[str, Any]) -> Table:
@@ -347,7 +364,7 @@ def _print_summary(results: dict[str, Any], run_dir: Path) -> None:
         ("uplink per client per round", f"{results['uplink_bytes_per_client_round'] / 1024:.1f} KiB"),
         ("privacy", _privacy_line(results["epsilon"])),
         ("wall time", f"{results['wall_seconds']:.1f} s"),
-        ("run directory", str(run_dir)),
+        ("run directory", escape(str(run_dir))),
     ):
         table.add_row(key, value)
     console.print(table)

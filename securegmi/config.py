@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from securegmi.errors import ConfigError
 
@@ -39,6 +40,27 @@ DEFAULT_LEARNING_RATE = {"digits": 3e-3, "synthetic": 2e-3, "mnist5k": 2e-3}
 def _option(name: str) -> str:
     """The `securegmi simulate` option that sets field `name`."""
     return name.replace("_", "-")
+
+
+def _of_type(value: object, hint: Any) -> bool:
+    """Whether a JSON value fits a field's annotation (str, int, float, or one of them | None);
+    a bool is not a number here, an int is a float."""
+    options = get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,)
+    for option in options:
+        if option is type(None) and value is None:
+            return True
+        if option is str and isinstance(value, str):
+            return True
+        if option in (int, float) and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if option is float and isinstance(value, float):
+            return True
+    return False
+
+
+def _type_name(hint: Any) -> str:
+    options = get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,)
+    return " or ".join("null" if o is type(None) else getattr(o, "__name__", str(o)) for o in options)
 
 
 def _check(ok: bool, name: str, rule: str, value: object) -> None:
@@ -390,8 +412,17 @@ class SimulationConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SimulationConfig:
+        """A configuration read back from JSON (config.json): every value of its field's type,
+        so that a file edited by hand fails here with the field's name, not deep in a run."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a configuration is an object of named fields, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(map(str, data)) - known)
         if unknown:
             raise ConfigError(f"unknown configuration keys {unknown}")
+        hints = get_type_hints(cls)
+        for name, value in data.items():
+            if not _of_type(value, hints[name]):
+                expected = _type_name(hints[name])
+                raise ConfigError(f"configuration field {name!r} must be {expected}, got {value!r:.60}")
         return cls(**data)

@@ -24,7 +24,10 @@ DOCUMENTED = {
     "wall_seconds",
     "epsilon",
     "per_client",
+    "evaluation_only",
 }
+# The fields that are the harness's ground truth (true sources and pi), never a client's release.
+EVALUATION_ONLY = {"source_accuracy", "pi_tv_error", "nll", "per_client"}
 
 
 def _simplex(p: list[float]) -> bool:
@@ -36,6 +39,8 @@ def check_results(results: dict[str, Any], config: SimulationConfig) -> None:
     """Raise AssertionError naming the first field that is missing, out of range or
     inconsistent with the others."""
     assert set(results) >= DOCUMENTED, f"missing {sorted(DOCUMENTED - set(results))}"
+    marker = results["evaluation_only"]
+    assert set(marker["fields"]) == EVALUATION_ONLY and "no client released" in marker["note"], marker
     assert results["method"] == config.method and results["dataset"] == config.dataset
     assert results["clients"] == config.clients and results["rounds"] >= 1
     assert config.epsilon is not None or results["rounds"] == config.rounds  # private: the plan's

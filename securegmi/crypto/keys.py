@@ -20,6 +20,7 @@ from tenseal import sealapi
 
 from securegmi.crypto.params import CkksParameters
 from securegmi.errors import CryptoError
+from securegmi.files import KEY_FILE, open_regular, read_bytes, write_atomic
 
 SECRET_FILE = "secret.ckks"
 PUBLIC_FILE = "public.ckks"
@@ -85,30 +86,55 @@ class SecretContext:
     def __repr__(self) -> str:  # never the key material
         return f"SecretContext(key_id={self.key_id[:12]}..., N={self.params.poly_modulus_degree})"
 
+    @staticmethod
+    def check_destination(directory: Path) -> None:
+        """`CryptoError` unless `save` could write to `directory`: a directory (or nothing yet)
+        holding neither key file, as anything at all (a dangling link counts, and is never
+        written through)."""
+        if not str(directory).strip():
+            raise CryptoError("the key directory is empty: name the directory to write the keys to")
+        if os.path.lexists(directory) and not Path(directory).is_dir():
+            raise CryptoError(f"{directory} exists and is not a directory: name a directory for the keys")
+        for name in (SECRET_FILE, PUBLIC_FILE):
+            if os.path.lexists(Path(directory) / name):
+                raise CryptoError(f"{Path(directory) / name} exists: refusing to overwrite a key")
+
     def save(self, directory: Path) -> tuple[Path, Path]:
-        """Write the secret context (mode 0600) and the public context to `directory`."""
-        directory.mkdir(parents=True, exist_ok=True)
+        """Write the secret context (mode 0600) and the public context to `directory` (created
+        owner-only if missing). Neither may exist yet, as anything (a link included). Each is
+        written whole to a temporary file beside it, fsynced, then renamed into place, so a
+        write cut short (a full disk, a kill) leaves no key file at all, never a truncated one."""
+        directory = Path(directory)
+        self.check_destination(directory)
         secret_path, public_path = directory / SECRET_FILE, directory / PUBLIC_FILE
-        if secret_path.exists():
-            raise CryptoError(f"{secret_path} exists: refusing to overwrite a key")
-        fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(self.context.serialize(save_secret_key=True))
-        public_path.write_bytes(self.public_bytes)
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CryptoError(f"cannot create the key directory {directory}: {exc.strerror}") from None
+        secret = self.context.serialize(save_secret_key=True)
+        write_atomic(secret_path, secret, error=CryptoError, mode=0o600, durable=True, replace=False)
+        try:
+            write_atomic(public_path, self.public_bytes, error=CryptoError, durable=True, replace=False)
+        except CryptoError:
+            secret_path.unlink(missing_ok=True)  # a secret without its public half is no ceremony
+            raise
         return secret_path, public_path
 
     @classmethod
     def load(cls, directory: Path, params: CkksParameters) -> SecretContext:
         """Load a ceremony's secret context together with its public context (the key id)."""
         secret_path, public_path = directory / SECRET_FILE, directory / PUBLIC_FILE
-        if not secret_path.exists() or not public_path.exists():
+        if not os.path.lexists(secret_path) or not os.path.lexists(public_path):
             raise CryptoError(
                 f"{directory} needs both {SECRET_FILE} and {PUBLIC_FILE} from `securegmi keys new`"
             )
-        if secret_path.stat().st_mode & 0o077:
-            raise CryptoError(f"{secret_path} is readable by others: chmod 600 it before use")
+        with open_regular(secret_path, KEY_FILE, CryptoError) as fh:  # no link, FIFO or device
+            if os.fstat(fh.fileno()).st_mode & 0o077:
+                raise CryptoError(f"{secret_path} is readable by others: chmod 600 it before use")
+            secret = fh.read(KEY_FILE.limit + 1)
+        public = read_bytes(public_path, KEY_FILE, CryptoError)
         try:
-            context = ts.context_from(secret_path.read_bytes())
+            context = ts.context_from(secret)
         except Exception as exc:
             raise CryptoError(f"{secret_path} is not a secret CKKS context: {exc}") from exc
-        return cls(context, params, public_path.read_bytes())
+        return cls(context, params, public)

@@ -18,8 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save
 from torch.utils.data import DataLoader, Dataset
 
 from securegmi.core.fine_clusters import FineClusterModel
@@ -45,6 +44,7 @@ from securegmi.federation.release import (
 )
 from securegmi.federation.statistics import GRADIENT, UPLINK
 from securegmi.federation.transport import ClientEndpoint
+from securegmi.files import STATE_FILE, read_bytes, safetensors_arrays, write_atomic
 from securegmi.privacy.calibration import DpPlan, PrivateMixturePlan
 from securegmi.privacy.ledger import PrivacyLedger
 from securegmi.protocol import Message, ProtocolSpec, TranscriptWriter, decode, encode
@@ -130,7 +130,7 @@ class Client:
         self.learner = LocalLearner(client_id, x, components, settings or ClientSettings(), seed)
         self.policy: ReleasePolicy = _policy(self.learner, privacy)
         self.codec: ClientCodec = CkksCodec(keys) if keys is not None else ClearCodec()
-        if self.state_path is not None and self.state_path.exists():
+        if self.state_path is not None and os.path.lexists(self.state_path):
             self._restore(self.state_path)
         transcript = TranscriptWriter(Path(transcript_path)) if transcript_path is not None else None
         self.endpoint = ClientEndpoint(client_id, self._handle, protocol, transcript)
@@ -220,18 +220,13 @@ class Client:
             run, answered, stage, wire = self.outbox
             metadata["outbox"] = json.dumps({"run": run, "round": answered, "stage": stage})
             arrays["outbox"] = np.frombuffer(wire, dtype=np.uint8)
-        tmp = path.with_suffix(path.suffix + ".tmp")
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
+        data = save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata=metadata)
+        write_atomic(path, data, mode=0o600)  # a fresh temporary file, then rename: never via a link
 
     def _restore(self, path: Path) -> None:
-        try:
-            arrays = load_file(str(path))
-            with safe_open(str(path), framework="numpy") as fh:
-                metadata = dict(fh.metadata() or {})
-        except (OSError, SafetensorError) as exc:
-            raise RunDirectoryError(f"cannot read client state {path}: {exc}") from exc
+        # Read as bytes through securegmi.files: a regular file within the cap, never a FIFO or link.
+        arrays, metadata = safetensors_arrays(read_bytes(path, STATE_FILE), path)
         if metadata.get("client") != self.client_id:
             raise RunDirectoryError(
                 f"{path} holds the state of {metadata.get('client')!r}, not {self.client_id!r}"

@@ -349,10 +349,12 @@ def calibrate_private_mixture(
 
 def plan_from_dict(d: dict[str, Any]) -> DpPlan | PrivateMixturePlan:
     """The plan a run wrote with `to_dict` (dp_plan.json), for the audit to check ledgers against."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"not a privacy plan written by securegmi: a {type(d).__name__}, not an object")
     try:
         fields = {k: v for k, v in d.items() if k != "kind"}
         if d.get("kind") == "statistics":
             return PrivateMixturePlan(**{**fields, "statistics": StatisticsPlan(**fields["statistics"])})
         return DpPlan(**fields)
-    except (TypeError, KeyError) as exc:
+    except (TypeError, KeyError, AttributeError) as exc:  # a field of the wrong type, say
         raise ConfigError(f"not a privacy plan written by securegmi: {exc}") from exc

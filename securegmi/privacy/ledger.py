@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -20,6 +19,7 @@ from typing import Any
 import dp_accounting
 
 from securegmi.errors import BudgetExceededError, ConfigError, PrivacyError
+from securegmi.files import LEDGER_FILE, read_json, write_atomic
 from securegmi.privacy.accounting import ADJACENCY, epsilon_pld, epsilon_rdp
 from securegmi.privacy.events import event_from_json, event_to_json
 
@@ -248,15 +248,18 @@ class PrivacyLedger:
         return ledger
 
     def save(self, path: Path) -> None:
-        """Write atomically: the file on disk is always a complete ledger."""
+        """Write atomically: the file on disk is always a complete ledger (never through a link)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        text = json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n"
+        write_atomic(path, text.encode(), error=PrivacyError)
 
     @classmethod
     def load(cls, path: Path) -> PrivacyLedger:
+        """A ledger file: a regular file (no FIFO, device or link) of at most LEDGER_FILE's cap."""
+        data = read_json(Path(path), LEDGER_FILE, PrivacyError)
+        if not isinstance(data, dict):
+            raise PrivacyError(f"cannot read ledger {path}: it does not hold a ledger object")
         try:
-            return cls.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
-        except (OSError, ValueError) as exc:  # ValueError: not UTF-8, or not JSON
-            raise PrivacyError(f"cannot read ledger {path}: {exc}") from exc
+            return cls.from_json(data)
+        except PrivacyError as exc:  # name the file: an audit reads many
+            raise PrivacyError(f"{path}: {exc}") from exc

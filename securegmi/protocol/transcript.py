@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from securegmi.files import TRANSCRIPT_FILE, open_append, parse_json, read_lines
 from securegmi.protocol.fields import field_array, field_labels
 from securegmi.protocol.message import Message
 
@@ -17,7 +18,7 @@ class TranscriptWriter:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._fh = path.open("a", encoding="utf-8")
+        self._fh = open_append(path)  # a regular file only: never through a link, never a FIFO
 
     def record(self, message: Message, wire: bytes, *, receiver: str, status: str = "delivered") -> None:
         base = {
@@ -72,7 +73,7 @@ class TranscriptWriter:
 
 
 def read_transcript(path: Path) -> Iterator[dict[str, Any]]:
-    with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                yield json.loads(line)
+    """Each line's record; `RunDirectoryError` for a file that is not a regular one within the
+    transcript's cap, or a line that is not JSON."""
+    for line in read_lines(path, TRANSCRIPT_FILE):
+        yield parse_json(line, path)

@@ -20,6 +20,16 @@ from safetensors import SafetensorError, safe_open
 
 from securegmi.config import SimulationConfig
 from securegmi.errors import ConfigError, PrivacyError, RunDirectoryError
+from securegmi.files import (
+    JSON_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    read_json,
+    read_text,
+    require_regular,
+    safetensors_metadata,
+)
 from securegmi.privacy.calibration import DpPlan, PrivateMixturePlan, plan_from_dict
 from securegmi.privacy.ledger import PRIVATE_NOISE, SEEDED_NOISE, LedgerEntry, PrivacyLedger
 from securegmi.protocol import SERVER, FieldKind, ProtocolBuilder, ProtocolSpec, read_transcript
@@ -248,7 +258,7 @@ def audit_run(run_dir: Path, builder_for: Callable[[str], ProtocolBuilder]) -> A
 
 
 def _json_object(path: Path) -> dict[str, Any]:
-    value = json.loads(path.read_text(encoding="utf-8"))
+    value = read_json(path, JSON_FILE)  # a regular file within the cap: no FIFO, device or link
     if not isinstance(value, dict):
         raise ValueError(f"{path.name} does not hold a JSON object")
     return value
@@ -318,9 +328,18 @@ def _read_plan(run_dir: Path, problems: list[str]) -> Plan | None:
     """The run's plan (dp_plan.json), or None with a problem: a private run's ledgers, rounds and
     cohort are all checked against it."""
     try:
-        plan = plan_from_dict(json.loads((run_dir / PLAN).read_text(encoding="utf-8")))
+        plan = plan_from_dict(read_json(run_dir / PLAN, JSON_FILE))
         plan.planned_epsilon()  # every round's entries, built now: a plan of the wrong types fails here
-    except (OSError, ValueError, TypeError, KeyError, ArithmeticError, ConfigError, PrivacyError) as exc:
+    except (
+        OSError,
+        ValueError,
+        TypeError,
+        KeyError,
+        ArithmeticError,
+        ConfigError,
+        PrivacyError,
+        RunDirectoryError,
+    ) as exc:
         problems.append(
             f"{PLAN} is missing or unreadable ({exc}): the ledgers cannot be checked against the plan"
         )
@@ -551,13 +570,12 @@ def _server_state(run_dir: Path, problems: list[str]) -> _ServerState | None:
     if not (run_dir / SERVER_STATE).exists():
         return None
     try:
-        with safe_open(str(run_dir / SERVER_STATE), framework="numpy") as fh:
-            metadata = fh.metadata() or {}
+        metadata = safetensors_metadata(run_dir / SERVER_STATE, STATE_FILE)  # a regular file, header only
         aggregated, contributions = (json.loads(metadata[k]) for k in ("aggregated", "contributions"))
         if not (isinstance(aggregated, int | None) and isinstance(contributions, int)):
             raise ValueError(f"aggregated {aggregated!r}, contributions {contributions!r}")
         return _ServerState(int(metadata["next_round"]), aggregated, contributions)
-    except (OSError, SafetensorError, KeyError, ValueError) as exc:
+    except (OSError, RunDirectoryError, KeyError, ValueError) as exc:
         problems.append(
             f"{SERVER_STATE} is unreadable ({exc}): the server's own record of its rounds cannot be checked"
         )
@@ -570,7 +588,7 @@ def _metrics(run_dir: Path, problems: list[str]) -> list[tuple[int, int]] | None
     if not (run_dir / METRICS).exists():
         return None
     try:
-        lines = (run_dir / METRICS).read_text(encoding="utf-8").splitlines()
+        lines = read_text(run_dir / METRICS, METRICS_FILE).splitlines()
         rows = []
         for line in filter(str.strip, lines):
             row = json.loads(line)
@@ -766,11 +784,10 @@ def _client_state_problems(
     for path in sorted(folder.glob("*.safetensors")):
         client, where = path.stem, f"{CLIENT_STATES}/{path.name}"
         try:
-            with safe_open(str(path), framework="numpy") as fh:
-                metadata = fh.metadata() or {}
+            metadata = safetensors_metadata(path, STATE_FILE)
             copy = PrivacyLedger.from_json(json.loads(metadata["ledger"])) if "ledger" in metadata else None
             answered = int(json.loads(metadata["outbox"])["round"]) if "outbox" in metadata else None
-        except (OSError, SafetensorError, PrivacyError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, RunDirectoryError, PrivacyError, ValueError, KeyError, TypeError) as exc:
             problems.append(f"{client}: {where} is unreadable ({exc})")
             continue
         if metadata.get("client") != client:
@@ -837,12 +854,13 @@ def _results_problems(run_dir: Path, config: SimulationConfig, protocol: str) ->
             )
     if (run_dir / CHECKPOINT).exists():
         try:
+            require_regular(run_dir / CHECKPOINT, MODEL_FILE)  # safetensors opens it by its path
             with safe_open(str(run_dir / CHECKPOINT), framework="numpy") as fh:
                 if "pi" in fh.keys():  # noqa: SIM118 - a safetensors handle is not a mapping
                     counts.append(
                         (f"{CHECKPOINT} holds the mixture weights (pi) of", fh.get_slice("pi").get_shape()[0])
                     )
-        except (OSError, SafetensorError, IndexError) as exc:
+        except (OSError, SafetensorError, IndexError, RunDirectoryError) as exc:
             problems.append(f"{CHECKPOINT} is unreadable ({exc}): its count of clients cannot be checked")
     problems[:0] = [
         f"config.json has {config.clients} clients, {where} {n}: a client's records are missing or extra"

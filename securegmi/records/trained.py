@@ -8,14 +8,12 @@ values), so nothing here can reach an exact CKKS decryption.
 
 from __future__ import annotations
 
-import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.numpy import load_file
 from torch import Tensor
 
 from securegmi.config import SimulationConfig
@@ -24,6 +22,7 @@ from securegmi.core.fine_clusters import FineClusterModel
 from securegmi.core.mixture import IWAE_SAMPLES, SCORE_SAMPLES, MixtureOfVAEs
 from securegmi.data.datasets import load_dataset
 from securegmi.errors import ConfigError, DataError, RunDirectoryError
+from securegmi.files import JSON_FILE, MODEL_FILE, read_bytes, read_json, safetensors_arrays
 from securegmi.records.rundir import CHECKPOINT, CONFIG
 
 # Fixed-point iterations of pi on frozen components: the same alternation as a round's E-step.
@@ -151,27 +150,71 @@ class TrainedMixture:
 
 
 def load(run_dir: Path | str) -> TrainedMixture:
-    """The trained mixture of a finished `securegmi simulate` run directory."""
+    """The trained mixture of a finished `securegmi simulate` run directory.
+
+    Raises `RunDirectoryError` for a directory that is not a finished run's or whose files are
+    not the ones securegmi wrote (unreadable, a link or FIFO, too large, corrupt, of the wrong
+    shapes, or with non-finite parameters), `ConfigError` for a configuration this version
+    cannot run, and `DataError` for a dataset that cannot be loaded here."""
     path = Path(run_dir)
-    if not (path / CONFIG).exists() or not (path / CHECKPOINT).exists():
+    if not os.path.lexists(path / CONFIG) or not os.path.lexists(path / CHECKPOINT):
         raise RunDirectoryError(
             f"{path} has no {CONFIG} and {CHECKPOINT}: not the directory of a finished run "
             "(local training and the central-DP reference export no shared model)"
         )
+    stored = read_json(path / CONFIG, JSON_FILE)
+    if not isinstance(stored, dict):
+        raise RunDirectoryError(f"{path / CONFIG} does not hold a configuration object")
     try:
-        config = SimulationConfig.from_dict(json.loads((path / CONFIG).read_text(encoding="utf-8")))
-        arrays = load_file(str(path / CHECKPOINT))
-        data = load_dataset(config.dataset)
-        model = MixtureOfVAEs.mlp(
-            config.model_components,
-            data.x.shape[1],
-            config.hidden,
-            config.latent,
-            "bernoulli" if data.likelihood == "bernoulli" else "gaussian",
-            seed=config.seed,
-        )
+        config = SimulationConfig.from_dict(stored)
+    except ConfigError as exc:
+        raise RunDirectoryError(f"{path / CONFIG} is not a configuration securegmi wrote: {exc}") from exc
+    arrays, _ = safetensors_arrays(read_bytes(path / CHECKPOINT, MODEL_FILE), path / CHECKPOINT)
+    data = load_dataset(config.dataset)
+    model = MixtureOfVAEs.mlp(
+        config.model_components,
+        data.x.shape[1],
+        config.hidden,
+        config.latent,
+        "bernoulli" if data.likelihood == "bernoulli" else "gaussian",
+        seed=config.seed,
+    )
+    k, dim = model.n_components, int(data.x.shape[1])
+    where = f"{path / CHECKPOINT}"
+    missing = sorted({"components", "pi"} - set(arrays))
+    if missing:
+        raise RunDirectoryError(f"{where} lacks the arrays {missing}: not a model securegmi exported")
+    for name, array in arrays.items():
+        # A NaN or infinite parameter would make every score NaN and argmax answer 0 regardless.
+        if array.dtype.kind not in "fiu" or not np.isfinite(array).all():
+            raise RunDirectoryError(
+                f"{where}: array {name!r} holds non-finite or non-numeric values: the model is corrupt"
+            )
+    pi = np.asarray(arrays["pi"], dtype=np.float64)
+    if pi.ndim != 2 or pi.shape[1] != k:
+        raise RunDirectoryError(f"{where}: pi has shape {pi.shape}, expected (clients, {k})")
+    try:
         model.set_component_vectors(np.asarray(arrays["components"], dtype=np.float32))
-    except (OSError, json.JSONDecodeError, SafetensorError, KeyError, ValueError) as exc:
-        raise RunDirectoryError(f"{path}: cannot read the trained model ({exc})") from exc
-    identifier = FineClusterModel.from_arrays(arrays) if "stats.centroids" in arrays else None
-    return TrainedMixture(config, model, np.asarray(arrays["pi"]), identifier, int(data.x.shape[1]))
+    except ConfigError as exc:
+        raise RunDirectoryError(f"{where} does not fit the run's configuration: {exc}") from exc
+    identifier = _identifier(arrays, k, dim, where) if "stats.centroids" in arrays else None
+    return TrainedMixture(config, model, pi, identifier, dim)
+
+
+def _identifier(arrays: dict[str, np.ndarray], components: int, dim: int, where: str) -> FineClusterModel:
+    """The saved source identifier, tried on one record so that wrong shapes fail here and not
+    at the first `assign`."""
+    try:
+        identifier = FineClusterModel.from_arrays(arrays)
+        centroids, table = identifier.centroids, identifier.cluster_given_component
+        if centroids.ndim != 2 or table.shape != (components, centroids.shape[0]):
+            raise ValueError(
+                f"fine clusters of shape {centroids.shape} and a cluster-given-component table of "
+                f"shape {table.shape}, expected ({components}, clusters)"
+            )
+        probe = identifier.log_likelihood(np.full((1, dim), identifier.centre, dtype=np.float32))
+        if probe.shape != (1, components) or not np.isfinite(probe).all():
+            raise ValueError(f"it scores a record as shape {probe.shape}, expected (1, {components})")
+    except (KeyError, IndexError, ValueError, TypeError, ArithmeticError) as exc:
+        raise RunDirectoryError(f"{where}: the saved source identifier is corrupt ({exc!r:.160})") from exc
+    return identifier

@@ -34,6 +34,25 @@ class RoundMetrics:
         return dict(self.__dict__)
 
 
+# What results.json and metrics.jsonl hold that no party of the protocol ever released: the
+# harness scores every client's test records against their true sources and true pi, which it
+# alone holds. No DP guarantee covers these figures, and a deployment has none of them. Each
+# record names such fields under this key.
+EVALUATION_ONLY = "evaluation_only"
+EVALUATION_ONLY_NOTE = (
+    "computed by the simulation harness from every client's test records and their true sources "
+    "and mixture proportions, which only the harness holds; no client released these values, no "
+    "DP guarantee covers them, and a deployment has none of them"
+)
+
+
+def evaluation_only(*names: str) -> dict[str, Any]:
+    """The marker a results or metrics record carries: which of its fields are ground truth."""
+    return {"fields": list(names), "note": EVALUATION_ONLY_NOTE}
+
+
+METRICS_MARKER = evaluation_only("source_accuracy", "pi_tv_error")
+
 ProgressCallback = Callable[[RoundMetrics], None]
 PlanCallback = Callable[[dict[str, Any]], None]  # receives the DP plan before the first round
 
@@ -59,7 +78,10 @@ class Recorder:
         """Take up the metrics of the rounds a stopped run completed."""
         assert self.run_dir is not None
         try:
-            self.history = [RoundMetrics(**row) for row in self.run_dir.keep_metrics_before(next_round)]
+            self.history = [
+                RoundMetrics(**{k: v for k, v in row.items() if k != EVALUATION_ONLY})
+                for row in self.run_dir.keep_metrics_before(next_round)
+            ]
         except TypeError as exc:
             raise RunDirectoryError(
                 f"{self.run_dir.path}: a metrics row is not one securegmi wrote ({exc})"
@@ -101,6 +123,6 @@ class Recorder:
         )
         self.history.append(row)
         if self.run_dir is not None:
-            self.run_dir.append_metrics(row.to_dict())
+            self.run_dir.append_metrics(row.to_dict() | {EVALUATION_ONLY: METRICS_MARKER})
         if self.progress is not None:
             self.progress(row)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,11 +14,12 @@ import numpy as np
 from securegmi.config import SimulationConfig
 from securegmi.core.mixture import MixtureOfVAEs
 from securegmi.crypto.keys import SecretContext
-from securegmi.errors import ConfigError
+from securegmi.errors import ConfigError, RunDirectoryError
 from securegmi.federation.codec import CkksCodec, ClearCodec, ClientCodec
 from securegmi.federation.local import adopt_aggregate
 from securegmi.federation.server import Server, play_round
 from securegmi.federation.transport import InProcessTransport
+from securegmi.files import STATE_FILE, safetensors_metadata
 from securegmi.privacy.calibration import DpPlan, PrivateMixturePlan
 from securegmi.privacy.ledger import PrivacyLedger
 from securegmi.protocol import ProtocolBuilder
@@ -24,6 +27,7 @@ from securegmi.records.rundir import (
     CLIENT_KEYS,
     CLIENT_STATES,
     CONFIG,
+    CONFIG_DIGEST,
     LEDGERS,
     RESULTS,
     SERVER_STATE,
@@ -33,10 +37,27 @@ from securegmi.records.rundir import (
 from securegmi.simulation.baselines import run_central_dp, run_central_em, run_local, run_oracle
 from securegmi.simulation.evaluation import Evaluation
 from securegmi.simulation.fedgmm import run_fedgmm
-from securegmi.simulation.recorder import PlanCallback, ProgressCallback, Recorder, RoundMetrics
-from securegmi.simulation.study import Federation, load_federated_data
+from securegmi.simulation.recorder import (
+    EVALUATION_ONLY,
+    PlanCallback,
+    ProgressCallback,
+    Recorder,
+    RoundMetrics,
+    evaluation_only,
+)
+from securegmi.simulation.study import Federation, dp_plan, load_federated_data
 
 FEDERATED = ("fedgmi", "fedem-weights", "fedavg", "ifca")
+# results.json's ground truth (recorder.EVALUATION_ONLY): the scores, the held-out NLL on the
+# clients' test records, and every per-client row (true pi, estimate, accuracy, test size).
+EVALUATION_ONLY_RESULTS = ("source_accuracy", "pi_tv_error", "nll", "per_client")
+
+
+def config_digest(config: SimulationConfig) -> str:
+    """SHA-256 of the configuration's canonical JSON: what a run records at its start (in the
+    server's state) so that `resume` can refuse a config.json edited since."""
+    canonical = json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -69,6 +90,7 @@ class RunResult:
             "wall_seconds": self.wall_seconds,
             "epsilon": self.privacy,  # None: no differential privacy
             "per_client": list(self.evaluation.per_client),
+            EVALUATION_ONLY: evaluation_only(*EVALUATION_ONLY_RESULTS),
         }
 
 
@@ -90,25 +112,33 @@ def run_simulation(
     run in `out` from its last saved round (`config` must be the one in its config.json).
     """
     started = time.perf_counter()
+    run_dir: RunDirectory | None = None
     if resume:
         if out is None or config.method not in FEDERATED:
             raise ConfigError("only a federated run with a run directory can be resumed")
-        run_dir: RunDirectory | None = RunDirectory.resumable(out)
-    else:
-        run_dir = RunDirectory(out, overwrite=overwrite) if out is not None else None
+        run_dir = RunDirectory.resumable(out)
+        check_resumed_config(run_dir, config)
+    elif out is not None:
+        RunDirectory.check_unused(out, overwrite=overwrite)  # refused before any work
+    if config.method in FEDERATED and protocol is None:
+        raise ConfigError(f"method {config.method} needs a protocol builder")
     data = load_federated_data(config)
-    if run_dir is not None and not resume:
+    # The data split and the DP plan come before the run directory: a plan that cannot be made
+    # (an impossible epsilon or delta) leaves nothing behind in `out`.
+    federation: Federation | None = None
+    if config.method in FEDERATED and protocol is not None:
+        federation = Federation.build(config, protocol, data)
+    if config.method == "central-dp":
+        dp_plan(config, data)
+    if out is not None and not resume:
+        run_dir = RunDirectory(out, overwrite=overwrite)
         run_dir.write_json(CONFIG, config.to_dict())
     recorder = Recorder(config, data, run_dir, progress)
     spec_name: str | None = None
     privacy: dict[str, Any] | None = None
     uplink = 0.0
     exported: np.ndarray | None = None
-    federation: Federation | None = None
-    if config.method in FEDERATED:
-        if protocol is None:
-            raise ConfigError(f"method {config.method} needs a protocol builder")
-        federation = Federation.build(config, protocol, data)
+    if federation is not None:
         models, pis, uplink, privacy = run_federated(federation, recorder, on_plan, resume)
         spec_name = federation.spec.name
         exported = federation.exported(models[0].get_component_vectors())
@@ -169,8 +199,6 @@ def run_federated(
     ledger_dir = run_dir.file(LEDGERS) if run_dir is not None and plan is not None else None
     if run_dir is not None and not resume:
         federation.write_public_files(run_dir)
-    if plan is not None and on_plan is not None:
-        on_plan(plan.to_dict())
     keys = _ceremony(federation, run_dir, resume)
 
     def state_of(cid: str) -> Path | None:
@@ -188,6 +216,7 @@ def run_federated(
     transport = InProcessTransport(server.endpoint, {cid: client.endpoint for cid, client in clients.items()})
     uplink_total, start = 0, 0
     server_state = run_dir.file(SERVER_STATE) if run_dir is not None else None
+    digest = {CONFIG_DIGEST: config_digest(federation.config)}  # kept with every saved round
     if server_state is not None and resume:
         saved = server.load_state(server_state)
         start, uplink_total = int(saved["next_round"]), int(saved["uplink"])
@@ -195,8 +224,12 @@ def run_federated(
         if start > 0:  # the harness's model: what the last saved round's sums give
             open_model(server, harness, reference, start)
     elif server_state is not None:  # the run id, before any client joins the run
-        server.save_state(server_state, {"next_round": "0", "uplink": "0"})
+        server.save_state(server_state, {"next_round": "0", "uplink": "0", **digest})
     stats_rounds = federation.statistics.rounds if federation.statistics is not None else 0
+    # Shown once every party is built (a resumed run's states and ledgers read back), so that a
+    # run refused while it is set up says so in one line.
+    if plan is not None and on_plan is not None:
+        on_plan(plan.to_dict())
     try:
         for t in range(start, federation.rounds):
             t0 = time.perf_counter()
@@ -214,7 +247,8 @@ def run_federated(
                     len(outcome.refused) + len(outcome.rejected),
                 )
             if server_state is not None:  # every client saved its state before it replied
-                server.save_state(server_state, {"next_round": str(t + 1), "uplink": str(uplink_total)})
+                progress = {"next_round": str(t + 1), "uplink": str(uplink_total)}
+                server.save_state(server_state, progress | digest)
     finally:
         server.close()
     per_client_round = uplink_total / max(1, federation.rounds * len(clients))
@@ -226,6 +260,24 @@ def run_federated(
         ledgers = [c.ledger for c in clients.values() if c.ledger is not None]
         summary = privacy_summary(federation.config, plan, ledgers)
     return [final.components] * len(clients), [c.pi for c in clients.values()], per_client_round, summary
+
+
+def check_resumed_config(run_dir: RunDirectory, config: SimulationConfig) -> None:
+    """`RunDirectoryError` unless `config` is the configuration the run in `run_dir` started
+    with: the digest its first saved state recorded (and every later one kept)."""
+    path = run_dir.file(SERVER_STATE)
+    recorded = safetensors_metadata(path, STATE_FILE).get(CONFIG_DIGEST)
+    if recorded is None:
+        raise RunDirectoryError(
+            f"{path} records no digest of the run's configuration (an older securegmi started it), so "
+            f"{CONFIG} cannot be checked against the run; start the run again with --overwrite"
+        )
+    if recorded != config_digest(config):
+        raise RunDirectoryError(
+            f"{run_dir.file(CONFIG)} is not the configuration this run started with (its digest differs "
+            f"from the one {SERVER_STATE} recorded): a resumed run must continue the same study; "
+            "restore the original config.json, or start a new run"
+        )
 
 
 def open_model(server: Server, codec: ClientCodec, model: MixtureOfVAEs, round_index: int) -> None:

@@ -196,10 +196,13 @@ def dp_plan(config: SimulationConfig, data: FederatedData) -> DpPlan | PrivateMi
     if config.delta >= 0.1 / largest:
         # delta bounds the probability of an outright failure of the guarantee: at delta near
         # 1/n a mechanism may publish one of a client's n records (Dwork & Roth 2014, §2.3).
+        # The message states the rule, never the client's size nor a figure derived from it:
+        # how many records a client holds is its own (private) business.
         raise ConfigError(
-            f"delta {config.delta:g} is not well below 1/n for the largest client (n = {largest}): "
-            f"it would allow releasing a record outright. Use --delta below {0.1 / largest:.2g}, "
-            "e.g. 1e-5."
+            f"delta {config.delta:g} is not well below 1/n for the largest client (n its number of "
+            "records, not printed here: a client's size is private): it would allow releasing a "
+            "record outright. Use a smaller --delta, below 0.1/n: 1e-5 suits clients of up to "
+            "10,000 records, 1e-6 up to 100,000."
         )
     q = config.sample_rate
     if config.private_training == "statistics":

@@ -66,6 +66,8 @@ def test_results_contract_and_run_directory(fedgmi_run):
         lambda r: r["per_client"][1].update(pi_estimate=[0.5, 0.6, 0.1]),  # off the simplex
         lambda r: r.pop("nll"),
         lambda r: r.update(epsilon={"target": 8.0}),  # a plain run claims a budget
+        lambda r: r.pop("evaluation_only"),  # ground truth no longer marked as such
+        lambda r: r["evaluation_only"]["fields"].remove("per_client"),
     ],
 )
 def test_the_results_check_catches_a_wrong_document(fedgmi_run, tamper):
