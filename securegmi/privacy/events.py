@@ -43,6 +43,8 @@ def event_to_json(event: dp_accounting.DpEvent) -> dict[str, Any]:
 
 
 def event_from_json(data: dict[str, Any]) -> dp_accounting.DpEvent:
+    if not isinstance(data, dict):
+        raise PrivacyError(f"malformed ledger event {data!r}: not an object")
     kind = data.get("type")
     try:
         if kind == "gaussian":

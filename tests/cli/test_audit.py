@@ -120,7 +120,8 @@ def test_a_ledger_whose_noise_was_inflated_fails_the_audit_naming_the_client(dp_
     original = ledger_file.read_text()
     _rewrite(ledger_file, lambda d: _inflate(d["entries"], 10.0), consistently=False)
     problems = _problems(tampered)  # the chain, and so every release of client-2 is uncovered
-    assert problems[0].startswith("client-2: ledger of client-2: entry 0") and "does not chain" in problems[0]
+    assert problems[0].startswith("client-2: ") and "ledger of client-2: entry 0" in problems[0]
+    assert "does not chain" in problems[0]
     assert all(p.startswith("client-2") for p in problems)
     ledger_file.write_text(original)
     _rewrite(ledger_file, lambda d: _inflate(d["entries"], 10.0), consistently=True)
@@ -562,7 +563,8 @@ def test_a_ledger_without_its_noise_source_fails_the_audit(dp_run, tmp_path):
     assert json.loads(ledger_file.read_text())["noise"] == "private"
     _rewrite(ledger_file, lambda d: d.update(noise="seeded"), consistently=False)
     problems = _problems(tampered)
-    assert problems[0].startswith("client-0: ledger of client-0: entry 0") and "does not chain" in problems[0]
+    assert problems[0].startswith("client-0: ") and "ledger of client-0: entry 0" in problems[0]
+    assert "does not chain" in problems[0]
     _rewrite(ledger_file, lambda d: d.pop("noise"), consistently=True)  # the old format
     assert ledger_module.PrivacyLedger.load(ledger_file).noise_source == "unknown"
     assert _problems(tampered) == [
