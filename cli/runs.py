@@ -131,13 +131,13 @@ def _read_records(path: Path) -> np.ndarray:
     if not os.path.lexists(path):
         raise DataError(f"{path} does not exist")
     raw = read_bytes(path, RECORDS_FILE, DataError)
+    if not raw.strip():
+        raise DataError(f"{path} holds no records")
     try:
         if path.suffix == ".npy":
             records: np.ndarray = np.load(io.BytesIO(raw), allow_pickle=False)  # never unpickle data
         else:
             text = raw.decode("utf-8")
-            if not text.strip():
-                raise DataError(f"{path} holds no records")
             with warnings.catch_warnings():  # numpy warns of a header-only file: the error says it
                 warnings.simplefilter("ignore")
                 try:

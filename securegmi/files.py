@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import stat
@@ -120,7 +119,7 @@ def open_regular(
         if info.st_size > kind.limit:
             raise error(_too_large(path, kind))
         if _NONBLOCK:  # a regular file: back to ordinary blocking reads
-            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_NONBLOCK)
+            os.set_blocking(fd, True)
         fh = os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
@@ -287,7 +286,7 @@ def open_append(path: Path, error: type[SecureGMIError] = RunDirectoryError) -> 
         if not stat.S_ISREG(info.st_mode):
             raise error(f"{path} is {_file_type(info.st_mode)}: securegmi appends to regular files only")
         if _NONBLOCK:
-            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_NONBLOCK)
+            os.set_blocking(fd, True)
         return os.fdopen(fd, "a", encoding="utf-8")
     except BaseException:
         os.close(fd)

@@ -207,7 +207,14 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-RUN_FILES = ["config.json", "protocol.json", "dp_plan.json", "transcript.jsonl", "ledgers/client-1.json"]
+RUN_FILES = [
+    "config.json",
+    "protocol.json",
+    "dp_plan.json",
+    "transcript.jsonl",
+    "ledgers/client-1.json",
+    "model.safetensors",  # load: only RunDirectoryError, whatever the bytes
+]
 
 
 @settings(FUZZ, max_examples=60)

@@ -29,6 +29,7 @@ from securegmi.config import SimulationConfig
 from securegmi.crypto.keys import PUBLIC_FILE, PublicContext, SecretContext
 from securegmi.errors import ConfigError, CryptoError, RunAbortedError
 from securegmi.federation.client import Client
+from securegmi.files import KEY_FILE, read_bytes
 from securegmi.privacy.ledger import PrivacyLedger
 from securegmi.protocol import SERVER, ProtocolBuilder, decode, read_transcript
 from securegmi.records.rundir import (
@@ -96,7 +97,7 @@ def study_server(
             raise CryptoError(
                 f"the secure protocol's server needs the ceremony's {PUBLIC_FILE} ('public-key')"
             )
-        public = PublicContext(public_key.read_bytes(), federation.ckks_parameters())
+        public = PublicContext(read_bytes(public_key, KEY_FILE, CryptoError), federation.ckks_parameters())
     directory = RunDirectory(run_dir, overwrite=overwrite)
     directory.write_json(CONFIG, config.to_dict())
     federation.write_public_files(directory)

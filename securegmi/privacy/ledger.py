@@ -259,7 +259,4 @@ class PrivacyLedger:
         data = read_json(Path(path), LEDGER_FILE, PrivacyError)
         if not isinstance(data, dict):
             raise PrivacyError(f"cannot read ledger {path}: it does not hold a ledger object")
-        try:
-            return cls.from_json(data)
-        except PrivacyError as exc:  # name the file: an audit reads many
-            raise PrivacyError(f"{path}: {exc}") from exc
+        return cls.from_json(data)

@@ -97,11 +97,13 @@ def test_what_cannot_be_resumed_is_one_clear_line(tmp_path):
     corrupt.mkdir()
     (corrupt / "config.json").write_bytes((finished / "config.json").read_bytes())
     (corrupt / SERVER_STATE).write_bytes(b"\x00" * 40)
-    cases["corrupt"] = "client-keys needs both secret.ckks and public.ckks"  # the keys are read first
-    shutil.copytree(finished / "client-keys", tmp_path / "corrupt-with-keys" / "client-keys")
+    # The state's header is read first: it holds the digest the configuration is checked against.
+    cases["corrupt"] = f"{SERVER_STATE}: it is not a safetensors file securegmi wrote"
+    shutil.copytree(finished / "client-keys", tmp_path / "no-keys" / "client-keys")
     for name in ("config.json", SERVER_STATE):
-        (tmp_path / "corrupt-with-keys" / name).write_bytes((corrupt / name).read_bytes())
-    cases["corrupt-with-keys"] = "cannot read the server's state"
+        (tmp_path / "no-keys" / name).write_bytes((finished / name).read_bytes())
+    (tmp_path / "no-keys" / "client-keys" / "secret.ckks").unlink()
+    cases["no-keys"] = "client-keys needs both secret.ckks and public.ckks"
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "config.json").write_text(json.dumps({"version": 99, "knobs": "?"}))
