@@ -8,7 +8,6 @@ never divides and never reads a client's values beyond adding them; clients divi
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,12 +15,13 @@ from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
 from securegmi.crypto.keys import PublicContext
 from securegmi.errors import ConfigError, CryptoError, ProtocolViolation, RunAbortedError, RunDirectoryError
 from securegmi.federation.codec import Admitted, CkksSum, ClearSum, Summation
 from securegmi.federation.transport import ServerEndpoint, Transport
+from securegmi.files import write_atomic
 from securegmi.protocol import SERVER, START, FieldKind, Message, ProtocolSpec, TranscriptWriter
 from securegmi.protocol.fields import field_array
 from securegmi.protocol.payload import build_payload
@@ -162,9 +162,8 @@ class Server:
             "ciphertexts": json.dumps(sorted(n for n, v in self.totals.items() if isinstance(v, bytes))),
             **(extra or {}),
         }
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
+        data = save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata=metadata)
+        write_atomic(path, data, mode=0o600)  # a fresh temporary file, then rename: never via a link
 
     def load_state(self, path: Path) -> dict[str, str]:
         """Take up the state `save_state` wrote; returns its metadata (with `extra`)."""
