@@ -59,6 +59,15 @@ def test_imports_point_downward(package):
     assert _violations(package) == []
 
 
+def test_safe_files_sit_at_the_bottom_beside_errors():
+    """securegmi.files is read through by privacy, protocol, crypto and federation, so it may
+    import nothing of securegmi but the exception tree (and no torch, tenseal, flwr or typer)."""
+    names = _imports(LIB / "files.py")
+    ours = [n for n in names if n.split(".")[0] == "securegmi"]
+    assert ours and all(n == "securegmi.errors" or n.startswith("securegmi.errors.") for n in ours)
+    assert not {n.split(".")[0] for n in names} & {"torch", "tenseal", "flwr", "typer", "opacus"}
+
+
 # The front door (`import securegmi`) composes the protocols by name, as the CLI does.
 FRONT_DOOR = LIB / "_front.py"
 
