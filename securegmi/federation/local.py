@@ -1,4 +1,4 @@
-"""A client's local FedGMI work (DESIGN §1): its records, its model copy and its mixture
+"""A client's local FedGMI work (docs/design.md §1): its records, its model copy and its mixture
 estimate pi; adopting the aggregate, E-step, training, and the pre-weighted upload.
 
 Release policies (`release`) decide which of these steps run and what of their
