@@ -28,7 +28,7 @@ Assignment = Literal["mixture", "cluster"]
 
 @dataclass(frozen=True)
 class ClientSettings:
-    """A client's local training hyper-parameters (tuned on digits-PM: README, Benchmarks; the
+    """A client's local training hyper-parameters (tuned on digits-PM: docs/benchmarks.md; the
     simulator takes a larger step for non-private training there, config.DEFAULT_LEARNING_RATE)."""
 
     local_epochs: int = 5
