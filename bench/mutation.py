@@ -144,7 +144,7 @@ MUTANTS: tuple[Mutant, ...] = (
         NOISE_TESTS,
         SPLIT_TESTS,
     ),
-    # --- the three laws of DESIGN §2: randomness of the record, unguessable noise -----------
+    # --- the three laws of docs/design.md §2: randomness of the record, unguessable noise -----------
     _one(
         "latent-draws-positional",
         "the ELBO's latent draws handed out by batch position from a public seed (main before law 1)",

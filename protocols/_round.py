@@ -1,5 +1,5 @@
 """Stages every protocol shares: the public `start` of round 0, and the statistics phase of a
-private run (DESIGN §2), shared by the `dp` and `secure` declarations.
+private run (docs/design.md §2), shared by the `dp` and `secure` declarations.
 
 The statistics phase: round 0 answers `start` with the moments; the next rounds answer the
 previous aggregate with per-fine-cluster sums and counts; the last answers with the client's
@@ -63,7 +63,7 @@ def heaviest(components: int, top_b: int | None) -> int:
 def fedgmi_stages(
     kind: FieldKind, describe: Mapping[str, str], pack_masses: bool = False
 ) -> tuple[StageSpec, StageSpec]:
-    """The FedGMI round (DESIGN §1): `broadcast` returns S_k and W_k, the sums of the clients'
+    """The FedGMI round (docs/design.md §1): `broadcast` returns S_k and W_k, the sums of the clients'
     `update` (w_ck theta_ck and w_ck); every data-derived field of `kind`, described by
     `describe` (field name -> text). With a `component_index` description a client sends its B
     heaviest components and says which; without, all K. With `pack_masses` (ciphertexts) the K

@@ -1,4 +1,4 @@
-"""The FedGMI round with every uplink field a differentially private release (DESIGN §2).
+"""The FedGMI round with every uplink field a differentially private release (docs/design.md §2).
 
 Uplink: the soft counts m~ (Gaussian mechanism, L2 sensitivity 1 per record), which components
 follow (a function of m~), and w * theta for them (DP-SGD, weighted by m~). Each is tied to its

@@ -22,7 +22,7 @@ def build(*, components: int, parameters: int, top_b: int | None = None) -> Prot
     heaviest components (B = K unless `top_b` is set)."""
     return fedgmi_protocol(
         NAME,
-        "FedGMI round in the clear (DESIGN §1); nothing is protected.",
+        "FedGMI round in the clear (docs/design.md §1); nothing is protected.",
         FieldKind.NON_PRIVATE,
         DESCRIBE,
         release="none",

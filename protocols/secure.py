@@ -1,4 +1,4 @@
-"""The `dp` round under CKKS: every uplink value is a DP release AND encrypted (DESIGN §2-3).
+"""The `dp` round under CKKS: every uplink value is a DP release AND encrypted (docs/design.md §2-3).
 
 The server receives the clients' pre-weighted components and weights only as ciphertexts under
 the clients' shared key, adds them with an evaluation-only context, and returns the encrypted

@@ -28,7 +28,7 @@ DATASETS: tuple[str, ...] = ("digits", "synthetic", "mnist5k")
 SOURCE_KINDS: tuple[str, ...] = ("class-groups", "transforms")
 
 # Initial likelihood temperature by dataset: it must grow with the data dimension, since ELBO
-# gaps grow with it (DESIGN §1: about 10 for 64-d digits, a few hundred for 784-d MNIST).
+# gaps grow with it (docs/design.md §1: about 10 for 64-d digits, a few hundred for 784-d MNIST).
 DEFAULT_TEMPERATURE = {"digits": 10.0, "synthetic": 10.0, "mnist5k": 300.0}
 # Adam's step size for non-private training, by dataset: on digits-PM tuning seeds 10-29, 3e-3
 # instead of 2e-3 lifted fedgmi from 0.961 +- 0.015 to 0.966 +- 0.008 source accuracy (its
@@ -109,7 +109,7 @@ class SimulationConfig:
     # "private": DP noise and sampling from OS entropy. "seeded": reproducible from `seed`, for
     # tests only; anyone holding config.json could then subtract the noise (the audit fails it).
     dp_noise: str = "private"
-    # How a private run finds its components (DESIGN §2). "statistics": DP statistics (moments,
+    # How a private run finds its components (docs/design.md §2). "statistics": DP statistics (moments,
     # DP k-means into fine clusters, one histogram per client, a rank-K factorisation) identify
     # the components and each client's pi, then `vae_rounds` rounds of DP-SGD fit the VAEs'
     # densities with responsibilities from released values only. "em": the earlier design,

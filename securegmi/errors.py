@@ -2,8 +2,8 @@
 
 Every error a user can cause derives from :class:`SecureGMIError`, so callers (the CLI above all)
 can report it as a message instead of a traceback. Messages say what is wrong and what to do.
-Anything else that escapes securegmi is a bug (the CLI says so, with exit code 70). The README's
-"Errors" section lists the classes; keep the two in step.
+Anything else that escapes securegmi is a bug (the CLI says so, with exit code 70). docs/guides/cli.md's
+"Errors and exit codes" section lists the classes; keep the two in step.
 """
 
 from __future__ import annotations

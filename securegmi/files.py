@@ -11,7 +11,7 @@ own directory, then `os.replace`, which renames over the directory entry and nev
 link there. A write cut short (a full disk, a kill) leaves the old file or none, never a
 truncated one.
 
-The module sits beside `errors` at the bottom of the layering (DESIGN §4): the ledger
+The module sits beside `errors` at the bottom of the layering (docs/design.md §4): the ledger
 (privacy), the transcript (protocol), the keys (crypto) and the client's state (federation)
 read through it, and none of them may import `records`. Each caller passes the documented
 error class its own callers expect (`PrivacyError` for a ledger, `CryptoError` for a key, ...).

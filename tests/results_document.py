@@ -1,5 +1,5 @@
-"""What `results.json` (and `simulate --json`) must hold, field by field as the README documents
-it, with the ranges and the identities between fields that make the figures trustworthy."""
+"""What `results.json` (and `simulate --json`) must hold, field by field as docs/guides/cli.md
+documents it, with the ranges and the identities between fields that make the figures trustworthy."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The layering of DESIGN §4: imports point downward only, and the install layout is right."""
+"""The layering of docs/design.md §4: imports point downward only, and the install layout is right."""
 
 from __future__ import annotations
 

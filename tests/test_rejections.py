@@ -1,7 +1,7 @@
 """Every rejection branch of the crypto, privacy and protocol vocabularies that the behaviour
 tests do not already reach, reached with a crafted input and refused with its own reason
-(branch coverage is measured over these packages: README, "Tests that catch a broken
-mechanism")."""
+(branch coverage is measured over these packages: docs/testing.md, "Every rejection
+reached")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""E-step and M-step maths of FedGMI (DESIGN §1), as pure functions of tensors."""
+"""E-step and M-step maths of FedGMI (docs/design.md §1), as pure functions of tensors."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def temperature_at(round_index: int, rounds: int, initial: float, anneal_fractio
 
     Tempering r = softmax(log pi_c + ELBO / T) keeps the client's own prior audible while
     components are still close; at T = 1 ELBO gaps of tens of nats drown a few nats of log pi and
-    EM only polishes its initial split (DESIGN §1: 0.69 without, 0.93 with, on digits).
+    EM only polishes its initial split (docs/design.md §1: 0.69 without, 0.93 with, on digits).
     """
     anneal_rounds = max(1, math.floor(rounds * anneal_fraction))
     if initial <= 1.0 or round_index >= anneal_rounds:

@@ -1,12 +1,12 @@
 """Fine clusters grouped by co-occurrence: the statistics that identify the K components.
 
-Class-group sources are not separable by density alone (DESIGN §1): what identifies them is
+Class-group sources are not separable by density alone (docs/design.md §1): what identifies them is
 which records occur together inside a client. So the records are cut into J >> K fine clusters
 (k-means in a low-dimensional projection), each client's counts over the fine clusters form a
 client x cluster matrix, and a rank-K factorisation of that matrix groups fine clusters into
 components by which clients hold them together. Every step needs only *sums over records* of
 bounded per-record contributions, which is what makes it cheap to release under DP
-(DESIGN §2; Park et al., "DP-EM", AISTATS 2017; Scott et al., federated DP k-means, ICML 2025).
+(docs/design.md §2; Park et al., "DP-EM", AISTATS 2017; Scott et al., federated DP k-means, ICML 2025).
 
 This module is pure maths: the contributions a client computes, and what anyone computes from
 their (noisy) totals. Who adds noise, and how much, is `securegmi.privacy`'s business.

@@ -1,4 +1,4 @@
-"""The ELBO's latent draws, keyed by the record they belong to (DESIGN §2, law 1).
+"""The ELBO's latent draws, keyed by the record they belong to (docs/design.md §2, law 1).
 
 A per-record quantity under DP (a clipped gradient, a soft count) may depend on its record and
 on public values only. If draws were handed out by a record's position in its batch, removing

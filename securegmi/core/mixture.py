@@ -1,7 +1,7 @@
 """K VAEs in ONE module, so that a joint per-sample gradient covers every component.
 
 Holding all components in a single module is what lets DP-SGD clip each sample's gradient
-jointly over the K components: one subsampled Gaussian mechanism per step, not K (DESIGN §1).
+jointly over the K components: one subsampled Gaussian mechanism per step, not K (docs/design.md §1).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class MixtureOfVAEs(nn.Module):
     @classmethod
     def from_factory(cls, factory: ComponentFactory, components: int, seed: int) -> MixtureOfVAEs:
         """K components from `factory`, each initialised under its own public seed: the first
-        symmetry breaker (DESIGN §1), and every party derives the same initialisation."""
+        symmetry breaker (docs/design.md §1), and every party derives the same initialisation."""
         if components < 1:
             raise ConfigError(f"components must be >= 1, got {components}")
         generator_state = torch.random.get_rng_state()
@@ -119,7 +119,7 @@ class MixtureOfVAEs(nn.Module):
         """(batch, K, samples, latent) standard normals for every component at once, each
         record's a function of that record and a public context alone (`core.latent`), never of
         its position among the other records: the sensitivity DP-SGD and the soft counts
-        declare rests on it (DESIGN §2, law 1).
+        declare rests on it (docs/design.md §2, law 1).
 
         The context is one draw from torch's global generator, which the caller seeds from
         public values (run seed, round, client, step); one call, one context.
@@ -270,7 +270,7 @@ class FusedMlpMixture(MixtureOfVAEs):
 
 
 def divide_aggregate(sums: np.ndarray, masses: np.ndarray, current: np.ndarray) -> np.ndarray:
-    """theta_k = S_k / W_k (DESIGN §1); a component nobody sent (W_k = 0) keeps `current`."""
+    """theta_k = S_k / W_k (docs/design.md §1); a component nobody sent (W_k = 0) keeps `current`."""
     out = np.array(current, dtype=np.float32, copy=True)
     present = masses > 0
     out[present] = sums[present] / masses[present, None]

@@ -260,7 +260,7 @@ def _policy(learner: LocalLearner, privacy: ClientPrivacy | None) -> ReleasePoli
 
 def _check_split_stages(spec: ProtocolSpec, plan: PrivateMixturePlan) -> None:
     """Refuse a declaration under which this plan's split noise could be opened short of its
-    cohort (DESIGN §2, law 3): every private aggregate must require the plan's minimum of
+    cohort (docs/design.md §2, law 3): every private aggregate must require the plan's minimum of
     releases and say how many it sums, and a split share may only travel encrypted."""
     required, why = plan.statistics.min_clients, "so a smaller sum would carry less than the planned noise"
     split = plan.statistics.placement == "split" or plan.split_sgd

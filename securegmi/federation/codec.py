@@ -1,7 +1,7 @@
 """Codecs: how a protocol's values travel, as they are ("clear") or under CKKS ("ckks").
 
 A client's codec seals the values its release policy produced and opens what the server sent;
-a server's summation adds the clients' values without reading them (DESIGN §1, §3). Under CKKS
+a server's summation adds the clients' values without reading them (docs/design.md §1, §3). Under CKKS
 the client side holds the secret context and the server side the public one only: it can
 check and add ciphertexts, never read or make them. Every value a CKKS client decrypts passes
 the release function first (rounded to the release grid), so no exact decryption, whose noise

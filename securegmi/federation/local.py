@@ -1,4 +1,4 @@
-"""A client's local FedGMI work (DESIGN §1): its records, its model copy and its mixture
+"""A client's local FedGMI work (docs/design.md §1): its records, its model copy and its mixture
 estimate pi; adopting the aggregate, E-step, training, and the pre-weighted upload.
 
 Release policies (`release`) decide which of these steps run and what of their
@@ -28,7 +28,7 @@ Assignment = Literal["mixture", "cluster"]
 
 @dataclass(frozen=True)
 class ClientSettings:
-    """A client's local training hyper-parameters (tuned on digits-PM: README, Benchmarks; the
+    """A client's local training hyper-parameters (tuned on digits-PM: docs/benchmarks.md; the
     simulator takes a larger step for non-private training there, config.DEFAULT_LEARNING_RATE)."""
 
     local_epochs: int = 5

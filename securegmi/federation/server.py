@@ -1,4 +1,4 @@
-"""The server and the round it plays: broadcast, collect, add (DESIGN §1).
+"""The server and the round it plays: broadcast, collect, add (docs/design.md §1).
 
 One `Server` serves every protocol: the declaration says which server stage returns the sums
 of which client fields, and its summation (`codec`) adds them in the clear or under CKKS. It
@@ -58,7 +58,7 @@ class Server:
         self.endpoint = ServerEndpoint(spec, transcript)
         # Per uplink stage: the fewest replies whose sum may be released. The protocol declares
         # it where the noise is split (shares of sigma / sqrt(N): privacy.calibration.
-        # StatisticsPlan), and no server is built below that (DESIGN §2, law 3); a caller may
+        # StatisticsPlan), and no server is built below that (docs/design.md §2, law 3); a caller may
         # only ask for more.
         self.cohort_minimum = {
             s.name: spec.min_shares(spec.downlink_after(s.name).name)

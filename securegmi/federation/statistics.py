@@ -1,4 +1,4 @@
-"""The statistics phase of a private run, as a client plays it (DESIGN §2).
+"""The statistics phase of a private run, as a client plays it (docs/design.md §2).
 
 A client answers each round's aggregate with its next release: moments, then per-fine-cluster
 sums and counts, then its histogram. Everything it computes from its records depends on the

@@ -22,7 +22,7 @@ def client_refusal(exc: BaseException) -> str:
     """What the server may record of a client's failure: its class, never its text. A client's
     message can hold data-derived values (an encryption refusal names the magnitude of the value
     it would not encrypt; a budget refusal, the epsilon spent), and the server's records hold
-    no data-derived value (DESIGN §2). The site keeps the full message on its side."""
+    no data-derived value (docs/design.md §5). The site keeps the full message on its side."""
     return f"refused by the client ({type(exc).__name__})"
 
 

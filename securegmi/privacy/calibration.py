@@ -145,7 +145,7 @@ def calibrate(
     )
 
 
-# The releases of the statistics phase (DESIGN §2): names in the ledger and in DpRelease events.
+# The releases of the statistics phase (docs/design.md §2): names in the ledger and in DpRelease events.
 MOMENTS = "moments"
 CLUSTERS = "clusters"
 HISTOGRAM = "histogram"

@@ -1,7 +1,7 @@
 """DP-SGD with Opacus: one front door that wraps the caller's module and optimiser.
 
 Each step is one Poisson-subsampled Gaussian mechanism over the whole module: with all K VAEs
-in one module, a sample's gradient is clipped jointly over every component (DESIGN §1).
+in one module, a sample's gradient is clipped jointly over every component (docs/design.md §1).
 The sample rate is public (declared by the protocol) and the noisy gradient sum is divided by a
 public normaliser, never by the client's private dataset size.
 """
@@ -64,7 +64,7 @@ def check_privatisable(module: nn.Module) -> None:
     if dropout:
         # Dropout masks come from torch's global generator, row by row of the batch: a record's
         # mask would depend on its position among the others and on a public seed, so removing
-        # one record would move every later record's gradient (DESIGN §2, law 1).
+        # one record would move every later record's gradient (docs/design.md §2, law 1).
         raise PrivacyError(
             f"this module cannot be trained with DP-SGD: it holds {', '.join(dropout)}, whose masks are "
             "drawn by a record's position in its batch. Remove the dropout layers (DP-SGD's noise "
@@ -84,7 +84,7 @@ def check_record_randomness(module: nn.Module, records: Tensor) -> None:
     """Refuse a module whose training-mode forward pass draws from torch's global generator
     beyond its one latent context (`core.latent.draw_context`): dropout called as a function,
     RReLU, noise added inside the module. Such draws are handed out by a record's position in
-    its batch, so removing one record moves every later record's gradient (DESIGN §2, law 1;
+    its batch, so removing one record moves every later record's gradient (docs/design.md §2, law 1;
     measured by a review: F.dropout moved a clipped sum by 4 C). Randomness from a generator of
     the module's own is not seen here: a component must not hold one.
     """

@@ -58,7 +58,7 @@ class LedgerEntry:
     name: str
     event_json: str  # canonical JSON of the DpEvent (see privacy.events)
     # Under split noise: the event against the server colluding with one client, who can
-    # decrypt one client's under-noised share (DESIGN §2). None: the same as `event_json`.
+    # decrypt one client's under-noised share (docs/design.md §2). None: the same as `event_json`.
     fallback_json: str | None = None
 
     @classmethod

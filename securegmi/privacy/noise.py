@@ -1,4 +1,4 @@
-"""Where DP noise and Poisson sampling come from (DESIGN §2, law 2: noise is unguessable).
+"""Where DP noise and Poisson sampling come from (docs/design.md §2, law 2: noise is unguessable).
 
 Noise that anyone else can regenerate gives no privacy: whoever finds the generator's state
 subtracts the noise exactly. So every client's DP noise and subsampling draws come from one

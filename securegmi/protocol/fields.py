@@ -1,4 +1,4 @@
-"""The only things a payload may hold (DESIGN §5). A raw array or tensor is not a field."""
+"""The only things a payload may hold (docs/design.md §5). A raw array or tensor is not a field."""
 
 from __future__ import annotations
 

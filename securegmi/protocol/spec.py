@@ -49,7 +49,7 @@ class StageSpec:
     fields: tuple[FieldSpec, ...]
     # A server stage: the fewest client releases its sums may add. Where each client adds a
     # share sigma / sqrt(m) of the noise, a sum of fewer than m shares carries less than the
-    # planned noise (DESIGN §2, law 3); such a stage declares CONTRIBUTIONS, which both ends check.
+    # planned noise (docs/design.md §2, law 3); such a stage declares CONTRIBUTIONS, which both ends check.
     min_shares: Dim = 1
 
     def field(self, name: str) -> FieldSpec | None:

@@ -2,7 +2,7 @@
 how much privacy it cost, derived from the protocol spec, the transcript, the ledgers, the plan
 and the configuration. Besides what each record says, the audit counts: the clients against
 the configuration, each ledger's entries against the plan's rounds and the transcript, each
-release's digests, and the contributions to every sum whose noise was split (DESIGN §2); and
+release's digests, and the contributions to every sum whose noise was split (docs/design.md §2); and
 it compares the transcript and the ledgers with the records the run writes beside them (the
 server's saved state, the metrics or a Flower server's engine.json, each client's saved state,
 results.json and the model), each checked where the directory has it."""

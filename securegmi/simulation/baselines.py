@@ -106,7 +106,7 @@ def run_central_em(recorder: Recorder) -> tuple[list[MixtureOfVAEs], list[np.nda
 
 
 def run_central_dp(recorder: Recorder) -> tuple[list[MixtureOfVAEs], list[np.ndarray], dict[str, Any]]:
-    """The central-DP reference (DESIGN §2): the same plan at the same (epsilon, delta) per
+    """The central-DP reference (docs/design.md §2): the same plan at the same (epsilon, delta) per
     record, run by one trusted curator over the pooled records. Every sum gets its noise once
     (sigma = noise multiplier x sensitivity); each client's histogram row is still one release
     of that client's records, so it carries the same noise as in the federation; DP-SGD runs on

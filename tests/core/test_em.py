@@ -42,7 +42,7 @@ def test_responsibilities_are_distributions_and_permutation_equivariant(elbo, te
 
 def test_prior_matters_only_when_tempered():
     # Two components 20 nats apart: at T=1 the prior (log 9 ~ 2.2 nats) cannot move the
-    # responsibility; at T=10 it dominates. This is why the E-step anneals (DESIGN §1).
+    # responsibility; at T=10 it dominates. This is why the E-step anneals (docs/design.md §1).
     elbo = torch.tensor([[-100.0, -120.0]])
     prior = torch.log(torch.tensor([0.1, 0.9]))
     assert responsibilities(elbo, prior, 1.0)[0, 0] > 0.99

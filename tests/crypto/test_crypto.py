@@ -90,7 +90,7 @@ def test_another_key_with_the_same_parameters_is_rejected(keys, server):
     keys.decryptor.decrypt(load_ciphertext(keys.seal_context, save_bytes(a)), plaintext)
     garbage = np.asarray(keys.encoder.decode_double(plaintext))
     assert np.max(np.abs(garbage - (_values(1) + _values(2))[: PARAMS.slot_count])) > 1e6
-    # Limit, stated in the README: the key id catches honest mistakes (a stale key, another
+    # Limit, stated in docs/concepts/threat-model.md: the key id catches honest mistakes (a stale key, another
     # study's key). A client that forges the header passes the structure checks, as it could
     # send any garbage under the right key: a deviating client is a residual risk.
     forged = _pack(_header_for(server, LENGTH), _chunks(foreign))

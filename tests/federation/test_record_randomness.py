@@ -1,4 +1,4 @@
-"""Law 1 of DESIGN §2: randomness belongs to the record. Removing any one record, at any
+"""Law 1 of docs/design.md §2: randomness belongs to the record. Removing any one record, at any
 position, moves each release's pre-noise value by at most its declared sensitivity: the DP-SGD
 clipped gradient sum (local steps and split shares) by the clipping norm C, the em design's
 soft counts by 1. (The statistics releases: test_statistics, at the same positions.)

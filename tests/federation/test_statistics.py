@@ -1,4 +1,4 @@
-"""The statistics design (DESIGN §2): sensitivities, split-noise shares, fallback epsilon, the
+"""The statistics design (docs/design.md §2): sensitivities, split-noise shares, fallback epsilon, the
 minimum cohort, and an end-to-end private run that identifies its sources."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Law 2 of DESIGN §2: DP noise and Poisson sampling come from >= 128 bits of secret state
+"""Law 2 of docs/design.md §2: DP noise and Poisson sampling come from >= 128 bits of secret state
 seeded from OS entropy, through a cryptographically secure generator, never from torch's
 generator (which keeps 32 bits of any seed)."""
 
