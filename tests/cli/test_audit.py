@@ -13,7 +13,6 @@ from typer.testing import CliRunner
 from securegmi.cli.main import app
 from securegmi.config import SimulationConfig
 from securegmi.privacy import ledger as ledger_module
-from securegmi.protocols import dp, plain
 from securegmi.records.rundir import CLIENT_STATES, ENGINE, METRICS, SERVER_STATE
 from securegmi.simulation.runner import run_simulation
 
@@ -27,7 +26,7 @@ def dp_run(tmp_path_factory):
     # --rounds sets the EM designs' length only; the statistics design's is its own.
     private = {k: v for k, v in SMALL.items() if k != "rounds"}
     config = SimulationConfig(**private, protocol="dp", epsilon=2.0)
-    result = run_simulation(config, protocol=dp.build, out=out)
+    result = run_simulation(config, out=out)
     return out, result
 
 
@@ -37,7 +36,7 @@ def em_run(tmp_path_factory):
     protocol.json says nothing of the number of clients."""
     out = tmp_path_factory.mktemp("audit") / "em"
     config = SimulationConfig(**SMALL, protocol="dp", epsilon=2.0, private_training="em")
-    run_simulation(config, protocol=dp.build, out=out)
+    run_simulation(config, out=out)
     return out
 
 
@@ -199,7 +198,7 @@ def test_an_exceeded_budget_fails_the_audit(dp_run, tmp_path):
 
 @pytest.mark.slow
 def test_a_plain_run_fails_the_audit(tmp_path):
-    run_simulation(SimulationConfig(**SMALL), protocol=plain.build, out=tmp_path / "plain")
+    run_simulation(SimulationConfig(**SMALL), out=tmp_path / "plain")
     audit = runner.invoke(app, ["audit", str(tmp_path / "plain")])
     assert audit.exit_code == 1
     assert "without protection" in audit.output
