@@ -40,7 +40,7 @@ from securegmi.records.rundir import (
     RunDirectory,
 )
 from securegmi.simulation.recorder import Recorder
-from securegmi.simulation.runner import RunResult, conclude_run, key_ceremony, save_results
+from securegmi.simulation.runner import RunResult, conclude_run, finish_run, key_ceremony
 from securegmi.simulation.study import Federation
 
 
@@ -202,26 +202,23 @@ def run_flower_simulation(
         model, privacy = conclude_run(federation, final, decode((out / AGGREGATE).read_bytes()), ledgers)
     states = [load_file(str(out / CLIENT_STATES / f"{cid}.safetensors")) for cid in federation.client_ids]
     pis = [state["pi"] for state in states]
-    recorder = Recorder(config, federation.data, None, None)
-    recorder.identifier = final.identifier
-    evaluation = recorder.evaluate([model] * len(pis), pis, final=True)
     uplink = sum(
         row.get("bytes", 0)
         for row in read_transcript(out / TRANSCRIPT)
         if row["receiver"] == SERVER and row["status"] == "delivered" and row["field"] is not None
     )
-    result = RunResult(
-        config,
+    recorder = Recorder(config, federation.data, None, None)
+    recorder.identifier = final.identifier
+    return finish_run(
+        recorder,
+        RunDirectory.existing(out),
+        [model] * len(pis),
+        pis,
+        federation.exported(model.get_component_vectors()),
+        federation,
         federation.spec.name,
-        evaluation,
-        (),
         uplink / max(1, federation.rounds * len(pis)),
-        time.perf_counter() - started,
-        federation.data.source_names,
         privacy,
+        started,
+        "flower-simulation",
     )
-    exported = federation.exported(model.get_component_vectors())
-    save_results(
-        RunDirectory.existing(out), result, exported, pis, final.identifier, federation, "flower-simulation"
-    )
-    return result

@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 
 from securegmi.config import SimulationConfig
-from securegmi.core.fine_clusters import FineClusterModel
 from securegmi.core.mixture import MixtureOfVAEs
 from securegmi.crypto.keys import SecretContext
 from securegmi.errors import ConfigError, RunDirectoryError
@@ -157,43 +156,51 @@ def run_simulation(
     else:
         models, pis = (run_oracle if config.method == "oracle" else run_central_em)(recorder)
         exported = models[0].get_component_vectors()
-    final = recorder.evaluate(models, pis, final=True)
+    return finish_run(
+        recorder, run_dir, models, pis, exported, federation, spec_name, uplink, privacy, started
+    )
+
+
+def finish_run(
+    recorder: Recorder,
+    run_dir: RunDirectory | None,
+    models: list[MixtureOfVAEs],
+    pis: list[np.ndarray],
+    exported: np.ndarray | None,
+    federation: Federation | None,
+    protocol: str | None,
+    uplink: float,
+    privacy: dict[str, Any] | None,
+    started: float,
+    engine: str | None = None,
+) -> RunResult:
+    """The final evaluation of a finished run, whichever engine ran it, and with `run_dir` its
+    model (`exported`: the shared components, None for a method without one) and results.json
+    (`engine` names an engine other than this process)."""
+    config = recorder.config
     result = RunResult(
         config,
-        spec_name,
-        final,
+        protocol,
+        recorder.evaluate(models, pis, final=True),
         tuple(recorder.history),
         uplink,
         time.perf_counter() - started,
-        data.source_names,
+        recorder.data.source_names,
         privacy,
     )
-    if run_dir is not None:
-        save_results(run_dir, result, exported, pis, recorder.identifier, federation)
-    return result
-
-
-def save_results(
-    run_dir: RunDirectory,
-    result: RunResult,
-    exported: np.ndarray | None,
-    pis: list[np.ndarray],
-    identifier: FineClusterModel | None,
-    federation: Federation | None,
-    engine: str | None = None,
-) -> None:
-    """The model (`exported`: the shared components, None for a method without one) and
-    results.json of a finished run, whichever engine ran it (`engine` names one other than
-    this process)."""
+    if run_dir is None:
+        return result
     if exported is not None:  # one shared model: the federated methods and the central ones
+        identifier = recorder.identifier
         extra = {} if identifier is None else identifier.arrays()
         mixtures = np.stack(pis)
         if federation is not None:
             extra = {name: federation.exported(v) for name, v in extra.items()}
             mixtures = federation.exported(mixtures)
-        metadata = {"method": result.config.method, "seed": str(result.config.seed)}
+        metadata = {"method": config.method, "seed": str(config.seed)}
         run_dir.save_checkpoint(exported, mixtures, metadata, extra)
     run_dir.write_json(RESULTS, result.to_dict() | ({} if engine is None else {"engine": engine}))
+    return result
 
 
 def key_ceremony(federation: Federation, key_dir: Path | None, resume: bool = False) -> SecretContext | None:

@@ -192,7 +192,8 @@ def test_a_client_over_budget_refuses_over_flower_and_the_round_completes(tmp_pa
 def test_deployment_engine_on_loopback_completes_a_secure_run(tmp_path):
     """A SuperLink and three SuperNodes as processes on 127.0.0.1, the app started with
     `flwr run`; each node holds its own key directory, state and ledger, the server only the
-    public context. Collected, the server's directory and the nodes' ledgers pass the audit."""
+    public context. The server's directory, audited with the ledgers gathered from the nodes
+    (`audit_run(..., ledgers=)`, `securegmi audit --ledgers`), passes."""
     config = SimulationConfig(clients=3, epsilon=8.0, protocol="secure")
     federation = Federation.build(config)
     keys = tmp_path / "keys"
@@ -221,11 +222,13 @@ def test_deployment_engine_on_loopback_completes_a_secure_run(tmp_path):
     server = tmp_path / "server"
     assert json.loads((server / ENGINE).read_text())["refused"] == [{}] * config.planned_rounds
     assert not list(server.rglob("secret*"))
-    (server / LEDGERS).mkdir(exist_ok=True)
+    assert not audit_run(server).ok  # the sites keep their ledgers: the server's folder is empty
+    gathered = tmp_path / "gathered-ledgers"
+    gathered.mkdir()
     for i in range(3):
         assert (tmp_path / f"node-{i}" / CLIENT_STATES / f"client-{i}.safetensors").exists()
-        shutil.copy(tmp_path / f"node-{i}" / LEDGERS / f"client-{i}.json", server / LEDGERS)
-    report = audit_run(server)
+        shutil.copy(tmp_path / f"node-{i}" / LEDGERS / f"client-{i}.json", gathered)
+    report = audit_run(server, ledgers=gathered)
     assert report.ok, report.problems
     assert [
         bad for d in (server, *(tmp_path / f"node-{i}" for i in range(3))) for bad in non_data_files(d)

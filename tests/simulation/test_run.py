@@ -144,3 +144,33 @@ def test_private_training_takes_dp_sgds_step_size_and_plain_training_the_dataset
     assert client_settings(SimulationConfig()).learning_rate == 3e-3  # digits' default
     assert client_settings(SimulationConfig(dataset="mnist5k")).learning_rate == 2e-3
     assert client_settings(SimulationConfig(learning_rate=1e-3)).learning_rate == 1e-3
+
+
+def test_a_run_carries_its_messages_over_the_transport_it_is_given():
+    """run_simulation takes a transport factory (the server's end and every client's end): the
+    in-process twin by default, any `Transport` in its place. A counting transport carries the
+    same run; a transport that loses one client's messages (negative control) shows the run
+    goes through the one it is given."""
+    from securegmi.errors import ProtocolViolation
+    from securegmi.federation.transport import InProcessTransport
+
+    delivered: list[str] = []
+
+    class Counting(InProcessTransport):
+        def deliver(self, client_id: str, wire: bytes) -> bytes:
+            delivered.append(client_id)
+            return super().deliver(client_id, wire)
+
+    class Losing(InProcessTransport):
+        def deliver(self, client_id: str, wire: bytes) -> bytes:
+            if client_id == "client-1":
+                raise ProtocolViolation("lost on the way")
+            return super().deliver(client_id, wire)
+
+    config = SimulationConfig(**{**FAST, "clients": 3, "rounds": 2})
+    default = run_simulation(config)
+    counted = run_simulation(config, transport=Counting)
+    assert sorted(delivered) == sorted([f"client-{i}" for i in range(3)] * 2)
+    assert counted.evaluation == default.evaluation
+    assert [m.refused for m in default.history] == [0, 0]
+    assert [m.refused for m in run_simulation(config, transport=Losing).history] == [1, 1]
