@@ -10,7 +10,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from securegmi.cli.main import app
 from securegmi.config import SimulationConfig
 from securegmi.errors import ConfigError
 from securegmi.federation.server import play_round
@@ -166,6 +168,8 @@ def test_the_audit_of_an_unregistered_protocol_checks_the_recorded_declaration(a
     recorded = audit_run(out)
     assert recorded.declaration.startswith("recorded only: protocol 'acme' is not registered here")
     assert (recorded.problems, recorded.disclosures) == (registered.problems, registered.disclosures)
+    shown = CliRunner().invoke(app, ["audit", str(out)])
+    assert shown.exit_code == 1 and "note: recorded only: protocol 'acme' is not registered" in shown.output
     declared = json.loads((out / "protocol.json").read_text())
     for stage in declared["stages"]:
         for f in stage["fields"]:
