@@ -27,7 +27,6 @@ from securegmi.adapters.flower_study import run_flower_simulation
 from securegmi.adapters.loopback import LoopbackDeployment, LoopbackRayHead
 from securegmi.config import SimulationConfig
 from securegmi.crypto.keys import PUBLIC_FILE, SecretContext
-from securegmi.protocols import builder
 from securegmi.records.rundir import ENGINE
 from securegmi.simulation import runner
 from securegmi.simulation.runner import run_simulation
@@ -37,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def deployment(config: SimulationConfig, work: Path) -> dict[str, float]:
-    federation = Federation.build(config, builder(config.protocol))
+    federation = Federation.build(config)
     nodes: list[dict[str, str | int]] = [
         {"partition-id": i, "state-dir": str(work / f"node-{i}")} for i in range(config.clients)
     ]
@@ -109,12 +108,12 @@ def main() -> None:
         runner.play_round = timed_round  # type: ignore[assignment]
         started = time.perf_counter()
         try:
-            local = run_simulation(config, protocol=builder(config.protocol), out=work / "local")
+            local = run_simulation(config, out=work / "local")
         finally:
             runner.play_round = real_play_round  # type: ignore[assignment]
         rows["inprocess"] = {"total_s": time.perf_counter() - started, "rounds_s": sum(played)}
         started = time.perf_counter()
-        flower = run_flower_simulation(config, builder(config.protocol), work / "flower-sim")
+        flower = run_flower_simulation(config, work / "flower-sim")
         rows["flower-simulation"] = {
             "total_s": time.perf_counter() - started,
             **server_app_parts(work / "flower-sim"),
@@ -123,7 +122,7 @@ def main() -> None:
         with LoopbackRayHead(work) as head:
             ready = time.perf_counter()
             run_flower_simulation(
-                config, builder(config.protocol), work / "flower-cluster", ray_address=head.address
+                config, work / "flower-cluster", ray_address=head.address
             )
             rows["flower-simulation-cluster"] = {
                 "start_ray_head_s": ready - started,

@@ -39,7 +39,6 @@ from securegmi.config import SimulationConfig
 from securegmi.errors import RunAbortedError
 from securegmi.federation.transport import InProcessTransport
 from securegmi.protocol import Ciphertext, Message, decode, encode
-from securegmi.protocols import builder
 from securegmi.records.audit import audit_run
 from securegmi.records.rundir import SERVER_STATE
 from securegmi.simulation import runner
@@ -123,7 +122,7 @@ def _outcome(run_dir: Path, planned: int, seconds: float) -> dict[str, Any]:
         1 if config["sgd_placement"] == "local" else config["sgd_steps"]
     )
     missing = len(set(range(first_vae, planned)) - {m["round"] for m in metrics})
-    report = audit_run(run_dir, builder)
+    report = audit_run(run_dir)
     uncovered = sum(len(d.uncovered_events) for d in report.disclosures)
     refusals = [
         row
@@ -151,11 +150,11 @@ def run_in_process(config: SimulationConfig, fault: Fault | None, out: Path) -> 
     runner.InProcessTransport = FaultyTransport  # type: ignore[misc]  # this bench's fault injection
     started, stopped = time.perf_counter(), None
     try:
-        runner.run_simulation(config, protocol=builder(config.protocol), out=out)
+        runner.run_simulation(config, out=out)
     except RunAbortedError as exc:
         stopped = str(exc)
         FaultyTransport.fault = None
-        runner.run_simulation(config, protocol=builder(config.protocol), out=out, resume=True)
+        runner.run_simulation(config, out=out, resume=True)
     finally:
         runner.InProcessTransport = InProcessTransport  # type: ignore[misc]
     return _outcome(out, config.planned_rounds, time.perf_counter() - started) | {

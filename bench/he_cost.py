@@ -82,7 +82,6 @@ def encryption_share() -> dict[str, float]:
 
     import securegmi.federation.codec as sc
     from securegmi.config import SimulationConfig
-    from securegmi.protocols import secure
     from securegmi.simulation.runner import run_simulation
 
     torch.set_num_threads(1)
@@ -104,7 +103,7 @@ def encryption_share() -> dict[str, float]:
     # once passed here, never applied to it.
     config = SimulationConfig(protocol="secure", epsilon=8.0)
     try:
-        result = run_simulation(config, protocol=secure.build)
+        result = run_simulation(config)
     finally:
         sc.encrypt, sc.decrypt = real_encrypt, real_decrypt
     round_seconds = sum(h.seconds for h in result.history)

@@ -59,7 +59,6 @@ def one_size(clients: int, rounds: int, ckks_clients: int | None) -> dict[str, A
     from securegmi.data.mixture import make_federated_data
     from securegmi.federation.server import play_round
     from securegmi.federation.transport import InProcessTransport
-    from securegmi.protocols import builder
     from securegmi.simulation.study import Federation
 
     torch.set_num_threads(1)
@@ -81,7 +80,7 @@ def one_size(clients: int, rounds: int, ckks_clients: int | None) -> dict[str, A
     data = make_federated_data(
         blobs, clients=clients, sources=3, alpha=0.5, seed=0, samples_per_client=RECORDS
     )
-    federation = Federation.build(config, builder("secure"), data)
+    federation = Federation.build(config, data)
     params = CkksParameters.for_cohort(ckks_clients) if ckks_clients else federation.ckks_parameters()
     keys = SecretContext.generate(params)
     parties = {cid: federation.client(i, keys) for i, cid in enumerate(federation.client_ids)}

@@ -43,7 +43,6 @@ def run_one(
     import torch
 
     from securegmi.config import SimulationConfig
-    from securegmi.protocols import builder
     from securegmi.simulation.runner import FEDERATED, run_simulation
 
     torch.set_num_threads(1)  # one process per core is faster than threads for these models
@@ -71,7 +70,7 @@ def run_one(
     if epsilon is None:  # --private-training names a private run's design
         overrides = {k: v for k, v in overrides.items() if k != "private_training"}
     config = SimulationConfig(method=method, seed=seed, **overrides, **privacy)
-    result = run_simulation(config, protocol=builder(config.protocol) if method in FEDERATED else None)
+    result = run_simulation(config)
     label = method
     if epsilon is not None:
         label = f"{method}{' local' if placement == 'local' and method == 'fedgmi' else ''} eps={epsilon:g}"

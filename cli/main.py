@@ -4,8 +4,8 @@ The commands live in `simulate` and `runs`; importing them registers them on the
 
 from __future__ import annotations
 
-from securegmi.cli import runs, simulate
-from securegmi.cli.app import app
+from . import runs, simulate
+from .app import app
 
 __all__ = ["app", "main", "runs", "simulate"]
 

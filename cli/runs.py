@@ -14,8 +14,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from securegmi.cli.app import app, console, errors_as_messages, keys_app
 from securegmi.errors import ConfigError, DataError, RunDirectoryError
+
+from .app import app, console, errors_as_messages, keys_app
 
 
 @app.command()
@@ -25,7 +26,7 @@ def report(
 ) -> None:
     """Write PNG plots of a run: true vs estimated pi per client, accuracy and pi error per round,
     samples of each component (image data) and, for a private run, epsilon spent per round."""
-    from securegmi.cli.plots import write_plots
+    from .plots import write_plots
 
     paths = write_plots(run_dir)
     for path in paths:
@@ -155,14 +156,20 @@ def _read_records(path: Path) -> np.ndarray:
 @errors_as_messages
 def audit(
     run_dir: Annotated[Path, typer.Argument(help="a run directory written by `securegmi simulate`")],
+    ledgers: Annotated[
+        Path | None,
+        typer.Option(
+            help="the folder of the clients' ledgers (<client>.json each) when RUN_DIR holds none, "
+            "as a Flower server's directory: gather the sites' ledgers into one folder"
+        ),
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
 ) -> None:
     """Report what left every client, its protection, and the privacy spent; exit 1 on any
     uncovered field or exceeded budget."""
-    from securegmi import protocols
     from securegmi.records.audit import audit_run
 
-    report = audit_run(run_dir, protocols.builder)
+    report = audit_run(run_dir, ledgers=ledgers)
     if json_output:
         console.print_json(json.dumps(report.to_dict()))
     else:
@@ -230,3 +237,5 @@ def _print_audit(report: Any) -> None:
             console.print(f"  ... and {len(report.problems) - 20} more (see --json)")
     else:
         console.print("[bold green]audit passed:[/] every field that left a client is declared and covered.")
+    if report.declaration != "registered":
+        console.print(f"[yellow]note:[/] {escape(report.declaration)}")

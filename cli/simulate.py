@@ -11,11 +11,12 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from securegmi.cli.app import app, console, err_console, errors_as_messages
 from securegmi.config import METHODS, SimulationConfig
 from securegmi.errors import ConfigError
 from securegmi.privacy.noise import NOISE_NOTE
 from securegmi.simulation.runner import FEDERATED, RunResult
+
+from .app import app, console, err_console, errors_as_messages
 
 
 @app.command()
@@ -90,8 +91,6 @@ def simulate(
     """Run a full simulated federated study on an embedded dataset and write its run directory."""
     import torch
 
-    from securegmi import protocols
-
     run_dir = out if out is not None else Path("runs") / f"{method}-seed{seed}"
     try:
         config = SimulationConfig(
@@ -119,10 +118,9 @@ def simulate(
         )
         if threads < 1:
             raise ConfigError("--threads must be at least 1")
-        builder = protocols.builder(config.protocol)
         torch.set_num_threads(threads)
         if engine == "flower":
-            result = _simulate_on_flower(config, builder, run_dir, overwrite, ray_address)
+            result = _simulate_on_flower(config, run_dir, overwrite, ray_address)
         elif engine != "inprocess":
             raise ConfigError(f"--engine must be inprocess or flower, got {engine!r}")
         elif ray_address is not None:
@@ -131,7 +129,7 @@ def simulate(
                 "runs in this process only"
             )
         else:
-            result = _simulate_in_process(config, builder, run_dir, overwrite, json_output)
+            result = _simulate_in_process(config, run_dir, overwrite, json_output)
     except KeyboardInterrupt:
         _interrupted(run_dir)
     _report(result, run_dir, json_output)
@@ -150,7 +148,6 @@ def resume(
     ledger never charges a release twice."""
     import torch
 
-    from securegmi import protocols
     from securegmi.errors import RunDirectoryError
     from securegmi.files import JSON_FILE, read_json
 
@@ -162,9 +159,7 @@ def resume(
         raise RunDirectoryError(f"{run_dir}: no readable config.json of a securegmi run ({exc})") from None
     torch.set_num_threads(threads)
     try:
-        result = _simulate_in_process(
-            config, protocols.builder(config.protocol), run_dir, False, json_output, True
-        )
+        result = _simulate_in_process(config, run_dir, False, json_output, True)
     except KeyboardInterrupt:
         _interrupted(run_dir)
     _report(result, run_dir, json_output)
@@ -189,7 +184,7 @@ def _report(result: RunResult, run_dir: Path, json_output: bool) -> None:
 
 
 def _simulate_on_flower(
-    config: SimulationConfig, builder: Any, run_dir: Path, overwrite: bool, ray_address: str | None
+    config: SimulationConfig, run_dir: Path, overwrite: bool, ray_address: str | None
 ) -> RunResult:
     if config.method != "fedgmi":
         raise ConfigError("--engine flower runs the fedgmi method only")
@@ -203,12 +198,11 @@ def _simulate_on_flower(
         f"{config.planned_rounds} rounds"
     )
     with err_console.status(status):
-        return run_flower_simulation(config, builder, run_dir, overwrite=overwrite, ray_address=ray_address)
+        return run_flower_simulation(config, run_dir, overwrite=overwrite, ray_address=ray_address)
 
 
 def _simulate_in_process(
     config: SimulationConfig,
-    builder: Any,
     run_dir: Path,
     overwrite: bool,
     json_output: bool,
@@ -253,7 +247,6 @@ def _simulate_in_process(
 
         return run_simulation(
             config,
-            protocol=builder,
             out=run_dir,
             overwrite=overwrite,
             progress=on_round,

@@ -1,23 +1,20 @@
-"""The front door's composition: the protocols by name, and `simulate` with the protocol the
-configuration names. Like the CLI, and unlike the rest of the library, it may import
-`securegmi.protocols` (the declarations sit above the library that enforces them)."""
+"""The front door's composition: the protocols by name (`securegmi.protocol.registry`), and
+`simulate` with the protocol the configuration names."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from securegmi import protocols
 from securegmi.config import SimulationConfig
 from securegmi.core.mixture import MixtureOfVAEs
-from securegmi.errors import ConfigError
-from securegmi.federation.statistics import statistics_dims
 from securegmi.privacy.calibration import DpPlan, PrivateMixturePlan
-from securegmi.protocol import ProtocolSpec
+from securegmi.protocol import ProtocolSpec, registry
 from securegmi.records.audit import AuditReport, audit_run
 from securegmi.simulation.recorder import PlanCallback, ProgressCallback
-from securegmi.simulation.runner import FEDERATED, RunResult, run_simulation
+from securegmi.simulation.runner import RunResult, run_simulation
+from securegmi.simulation.study import bind_protocol
 
-PROTOCOLS = tuple(sorted(protocols.PROTOCOLS))
+PROTOCOLS = registry.available()
 
 
 def protocol(
@@ -30,15 +27,7 @@ def protocol(
 ) -> ProtocolSpec:
     """The named protocol (one of `PROTOCOLS`) bound to your components' sizes; a statistics
     design plan also needs the cohort size `clients` (the histogram matrix has a row each)."""
-    extra = {}
-    if isinstance(plan, PrivateMixturePlan):
-        if clients is None:
-            raise ConfigError("a statistics-design plan needs clients= (the cohort size)")
-        size = components.n_components * components.parameter_count()
-        extra["statistics"] = statistics_dims(plan, clients, size)
-    return protocols.builder(name)(
-        components=components.n_components, parameters=components.parameter_count(), top_b=top_b, **extra
-    )
+    return bind_protocol(name, components, plan=plan, clients=clients, top_b=top_b)
 
 
 def simulate(
@@ -52,13 +41,11 @@ def simulate(
     """Run one simulated study (`securegmi simulate` without the terminal): the method and
     protocol the configuration names; with `out`, a run directory for `audit`, `load` and
     `securegmi report`."""
-    builder = protocols.builder(config.protocol) if config.method in FEDERATED else None
-    return run_simulation(
-        config, protocol=builder, out=out, overwrite=overwrite, progress=progress, on_plan=on_plan
-    )
+    return run_simulation(config, out=out, overwrite=overwrite, progress=progress, on_plan=on_plan)
 
 
-def audit(run_dir: Path) -> AuditReport:
+def audit(run_dir: Path, *, ledgers: Path | None = None) -> AuditReport:
     """Check a run directory: every field that left a client is declared and covered by a
-    ledger event, and every ledger stays within its budget."""
-    return audit_run(Path(run_dir), protocols.builder)
+    ledger event, and every ledger stays within its budget. `ledgers`: where the clients'
+    ledgers are when the run directory does not hold them (a Flower server's directory)."""
+    return audit_run(Path(run_dir), ledgers=ledgers)

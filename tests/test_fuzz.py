@@ -29,7 +29,7 @@ from securegmi.errors import CryptoError, PrivacyError, ProtocolViolation, RunDi
 from securegmi.privacy.events import gaussian_event
 from securegmi.privacy.ledger import LedgerEntry, PrivacyBudget, PrivacyLedger
 from securegmi.protocol import DpRelease, Message, Public, decode, encode
-from securegmi.protocols import builder, dp, plain
+from securegmi.protocols import plain
 from securegmi.records.audit import audit_run
 from securegmi.records.trained import load
 from securegmi.simulation.runner import run_simulation
@@ -159,7 +159,7 @@ STATE_CONFIG = SimulationConfig(dataset="synthetic", clients=2, local_epochs=1, 
 
 @pytest.fixture(scope="module")
 def state_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    federation = Federation.build(STATE_CONFIG, plain.build)
+    federation = Federation.build(STATE_CONFIG)
     path = tmp_path_factory.mktemp("state") / "client-0.safetensors"
     client = federation.client(0, None, state_path=path)
     client.handle(federation.server(None).broadcast(0, 1.0))
@@ -175,7 +175,7 @@ def test_a_client_state_restores_or_is_a_run_directory_error(
     directory = tmp_path_factory.mktemp("restore")
     path = directory / "client-0.safetensors"
     path.write_bytes(blob)
-    federation = Federation.build(STATE_CONFIG, plain.build)
+    federation = Federation.build(STATE_CONFIG)
     with contextlib.suppress(RunDirectoryError):
         federation.client(0, None, state_path=path)
     assert sorted(p.name for p in directory.iterdir()) == ["client-0.safetensors"]  # nothing else written
@@ -187,7 +187,7 @@ def test_a_state_with_the_wrong_arrays_is_a_run_directory_error(tmp_path: Path) 
     path = tmp_path / "client-0.safetensors"
     path.write_bytes(st_save({"pi": np.zeros((2, 2))}, metadata={"client": "client-0"}))
     with pytest.raises(RunDirectoryError, match="client state"):
-        Federation.build(STATE_CONFIG, plain.build).client(0, None, state_path=path)
+        Federation.build(STATE_CONFIG).client(0, None, state_path=path)
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +203,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         epsilon=4.0,
         vae_rounds=1,
     )
-    run_simulation(config, protocol=dp.build, out=out)
+    run_simulation(config, out=out)
     return out
 
 
@@ -227,7 +227,7 @@ def test_audit_and_load_of_a_corrupted_run_directory_are_documented_errors(
     (copy / name).write_bytes(data.draw(_mutations((finished_run / name).read_bytes())))
     before = sorted(p.relative_to(copy) for p in copy.rglob("*"))
     try:
-        report = audit_run(copy, builder)
+        report = audit_run(copy)
         assert isinstance(report.ok, bool)
     except (RunDirectoryError, PrivacyError):
         pass

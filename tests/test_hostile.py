@@ -37,7 +37,6 @@ from securegmi.config import SimulationConfig
 from securegmi.errors import ConfigError, RunDirectoryError, SecureGMIError
 from securegmi.files import JSON_FILE, LEDGER_FILE, METRICS_FILE, MODEL_FILE, RECORDS_FILE, STATE_FILE
 from securegmi.files import TRANSCRIPT_FILE as TRANSCRIPT_KIND
-from securegmi.protocols import dp
 from securegmi.records.trained import TrainedMixture
 from securegmi.simulation.runner import run_simulation
 from securegmi.simulation.study import dp_plan, load_federated_data
@@ -60,7 +59,7 @@ CONFIG = SimulationConfig(
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("hostile") / "run"
-    run_simulation(CONFIG, protocol=dp.build, out=out)
+    run_simulation(CONFIG, out=out)
     np.save(out.parent / "site.npy", np.random.default_rng(0).random((6, 10), dtype=np.float32))
     return out
 

@@ -3,7 +3,6 @@ study, the server's run directory and public key) and each SuperNode's node conf
 (`partition-id`, `state-dir`, and `key-dir` under the secure protocol)."""
 
 from securegmi.adapters.flower_study import configured_client_app, configured_server_app
-from securegmi.protocols import builder
 
-serverapp = configured_server_app(builder)
-clientapp = configured_client_app(builder)
+serverapp = configured_server_app()
+clientapp = configured_client_app()

@@ -8,11 +8,10 @@ import functools
 import json
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from safetensors.numpy import load_file
 
 from securegmi.adapters.flower import (
@@ -31,18 +30,17 @@ from securegmi.errors import ConfigError, CryptoError, RunAbortedError
 from securegmi.federation.client import Client
 from securegmi.files import KEY_FILE, read_bytes
 from securegmi.privacy.ledger import PrivacyLedger
-from securegmi.protocol import SERVER, ProtocolBuilder, decode, read_transcript
+from securegmi.protocol import SERVER, decode, read_transcript
 from securegmi.records.rundir import (
     AGGREGATE,
     CLIENT_STATES,
     CONFIG,
     LEDGERS,
-    RESULTS,
     TRANSCRIPT,
     RunDirectory,
 )
 from securegmi.simulation.recorder import Recorder
-from securegmi.simulation.runner import RunResult, privacy_summary
+from securegmi.simulation.runner import RunResult, conclude_run, finish_run, key_ceremony
 from securegmi.simulation.study import Federation
 
 
@@ -54,19 +52,17 @@ def study_config(run_config: Mapping[str, Any]) -> SimulationConfig:
 
 
 @functools.lru_cache(maxsize=2)
-def _federation(config: SimulationConfig, builder: ProtocolBuilder) -> Federation:
+def _federation(config: SimulationConfig) -> Federation:
     """Flower builds the client anew for every message, and a simulation engine's worker process
     serves many messages of one study: the federation (data, split, DP plan) is a function of
     the configuration alone, so a process builds it once (about 0.9 s each time otherwise); the
     client itself is still rebuilt from its saved state per message."""
-    return Federation.build(config, builder)
+    return Federation.build(config)
 
 
-def study_client(
-    config: SimulationConfig, builder: ProtocolBuilder, run_dir: Path, index: int, key_dir: Path | None
-) -> Client:
+def study_client(config: SimulationConfig, run_dir: Path, index: int, key_dir: Path | None) -> Client:
     """Client `index` of the embedded study, with its state and ledger under `run_dir`."""
-    federation = _federation(config, builder)
+    federation = _federation(config)
     keys = None
     if federation.secure:
         if key_dir is None:
@@ -83,14 +79,10 @@ def study_client(
 
 
 def study_server(
-    config: SimulationConfig,
-    builder: ProtocolBuilder,
-    run_dir: Path,
-    public_key: Path | None,
-    overwrite: bool = False,
+    config: SimulationConfig, run_dir: Path, public_key: Path | None, overwrite: bool = False
 ) -> ServerSetup:
     """The server of the embedded study; it reads the public CKKS context only."""
-    federation = Federation.build(config, builder)
+    federation = Federation.build(config)
     public = None
     if federation.secure:
         if public_key is None or public_key.name != PUBLIC_FILE:
@@ -113,7 +105,6 @@ def study_server(
 
 def study_apps(
     config: SimulationConfig,
-    builder: ProtocolBuilder,
     run_dir: Path,
     key_dir: Path | None = None,
     overwrite: bool = False,
@@ -125,22 +116,22 @@ def study_apps(
     run_dir = Path(run_dir)
 
     def make_client(context: Context) -> Client:
-        return study_client(config, builder, run_dir, int(context.node_config["partition-id"]), key_dir)
+        return study_client(config, run_dir, int(context.node_config["partition-id"]), key_dir)
 
     def make_server(context: Context) -> ServerSetup:
         public = key_dir / PUBLIC_FILE if key_dir is not None else None
-        return study_server(config, builder, run_dir, public, overwrite)
+        return study_server(config, run_dir, public, overwrite)
 
     return server_app(make_server), client_app(make_client)
 
 
 # Configs for `flwr run` (deployment engine). Run config: `study` (a SimulationConfig as JSON),
 # `run-dir` (the server's), `public-key` (secure only). Node config: `partition-id`, `state-dir`
-# (the node's own directory: its state and ledger), `key-dir` (secure only). `protocols` maps a
-# protocol name to its builder (`securegmi.protocols.builder`).
+# (the node's own directory: its state and ledger), `key-dir` (secure only). The protocol is the
+# one the study names, found in the registry.
 
 
-def configured_client_app(protocols: Callable[[str], ProtocolBuilder]) -> ClientApp:
+def configured_client_app() -> ClientApp:
     """The embedded study's ClientApp, configured by Flower's run and node configs."""
 
     def make_client(context: Context) -> Client:
@@ -148,26 +139,25 @@ def configured_client_app(protocols: Callable[[str], ProtocolBuilder]) -> Client
         node = context.node_config
         key_dir = Path(str(node["key-dir"])) if node.get("key-dir") else None
         state_dir = Path(str(node["state-dir"]))
-        return study_client(config, protocols(config.protocol), state_dir, int(node["partition-id"]), key_dir)
+        return study_client(config, state_dir, int(node["partition-id"]), key_dir)
 
     return client_app(make_client)
 
 
-def configured_server_app(protocols: Callable[[str], ProtocolBuilder]) -> ServerApp:
+def configured_server_app() -> ServerApp:
     """The embedded study's ServerApp, configured by Flower's run config."""
 
     def make_server(context: Context) -> ServerSetup:
         config = study_config(context.run_config)
         public = str(context.run_config.get("public-key", ""))
         run_dir = Path(str(context.run_config["run-dir"]))
-        return study_server(config, protocols(config.protocol), run_dir, Path(public) if public else None)
+        return study_server(config, run_dir, Path(public) if public else None)
 
     return server_app(make_server)
 
 
 def run_flower_simulation(
     config: SimulationConfig,
-    builder: ProtocolBuilder,
     out: Path,
     *,
     overwrite: bool = False,
@@ -191,55 +181,44 @@ def run_flower_simulation(
     """
     started = time.perf_counter()
     out = Path(out)
-    federation = Federation.build(config, builder)
+    federation = Federation.build(config)
     with tempfile.TemporaryDirectory(prefix="securegmi-") as scratch:
-        keys = None
-        key_dir = None
-        if federation.secure:
-            keys = SecretContext.generate(federation.ckks_parameters())
-            key_dir = Path(scratch) / "keys"
-            keys.save(key_dir)
+        key_dir = Path(scratch) / "keys" if federation.secure else None
+        key_ceremony(federation, key_dir)
         ray_environment(Path(scratch), ray_address)
         # Refuse a used directory before Ray starts, not inside the ServerApp.
         RunDirectory(out, overwrite=overwrite)
-        server, client = study_apps(config, builder, out.resolve(), key_dir, overwrite=True)
+        server, client = study_apps(config, out.resolve(), key_dir, overwrite=True)
         simulation_engine(server, client, len(federation.client_ids), verbose, ray_address)
         if not (out / AGGREGATE).exists():
             raise RunAbortedError(
                 f"the Flower run did not finish: {out} has no {AGGREGATE} (see the log above)"
             )
-        # The harness plays client 0, rebuilt from its state: it takes in the final aggregate
-        # as in-process (the averaged components, or split DP-SGD's last step).
-        final = study_client(config, builder, out, 0, key_dir)
-        final.conclude(decode((out / AGGREGATE).read_bytes()))
-    model = final.components
+        # The harness plays client 0, rebuilt from its state, as in-process.
+        final = study_client(config, out, 0, key_dir)
+        ledgers = []
+        if federation.plan is not None:
+            ledgers = [PrivacyLedger.load(out / LEDGERS / f"{cid}.json") for cid in federation.client_ids]
+        model, privacy = conclude_run(federation, final, decode((out / AGGREGATE).read_bytes()), ledgers)
     states = [load_file(str(out / CLIENT_STATES / f"{cid}.safetensors")) for cid in federation.client_ids]
     pis = [state["pi"] for state in states]
-    recorder = Recorder(config, federation.data, None, None)
-    recorder.identifier = final.identifier
-    evaluation = recorder.evaluate([model] * len(pis), pis, final=True)
-    privacy = None
-    if federation.plan is not None:
-        ledgers = [PrivacyLedger.load(out / LEDGERS / f"{cid}.json") for cid in federation.client_ids]
-        privacy = privacy_summary(config, federation.plan, ledgers)
     uplink = sum(
         row.get("bytes", 0)
         for row in read_transcript(out / TRANSCRIPT)
         if row["receiver"] == SERVER and row["status"] == "delivered" and row["field"] is not None
     )
-    result = RunResult(
-        config,
+    recorder = Recorder(config, federation.data, None, None)
+    recorder.identifier = final.identifier
+    return finish_run(
+        recorder,
+        RunDirectory.existing(out),
+        [model] * len(pis),
+        pis,
+        federation.exported(model.get_component_vectors()),
+        federation,
         federation.spec.name,
-        evaluation,
-        (),
         uplink / max(1, federation.rounds * len(pis)),
-        time.perf_counter() - started,
-        federation.data.source_names,
         privacy,
+        started,
+        "flower-simulation",
     )
-    run_dir = RunDirectory.existing(out)
-    metadata = {"method": config.method, "seed": str(config.seed)}
-    components, mixtures = model.get_component_vectors(), np.stack(pis)
-    run_dir.save_checkpoint(federation.exported(components), federation.exported(mixtures), metadata)
-    run_dir.write_json(RESULTS, {**result.to_dict(), "engine": "flower-simulation"})
-    return result

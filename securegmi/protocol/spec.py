@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
-from typing import Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -18,6 +18,34 @@ Release = Literal["none", "dp"]  # what the client's values are: as computed, or
 Codec = Literal["clear", "ckks"]  # how they travel: as they are, or encrypted under CKKS
 START = "start"  # round 0's downlink in every protocol: public values only
 Dim = int | str  # a fixed size, or a symbol bound when the protocol is instantiated
+
+
+# The JSON form of a declaration (protocol.json): plain values only, read back strictly, so a
+# recorded spec is data an auditor can compare, never code.
+def _keys(cls: type, data: Any) -> dict[str, Any]:
+    names = {f.name for f in fields(cls)}
+    if not isinstance(data, dict) or not set(data) <= names:
+        extra = sorted(set(data) - names) if isinstance(data, dict) else type(data).__name__
+        raise ConfigError(f"not the JSON form of a {cls.__name__} (unexpected {extra})")
+    return data
+
+
+def _text(value: Any, what: str, optional: bool = False) -> Any:
+    if not (isinstance(value, str) or (optional and value is None)):
+        raise ConfigError(f"{what} must be a string, got {value!r}")
+    return value
+
+
+def _choice(value: Any, allowed: Any, what: str) -> Any:
+    if value not in get_args(allowed):
+        raise ConfigError(f"{what} must be one of {list(get_args(allowed))}, got {value!r}")
+    return value
+
+
+def _dim(value: Any, what: str) -> Dim:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ConfigError(f"{what} must be a size or a symbol, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -37,6 +65,38 @@ class FieldSpec:
     # still travels with it (and so reaches the transcript).
     packed_in: str | None = None
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind.value,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "description": self.description,
+            "sum_of": self.sum_of,
+            "rows_at": self.rows_at,
+            "packed_in": self.packed_in,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> FieldSpec:
+        d = _keys(cls, data)
+        name = _text(d.get("name"), "a field's name")
+        try:
+            kind = FieldKind(_text(d.get("kind"), f"field {name!r}: kind"))
+        except ValueError:
+            raise ConfigError(f"field {name!r}: unknown kind {d.get('kind')!r}") from None
+        shape = d.get("shape")
+        if not isinstance(shape, list):
+            raise ConfigError(f"field {name!r}: shape must be a list, got {shape!r}")
+        return cls(
+            name,
+            kind,
+            tuple(_dim(x, f"field {name!r}: a dimension") for x in shape),
+            _text(d.get("dtype"), f"field {name!r}: dtype"),
+            _text(d.get("description"), f"field {name!r}: description"),
+            **{k: _text(d.get(k), f"field {name!r}: {k}", True) for k in ("sum_of", "rows_at", "packed_in")},
+        )
+
 
 # The public field of a server stage that says how many client releases its sums add.
 CONTRIBUTIONS = "contributions"
@@ -51,6 +111,24 @@ class StageSpec:
     # share sigma / sqrt(m) of the noise, a sum of fewer than m shares carries less than the
     # planned noise (docs/design.md §2, law 3); such a stage declares CONTRIBUTIONS, which both ends check.
     min_shares: Dim = 1
+
+    def to_json(self) -> dict[str, Any]:
+        fields_ = [f.to_json() for f in self.fields]
+        return {"name": self.name, "sender": self.sender, "fields": fields_, "min_shares": self.min_shares}
+
+    @classmethod
+    def from_json(cls, data: Any) -> StageSpec:
+        d = _keys(cls, data)
+        name = _text(d.get("name"), "a stage's name")
+        items = d.get("fields")
+        if not isinstance(items, list):
+            raise ConfigError(f"stage {name!r}: fields must be a list, got {items!r}")
+        return cls(
+            name,
+            _choice(d.get("sender"), Role, f"stage {name!r}: sender"),
+            tuple(FieldSpec.from_json(f) for f in items),
+            _dim(d.get("min_shares", 1), f"stage {name!r}: min_shares"),
+        )
 
     def field(self, name: str) -> FieldSpec | None:
         return next((f for f in self.fields if f.name == name), None)
@@ -120,6 +198,37 @@ class ProtocolSpec:
                         f"{uplink_fields[f.sum_of].packed_in!r}; the sum must be packed in that host's sum"
                     )
         object.__setattr__(self, "dims", MappingProxyType(dict(self.dims)))
+
+    def to_json(self) -> dict[str, Any]:
+        """The declaration as JSON values (what protocol.json records of the protocol that ran)."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "stages": [s.to_json() for s in self.stages],
+            "release": self.release,
+            "codec": self.codec,
+            "dims": dict(self.dims),
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> ProtocolSpec:
+        """The spec `to_json` wrote; a `ConfigError` for anything else. Validated as on
+        construction, so a recorded declaration holds the same invariants as a built one."""
+        d = _keys(cls, data)
+        name = _text(d.get("name"), "a protocol's name")
+        stages, dims = d.get("stages"), d.get("dims")
+        if not isinstance(stages, list) or not isinstance(dims, dict):
+            raise ConfigError(f"protocol {name!r}: stages must be a list and dims an object")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in dims.values()):
+            raise ConfigError(f"protocol {name!r}: every bound dimension must be an integer, got {dims}")
+        return cls(
+            name,
+            _text(d.get("description"), f"protocol {name!r}: description"),
+            tuple(StageSpec.from_json(s) for s in stages),
+            _choice(d.get("release"), Release, f"protocol {name!r}: release"),
+            _choice(d.get("codec"), Codec, f"protocol {name!r}: codec"),
+            dims,
+        )
 
     def _check_host(self, stage: StageSpec, f: FieldSpec) -> None:
         """A packed field rides in a ciphertext host of its own stage that is not packed itself."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from securegmi.files import (
 )
 from securegmi.privacy.calibration import DpPlan, PrivateMixturePlan, plan_from_dict
 from securegmi.privacy.ledger import PRIVATE_NOISE, SEEDED_NOISE, LedgerEntry, PrivacyLedger
-from securegmi.protocol import SERVER, FieldKind, ProtocolBuilder, ProtocolSpec, read_transcript
+from securegmi.protocol import SERVER, FieldKind, ProtocolSpec, read_transcript, registry
 from securegmi.records.rundir import (
     AGGREGATE,
     CHECKPOINT,
@@ -86,6 +85,9 @@ class AuditReport:
     budgets: tuple[ClientBudget, ...]
     disclosures: tuple[Disclosure, ...]
     problems: tuple[str, ...] = field(default=())
+    # What the transcript was checked against: the registered protocol, or (where the run's
+    # protocol is not registered here) only the declaration the run recorded, which says so.
+    declaration: str = "registered"
 
     @property
     def ok(self) -> bool:
@@ -95,35 +97,37 @@ class AuditReport:
         return {**asdict(self), "ok": self.ok}
 
 
-def audit_run(run_dir: Path, builder_for: Callable[[str], ProtocolBuilder]) -> AuditReport:
+def audit_run(run_dir: Path, *, ledgers: Path | None = None) -> AuditReport:
+    """The audit of `run_dir`. `ledgers`: the folder of the clients' ledgers (one
+    `<client>.json` each) where the run directory holds none, as a Flower server's directory
+    (each site keeps its own ledger: gather them into one folder)."""
     run_dir = Path(run_dir)
+    if ledgers is not None and not Path(ledgers).is_dir():
+        raise RunDirectoryError(f"{ledgers} is not a folder of the clients' ledgers (<client>.json each)")
+    return _audit(run_dir, Path(ledgers) if ledgers is not None else run_dir / LEDGERS)
+
+
+def _audit(run_dir: Path, ledger_dir: Path) -> AuditReport:
     files = [run_dir / name for name in (CONFIG, TRANSCRIPT, PROTOCOL)]
     if not all(f.exists() for f in files):
         raise RunDirectoryError(
             f"{run_dir} lacks {', '.join(f.name for f in files if not f.exists())}: "
             "not the run directory of a federated run"
         )
+    problems: list[str] = []
     try:
         rows = [_transcript_row(row) for row in read_transcript(run_dir / TRANSCRIPT)]
         run_config = _json_object(run_dir / CONFIG)
         config = SimulationConfig.from_dict(run_config)
-        bound = _json_object(run_dir / PROTOCOL)
-        dims = {k: int(v) for k, v in bound["dims"].items()}
-        top_b = dims["B"] if dims["B"] != dims["K"] else None
-        statistics = {d: dims[d] for d in ("M", "S", "H", "N", "G") if d in dims} if "M" in dims else None
-        spec = builder_for(str(bound["name"]))(
-            components=dims["K"],
-            parameters=dims["P"],
-            top_b=top_b,
-            **({} if statistics is None else {"statistics": statistics}),
-        )
+        recorded = ProtocolSpec.from_json(_json_object(run_dir / PROTOCOL))
     except (KeyError, TypeError, ValueError, AttributeError, ConfigError) as exc:
         raise RunDirectoryError(f"{run_dir}: corrupt run files ({exc})") from exc
+    spec, declaration = _declared_protocol(recorded, problems)
+    dims = dict(spec.dims)
     uplink = {f.name: f for s in spec.stages if s.sender == "client" for f in s.fields}
 
-    problems: list[str] = []
     ledgers: dict[str, PrivacyLedger] = {}
-    ledger_files = sorted((run_dir / LEDGERS).glob("*.json")) if (run_dir / LEDGERS).is_dir() else []
+    ledger_files = sorted(ledger_dir.glob("*.json")) if ledger_dir.is_dir() else []
     for path in ledger_files:
         try:
             ledger = PrivacyLedger.load(path)
@@ -254,7 +258,66 @@ def audit_run(run_dir: Path, builder_for: Callable[[str], ProtocolBuilder]) -> A
                 exceeded,
             )
         )
-    return AuditReport(str(run_dir), spec.name, tuple(budgets), tuple(disclosures), tuple(problems))
+    return AuditReport(
+        str(run_dir), spec.name, tuple(budgets), tuple(disclosures), tuple(problems), declaration
+    )
+
+
+def _declared_protocol(recorded: ProtocolSpec, problems: list[str]) -> tuple[ProtocolSpec, str]:
+    """The declaration the transcript is checked against. protocol.json is written by the run
+    and could be rewritten after it: where its protocol is registered here, the recorded spec
+    must be the registry's binding at its own dimensions (a field's DP requirement dropped, an
+    uplink field added, is a problem) and the registry's is the one checked against; where it
+    is not registered, only the recorded declaration can be, and the report says so."""
+    if recorded.name not in registry.available():
+        return recorded, (
+            f"recorded only: protocol {recorded.name!r} is not registered here (entry-point group "
+            f"{registry.GROUP!r}), so the transcript is checked against the declaration in {PROTOCOL} "
+            "as the run wrote it; install the package that provides the protocol to check that too"
+        )
+    try:
+        expected = registry.rebind(recorded.name, recorded.dims)
+    except ConfigError as exc:
+        problems.append(
+            f"{PROTOCOL}: protocol {recorded.name!r} cannot be bound at its recorded dimensions ({exc})"
+        )
+        return recorded, "registered"
+    if expected != recorded:
+        differs = _spec_differences(expected, recorded)
+        problems.append(
+            f"{PROTOCOL} is not protocol {recorded.name!r} as registered here, bound at its recorded "
+            f"dimensions ({differs}): the transcript is checked against the registered declaration"
+        )
+    return expected, "registered"
+
+
+def _spec_differences(expected: ProtocolSpec, recorded: ProtocolSpec) -> str:
+    """Where `recorded` departs from `expected`, field by field, at most a few places named."""
+    found: list[str] = []
+    for key in ("description", "release", "codec"):
+        if getattr(expected, key) != getattr(recorded, key):
+            found.append(f"{key} {getattr(recorded, key)!r}, registered {getattr(expected, key)!r}")
+    ours = {s.name: s for s in expected.stages}
+    theirs = {s.name: s for s in recorded.stages}
+    found += [f"stage {n!r} undeclared" for n in sorted(set(theirs) - set(ours))]
+    found += [f"stage {n!r} missing" for n in sorted(set(ours) - set(theirs))]
+    for name in sorted(set(ours) & set(theirs)):
+        mine = {f.name: f for f in ours[name].fields}
+        other = {f.name: f for f in theirs[name].fields}
+        found += [f"{name}.{n} undeclared" for n in sorted(set(other) - set(mine))]
+        found += [f"{name}.{n} missing" for n in sorted(set(mine) - set(other))]
+        found += [
+            f"{name}.{n} recorded {other[n].kind.value}, registered {mine[n].kind.value}"
+            if other[n].kind is not mine[n].kind
+            else f"{name}.{n} recorded otherwise"
+            for n in sorted(set(mine) & set(other))
+            if other[n] != mine[n]
+        ]
+        if ours[name].sender != theirs[name].sender or ours[name].min_shares != theirs[name].min_shares:
+            found.append(f"stage {name!r} recorded otherwise")
+    if [s.name for s in expected.stages] != [s.name for s in recorded.stages] and not found:
+        found.append("stages in another order")
+    return _listed(found) if found else "recorded otherwise"
 
 
 def _json_object(path: Path) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,14 +16,15 @@ from securegmi.config import SimulationConfig
 from securegmi.core.mixture import MixtureOfVAEs
 from securegmi.crypto.keys import SecretContext
 from securegmi.errors import ConfigError, RunDirectoryError
+from securegmi.federation.client import Client
 from securegmi.federation.codec import CkksCodec, ClearCodec, ClientCodec
 from securegmi.federation.local import adopt_aggregate
 from securegmi.federation.server import Server, play_round
-from securegmi.federation.transport import InProcessTransport
+from securegmi.federation.transport import ClientEndpoint, InProcessTransport, ServerEndpoint, Transport
 from securegmi.files import STATE_FILE, safetensors_metadata
 from securegmi.privacy.calibration import DpPlan, PrivateMixturePlan
 from securegmi.privacy.ledger import PrivacyLedger
-from securegmi.protocol import ProtocolBuilder
+from securegmi.protocol import Message
 from securegmi.records.rundir import (
     CLIENT_KEYS,
     CLIENT_STATES,
@@ -51,6 +53,9 @@ FEDERATED = ("fedgmi", "fedem-weights", "fedavg", "ifca")
 # results.json's ground truth (recorder.EVALUATION_ONLY): the scores, the held-out NLL on the
 # clients' test records, and every per-client row (true pi, estimate, accuracy, test size).
 EVALUATION_ONLY_RESULTS = ("source_accuracy", "pi_tv_error", "nll", "per_client")
+# What carries a federated run's messages, given the server's end and each client's (the way
+# httpx's `Client(transport=...)` takes one): the in-process twin by default.
+TransportFactory = Callable[[ServerEndpoint, Mapping[str, ClientEndpoint]], Transport]
 
 
 def config_digest(config: SimulationConfig) -> str:
@@ -97,7 +102,7 @@ class RunResult:
 def run_simulation(
     config: SimulationConfig,
     *,
-    protocol: ProtocolBuilder | None = None,
+    transport: TransportFactory = InProcessTransport,
     out: Path | None = None,
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
@@ -106,8 +111,10 @@ def run_simulation(
 ) -> RunResult:
     """Run one simulated study and, with `out`, write its run directory.
 
-    Federated methods need a `protocol` builder (e.g. ``securegmi.protocols.builder("secure")``);
-    `local`, `central-em`, `oracle` and `central-dp` exchange no messages. A federated run with `out` saves
+    Federated methods run the protocol the configuration names (found by name in
+    `securegmi.protocol.registry`), their messages carried by `transport(server_end,
+    client_ends)`; `local`, `central-em`, `oracle` and `central-dp` exchange no messages. A
+    federated run with `out` saves
     the server's and every client's state after each round; `resume=True` continues a stopped
     run in `out` from its last saved round (`config` must be the one in its config.json).
     """
@@ -120,14 +127,12 @@ def run_simulation(
         check_resumed_config(run_dir, config)
     elif out is not None:
         RunDirectory.check_unused(out, overwrite=overwrite)  # refused before any work
-    if config.method in FEDERATED and protocol is None:
-        raise ConfigError(f"method {config.method} needs a protocol builder")
     data = load_federated_data(config)
     # The data split and the DP plan come before the run directory: a plan that cannot be made
     # (an impossible epsilon or delta) leaves nothing behind in `out`.
     federation: Federation | None = None
-    if config.method in FEDERATED and protocol is not None:
-        federation = Federation.build(config, protocol, data)
+    if config.method in FEDERATED:
+        federation = Federation.build(config, data)
     if config.method == "central-dp":
         dp_plan(config, data)
     if out is not None and not resume:
@@ -139,7 +144,7 @@ def run_simulation(
     uplink = 0.0
     exported: np.ndarray | None = None
     if federation is not None:
-        models, pis, uplink, privacy = run_federated(federation, recorder, on_plan, resume)
+        models, pis, uplink, privacy = run_federated(federation, recorder, on_plan, resume, transport)
         spec_name = federation.spec.name
         exported = federation.exported(models[0].get_component_vectors())
     elif config.method == "central-dp":
@@ -151,55 +156,94 @@ def run_simulation(
     else:
         models, pis = (run_oracle if config.method == "oracle" else run_central_em)(recorder)
         exported = models[0].get_component_vectors()
-    final = recorder.evaluate(models, pis, final=True)
+    return finish_run(
+        recorder, run_dir, models, pis, exported, federation, spec_name, uplink, privacy, started
+    )
+
+
+def finish_run(
+    recorder: Recorder,
+    run_dir: RunDirectory | None,
+    models: list[MixtureOfVAEs],
+    pis: list[np.ndarray],
+    exported: np.ndarray | None,
+    federation: Federation | None,
+    protocol: str | None,
+    uplink: float,
+    privacy: dict[str, Any] | None,
+    started: float,
+    engine: str | None = None,
+) -> RunResult:
+    """The final evaluation of a finished run, whichever engine ran it, and with `run_dir` its
+    model (`exported`: the shared components, None for a method without one) and results.json
+    (`engine` names an engine other than this process)."""
+    config = recorder.config
     result = RunResult(
         config,
-        spec_name,
-        final,
+        protocol,
+        recorder.evaluate(models, pis, final=True),
         tuple(recorder.history),
         uplink,
         time.perf_counter() - started,
-        data.source_names,
+        recorder.data.source_names,
         privacy,
     )
-    if run_dir is not None:
-        if exported is not None:  # one shared model: the federated methods and the central ones
-            extra = {} if recorder.identifier is None else recorder.identifier.arrays()
-            mixtures = np.stack(pis)
-            if federation is not None:
-                extra = {name: federation.exported(v) for name, v in extra.items()}
-                mixtures = federation.exported(mixtures)
-            metadata = {"method": config.method, "seed": str(config.seed)}
-            run_dir.save_checkpoint(exported, mixtures, metadata, extra)
-        run_dir.write_json(RESULTS, result.to_dict())
+    if run_dir is None:
+        return result
+    if exported is not None:  # one shared model: the federated methods and the central ones
+        identifier = recorder.identifier
+        extra = {} if identifier is None else identifier.arrays()
+        mixtures = np.stack(pis)
+        if federation is not None:
+            extra = {name: federation.exported(v) for name, v in extra.items()}
+            mixtures = federation.exported(mixtures)
+        metadata = {"method": config.method, "seed": str(config.seed)}
+        run_dir.save_checkpoint(exported, mixtures, metadata, extra)
+    run_dir.write_json(RESULTS, result.to_dict() | ({} if engine is None else {"engine": engine}))
     return result
 
 
-def _ceremony(federation: Federation, run_dir: RunDirectory | None, resume: bool) -> SecretContext | None:
-    """The key ceremony, in-process for a simulation: clients share the secret context, the
-    server gets the public one only. With a run directory the clients' key is kept in its own
-    folder (owner-only), as each Flower node keeps its key directory, so a stopped run resumes
-    under the same key as the ciphertexts the server holds."""
+def key_ceremony(federation: Federation, key_dir: Path | None, resume: bool = False) -> SecretContext | None:
+    """The key ceremony of a simulated run: the clients share the secret context, the server gets
+    the public one only. With `key_dir` the clients' key is kept there (owner-only), as each
+    Flower node keeps its key directory, so a stopped run resumes under the same key as the
+    ciphertexts the server holds (`resume` loads it)."""
     if not federation.secure:
         return None
     if resume:
-        assert run_dir is not None
-        return SecretContext.load(run_dir.file(CLIENT_KEYS), federation.ckks_parameters())
+        if key_dir is None:
+            raise ConfigError("a secure run resumes only under its clients' saved key")
+        return SecretContext.load(key_dir, federation.ckks_parameters())
     keys = SecretContext.generate(federation.ckks_parameters())
-    if run_dir is not None:
-        keys.save(run_dir.file(CLIENT_KEYS))
+    if key_dir is not None:
+        keys.save(key_dir)
     return keys
 
 
+def conclude_run(
+    federation: Federation, final: Client, last: Message, ledgers: list[PrivacyLedger]
+) -> tuple[MixtureOfVAEs, dict[str, Any] | None]:
+    """The final model, what `final` holds once it takes in the server's `last` aggregate (the
+    averaged components, or split DP-SGD's last step), and the run's privacy summary from the
+    clients' `ledgers`."""
+    final.conclude(last)
+    plan = federation.plan
+    return final.components, None if plan is None else privacy_summary(federation.config, plan, ledgers)
+
+
 def run_federated(
-    federation: Federation, recorder: Recorder, on_plan: PlanCallback | None, resume: bool = False
+    federation: Federation,
+    recorder: Recorder,
+    on_plan: PlanCallback | None,
+    resume: bool = False,
+    transport_factory: TransportFactory = InProcessTransport,
 ) -> tuple[list[MixtureOfVAEs], list[np.ndarray], float, dict[str, Any] | None]:
     """The clients and the server exchanging protocol messages in this process."""
     plan, run_dir = federation.plan, recorder.run_dir
     ledger_dir = run_dir.file(LEDGERS) if run_dir is not None and plan is not None else None
     if run_dir is not None and not resume:
         federation.write_public_files(run_dir)
-    keys = _ceremony(federation, run_dir, resume)
+    keys = key_ceremony(federation, run_dir.file(CLIENT_KEYS) if run_dir is not None else None, resume)
 
     def state_of(cid: str) -> Path | None:
         return run_dir.file(CLIENT_STATES) / f"{cid}.safetensors" if run_dir is not None else None
@@ -213,7 +257,7 @@ def run_federated(
     # The harness plays a client to evaluate: it opens each aggregate as a client would.
     harness: ClientCodec = CkksCodec(keys) if keys is not None else ClearCodec()
     reference = federation.new_model()
-    transport = InProcessTransport(server.endpoint, {cid: client.endpoint for cid, client in clients.items()})
+    transport = transport_factory(server.endpoint, {cid: client.endpoint for cid, client in clients.items()})
     uplink_total, start = 0, 0
     server_state = run_dir.file(SERVER_STATE) if run_dir is not None else None
     digest = {CONFIG_DIGEST: config_digest(federation.config)}  # kept with every saved round
@@ -252,14 +296,10 @@ def run_federated(
     finally:
         server.close()
     per_client_round = uplink_total / max(1, federation.rounds * len(clients))
-    # The final model: what a client holds once it takes in the server's last aggregate.
+    ledgers = [c.ledger for c in clients.values() if c.ledger is not None]
     final = next(iter(clients.values()))
-    final.conclude(server.broadcast(federation.rounds, 1.0))
-    summary = None
-    if plan is not None:
-        ledgers = [c.ledger for c in clients.values() if c.ledger is not None]
-        summary = privacy_summary(federation.config, plan, ledgers)
-    return [final.components] * len(clients), [c.pi for c in clients.values()], per_client_round, summary
+    model, summary = conclude_run(federation, final, server.broadcast(federation.rounds, 1.0), ledgers)
+    return [model] * len(clients), [c.pi for c in clients.values()], per_client_round, summary
 
 
 def check_resumed_config(run_dir: RunDirectory, config: SimulationConfig) -> None:

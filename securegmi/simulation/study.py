@@ -30,7 +30,7 @@ from securegmi.privacy.calibration import (
     calibrate_private_mixture,
 )
 from securegmi.privacy.ledger import PrivacyBudget
-from securegmi.protocol import ProtocolBuilder, ProtocolSpec
+from securegmi.protocol import ProtocolSpec, registry
 from securegmi.records.rundir import LEDGERS, PLAN, PROTOCOL, RunDirectory
 
 SKETCH_DIM = 64  # see core.fine_clusters.public_sketch
@@ -82,23 +82,13 @@ class Federation:
     plan: DpPlan | PrivateMixturePlan | None
 
     @classmethod
-    def build(
-        cls, config: SimulationConfig, builder: ProtocolBuilder, data: FederatedData | None = None
-    ) -> Federation:
+    def build(cls, config: SimulationConfig, data: FederatedData | None = None) -> Federation:
+        """The study `config` describes, under the protocol it names (found in the registry)."""
         data = data if data is not None else load_federated_data(config)
-        reference = new_model(config, data)
         plan = dp_plan(config, data) if config.epsilon is not None else None
-        extra = {}
-        if isinstance(plan, PrivateMixturePlan):
-            size = reference.n_components * reference.parameter_count()
-            extra["statistics"] = statistics_dims(plan, len(data.clients), size)
-        spec = builder(
-            components=reference.n_components,
-            parameters=reference.parameter_count(),
-            top_b=config.top_b,
-            **extra,
+        spec = bind_protocol(
+            config.protocol, new_model(config, data), plan=plan, clients=len(data.clients), top_b=config.top_b
         )
-        check_protocol_name(config, spec)
         return cls(config, data, spec, plan)
 
     @property
@@ -173,19 +163,37 @@ class Federation:
 
     def write_public_files(self, run_dir: RunDirectory) -> None:
         """The protocol and DP plan beside the transcript, for the audit."""
-        run_dir.write_json(PROTOCOL, {"name": self.spec.name, "dims": dict(self.spec.dims)})
+        run_dir.write_json(PROTOCOL, self.spec.to_json())
         if self.plan is not None:
             run_dir.write_json(PLAN, self.plan.to_dict())
             run_dir.file(LEDGERS).mkdir(exist_ok=True)
 
 
-def check_protocol_name(config: SimulationConfig, spec: ProtocolSpec) -> None:
-    """config.json, the audit and the plan's placement all read config.protocol: a run under
-    another protocol would be audited as the one it is not."""
-    if spec.name != config.protocol:
-        raise ConfigError(
-            f"the configuration names protocol {config.protocol!r}, the builder gives {spec.name!r}"
-        )
+def bind_protocol(
+    name: str,
+    components: MixtureOfVAEs,
+    *,
+    plan: DpPlan | PrivateMixturePlan | None = None,
+    clients: int | None = None,
+    top_b: int | None = None,
+) -> ProtocolSpec:
+    """The registered protocol `name` bound to the sizes of `components` and, under the
+    statistics design's `plan`, to the sizes of its statistics phase (the histogram matrix
+    has a row per client of the cohort, hence `clients`). Every engine, the front door and the
+    CLI bind here, so that all of them run the protocol the run records."""
+    statistics = None
+    if isinstance(plan, PrivateMixturePlan):
+        if clients is None:
+            raise ConfigError("a statistics-design plan needs clients= (the cohort size)")
+        size = components.n_components * components.parameter_count()
+        statistics = statistics_dims(plan, clients, size)
+    return registry.bind(
+        name,
+        components=components.n_components,
+        parameters=components.parameter_count(),
+        top_b=top_b,
+        statistics=statistics,
+    )
 
 
 def dp_plan(config: SimulationConfig, data: FederatedData) -> DpPlan | PrivateMixturePlan:

@@ -34,7 +34,6 @@ from securegmi.adapters.loopback import (
 from securegmi.config import SimulationConfig
 from securegmi.crypto.keys import SecretContext
 from securegmi.protocol import read_transcript
-from securegmi.protocols import builder
 from securegmi.records.audit import audit_run
 from securegmi.records.rundir import AGGREGATE, CHECKPOINT, CLIENT_STATES, ENGINE, LEDGERS, TRANSCRIPT
 from securegmi.simulation.runner import run_simulation
@@ -101,9 +100,9 @@ def _ledgers(run_dir: Path) -> list[dict]:
 def test_simulation_engine_matches_in_process(tmp_path):
     """Same seeds, same (seeded, test-only) DP noise: the same components within CKKS tolerance,
     the same pi estimates and identical ledgers; both run directories pass the audit."""
-    local = run_simulation(SECURE, protocol=builder("secure"), out=tmp_path / "local")
+    local = run_simulation(SECURE, out=tmp_path / "local")
     with ListeningWatch() as watch:
-        flower = run_flower_simulation(SECURE, builder("secure"), tmp_path / "flower")
+        flower = run_flower_simulation(SECURE, tmp_path / "flower")
     # Ray and Flower listened, and only on loopback (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0).
     assert watch.seen and off_loopback(sorted(watch.seen)) == [], watch.seen
     # The run started a Ray of its own, and the watch sees its GCS (the control for the test
@@ -121,13 +120,13 @@ def test_simulation_engine_matches_in_process(tmp_path):
     assert flower.privacy == local.privacy
     assert flower.evaluation.source_accuracy == pytest.approx(local.evaluation.source_accuracy, abs=0.02)
     for run in ("local", "flower"):
-        report = audit_run(tmp_path / run, builder)
+        report = audit_run(tmp_path / run)
         # Seeded noise is for tests only: the audit says so, and nothing else.
         assert all("seeded" in problem for problem in report.problems), report.problems
     # Negative control: the same study with other (private) noise gives other pi estimates, so
     # the tolerances above can fail.
     private = SimulationConfig(clients=3, epsilon=8.0, protocol="secure", dp_noise="private")
-    run_simulation(private, protocol=builder("secure"), out=tmp_path / "private")
+    run_simulation(private, out=tmp_path / "private")
     c = load_file(str(tmp_path / "private" / CHECKPOINT))
     assert np.abs(c["pi"] - b["pi"]).max() > 1e-3
     # The run directory an auditor receives holds no secret key.
@@ -139,11 +138,9 @@ def test_simulation_engine_joins_a_running_ray_cluster(tmp_path):
     """`ray_address` (`securegmi simulate --engine flower --ray-address`): the SuperNodes run on
     a Ray cluster that was already running, the run starts no Ray of its own, and it is the same
     run as in-process (same seeds, same seeded noise)."""
-    local = run_simulation(SECURE, protocol=builder("secure"), out=tmp_path / "local")
+    local = run_simulation(SECURE, out=tmp_path / "local")
     with LoopbackRayHead(tmp_path) as head, ListeningWatch() as watch:
-        cluster = run_flower_simulation(
-            SECURE, builder("secure"), tmp_path / "cluster", ray_address=head.address
-        )
+        cluster = run_flower_simulation(SECURE, tmp_path / "cluster", ray_address=head.address)
     # The only GCS that ran is the head's: a run that started its own Ray would show a second
     # one (the in-process comparison test shows the watch sees it).
     assert watch.ray_gcs and watch.ray_gcs <= head.members, (watch.ray_gcs, head.members)
@@ -152,7 +149,7 @@ def test_simulation_engine_joins_a_running_ray_cluster(tmp_path):
     assert np.abs(a["pi"] - b["pi"]).max() <= 1e-6
     assert _ledgers(tmp_path / "local") == _ledgers(tmp_path / "cluster")
     assert cluster.privacy == local.privacy
-    report = audit_run(tmp_path / "cluster", builder)
+    report = audit_run(tmp_path / "cluster")
     assert all("seeded" in problem for problem in report.problems), report.problems
 
 
@@ -171,10 +168,10 @@ def test_a_client_over_budget_refuses_over_flower_and_the_round_completes(tmp_pa
 
     def make_client(context):
         index = int(context.node_config["partition-id"])
-        return study_client(short if index == 1 else config, builder("dp"), out, index, None)
+        return study_client(short if index == 1 else config, out, index, None)
 
     flower_simulation(
-        server_app=server_app(lambda context: study_server(config, builder("dp"), out, None)),
+        server_app=server_app(lambda context: study_server(config, out, None)),
         client_app=client_app(make_client),
         num_supernodes=3,
         backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}},
@@ -195,9 +192,10 @@ def test_a_client_over_budget_refuses_over_flower_and_the_round_completes(tmp_pa
 def test_deployment_engine_on_loopback_completes_a_secure_run(tmp_path):
     """A SuperLink and three SuperNodes as processes on 127.0.0.1, the app started with
     `flwr run`; each node holds its own key directory, state and ledger, the server only the
-    public context. Collected, the server's directory and the nodes' ledgers pass the audit."""
+    public context. The server's directory, audited with the ledgers gathered from the nodes
+    (`audit_run(..., ledgers=)`, `securegmi audit --ledgers`), passes."""
     config = SimulationConfig(clients=3, epsilon=8.0, protocol="secure")
-    federation = Federation.build(config, builder("secure"))
+    federation = Federation.build(config)
     keys = tmp_path / "keys"
     SecretContext.generate(federation.ckks_parameters()).save(keys)
     public = tmp_path / "server-keys"
@@ -224,11 +222,13 @@ def test_deployment_engine_on_loopback_completes_a_secure_run(tmp_path):
     server = tmp_path / "server"
     assert json.loads((server / ENGINE).read_text())["refused"] == [{}] * config.planned_rounds
     assert not list(server.rglob("secret*"))
-    (server / LEDGERS).mkdir(exist_ok=True)
+    assert not audit_run(server).ok  # the sites keep their ledgers: the server's folder is empty
+    gathered = tmp_path / "gathered-ledgers"
+    gathered.mkdir()
     for i in range(3):
         assert (tmp_path / f"node-{i}" / CLIENT_STATES / f"client-{i}.safetensors").exists()
-        shutil.copy(tmp_path / f"node-{i}" / LEDGERS / f"client-{i}.json", server / LEDGERS)
-    report = audit_run(server, builder)
+        shutil.copy(tmp_path / f"node-{i}" / LEDGERS / f"client-{i}.json", gathered)
+    report = audit_run(server, ledgers=gathered)
     assert report.ok, report.problems
     assert [
         bad for d in (server, *(tmp_path / f"node-{i}" for i in range(3))) for bad in non_data_files(d)

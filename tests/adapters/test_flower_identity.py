@@ -27,7 +27,6 @@ from securegmi.errors import RunAbortedError
 from securegmi.federation.client import Client
 from securegmi.federation.server import Server
 from securegmi.protocol import decode, encode
-from securegmi.protocols import plain
 from securegmi.simulation.study import Federation
 
 CONFIG = SimulationConfig(dataset="synthetic", clients=3, local_epochs=1, hidden=4, latent=1, rounds=2)
@@ -84,7 +83,7 @@ class ScriptedGrid(PushPullGrid):
 
 
 def _setup() -> tuple[Federation, dict[str, Client], Server]:
-    federation = Federation.build(CONFIG, plain.build)
+    federation = Federation.build(CONFIG)
     clients = {cid: federation.client(i, None) for i, cid in enumerate(federation.client_ids)}
     return federation, clients, federation.server(None)
 

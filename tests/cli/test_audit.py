@@ -13,7 +13,6 @@ from typer.testing import CliRunner
 from securegmi.cli.main import app
 from securegmi.config import SimulationConfig
 from securegmi.privacy import ledger as ledger_module
-from securegmi.protocols import dp, plain
 from securegmi.records.rundir import CLIENT_STATES, ENGINE, METRICS, SERVER_STATE
 from securegmi.simulation.runner import run_simulation
 
@@ -27,7 +26,7 @@ def dp_run(tmp_path_factory):
     # --rounds sets the EM designs' length only; the statistics design's is its own.
     private = {k: v for k, v in SMALL.items() if k != "rounds"}
     config = SimulationConfig(**private, protocol="dp", epsilon=2.0)
-    result = run_simulation(config, protocol=dp.build, out=out)
+    result = run_simulation(config, out=out)
     return out, result
 
 
@@ -37,7 +36,7 @@ def em_run(tmp_path_factory):
     protocol.json says nothing of the number of clients."""
     out = tmp_path_factory.mktemp("audit") / "em"
     config = SimulationConfig(**SMALL, protocol="dp", epsilon=2.0, private_training="em")
-    run_simulation(config, protocol=dp.build, out=out)
+    run_simulation(config, out=out)
     return out
 
 
@@ -199,7 +198,7 @@ def test_an_exceeded_budget_fails_the_audit(dp_run, tmp_path):
 
 @pytest.mark.slow
 def test_a_plain_run_fails_the_audit(tmp_path):
-    run_simulation(SimulationConfig(**SMALL), protocol=plain.build, out=tmp_path / "plain")
+    run_simulation(SimulationConfig(**SMALL), out=tmp_path / "plain")
     audit = runner.invoke(app, ["audit", str(tmp_path / "plain")])
     assert audit.exit_code == 1
     assert "without protection" in audit.output
@@ -647,3 +646,68 @@ def test_a_configuration_of_another_protocol_fails_the_audit(dp_run, tmp_path):
         "config.json gives protocol 'secure', protocol.json names 'dp': the transcript was recorded under "
         "another protocol than the configuration's"
     ]
+
+
+def _declare(run_dir: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    path = run_dir / "protocol.json"
+    declared = json.loads(path.read_text())
+    change(declared)
+    path.write_text(json.dumps(declared))
+
+
+def _update_stage(declared: dict[str, Any]) -> dict[str, Any]:
+    return next(s for s in declared["stages"] if s["name"] == "update")
+
+
+def _masses_public(declared: dict[str, Any]) -> None:
+    for f in _update_stage(declared)["fields"]:
+        if f["name"] == "masses":
+            f["kind"] = "public"  # no longer a DP release: no ledger event needed
+
+
+def _extra_uplink(declared: dict[str, Any]) -> None:
+    extra = {**_update_stage(declared)["fields"][0], "name": "records", "description": "raw records"}
+    _update_stage(declared)["fields"].append(extra)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("change", "difference"),
+    [
+        (_masses_public, "update.masses recorded public, registered dp-release"),
+        (_extra_uplink, "update.records undeclared"),
+    ],
+)
+def test_a_rewritten_protocol_declaration_fails_the_audit(dp_run, tmp_path, change, difference):
+    """protocol.json records the declaration that ran; the audit does not take it on trust:
+    for a registered protocol it must be the registry's binding at its recorded dimensions.
+    Negative control: the file rewritten unchanged passes."""
+    out, _ = dp_run
+    tampered = tmp_path / "declared"
+    _copy(out, tampered)
+    _declare(tampered, lambda declared: None)
+    _passes(tampered)
+    _declare(tampered, change)
+    assert _problems(tampered) == [
+        f"protocol.json is not protocol 'dp' as registered here, bound at its recorded dimensions "
+        f"({difference}): the transcript is checked against the registered declaration"
+    ]
+
+
+@pytest.mark.slow
+def test_the_audit_reads_the_ledgers_from_where_it_is_told(dp_run, tmp_path):
+    """A Flower server's directory holds no ledgers (each site keeps its own): `--ledgers`
+    names the folder they were gathered into. Negative control: without it the audit fails."""
+    import shutil
+
+    out, _ = dp_run
+    server = tmp_path / "server"
+    _copy(out, server)
+    shutil.move(server / "ledgers", tmp_path / "gathered")
+    shutil.rmtree(server / CLIENT_STATES)  # a server holds no client's state either
+    assert any("holds no ledger of it" in p for p in _problems(server))
+    audit = runner.invoke(app, ["audit", str(server), "--ledgers", str(tmp_path / "gathered"), "--json"])
+    assert audit.exit_code == 0, audit.output
+    assert len(json.loads(audit.stdout)["budgets"]) == 3
+    missing = runner.invoke(app, ["audit", str(server), "--ledgers", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "is not a folder of the clients' ledgers" in missing.output

@@ -25,7 +25,7 @@ from securegmi.federation.server import Server
 from securegmi.privacy.calibration import calibrate
 from securegmi.privacy.ledger import PrivacyBudget, PrivacyLedger
 from securegmi.protocol import decode, encode
-from securegmi.protocols import builder
+from securegmi.protocol.registry import builder
 
 ROOT = Path(__file__).resolve().parents[2]
 LATENT = 2

@@ -18,7 +18,6 @@ from securegmi.federation.server import Server
 from securegmi.protocol import Message, ProtocolSpec
 from securegmi.protocol.fields import Public
 from securegmi.protocol.spec import CONTRIBUTIONS
-from securegmi.protocols import dp
 from securegmi.simulation.study import Federation
 
 SPLIT = SimulationConfig(
@@ -27,7 +26,7 @@ SPLIT = SimulationConfig(
 
 
 def _federation() -> Federation:
-    return Federation.build(SPLIT, dp.build)
+    return Federation.build(SPLIT)
 
 
 def _first_replies(federation: Federation, server: Server) -> dict[str, Message]:
@@ -126,17 +125,14 @@ def test_a_client_refuses_a_declaration_whose_aggregates_drop_the_minimum():
 
 def test_split_noise_is_never_sent_in_the_clear():
     """A plan that splits its noise (secure's default) under the clear dp declaration: one
-    share would be read with a fraction of the noise. Refused by the client, and a simulation
-    whose builder is not its configuration's protocol is refused too."""
+    share would be read with a fraction of the noise: refused by the client."""
     secure = SimulationConfig(**{**SPLIT.to_dict(), "protocol": "secure"})
-    federation = Federation.build(secure, securegmi.protocols.builder("secure"))
+    federation = Federation.build(secure)
     assert federation.plan.statistics.placement == "split"  # type: ignore[union-attr]
     clear = securegmi.protocol("dp", federation.new_model(), plan=federation.plan, clients=SPLIT.clients)
     privacy = federation.client(0, federation_keys(federation)).policy.privacy  # type: ignore[attr-defined]
     with pytest.raises(PrivacyError, match="sends releases in the clear"):
         Client("client-0", federation.new_model(), federation.data.clients[0].x_train, clear, privacy=privacy)
-    with pytest.raises(ConfigError, match="names protocol 'secure', the builder gives 'dp'"):
-        Federation.build(secure, dp.build)
     # Negative control: the same declaration with a local-noise plan is accepted (test _federation).
     _client_on(_federation(), _federation().spec)
 

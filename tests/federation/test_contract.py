@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from securegmi import Client, Server, protocols
+from securegmi import Client, Server
 from securegmi.config import SimulationConfig
 from securegmi.crypto.keys import SecretContext
 from securegmi.errors import ProtocolViolation
 from securegmi.federation.server import play_round
 from securegmi.federation.transport import InProcessTransport
+from securegmi.protocol import registry
 from securegmi.simulation.study import Federation
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,13 +36,13 @@ CASES = {
 
 
 def test_every_protocol_module_has_a_case():
-    assert {name.split("-")[0] for name in CASES} == set(protocols.PROTOCOLS)
+    assert {name.split("-")[0] for name in CASES} == set(registry.available())
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_the_protocol_runs_through_the_one_client_and_the_one_server(case):
     config = SimulationConfig(**BASE, **CASES[case])
-    federation = Federation.build(config, protocols.builder(config.protocol))
+    federation = Federation.build(config)
     keys = SecretContext.generate(federation.ckks_parameters()) if federation.secure else None
     clients = {cid: federation.client(i, keys) for i, cid in enumerate(federation.client_ids)}
     server = federation.server(keys.public() if keys is not None else None)
@@ -89,7 +90,7 @@ def test_no_library_code_chooses_behaviour_by_client_or_server_type():
 
 def test_a_reply_to_an_earlier_round_is_never_added():
     config = SimulationConfig(**BASE, **EM)
-    federation = Federation.build(config, protocols.builder("plain"))
+    federation = Federation.build(config)
     clients = {cid: federation.client(i, None) for i, cid in enumerate(federation.client_ids)}
     server = federation.server(None)
     transport = InProcessTransport(server.endpoint, {cid: c.endpoint for cid, c in clients.items()})
@@ -107,7 +108,7 @@ def test_messages_are_bound_to_their_run_sender_and_round():
     round already added are refused by the server; a client refuses another run's server.
     The same round's own replies are added (negative control)."""
     config = SimulationConfig(**BASE, **EM)
-    federation = Federation.build(config, protocols.builder("plain"))
+    federation = Federation.build(config)
     clients = {cid: federation.client(i, None) for i, cid in enumerate(federation.client_ids)}
     server, other = federation.server(None), federation.server(None)
     assert server.run_id != other.run_id  # a fresh id per run

@@ -13,7 +13,6 @@ from securegmi.crypto.keys import SecretContext
 from securegmi.errors import RunAbortedError
 from securegmi.federation.server import play_round
 from securegmi.federation.transport import InProcessTransport
-from securegmi.protocols import builder
 from securegmi.simulation.study import Federation
 
 CONFIG = SimulationConfig(
@@ -41,7 +40,7 @@ def _crash_in_release(client: Any) -> None:
 
 
 def _federation() -> tuple[Federation, dict[str, Any], Any, InProcessTransport]:
-    federation = Federation.build(CONFIG, builder("secure"))
+    federation = Federation.build(CONFIG)
     keys = SecretContext.generate(federation.ckks_parameters())
     clients = {cid: federation.client(i, keys) for i, cid in enumerate(federation.client_ids)}
     server = federation.server(keys.public())

@@ -14,7 +14,6 @@ import pytest
 
 from securegmi.config import SimulationConfig
 from securegmi.privacy.calibration import PrivateMixturePlan
-from securegmi.protocols import dp
 from securegmi.simulation.study import Federation
 
 from .gaussian_scale import assert_scale
@@ -65,7 +64,7 @@ class Observer:
 @pytest.fixture(scope="module")
 def observed(tmp_path_factory):  # type: ignore[no-untyped-def]
     ledger_dir = tmp_path_factory.mktemp("ledgers")
-    federation = Federation.build(CONFIG, dp.build)
+    federation = Federation.build(CONFIG)
     clients = [federation.client(i, None, ledger_dir) for i in range(CONFIG.clients)]
     observer = Observer(clients[0])
     server = federation.server(None)

@@ -25,7 +25,6 @@ from securegmi.federation.client import Client
 from securegmi.federation.release import CountsRelease
 from securegmi.federation.server import Server
 from securegmi.protocol import Message
-from securegmi.protocols import dp
 from securegmi.simulation.study import Federation
 
 from .test_dp import CONFIG as DP_CONFIG
@@ -78,7 +77,7 @@ def _fields(message: Message) -> dict[str, Any]:
 
 @pytest.mark.slow
 def test_every_round_depends_on_the_records_and_released_values_only():
-    federation = Federation.build(CONFIG, dp.build)
+    federation = Federation.build(CONFIG)
     x = federation.data.clients[0].x_train
     running, released = _client(federation, x)
     server = Server(federation.spec)

@@ -19,7 +19,6 @@ from securegmi.federation.release import BROADCAST, CountsRelease, StatisticsRel
 from securegmi.federation.statistics import SENSITIVITY, StatisticsRole
 from securegmi.privacy.calibration import PrivateMixturePlan
 from securegmi.protocol import START
-from securegmi.protocols import dp, secure
 from securegmi.simulation.study import Federation
 
 from .gaussian_scale import assert_scale
@@ -49,7 +48,7 @@ def test_the_count_release_adds_the_noise_its_ledger_claims(tmp_path):
         sample_rate=0.5,
         private_training="em",
     )
-    federation = Federation.build(config, dp.build)
+    federation = Federation.build(config)
     client = federation.client(0, None, tmp_path)
     policy = client.policy
     assert isinstance(policy, CountsRelease)
@@ -84,7 +83,7 @@ def test_every_statistics_release_adds_the_noise_its_ledger_claims(placement):
     the entry's fallback figure (the share alone) names it, and the minimum cohort's shares
     together must carry the aggregate's full noise."""
     config = replace(DROPOUT_CONFIG, vae_rounds=5, noise_placement=placement)  # 4 clients, cohort 3
-    federation = Federation.build(config, secure.build)
+    federation = Federation.build(config)
     assert isinstance(federation.plan, PrivateMixturePlan)
     client = federation.client(1, SecretContext.generate(federation.ckks_parameters()))
     assert isinstance(client.policy, StatisticsRelease)

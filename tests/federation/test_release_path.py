@@ -14,7 +14,6 @@ from safetensors.numpy import load_file
 import securegmi
 from securegmi.federation import codec as codec_module
 from securegmi.federation.local import LocalLearner
-from securegmi.protocols import secure
 from securegmi.simulation import study as study_module
 from securegmi.simulation.study import Federation
 
@@ -35,7 +34,7 @@ CONFIG = securegmi.SimulationConfig(
 def _off_grid(values: np.ndarray) -> bool:
     """Whether any value is not (the float32 copy of) a multiple of the release grid."""
     v = np.asarray(values)
-    grid = Federation.build(CONFIG, secure.build).ckks_parameters().release_grid()
+    grid = Federation.build(CONFIG).ckks_parameters().release_grid()
     nearest = np.round(v.astype(np.float64) / grid) * grid
     return not np.array_equal(nearest.astype(v.dtype), v)
 

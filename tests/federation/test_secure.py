@@ -18,7 +18,7 @@ from securegmi.crypto.params import CkksParameters
 from securegmi.federation.server import Server
 from securegmi.protocol import Message
 from securegmi.protocol.fields import Ciphertext
-from securegmi.protocols import dp, secure
+from securegmi.protocols import secure
 from securegmi.simulation.runner import run_simulation
 from securegmi.simulation.study import load_federated_data, new_model
 
@@ -40,13 +40,13 @@ def runs(tmp_path_factory):
     """dp and secure with the same (seeded, test-only) noise, and a secure run as deployed."""
     base = tmp_path_factory.mktemp("secure")
     out = {}
-    for name, protocol, build, noise, placement in (
-        ("dp", "dp", dp.build, "seeded", "local"),
-        ("secure", "secure", secure.build, "seeded", "local"),  # the same noise as dp
-        ("secure-private", "secure", secure.build, "private", None),  # split, the default
+    for name, protocol, noise, placement in (
+        ("dp", "dp", "seeded", "local"),
+        ("secure", "secure", "seeded", "local"),  # the same noise as dp
+        ("secure-private", "secure", "private", None),  # split, the default
     ):
         config = SimulationConfig(protocol=protocol, dp_noise=noise, noise_placement=placement, **SMALL)
-        out[name] = (base / name, run_simulation(config, protocol=build, out=base / name))
+        out[name] = (base / name, run_simulation(config, out=base / name))
     return out
 
 
@@ -105,7 +105,6 @@ def test_the_masses_leave_inside_the_components_ciphertexts_and_the_audit_checks
 
 def _first_update(protocol: str, keys: SecretContext | None) -> Message:
     """Client 0's round-0 update under `protocol`, with seeded (test-only) noise."""
-    from securegmi.protocols import builder
     from securegmi.simulation.study import Federation
 
     config = SimulationConfig(
@@ -116,7 +115,7 @@ def _first_update(protocol: str, keys: SecretContext | None) -> Message:
         rounds=3,
         **SMALL,
     )
-    federation = Federation.build(config, builder(protocol))
+    federation = Federation.build(config)
     server = federation.server(keys.public() if keys is not None else None)
     return federation.client(0, keys).handle(server.broadcast(0, 1.0))
 
@@ -362,21 +361,24 @@ def test_a_seeded_run_relabelled_private_with_its_ledgers_rewritten_fails_the_au
 
 @pytest.fixture(scope="module")
 def split_in_the_clear(tmp_path_factory):
-    """A secure configuration (split noise) run with the clear `dp` protocol's builder: every
-    split share travels unencrypted, with a fraction of the noise. No public path builds it any
-    more (the federation refuses a builder of another protocol, and a client a clear protocol
-    for split noise: test_cohort), so both checks are switched off here to show that the audit
-    catches such a directory too (one written by older code, say)."""
+    """A secure configuration (split noise) run under the clear `dp` protocol: every split
+    share travels unencrypted, with a fraction of the noise. No public path builds it (the
+    federation binds the protocol the configuration names, and a client refuses a clear
+    protocol for split noise: test_cohort), so the registry's lookup is redirected and the
+    client's check switched off here to show that the audit catches such a directory too (one
+    written by older code, say)."""
     from securegmi.federation import client as client_module
-    from securegmi.simulation import study
+    from securegmi.protocol import registry
+
+    bind = registry.bind
 
     out = tmp_path_factory.mktemp("secure") / "split-clear"
     config = SimulationConfig(protocol="secure", vae_rounds=1, **SMALL)
     assert config.placement == "split"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(study, "check_protocol_name", lambda config, spec: None)
+        patch.setattr(registry, "bind", lambda name, **dims: bind("dp", **dims))
         patch.setattr(client_module, "_check_split_stages", lambda spec, plan: None)
-        run_simulation(config, protocol=dp.build, out=out)
+        run_simulation(config, out=out)
     return out
 
 

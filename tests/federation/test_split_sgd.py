@@ -15,7 +15,6 @@ from securegmi.crypto.keys import SecretContext
 from securegmi.errors import ConfigError, RunAbortedError
 from securegmi.federation.server import play_round
 from securegmi.federation.transport import InProcessTransport
-from securegmi.protocols import builder
 from securegmi.simulation.study import Federation
 
 from .gaussian_scale import assert_scale, has_scale
@@ -36,7 +35,7 @@ CONFIG = SimulationConfig(
 
 
 def _federation():  # type: ignore[no-untyped-def]
-    federation = Federation.build(CONFIG, builder("secure"))
+    federation = Federation.build(CONFIG)
     keys = SecretContext.generate(federation.ckks_parameters())
     clients = {cid: federation.client(i, keys) for i, cid in enumerate(federation.client_ids)}
     server = federation.server(keys.public())

@@ -9,7 +9,6 @@ from safetensors.numpy import load_file
 
 from securegmi.config import SimulationConfig
 from securegmi.errors import ConfigError, RunDirectoryError
-from securegmi.protocols import plain
 from securegmi.simulation.runner import run_simulation
 from securegmi.simulation.study import client_settings
 
@@ -21,7 +20,7 @@ FAST = {"dataset": "synthetic", "clients": 10, "rounds": 15, "local_epochs": 2, 
 @pytest.fixture(scope="module")
 def fedgmi_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "fedgmi"
-    return out, run_simulation(SimulationConfig(**FAST), protocol=plain.build, out=out)
+    return out, run_simulation(SimulationConfig(**FAST), out=out)
 
 
 @pytest.mark.slow
@@ -30,7 +29,7 @@ def test_fedgmi_recovers_mixture_proportions_on_synthetic(fedgmi_run):
     latent draws became record-keyed: 0.89 accuracy, pi TV 0.16; seeds 1-5 0.996-1.0, 0.013-0.02,
     as before), so the median of three seeds must recover the mixture."""
     evaluations = [fedgmi_run[1].evaluation] + [
-        run_simulation(SimulationConfig(**FAST, seed=seed), protocol=plain.build).evaluation
+        run_simulation(SimulationConfig(**FAST, seed=seed)).evaluation
         for seed in (1, 2)
     ]
     assert sorted(e.pi_tv_error for e in evaluations)[1] < 0.05
@@ -81,9 +80,9 @@ def test_the_results_check_catches_a_wrong_document(fedgmi_run, tamper):
 @pytest.mark.slow
 def test_same_seed_same_run_other_seed_other_run():
     config = SimulationConfig(**{**FAST, "rounds": 3})
-    a = run_simulation(config, protocol=plain.build)
-    b = run_simulation(config, protocol=plain.build)
-    c = run_simulation(SimulationConfig(**{**FAST, "rounds": 3, "seed": 1}), protocol=plain.build)
+    a = run_simulation(config)
+    b = run_simulation(config)
+    c = run_simulation(SimulationConfig(**{**FAST, "rounds": 3, "seed": 1}))
     assert a.evaluation.per_client == b.evaluation.per_client
     assert [h.source_accuracy for h in a.history] == [h.source_accuracy for h in b.history]
     assert a.evaluation.per_client != c.evaluation.per_client
@@ -91,8 +90,8 @@ def test_same_seed_same_run_other_seed_other_run():
 
 @pytest.mark.slow
 def test_top_b_sends_fewer_components():
-    full = run_simulation(SimulationConfig(**{**FAST, "rounds": 2}), protocol=plain.build)
-    top1 = run_simulation(SimulationConfig(**{**FAST, "rounds": 2, "top_b": 1}), protocol=plain.build)
+    full = run_simulation(SimulationConfig(**{**FAST, "rounds": 2}))
+    top1 = run_simulation(SimulationConfig(**{**FAST, "rounds": 2, "top_b": 1}))
     assert top1.uplink_bytes_per_client_round < 0.4 * full.uplink_bytes_per_client_round
 
 
@@ -105,7 +104,7 @@ def test_every_method_runs_and_reports(method, tmp_path):
     if method == "fedgmm":  # no local training: --local-epochs does not apply
         del settings["local_epochs"]
     config = SimulationConfig(**settings)
-    result = run_simulation(config, protocol=plain.build, out=tmp_path / method)
+    result = run_simulation(config, out=tmp_path / method)
     results = json.loads((tmp_path / method / "results.json").read_text())
     check_results(results, config)
     assert results["source_accuracy"] == result.evaluation.source_accuracy
@@ -116,7 +115,7 @@ def test_existing_run_directory_is_not_overwritten(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "results.json").write_text("{}")
     with pytest.raises(RunDirectoryError, match="--overwrite"):
-        run_simulation(SimulationConfig(**{**FAST, "rounds": 1}), protocol=plain.build, out=tmp_path / "run")
+        run_simulation(SimulationConfig(**{**FAST, "rounds": 1}), out=tmp_path / "run")
 
 
 @pytest.mark.parametrize(
@@ -145,3 +144,33 @@ def test_private_training_takes_dp_sgds_step_size_and_plain_training_the_dataset
     assert client_settings(SimulationConfig()).learning_rate == 3e-3  # digits' default
     assert client_settings(SimulationConfig(dataset="mnist5k")).learning_rate == 2e-3
     assert client_settings(SimulationConfig(learning_rate=1e-3)).learning_rate == 1e-3
+
+
+def test_a_run_carries_its_messages_over_the_transport_it_is_given():
+    """run_simulation takes a transport factory (the server's end and every client's end): the
+    in-process twin by default, any `Transport` in its place. A counting transport carries the
+    same run; a transport that loses one client's messages (negative control) shows the run
+    goes through the one it is given."""
+    from securegmi.errors import ProtocolViolation
+    from securegmi.federation.transport import InProcessTransport
+
+    delivered: list[str] = []
+
+    class Counting(InProcessTransport):
+        def deliver(self, client_id: str, wire: bytes) -> bytes:
+            delivered.append(client_id)
+            return super().deliver(client_id, wire)
+
+    class Losing(InProcessTransport):
+        def deliver(self, client_id: str, wire: bytes) -> bytes:
+            if client_id == "client-1":
+                raise ProtocolViolation("lost on the way")
+            return super().deliver(client_id, wire)
+
+    config = SimulationConfig(**{**FAST, "clients": 3, "rounds": 2})
+    default = run_simulation(config)
+    counted = run_simulation(config, transport=Counting)
+    assert sorted(delivered) == sorted([f"client-{i}" for i in range(3)] * 2)
+    assert counted.evaluation == default.evaluation
+    assert [m.refused for m in default.history] == [0, 0]
+    assert [m.refused for m in run_simulation(config, transport=Losing).history] == [1, 1]
