@@ -43,11 +43,20 @@ def builder(name: str) -> ProtocolBuilder:
     """The builder registered under `name`; a `ConfigError` says why when there is none."""
     point = _entry_points().get(name)
     if point is None:
-        names = ", ".join(available()) or "none"
+        registered = available()
+        names = ", ".join(registered) or "none"
+        stale = "plain" not in registered  # securegmi's own protocols are always registered
         raise ConfigError(
             f"unknown protocol {name!r}; registered protocols: {names}. A protocol is registered by "
             f'an entry point in group {GROUP!r} ([project.entry-points."{GROUP}"] in its package\'s '
             "pyproject.toml): install the package that provides it, or pick a registered one"
+            + (
+                "; securegmi's own plain/dp/secure are missing too, so the metadata Python reads is "
+                "stale (a securegmi.egg-info in the working directory shadows the installed one): "
+                "delete it, or reinstall with `pip install -e .`"
+                if stale
+                else ""
+            )
         )
     try:
         loaded = point.load()
