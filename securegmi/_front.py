@@ -12,7 +12,7 @@ from securegmi.core.mixture import MixtureOfVAEs
 from securegmi.errors import ConfigError
 from securegmi.federation.statistics import statistics_dims
 from securegmi.privacy.calibration import DpPlan, PrivateMixturePlan
-from securegmi.protocol import ProtocolSpec
+from securegmi.protocol import ProtocolBuilder, ProtocolSpec
 from securegmi.records.audit import AuditReport, audit_run
 from securegmi.simulation.recorder import PlanCallback, ProgressCallback
 from securegmi.simulation.runner import FEDERATED, RunResult, run_simulation
@@ -20,7 +20,12 @@ from securegmi.simulation.runner import FEDERATED, RunResult, run_simulation
 PROTOCOLS = tuple(sorted(protocols.PROTOCOLS))
 
 
-def protocol(
+def _protocol_builder(name: str) -> ProtocolBuilder:
+    """The one place the front door looks a protocol up by name."""
+    return protocols.builder(name)
+
+
+def bind_protocol(
     name: str,
     components: MixtureOfVAEs,
     *,
@@ -28,15 +33,22 @@ def protocol(
     clients: int | None = None,
     top_b: int | None = None,
 ) -> ProtocolSpec:
-    """The named protocol (one of `PROTOCOLS`) bound to your components' sizes; a statistics
-    design plan also needs the cohort size `clients` (the histogram matrix has a row each)."""
+    """The named protocol (one of `PROTOCOLS`) bound to your components' sizes and, for a
+    private run, to its plan. A plan of the statistics design (`calibrate_statistics`, the
+    default private design) also needs the cohort size `clients` (the histogram matrix has a
+    row each); the bound protocol declares the plan's minimum cohort, which `Server(spec)`
+    then enforces."""
     extra = {}
     if isinstance(plan, PrivateMixturePlan):
         if clients is None:
             raise ConfigError("a statistics-design plan needs clients= (the cohort size)")
+        if not plan.statistics.min_clients <= clients:
+            raise ConfigError(
+                f"the plan's minimum cohort is {plan.statistics.min_clients}, above the {clients} clients"
+            )
         size = components.n_components * components.parameter_count()
         extra["statistics"] = statistics_dims(plan, clients, size)
-    return protocols.builder(name)(
+    return _protocol_builder(name)(
         components=components.n_components, parameters=components.parameter_count(), top_b=top_b, **extra
     )
 

@@ -24,7 +24,10 @@ METHODS: tuple[str, ...] = (
 )
 PRIVATE_TRAINING: tuple[str, ...] = ("statistics", "em")
 PLACEMENTS: tuple[str, ...] = ("split", "local")
-DATASETS: tuple[str, ...] = ("digits", "synthetic", "mnist5k")
+# OWN_DATA marks the record of a run of the user's own components and records (`securegmi.save`):
+# its config.json holds that run's public settings, and no simulated study can be run from it.
+OWN_DATA = "own"
+DATASETS: tuple[str, ...] = ("digits", "synthetic", "mnist5k", OWN_DATA)
 SOURCE_KINDS: tuple[str, ...] = ("class-groups", "transforms")
 
 # Initial likelihood temperature by dataset: it must grow with the data dimension, since ELBO

@@ -84,6 +84,16 @@ class Server:
         # Fresh per run unless given (a resumed run keeps its id): replies must carry it.
         self.run_id = run_id or secrets.token_hex(16)
 
+    def send(self, client_id: str, message: Message) -> bytes:
+        """`message` as the bytes to carry to `client_id`: checked against the protocol, and on
+        the transcript, before it leaves."""
+        return self.endpoint.send(client_id, message)
+
+    def accept(self, client_id: str, wire: bytes) -> Message:
+        """`client_id`'s reply bytes as a message, checked against the protocol and recorded:
+        `ProtocolViolation` (recorded as rejected) for one the protocol does not declare."""
+        return self.endpoint.accept(client_id, wire)
+
     def broadcast(self, round_index: int, temperature: float) -> Message:
         """`start` in round 0; then the sums of the previous round's replies."""
         stage = self.spec.stage(START) if self.after is None else self.spec.downlink_after(self.after)

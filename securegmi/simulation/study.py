@@ -27,13 +27,11 @@ from securegmi.privacy.calibration import (
     PrivateMixturePlan,
     StatisticsPlan,
     calibrate,
-    calibrate_private_mixture,
+    calibrate_statistics,
 )
 from securegmi.privacy.ledger import PrivacyBudget
 from securegmi.protocol import ProtocolBuilder, ProtocolSpec
-from securegmi.records.rundir import LEDGERS, PLAN, PROTOCOL, RunDirectory
-
-SKETCH_DIM = 64  # see core.fine_clusters.public_sketch
+from securegmi.records.rundir import RunDirectory
 
 
 def client_settings(config: SimulationConfig) -> ClientSettings:
@@ -173,10 +171,7 @@ class Federation:
 
     def write_public_files(self, run_dir: RunDirectory) -> None:
         """The protocol and DP plan beside the transcript, for the audit."""
-        run_dir.write_json(PROTOCOL, {"name": self.spec.name, "dims": dict(self.spec.dims)})
-        if self.plan is not None:
-            run_dir.write_json(PLAN, self.plan.to_dict())
-            run_dir.file(LEDGERS).mkdir(exist_ok=True)
+        run_dir.write_public_files(self.spec, self.plan)
 
 
 def check_protocol_name(config: SimulationConfig, spec: ProtocolSpec) -> None:
@@ -204,37 +199,30 @@ def dp_plan(config: SimulationConfig, data: FederatedData) -> DpPlan | PrivateMi
             "record outright. Use a smaller --delta, below 0.1/n: 1e-5 suits clients of up to "
             "10,000 records, 1e-6 up to 100,000."
         )
-    q = config.sample_rate
     if config.private_training == "statistics":
-        return calibrate_private_mixture(
+        return calibrate_statistics(
             PrivacyBudget(config.epsilon, config.delta),
-            statistics=StatisticsPlan(
-                clusters=config.fine_clusters,
-                projection_dim=min(config.projection_dim, data.data_dim, SKETCH_DIM),
-                iterations=config.kmeans_iterations,
-                # A public centre for the unit-sphere map: mid-range of [0, 1] intensities,
-                # the origin for standardised (Gaussian-likelihood) data.
-                centre=0.5 if data.likelihood == "bernoulli" else 0.0,
-                sketch_dim=min(data.data_dim, SKETCH_DIM),
-                sketch_seed=config.seed,
-                placement=config.placement,
-                min_clients=config.cohort_minimum,
-                moments_noise=0.0,
-                cluster_noise=0.0,
-                histogram_noise=0.0,
-            ),
+            clients=config.clients,
+            features=data.data_dim,
+            likelihood=data.likelihood,
             vae_rounds=config.vae_rounds,
-            steps_per_round=config.sgd_steps,
-            sgd_placement=config.sgd_placement,
-            sample_rate=q,
+            local_epochs=config.local_epochs,
+            sample_rate=config.sample_rate,
             clip_norm=config.clip_norm,
+            placement=config.placement,
+            sgd_placement=config.sgd_placement,
+            min_clients=config.cohort_minimum,
+            fine_clusters=config.fine_clusters,
+            projection_dim=config.projection_dim,
+            kmeans_iterations=config.kmeans_iterations,
             statistics_share=config.statistics_share,
+            seed=config.seed,
         )
     return calibrate(
         PrivacyBudget(config.epsilon, config.delta),
         rounds=config.rounds,
         steps_per_round=config.sgd_steps,
-        sample_rate=q,
+        sample_rate=config.sample_rate,
         clip_norm=config.clip_norm,
         count_share=config.count_share,
     )
