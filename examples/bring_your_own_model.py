@@ -2,7 +2,9 @@
 default private design (DP statistics, then DP-SGD), saved as a run directory an auditor can check.
 
 Run:  python examples/bring_your_own_model.py [--records 150] [--vae-rounds 5] [--out DIR]
-Then: securegmi audit DIR;  securegmi infer DIR --data DIR/new-site.npy;  securegmi report DIR
+Then: securegmi audit DIR
+      securegmi infer DIR --data DIR-new-site.csv --components examples/bring_your_own_model.py:my_component
+      securegmi report DIR --components examples/bring_your_own_model.py:my_component
 
 What you supply is marked YOURS; the rest is `import securegmi`. Each site holds only its own
 records; what leaves it is declared by the protocol and charged to its privacy ledger first.
@@ -63,6 +65,11 @@ def my_loaders(records: int, seed: int = 0) -> dict[str, DataLoader[tuple[torch.
     }
 
 
+def new_site_file(out: Path) -> Path:
+    """Where the example leaves a new site's records, beside (not inside) the run directory."""
+    return out.with_name(f"{out.name}-new-site.csv")
+
+
 def main(
     records: int, vae_rounds: int, local_epochs: int, out: Path, epsilon: float = 8.0
 ) -> dict[str, object]:
@@ -101,13 +108,14 @@ def main(
 
     # A site that did not take part learns its mixture proportions from its records alone.
     new_site = my_site(np.random.default_rng(99), records).numpy()
-    np.save(out / "new-site.npy", new_site)
+    np.savetxt(new_site_file(out), new_site, delimiter=",", fmt="%.6f")  # for `securegmi infer`
     model = securegmi.load(out, components=my_component)
     summary = {
         "sites": {c.client_id: [round(float(v), 3) for v in c.pi] for c in clients},
         "epsilon_spent": max(c.ledger.spent for c in clients if c.ledger is not None),
         "new_site_pi": [round(float(v), 3) for v in model.estimate_pi(new_site)],
         "run_dir": str(out),
+        "new_site": str(new_site_file(out)),
     }
     print(json.dumps(summary, indent=2))
     return summary

@@ -19,12 +19,11 @@ Bring your own model, the default private design::
     securegmi.save("runs/mine", clients, server)
 """
 
-from __future__ import annotations
+# Bound under private names: the package's namespace holds its exports and nothing else.
+import importlib as _importlib
+import typing as _typing
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:  # what a type checker and an IDE see; at run time each name loads on first use
+if _typing.TYPE_CHECKING:  # what a type checker and an IDE see; at run time each name loads on first use
     from securegmi._front import PROTOCOLS, audit, bind_protocol, simulate
     from securegmi.config import SimulationConfig
     from securegmi.core.mixture import MixtureOfVAEs
@@ -151,11 +150,11 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'securegmi' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    value = getattr(_importlib.import_module(module), name)
     globals()[name] = value  # once loaded, an ordinary attribute
     return value
 

@@ -60,7 +60,7 @@ def run_federation(
     if any(c.spec != server.spec for c in clients):
         raise ConfigError("the clients and the server are bound to different protocols: bind one for all")
     total = _rounds(clients, rounds)
-    link = transport or InProcessTransport(server.endpoint, {cid: c.endpoint for cid, c in by_id.items()})
+    link = transport or InProcessTransport.linking(server, by_id.values())
     outcomes = []
     try:
         for t in range(total):

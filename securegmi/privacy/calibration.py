@@ -382,9 +382,9 @@ def calibrate_statistics(
             raise ConfigError(f"{name} must be at least 1, got {value}")
     if not 0 < sample_rate <= 1:
         raise ConfigError(f"sample_rate must be in (0, 1], got {sample_rate}")
-    for name, value in (("placement", placement), ("sgd_placement", sgd_placement)):
-        if value not in ("split", "local"):
-            raise ConfigError(f"{name} must be 'split' or 'local', got {value!r}")
+    for name, where in (("placement", placement), ("sgd_placement", sgd_placement)):
+        if where not in ("split", "local"):
+            raise ConfigError(f"{name} must be 'split' or 'local', got {where!r}")
     cohort = clients if min_clients is None else min_clients
     if not 1 <= cohort <= clients:
         raise ConfigError(f"min_clients must be between 1 and the {clients} clients, got {min_clients}")

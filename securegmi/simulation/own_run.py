@@ -25,8 +25,16 @@ from securegmi.federation.codec import CkksSum
 from securegmi.federation.server import Server
 from securegmi.files import TRANSCRIPT_FILE, read_bytes, write_atomic
 from securegmi.privacy.calibration import PrivateMixturePlan
-from securegmi.records.rundir import CONFIG, LEDGERS, RESULTS, SERVER_STATE, TRANSCRIPT, RunDirectory
-from securegmi.simulation.runner import CONFIG_DIGEST, config_digest, privacy_summary
+from securegmi.records.rundir import (
+    CONFIG,
+    CONFIG_DIGEST,
+    LEDGERS,
+    RESULTS,
+    SERVER_STATE,
+    TRANSCRIPT,
+    RunDirectory,
+)
+from securegmi.simulation.runner import config_digest, privacy_summary
 
 
 def save(run_dir: Path | str, clients: Sequence[Client], server: Server, *, overwrite: bool = False) -> Path:
