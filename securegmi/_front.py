@@ -1,6 +1,7 @@
 """The front door's composition: the protocols by name (`bind_protocol`, for your own
-components and plan), and `simulate` with the protocol the configuration names. Like the CLI, and unlike the rest of the library, it may import
-`securegmi.protocols` (the declarations sit above the library that enforces them)."""
+components and plan), and `simulate` with the protocol the configuration names. Like the CLI,
+and unlike the rest of the library, it may import `securegmi.protocols` (the declarations sit
+above the library that enforces them)."""
 
 from __future__ import annotations
 

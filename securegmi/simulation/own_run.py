@@ -21,7 +21,6 @@ from securegmi.config import OWN_DATA, SimulationConfig
 from securegmi.crypto.release import release_decrypted
 from securegmi.errors import ConfigError
 from securegmi.federation.client import Client
-from securegmi.federation.codec import CkksSum
 from securegmi.federation.server import Server
 from securegmi.files import TRANSCRIPT_FILE, read_bytes, write_atomic
 from securegmi.privacy.calibration import PrivateMixturePlan
@@ -151,9 +150,8 @@ def own_config(clients: Sequence[Client], server: Server, rounds: int) -> Simula
 def _exported(server: Server, values: np.ndarray) -> np.ndarray:
     """Under CKKS, exported values rounded to the release grid their aggregates passed on
     decryption (as a simulated secure run exports them)."""
-    if not isinstance(server.summation, CkksSum):
-        return values
-    return release_decrypted(values, server.summation.public.params.release_grid()).astype(values.dtype)
+    grid = server.release_grid()
+    return values if grid is None else release_decrypted(values, grid).astype(values.dtype)
 
 
 def _results(

@@ -183,6 +183,49 @@ def test_a_saved_run_of_your_own_loop_passes_the_audit(saved_run):
     assert config["dataset"] == "own" and config["clients"] == SITES
 
 
+def test_an_em_design_run_of_your_own_loop_saves_and_passes_its_audit(tmp_path):
+    reference = MixtureOfVAEs.from_factory(component, K, seed=0)
+    plan = securegmi.calibrate(PrivacyBudget(8.0, 1e-5), rounds=2, steps_per_round=4, sample_rate=0.25)
+    spec = securegmi.bind_protocol("dp", reference, plan=plan)
+    clients = [
+        Client(f"s{i}", reference, x, spec, privacy=ClientPrivacy(plan, 16.0)) for i, x in enumerate(sites())
+    ]
+    server = Server(spec, transcript_path=tmp_path / "t.jsonl")
+    securegmi.run_federation(clients, server)
+    report = securegmi.audit(securegmi.save(tmp_path / "run", clients, server))
+    assert report.ok, report.problems
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["private_training"] == "em"
+
+
+@pytest.mark.slow
+def test_a_secure_split_noise_run_of_your_own_loop_exports_on_the_release_grid(tmp_path):
+    """Under CKKS the server holds the public context only, the noise is split, and what the
+    saved run exports lies on the grid its aggregates were released on, as a simulated run's."""
+    from safetensors.numpy import load_file
+
+    reference = MixtureOfVAEs.from_factory(component, K, seed=0)
+    plan = private_plan(placement="split")
+    spec = securegmi.bind_protocol("secure", reference, plan=plan, clients=SITES)
+    keys = securegmi.SecretContext.generate(securegmi.CkksParameters.for_cohort(SITES))
+    clients = [
+        Client(
+            f"s{i}", reference, x, spec, privacy=ClientPrivacy(plan, 16.0, slot=i, cohort=SITES), keys=keys
+        )
+        for i, x in enumerate(sites())
+    ]
+    server = Server(spec, keys.public(), transcript_path=tmp_path / "t.jsonl")
+    securegmi.run_federation(clients, server)
+    run_dir = securegmi.save(tmp_path / "run", clients, server)
+    report = securegmi.audit(run_dir)
+    assert report.ok, report.problems
+    assert all(b.epsilon_fallback > b.epsilon_rdp for b in report.budgets)  # split: the collusion figure
+    grid = server.release_grid()
+    assert grid is not None
+    for name, values in load_file(str(run_dir / "model.safetensors")).items():
+        steps = values.astype(np.float64) / grid
+        assert np.allclose(steps, np.round(steps), atol=1e-3), name
+
+
 def test_a_tampered_ledger_of_a_saved_run_fails_its_audit(saved_run, tmp_path):
     """Negative control: the audit checks a bring-your-own run as strictly as a simulated one."""
     import shutil
