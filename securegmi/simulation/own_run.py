@@ -70,7 +70,8 @@ def save(run_dir: Path | str, clients: Sequence[Client], server: Server, *, over
     for client in clients:
         if client.ledger is not None:
             client.ledger.save(directory.file(LEDGERS) / f"{client.client_id}.json")
-    progress = {"next_round": str(rounds), "uplink": "0", CONFIG_DIGEST: config_digest(config)}
+    # No "uplink" figure: a loop of your own carries its bytes, this record does not count them.
+    progress = {"next_round": str(rounds), CONFIG_DIGEST: config_digest(config)}
     server.save_state(directory.file(SERVER_STATE), progress)
     final = clients[0]
     exported = _exported(server, final.components.get_component_vectors())
