@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import sys
 from collections.abc import Callable
 from typing import Annotated, ParamSpec
 
@@ -18,8 +20,19 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+# Piped or redirected, rich would assume 80 columns and cut table cells ("cluster_…"): a file
+# or a pipe has no width, so a wide one, unless COLUMNS says otherwise.
+UNBOUNDED_WIDTH = 400
+
+
+def _console(stderr: bool = False) -> Console:
+    stream = sys.stderr if stderr else sys.stdout
+    piped = not stream.isatty() and "COLUMNS" not in os.environ
+    return Console(stderr=stderr, width=UNBOUNDED_WIDTH if piped else None)
+
+
+console = _console()
+err_console = _console(stderr=True)
 P = ParamSpec("P")
 
 
@@ -27,9 +40,20 @@ USER_ERROR, BUG = 2, 70  # exit codes: a mistake the message tells you how to fi
 _debug = False
 
 
+def _version(shown: bool) -> None:
+    if shown:
+        from securegmi import __version__
+
+        console.print(f"securegmi {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _options(
     debug: Annotated[bool, typer.Option("--debug", help="show the traceback of any error")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
 ) -> None:
     global _debug
     _debug = debug

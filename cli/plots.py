@@ -15,11 +15,13 @@ from securegmi.files import write_atomic
 from securegmi.records.rundir import read_run
 
 if TYPE_CHECKING:
+    from securegmi.core.mixture import ComponentFactory
     from securegmi.privacy.ledger import PrivacyLedger
     from securegmi.records.trained import TrainedMixture
 
 
-def write_plots(run_dir: Path) -> list[Path]:
+def write_plots(run_dir: Path, components: ComponentFactory | None = None) -> list[Path]:
+    """The plots of a run; `components` is the factory of a bring-your-own run's components."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -29,21 +31,24 @@ def write_plots(run_dir: Path) -> list[Path]:
     # unreadable file gets no plots at all, not some of them.
     results, metrics = read_run(run_dir)
     run = _Figures.of(Path(run_dir), results, metrics)
-    model, ledgers = _model(run_dir), _ledgers(run_dir)
+    model, ledgers = _model(run_dir, components), _ledgers(run_dir)
     true, est, names = run.true, run.estimated, run.names
-    clients = np.arange(len(true))
+    clients = np.arange(len(est))
     written = []
 
-    fig, axes = plt.subplots(len(names), 1, figsize=(max(6, len(true) * 0.45), 2.2 * len(names)), sharex=True)
+    fig, axes = plt.subplots(len(names), 1, figsize=(max(6, len(est) * 0.45), 2.2 * len(names)), sharex=True)
     for s, ax in enumerate(np.atleast_1d(axes)):
-        ax.bar(clients - 0.2, true[:, s], width=0.4, label="true", color="0.6")
-        ax.bar(clients + 0.2, est[:, s], width=0.4, label="estimated", color="tab:blue")
+        if true is not None:
+            ax.bar(clients - 0.2, true[:, s], width=0.4, label="true", color="0.6")
+        ax.bar(clients + 0.2 * (true is not None), est[:, s], width=0.4, label="estimated", color="tab:blue")
         ax.set_ylim(0, 1)
         ax.set_ylabel(names[s], fontsize=8)
     np.atleast_1d(axes)[0].legend(loc="upper right", fontsize=8)
     np.atleast_1d(axes)[-1].set_xlabel("client")
     np.atleast_1d(axes)[-1].set_xticks(clients)
-    fig.suptitle(f"{run.method}: mixture proportions (mean TV error {run.pi_tv_error:.3f})")
+    # A deployment (a run of your own loop) has no true proportions to score against.
+    scored = "" if run.pi_tv_error is None else f" (mean TV error {run.pi_tv_error:.3f})"
+    fig.suptitle(f"{run.method}: mixture proportions{scored}")
     written.append(_save(fig, run_dir, "pi.png"))
 
     if run.rounds:
@@ -61,10 +66,12 @@ def write_plots(run_dir: Path) -> list[Path]:
     return written
 
 
-def _model(run_dir: Path) -> TrainedMixture | None:
+def _model(run_dir: Path, components: ComponentFactory | None = None) -> TrainedMixture | None:
     from securegmi.records.trained import load
 
-    return load(run_dir) if os.path.lexists(Path(run_dir) / "model.safetensors") else None
+    if not os.path.lexists(Path(run_dir) / "model.safetensors"):
+        return None
+    return load(run_dir, components=components)
 
 
 def _ledgers(run_dir: Path) -> list[PrivacyLedger]:
@@ -81,9 +88,9 @@ class _Figures:
     method: str
     dataset: str
     seed: int
-    pi_tv_error: float
+    pi_tv_error: float | None  # None: no ground truth (a run of your own loop)
     names: list[str]
-    true: np.ndarray  # (clients, sources)
+    true: np.ndarray | None  # (clients, sources); None without ground truth
     estimated: np.ndarray
     rounds: list[int]
     accuracy: list[float]
@@ -93,9 +100,14 @@ class _Figures:
     def of(cls, run_dir: Path, results: dict[str, Any], metrics: list[dict[str, Any]]) -> _Figures:
         try:
             rows = results["per_client"]
-            names = [str(n) for n in results["source_names"]]
-            true = np.array([r["pi_true"] for r in rows], dtype=np.float64)
             estimated = np.array([r["pi_estimate"] for r in rows], dtype=np.float64)
+            truth = "source_names" in results
+            if truth:
+                names = [str(n) for n in results["source_names"]]
+                true = np.array([r["pi_true"] for r in rows], dtype=np.float64)
+            else:  # estimates over the components, nothing to compare them with
+                names = [f"component {k}" for k in range(estimated.shape[1] if estimated.ndim == 2 else 0)]
+                true = estimated
             if not names or true.shape != (len(rows), len(names)) or estimated.shape != true.shape:
                 raise ValueError("per-client proportions do not match the sources")
             if not (np.isfinite(true).all() and np.isfinite(estimated).all()):
@@ -104,9 +116,9 @@ class _Figures:
                 str(results["method"]),
                 str(results["dataset"]),
                 int(results["seed"]),
-                float(results["pi_tv_error"]),
+                float(results["pi_tv_error"]) if truth else None,
                 names,
-                true,
+                true if truth else None,
                 estimated,
                 [int(m["round"]) for m in metrics],
                 [float(m["source_accuracy"]) for m in metrics],

@@ -6,8 +6,9 @@ import io
 import json
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import numpy as np
 import typer
@@ -18,19 +19,66 @@ from securegmi.errors import ConfigError, DataError, RunDirectoryError
 
 from .app import app, console, errors_as_messages, keys_app
 
+COMPONENTS_HELP = (
+    "for a run of your own components (securegmi.save): the factory you built them with, as "
+    "module:function or path/to/file.py:function"
+)
+
 
 @app.command()
 @errors_as_messages
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="a run directory written by `securegmi simulate`")],
+    run_dir: Annotated[Path, typer.Argument(help="a run directory (securegmi simulate, or securegmi.save)")],
+    components: Annotated[str | None, typer.Option(help=COMPONENTS_HELP)] = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="print the run's results.json and the plots written, as JSON")
+    ] = False,
 ) -> None:
-    """Write PNG plots of a run: true vs estimated pi per client, accuracy and pi error per round,
-    samples of each component (image data) and, for a private run, epsilon spent per round."""
+    """Write PNG plots of a run: true (where known) vs estimated pi per client, accuracy and pi
+    error per round, samples of each component (image data) and, for a private run, epsilon
+    spent per round."""
+    from securegmi.records.rundir import read_run
+
     from .plots import write_plots
 
-    paths = write_plots(run_dir)
+    paths = write_plots(run_dir, _component_factory(components))
+    if json_output:
+        results, _ = read_run(run_dir)
+        console.print_json(json.dumps({"results": results, "plots": [str(p) for p in paths]}))
+        return
     for path in paths:
         console.print(f"wrote {escape(str(path))}")
+
+
+def _component_factory(spec: str | None) -> Callable[[], Any] | None:
+    """The user's component factory named as module:function or file.py:function. It is their
+    own code, named by them on their own machine: importing it runs it, as `python file.py` would."""
+    import importlib
+    import importlib.util
+
+    if spec is None:
+        return None
+    where, _, name = spec.rpartition(":")
+    if not where or not name.isidentifier():
+        raise ConfigError(f"--components {spec!r}: name the factory as module:function or file.py:function")
+    try:
+        if where.endswith(".py"):
+            path = Path(where)
+            if not path.is_file():
+                raise ConfigError(f"--components: {path} is not a file")
+            loader = importlib.util.spec_from_file_location(f"_securegmi_components_{path.stem}", path)
+            if loader is None or loader.loader is None:
+                raise ConfigError(f"--components: cannot import {path}")
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except ImportError as exc:
+        raise ConfigError(f"--components: cannot import {where!r} ({exc})") from None
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise ConfigError(f"--components: {where} has no function {name!r}")
+    return cast("Callable[[], Any]", factory)
 
 
 @keys_app.command("new")
@@ -66,12 +114,13 @@ def infer(
     out: Annotated[
         str | None, typer.Option(help="write per-record assignments and responsibilities (CSV)")
     ] = None,
+    components: Annotated[str | None, typer.Option(help=COMPONENTS_HELP)] = None,
 ) -> None:
     """Estimate the mixture proportions of a site's records and assign each to a component."""
     from securegmi.records.trained import load
 
     target = _csv_destination(out) if out is not None else None  # refused before any work
-    model = load(run_dir)
+    model = load(run_dir, components=_component_factory(components))
     x = _read_records(data)
     pi = model.estimate_pi(x)
     r = model.responsibilities(x, pi)
@@ -155,7 +204,7 @@ def _read_records(path: Path) -> np.ndarray:
 @app.command()
 @errors_as_messages
 def audit(
-    run_dir: Annotated[Path, typer.Argument(help="a run directory written by `securegmi simulate`")],
+    run_dir: Annotated[Path, typer.Argument(help="a run directory (securegmi simulate, or securegmi.save)")],
     ledgers: Annotated[
         Path | None,
         typer.Option(

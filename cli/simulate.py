@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.markup import escape
@@ -13,8 +13,9 @@ from rich.table import Table
 
 from securegmi.config import METHODS, SimulationConfig
 from securegmi.errors import ConfigError
-from securegmi.privacy.noise import NOISE_NOTE
-from securegmi.simulation.runner import FEDERATED, RunResult
+
+if TYPE_CHECKING:
+    from securegmi.simulation.runner import RunResult
 
 from .app import app, console, err_console, errors_as_messages
 
@@ -72,7 +73,10 @@ def simulate(
         float | None, typer.Option(help="initial likelihood temperature (default: by dataset)")
     ] = None,
     seed: Annotated[int, typer.Option(help="seed of data split, initialisation and training")] = 0,
-    out: Annotated[Path | None, typer.Option(help="run directory (default runs/<method>-seed<seed>)")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="run directory (default runs/<method>-<protocol>[-eps<e>]-seed<seed>)"),
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run directory")] = False,
     threads: Annotated[int, typer.Option(help="torch threads; 1 is fastest for these small models")] = 1,
     engine: Annotated[
@@ -91,31 +95,33 @@ def simulate(
     """Run a full simulated federated study on an embedded dataset and write its run directory."""
     import torch
 
-    run_dir = out if out is not None else Path("runs") / f"{method}-seed{seed}"
+    from securegmi.simulation.runner import FEDERATED
+
+    config = SimulationConfig(
+        dataset=dataset,
+        sources=sources,
+        n_sources=n_sources,
+        clients=clients,
+        components=components,
+        alpha=alpha,
+        rounds=rounds,
+        local_epochs=local_epochs,
+        method=method,
+        top_b=top_b,
+        temperature=temperature,
+        seed=seed,
+        # A method that sends no message (central-dp) has no protocol to default to.
+        protocol=protocol or ("secure" if epsilon is not None and method in FEDERATED else "plain"),
+        epsilon=epsilon,
+        delta=delta,
+        noise_placement=noise_placement,
+        min_clients=min_clients,
+        sgd_placement=sgd_placement,
+        private_training=private_training,
+        vae_rounds=vae_rounds,
+    )
+    run_dir = out if out is not None else default_out(config)
     try:
-        config = SimulationConfig(
-            dataset=dataset,
-            sources=sources,
-            n_sources=n_sources,
-            clients=clients,
-            components=components,
-            alpha=alpha,
-            rounds=rounds,
-            local_epochs=local_epochs,
-            method=method,
-            top_b=top_b,
-            temperature=temperature,
-            seed=seed,
-            # A method that sends no message (central-dp) has no protocol to default to.
-            protocol=protocol or ("secure" if epsilon is not None and method in FEDERATED else "plain"),
-            epsilon=epsilon,
-            delta=delta,
-            noise_placement=noise_placement,
-            min_clients=min_clients,
-            sgd_placement=sgd_placement,
-            private_training=private_training,
-            vae_rounds=vae_rounds,
-        )
         if threads < 1:
             raise ConfigError("--threads must be at least 1")
         torch.set_num_threads(threads)
@@ -163,6 +169,16 @@ def resume(
     except KeyboardInterrupt:
         _interrupted(run_dir)
     _report(result, run_dir, json_output)
+
+
+def default_out(config: SimulationConfig) -> Path:
+    """runs/<method>[-<protocol>][-eps<epsilon>]-seed<seed>: a private run and a plain one (or two
+    budgets) never meet in one default directory."""
+    from securegmi.simulation.runner import FEDERATED
+
+    name = config.method + (f"-{config.protocol}" if config.method in FEDERATED else "")
+    name += f"-eps{config.epsilon:g}" if config.epsilon is not None else ""
+    return Path("runs") / f"{name}-seed{config.seed}"
 
 
 def _interrupted(run_dir: Path) -> NoReturn:
@@ -243,6 +259,8 @@ def _simulate_in_process(
 
         def on_plan(plan: dict[str, Any]) -> None:
             shown().console.print(_plan_table(plan))
+            from securegmi.privacy.noise import NOISE_NOTE
+
             shown().console.print(f"[dim]note:[/] {NOISE_NOTE}")
 
         return run_simulation(

@@ -1,33 +1,21 @@
-"""The front door's composition: the protocols by name (`securegmi.protocol.registry`), and
-`simulate` with the protocol the configuration names."""
+"""The front door's composition: the protocols by name (`securegmi.protocol.registry`;
+`bind_protocol` for your own components and plan), and `simulate` and `audit` with the protocol
+the configuration or the run names."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from securegmi.config import SimulationConfig
-from securegmi.core.mixture import MixtureOfVAEs
-from securegmi.privacy.calibration import DpPlan, PrivateMixturePlan
-from securegmi.protocol import ProtocolSpec, registry
+from securegmi.protocol import registry
 from securegmi.records.audit import AuditReport, audit_run
 from securegmi.simulation.recorder import PlanCallback, ProgressCallback
 from securegmi.simulation.runner import RunResult, run_simulation
 from securegmi.simulation.study import bind_protocol
 
+__all__ = ["PROTOCOLS", "audit", "bind_protocol", "simulate"]
+
 PROTOCOLS = registry.available()
-
-
-def protocol(
-    name: str,
-    components: MixtureOfVAEs,
-    *,
-    plan: DpPlan | PrivateMixturePlan | None = None,
-    clients: int | None = None,
-    top_b: int | None = None,
-) -> ProtocolSpec:
-    """The named protocol (one of `PROTOCOLS`) bound to your components' sizes; a statistics
-    design plan also needs the cohort size `clients` (the histogram matrix has a row each)."""
-    return bind_protocol(name, components, plan=plan, clients=clients, top_b=top_b)
 
 
 def simulate(

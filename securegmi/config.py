@@ -24,6 +24,9 @@ METHODS: tuple[str, ...] = (
 )
 PRIVATE_TRAINING: tuple[str, ...] = ("statistics", "em")
 PLACEMENTS: tuple[str, ...] = ("split", "local")
+# OWN_DATA marks the record of a run of the user's own components and records (`securegmi.save`):
+# its config.json holds that run's public settings, and no simulated study can be run from it.
+OWN_DATA = "own"
 DATASETS: tuple[str, ...] = ("digits", "synthetic", "mnist5k")
 SOURCE_KINDS: tuple[str, ...] = ("class-groups", "transforms")
 
@@ -133,7 +136,7 @@ class SimulationConfig:
     sgd_placement: str = "local"
 
     def __post_init__(self) -> None:
-        _check(self.dataset in DATASETS, "dataset", f"must be one of {DATASETS}", self.dataset)
+        _check(self.dataset in (*DATASETS, OWN_DATA), "dataset", f"must be one of {DATASETS}", self.dataset)
         _check(self.sources in SOURCE_KINDS, "sources", f"must be one of {SOURCE_KINDS}", self.sources)
         _check(self.method in METHODS, "method", f"must be one of {METHODS}", self.method)
         for name in (

@@ -477,7 +477,7 @@ def test_nan_components_would_answer_without_the_check(finished: Path) -> None:
     vectors = model.components.get_component_vectors()
     vectors[:] = np.nan
     model.components.set_component_vectors(vectors)
-    broken = TrainedMixture(model.config, model.components, model.training_pi, None, model.data_dim)
+    broken = TrainedMixture(model.components, model.training_pi, None, data_dim=model.data_dim)
     assert (broken.assign(site) == 0).all()
 
 

@@ -25,7 +25,7 @@ from securegmi.core.vae import (
     kl_to_standard_normal,
     log_standard_normal,
 )
-from securegmi.errors import ConfigError
+from securegmi.errors import ConfigError, DataError
 
 ComponentFactory = Callable[[], VAE]
 
@@ -105,6 +105,15 @@ class MixtureOfVAEs(nn.Module):
     def check(self, data_dim: int) -> None:
         """ConfigError if the components do not fit records of `data_dim` values."""
         self.component(0).check(data_dim)
+
+    def check_records(self, x: np.ndarray) -> None:
+        """DataError if (n, D) records `x` lie outside what the decoder models (a Bernoulli
+        decoder models intensities in [0, 1]): scores of such records would mean nothing."""
+        if self.likelihood == "bernoulli" and len(x) and (x.min() < 0 or x.max() > 1):
+            raise DataError(
+                f"a Bernoulli decoder models intensities in [0, 1]; the records span [{x.min():g}, "
+                f"{x.max():g}]: rescale them, or build the components with likelihood='gaussian'"
+            )
 
     def component(self, k: int) -> VAE:
         vae = self.components[k]

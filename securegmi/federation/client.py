@@ -10,6 +10,7 @@ against the protocol in both directions, so an undeclared value never leaves the
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Iterable
@@ -113,11 +114,7 @@ class Client:
     ) -> None:
         x = as_records(data)
         components.check(x.shape[1])
-        if components.likelihood == "bernoulli" and (x.min() < 0 or x.max() > 1):
-            raise DataError(
-                f"a Bernoulli decoder models intensities in [0, 1]; the records span [{x.min():g}, "
-                f"{x.max():g}]: rescale them, or build the components with likelihood='gaussian'"
-            )
+        components.check_records(x)
         _check_protocol(protocol, components, privacy, keys)
         self.client_id = client_id
         self.spec = protocol
@@ -127,7 +124,10 @@ class Client:
         # with the state before the reply leaves. A server that resends that message after a
         # crash gets the identical bytes: the same release is never drawn twice with fresh noise.
         self.outbox: tuple[str, int, str, bytes] | None = None
-        self.learner = LocalLearner(client_id, x, components, settings or ClientSettings(), seed)
+        # A copy: two clients built from one object must not train the same weights.
+        own = copy.deepcopy(components)
+        self.learner = LocalLearner(client_id, x, own, settings or ClientSettings(), seed)
+        self.privacy = privacy  # the federation's DP plan and this client's part in it
         self.policy: ReleasePolicy = _policy(self.learner, privacy)
         self.codec: ClientCodec = CkksCodec(keys) if keys is not None else ClearCodec()
         if self.state_path is not None and os.path.lexists(self.state_path):
@@ -139,6 +139,11 @@ class Client:
     def pi(self) -> np.ndarray:
         """This client's current mixture estimate."""
         return self.learner.pi.copy()
+
+    @property
+    def plan(self) -> DpPlan | PrivateMixturePlan | None:
+        """The federation's DP plan this client follows, or None under a protocol without DP."""
+        return self.privacy.plan if self.privacy is not None else None
 
     @property
     def identifier(self) -> FineClusterModel | None:
@@ -279,7 +284,8 @@ def _check_split_stages(spec: ProtocolSpec, plan: PrivateMixturePlan) -> None:
             raise PrivacyError(
                 f"protocol {spec.name!r} lets {down.name!r} sum {spec.min_shares(down.name)} client "
                 f"releases without saying how many it sums; this client's plan needs at least {required}, "
-                f"{why}: build the protocol from the plan (securegmi.protocol(..., plan=plan, clients=...))"
+                f"{why}: build the protocol from the plan "
+                "(securegmi.bind_protocol(..., plan=plan, clients=...))"
             )
 
 

@@ -53,6 +53,7 @@ class Server:
         if spec.codec == "clear" and public is not None:
             raise ConfigError(f"protocol {spec.name!r} sends nothing encrypted: drop the public context")
         self.spec = spec
+        self.public = public  # the ceremony's public context (None in the clear)
         self.summation: Summation = CkksSum(public, spec) if public is not None else ClearSum(spec)
         transcript = TranscriptWriter(Path(transcript_path)) if transcript_path is not None else None
         self.endpoint = ServerEndpoint(spec, transcript)
@@ -83,6 +84,21 @@ class Server:
         self.aggregated: int | None = None  # the last round whose replies were added
         # Fresh per run unless given (a resumed run keeps its id): replies must carry it.
         self.run_id = run_id or secrets.token_hex(16)
+
+    def release_grid(self) -> float | None:
+        """Under CKKS, the grid every decrypted aggregate is rounded to on release (so is what a
+        run exports from them); None in the clear."""
+        return self.public.params.release_grid() if self.public is not None else None
+
+    def send(self, client_id: str, message: Message) -> bytes:
+        """`message` as the bytes to carry to `client_id`: checked against the protocol, and on
+        the transcript, before it leaves."""
+        return self.endpoint.send(client_id, message)
+
+    def accept(self, client_id: str, wire: bytes) -> Message:
+        """`client_id`'s reply bytes as a message, checked against the protocol and recorded:
+        `ProtocolViolation` (recorded as rejected) for one the protocol does not declare."""
+        return self.endpoint.accept(client_id, wire)
 
     def broadcast(self, round_index: int, temperature: float) -> Message:
         """`start` in round 0; then the sums of the previous round's replies."""

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from securegmi.errors import BudgetExceededError, CryptoError, ProtocolViolation
 from securegmi.protocol import SERVER, Message, ProtocolSpec, TranscriptWriter, decode, encode
@@ -106,15 +107,43 @@ class Exchange:
 
 
 class Transport(ABC):
+    """How the server's messages reach its clients and their replies come back: in this process
+    (`InProcessTransport`), over Flower (`securegmi.adapters.flower`), or over your own wire.
+    `play_round` and `run_federation` take any of them."""
+
     @abstractmethod
     def exchange(self, outgoing: Mapping[str, Message]) -> Exchange:
         """Deliver each message to its client and collect the validated replies."""
 
 
+class _Site(Protocol):
+    """A `Client` as a transport sees it: its id and its end of the link."""
+
+    client_id: str
+
+    @property
+    def endpoint(self) -> ClientEndpoint: ...
+
+
+class _Hub(Protocol):
+    """A `Server` as a transport sees it: its end of the link."""
+
+    @property
+    def endpoint(self) -> ServerEndpoint: ...
+
+
 class InProcessTransport(Transport):
+    """Server and clients in one process: the message bytes handed over directly, each end
+    checking them as over a network."""
+
     def __init__(self, server: ServerEndpoint, clients: Mapping[str, ClientEndpoint]) -> None:
         self.server = server
         self.clients = dict(clients)
+
+    @classmethod
+    def linking(cls, server: _Hub, clients: Iterable[_Site]) -> InProcessTransport:
+        """The transport between a `Server` and its `Client`s, by their ids."""
+        return cls(server.endpoint, {c.client_id: c.endpoint for c in clients})
 
     def deliver(self, client_id: str, wire: bytes) -> bytes:
         """Hand bytes to a client and return its reply bytes (a test spy overrides this)."""

@@ -347,6 +347,79 @@ def calibrate_private_mixture(
     )
 
 
+SKETCH_DIM = 64  # records are sketched to at most this many dimensions (core.fine_clusters.public_sketch)
+
+
+def calibrate_statistics(
+    budget: PrivacyBudget,
+    *,
+    clients: int,
+    features: int,
+    likelihood: str = "bernoulli",
+    vae_rounds: int = 5,
+    local_epochs: int = 5,
+    sample_rate: float = 0.25,
+    clip_norm: float = 1.0,
+    placement: str = "local",
+    sgd_placement: str = "local",
+    min_clients: int | None = None,
+    fine_clusters: int = 20,
+    projection_dim: int = 10,
+    kmeans_iterations: int = 4,
+    statistics_share: float = 0.9,
+    seed: int = 0,
+) -> PrivateMixturePlan:
+    """The default private design's plan (the statistics design) from the budget and public
+    sizes only: the cohort size `clients`, the `features` per record and the decoder's
+    `likelihood` ("bernoulli" for intensities in [0, 1], else "gaussian"); never from the
+    records (Papernot & Steinke, ICLR 2022). Each VAE round is `local_epochs` passes of DP-SGD
+    at Poisson rate `sample_rate`. `placement`/`sgd_placement` "split" (the `secure` protocol
+    only) let each client add a share of the noise; `min_clients` (default: every client) is
+    the fewest releases an aggregate may sum. Bind the protocol with
+    `securegmi.bind_protocol(name, components, plan=plan, clients=clients)`."""
+    for name, value in (("clients", clients), ("features", features), ("local_epochs", local_epochs)):
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1, got {value}")
+    if not 0 < sample_rate <= 1:
+        raise ConfigError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    for name, where in (("placement", placement), ("sgd_placement", sgd_placement)):
+        if where not in ("split", "local"):
+            raise ConfigError(f"{name} must be 'split' or 'local', got {where!r}")
+    cohort = clients if min_clients is None else min_clients
+    if not 1 <= cohort <= clients:
+        raise ConfigError(f"min_clients must be between 1 and the {clients} clients, got {min_clients}")
+    statistics = StatisticsPlan(
+        clusters=fine_clusters,
+        projection_dim=min(projection_dim, features, SKETCH_DIM),
+        iterations=kmeans_iterations,
+        # A public centre for the unit-sphere map: mid-range of [0, 1] intensities, the origin
+        # for standardised (Gaussian-likelihood) data.
+        centre=0.5 if likelihood == "bernoulli" else 0.0,
+        sketch_dim=min(features, SKETCH_DIM),
+        sketch_seed=seed,
+        placement=placement,
+        min_clients=cohort,
+        moments_noise=0.0,
+        cluster_noise=0.0,
+        histogram_noise=0.0,
+    )
+    return calibrate_private_mixture(
+        budget,
+        statistics=statistics,
+        vae_rounds=vae_rounds,
+        steps_per_round=sgd_steps(local_epochs, sample_rate),
+        sgd_placement=sgd_placement,
+        sample_rate=sample_rate,
+        clip_norm=clip_norm,
+        statistics_share=statistics_share,
+    )
+
+
+def sgd_steps(local_epochs: int, sample_rate: float) -> int:
+    """DP-SGD steps in `local_epochs` passes at Poisson rate q: 1/q steps a pass."""
+    return local_epochs * max(1, round(1.0 / sample_rate))
+
+
 def plan_from_dict(d: dict[str, Any]) -> DpPlan | PrivateMixturePlan:
     """The plan a run wrote with `to_dict` (dp_plan.json), for the audit to check ledgers against."""
     if not isinstance(d, dict):

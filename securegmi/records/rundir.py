@@ -12,7 +12,7 @@ import json
 import os
 import stat
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from safetensors.numpy import save
@@ -33,6 +33,10 @@ from securegmi.files import (
     require_regular,
     write_atomic,
 )
+
+if TYPE_CHECKING:
+    from securegmi.privacy.calibration import DpPlan, PrivateMixturePlan
+    from securegmi.protocol import ProtocolSpec
 
 CONFIG = "config.json"
 RESULTS = "results.json"
@@ -182,6 +186,14 @@ class RunDirectory:
 
     def write_json(self, name: str, data: Any) -> None:
         write_atomic(self.path / name, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+    def write_public_files(self, spec: ProtocolSpec, plan: DpPlan | PrivateMixturePlan | None) -> None:
+        """The protocol and DP plan beside the transcript, for the audit (every engine's run and
+        a saved run of your own loop write them here)."""
+        self.write_json(PROTOCOL, spec.to_json())
+        if plan is not None:
+            self.write_json(PLAN, plan.to_dict())
+            self.file(LEDGERS).mkdir(exist_ok=True)
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         with open_append(self.path / METRICS) as fh:

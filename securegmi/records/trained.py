@@ -8,6 +8,7 @@ values), so nothing here can reach an exact CKKS decryption.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -16,10 +17,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from securegmi.config import SimulationConfig
+from securegmi.config import OWN_DATA, SimulationConfig
 from securegmi.core.em import log_prior, responsibilities
 from securegmi.core.fine_clusters import FineClusterModel
-from securegmi.core.mixture import IWAE_SAMPLES, SCORE_SAMPLES, MixtureOfVAEs
+from securegmi.core.mixture import IWAE_SAMPLES, SCORE_SAMPLES, ComponentFactory, MixtureOfVAEs
 from securegmi.data.datasets import load_dataset
 from securegmi.errors import ConfigError, DataError, RunDirectoryError
 from securegmi.files import JSON_FILE, MODEL_FILE, read_bytes, read_json, safetensors_arrays
@@ -35,19 +36,30 @@ class TrainedMixture:
     """K frozen components and, where the run has one, the statistics-based source identifier.
 
     Records come as an (n, D) array with the run's feature count, scaled as its training data
-    (intensities in [0, 1] for the embedded image sets)."""
+    (intensities in [0, 1] for the embedded image sets). `load` gives one for a run directory;
+    from your own loop, build it from a client that took part:
+    ``TrainedMixture(client.components, client.pi, client.identifier, data_dim=D)``. Its
+    components are a copy: scoring never changes the client's model."""
 
     def __init__(
         self,
-        config: SimulationConfig,
         components: MixtureOfVAEs,
         training_pi: np.ndarray,
-        identifier: FineClusterModel | None,
+        identifier: FineClusterModel | None = None,
+        *,
         data_dim: int,
+        config: SimulationConfig | None = None,
     ) -> None:
-        self.config, self.components, self.identifier = config, components, identifier
-        self.training_pi = training_pi  # (clients, K): the pi each training client ended with
+        components.check(data_dim)
+        pi = np.atleast_2d(np.asarray(training_pi, dtype=np.float64))
+        if pi.shape[1] != components.n_components:
+            raise ConfigError(
+                f"training_pi has {pi.shape[1]} proportions for {components.n_components} components"
+            )
+        self.components, self.identifier = copy.deepcopy(components), identifier
+        self.training_pi = pi  # (clients, K): the pi each training client ended with
         self.data_dim = data_dim
+        self.config = config  # the run's configuration, where it came from a run directory
         self.components.eval()
 
     @property
@@ -64,6 +76,7 @@ class TrainedMixture:
             )
         if not np.isfinite(x).all():
             raise DataError("records contain NaN or infinite values")
+        self.components.check_records(x)  # as a Client refuses them
         return x
 
     def log_likelihoods(self, x: np.ndarray) -> np.ndarray:
@@ -149,13 +162,17 @@ class TrainedMixture:
         return out
 
 
-def load(run_dir: Path | str) -> TrainedMixture:
-    """The trained mixture of a finished `securegmi simulate` run directory.
+def load(run_dir: Path | str, components: ComponentFactory | None = None) -> TrainedMixture:
+    """The trained mixture of a finished run directory: one `securegmi simulate` wrote, or one
+    `securegmi.save` wrote for your own loop. For the latter, `components` is the factory you
+    built your components with (one VAE per call, as `MixtureOfVAEs.from_factory` takes it):
+    its parameters are then replaced by the run's, read as safetensors (never unpickled).
 
     Raises `RunDirectoryError` for a directory that is not a finished run's or whose files are
     not the ones securegmi wrote (unreadable, a link or FIFO, too large, corrupt, of the wrong
     shapes, or with non-finite parameters), `ConfigError` for a configuration this version
-    cannot run, and `DataError` for a dataset that cannot be loaded here."""
+    cannot run or a bring-your-own run loaded without its factory, and `DataError` for a
+    dataset that cannot be loaded here."""
     path = Path(run_dir)
     if not os.path.lexists(path / CONFIG) or not os.path.lexists(path / CHECKPOINT):
         raise RunDirectoryError(
@@ -169,17 +186,21 @@ def load(run_dir: Path | str) -> TrainedMixture:
         config = SimulationConfig.from_dict(stored)
     except ConfigError as exc:
         raise RunDirectoryError(f"{path / CONFIG} is not a configuration securegmi wrote: {exc}") from exc
-    arrays, _ = safetensors_arrays(read_bytes(path / CHECKPOINT, MODEL_FILE), path / CHECKPOINT)
-    data = load_dataset(config.dataset)
-    model = MixtureOfVAEs.mlp(
-        config.model_components,
-        data.x.shape[1],
-        config.hidden,
-        config.latent,
-        "bernoulli" if data.likelihood == "bernoulli" else "gaussian",
-        seed=config.seed,
-    )
-    k, dim = model.n_components, int(data.x.shape[1])
+    arrays, metadata = safetensors_arrays(read_bytes(path / CHECKPOINT, MODEL_FILE), path / CHECKPOINT)
+    if config.dataset == OWN_DATA:
+        model, dim = _own_components(config, metadata, components, path)
+    else:
+        data = load_dataset(config.dataset)
+        dim = int(data.x.shape[1])
+        model = MixtureOfVAEs.mlp(
+            config.model_components,
+            dim,
+            config.hidden,
+            config.latent,
+            "bernoulli" if data.likelihood == "bernoulli" else "gaussian",
+            seed=config.seed,
+        )
+    k = model.n_components
     where = f"{path / CHECKPOINT}"
     missing = sorted({"components", "pi"} - set(arrays))
     if missing:
@@ -198,7 +219,29 @@ def load(run_dir: Path | str) -> TrainedMixture:
     except ConfigError as exc:
         raise RunDirectoryError(f"{where} does not fit the run's configuration: {exc}") from exc
     identifier = _identifier(arrays, k, dim, where) if "stats.centroids" in arrays else None
-    return TrainedMixture(config, model, pi, identifier, dim)
+    return TrainedMixture(model, pi, identifier, data_dim=dim, config=config)
+
+
+def _own_components(
+    config: SimulationConfig, metadata: dict[str, str], factory: ComponentFactory | None, path: Path
+) -> tuple[MixtureOfVAEs, int]:
+    """The components of a bring-your-own run, rebuilt with the user's factory (their
+    architecture is theirs: the run directory holds its parameters and feature count only)."""
+    if factory is None:
+        raise ConfigError(
+            f"{path} is a run of your own components: pass the factory you built them with, "
+            "securegmi.load(run_dir, components=my_component)"
+        )
+    try:
+        dim = int(metadata["features"])
+    except (KeyError, ValueError) as exc:
+        raise RunDirectoryError(f"{path / CHECKPOINT} does not record the records' feature count") from exc
+    model = MixtureOfVAEs.from_factory(factory, config.model_components, config.seed)
+    try:
+        model.check(dim)
+    except ConfigError as exc:
+        raise ConfigError(f"the factory's components do not fit this run's records: {exc}") from exc
+    return model, dim
 
 
 def _identifier(arrays: dict[str, np.ndarray], components: int, dim: int, where: str) -> FineClusterModel:

@@ -27,13 +27,11 @@ from securegmi.privacy.calibration import (
     PrivateMixturePlan,
     StatisticsPlan,
     calibrate,
-    calibrate_private_mixture,
+    calibrate_statistics,
 )
 from securegmi.privacy.ledger import PrivacyBudget
 from securegmi.protocol import ProtocolSpec, registry
-from securegmi.records.rundir import LEDGERS, PLAN, PROTOCOL, RunDirectory
-
-SKETCH_DIM = 64  # see core.fine_clusters.public_sketch
+from securegmi.records.rundir import RunDirectory
 
 
 def client_settings(config: SimulationConfig) -> ClientSettings:
@@ -163,10 +161,7 @@ class Federation:
 
     def write_public_files(self, run_dir: RunDirectory) -> None:
         """The protocol and DP plan beside the transcript, for the audit."""
-        run_dir.write_json(PROTOCOL, self.spec.to_json())
-        if self.plan is not None:
-            run_dir.write_json(PLAN, self.plan.to_dict())
-            run_dir.file(LEDGERS).mkdir(exist_ok=True)
+        run_dir.write_public_files(self.spec, self.plan)
 
 
 def bind_protocol(
@@ -177,14 +172,20 @@ def bind_protocol(
     clients: int | None = None,
     top_b: int | None = None,
 ) -> ProtocolSpec:
-    """The registered protocol `name` bound to the sizes of `components` and, under the
-    statistics design's `plan`, to the sizes of its statistics phase (the histogram matrix
-    has a row per client of the cohort, hence `clients`). Every engine, the front door and the
-    CLI bind here, so that all of them run the protocol the run records."""
+    """The registered protocol `name` (one of `securegmi.PROTOCOLS`) bound to the sizes of
+    `components` and, under the statistics design's `plan` (`calibrate_statistics`, the default
+    private design), to the sizes of its statistics phase (the histogram matrix has a row per
+    client of the cohort, hence `clients`); the bound protocol declares the plan's minimum
+    cohort, which `Server(spec)` then enforces. Every engine, the front door and the CLI bind
+    here, so that all of them run the protocol the run records."""
     statistics = None
     if isinstance(plan, PrivateMixturePlan):
         if clients is None:
             raise ConfigError("a statistics-design plan needs clients= (the cohort size)")
+        if not plan.statistics.min_clients <= clients:
+            raise ConfigError(
+                f"the plan's minimum cohort is {plan.statistics.min_clients}, above the {clients} clients"
+            )
         size = components.n_components * components.parameter_count()
         statistics = statistics_dims(plan, clients, size)
     return registry.bind(
@@ -212,37 +213,30 @@ def dp_plan(config: SimulationConfig, data: FederatedData) -> DpPlan | PrivateMi
             "record outright. Use a smaller --delta, below 0.1/n: 1e-5 suits clients of up to "
             "10,000 records, 1e-6 up to 100,000."
         )
-    q = config.sample_rate
     if config.private_training == "statistics":
-        return calibrate_private_mixture(
+        return calibrate_statistics(
             PrivacyBudget(config.epsilon, config.delta),
-            statistics=StatisticsPlan(
-                clusters=config.fine_clusters,
-                projection_dim=min(config.projection_dim, data.data_dim, SKETCH_DIM),
-                iterations=config.kmeans_iterations,
-                # A public centre for the unit-sphere map: mid-range of [0, 1] intensities,
-                # the origin for standardised (Gaussian-likelihood) data.
-                centre=0.5 if data.likelihood == "bernoulli" else 0.0,
-                sketch_dim=min(data.data_dim, SKETCH_DIM),
-                sketch_seed=config.seed,
-                placement=config.placement,
-                min_clients=config.cohort_minimum,
-                moments_noise=0.0,
-                cluster_noise=0.0,
-                histogram_noise=0.0,
-            ),
+            clients=config.clients,
+            features=data.data_dim,
+            likelihood=data.likelihood,
             vae_rounds=config.vae_rounds,
-            steps_per_round=config.sgd_steps,
-            sgd_placement=config.sgd_placement,
-            sample_rate=q,
+            local_epochs=config.local_epochs,
+            sample_rate=config.sample_rate,
             clip_norm=config.clip_norm,
+            placement=config.placement,
+            sgd_placement=config.sgd_placement,
+            min_clients=config.cohort_minimum,
+            fine_clusters=config.fine_clusters,
+            projection_dim=config.projection_dim,
+            kmeans_iterations=config.kmeans_iterations,
             statistics_share=config.statistics_share,
+            seed=config.seed,
         )
     return calibrate(
         PrivacyBudget(config.epsilon, config.delta),
         rounds=config.rounds,
         steps_per_round=config.sgd_steps,
-        sample_rate=q,
+        sample_rate=config.sample_rate,
         clip_norm=config.clip_norm,
         count_share=config.count_share,
     )

@@ -39,7 +39,7 @@ def test_the_public_server_takes_the_declared_minimum_cohort():
     """Server(spec) as a bring-your-own loop builds it: the review's attack (one share of a
     split release summed and sent back) is refused without any cohort argument."""
     federation = _federation()
-    spec = securegmi.protocol("dp", federation.new_model(), plan=federation.plan, clients=SPLIT.clients)
+    spec = securegmi.bind_protocol("dp", federation.new_model(), plan=federation.plan, clients=SPLIT.clients)
     assert spec.min_shares("moment_totals") == SPLIT.cohort_minimum == 4
     server = Server(spec)
     replies = _first_replies(federation, server)
@@ -129,7 +129,7 @@ def test_split_noise_is_never_sent_in_the_clear():
     secure = SimulationConfig(**{**SPLIT.to_dict(), "protocol": "secure"})
     federation = Federation.build(secure)
     assert federation.plan.statistics.placement == "split"  # type: ignore[union-attr]
-    clear = securegmi.protocol("dp", federation.new_model(), plan=federation.plan, clients=SPLIT.clients)
+    clear = securegmi.bind_protocol("dp", federation.new_model(), plan=federation.plan, clients=SPLIT.clients)
     privacy = federation.client(0, federation_keys(federation)).policy.privacy  # type: ignore[attr-defined]
     with pytest.raises(PrivacyError, match="sends releases in the clear"):
         Client("client-0", federation.new_model(), federation.data.clients[0].x_train, clear, privacy=privacy)

@@ -198,7 +198,7 @@ def test_a_dp_client_with_such_a_component_is_refused_before_it_releases_anythin
 
     def client(kind: str | None) -> Client:
         components = _user_components(kind)
-        spec = securegmi.protocol("dp", components, plan=plan)
+        spec = securegmi.bind_protocol("dp", components, plan=plan)
         return Client("client-0", components, x, spec, privacy=ClientPrivacy(plan, 16.0))
 
     with pytest.raises(PrivacyError, match="draws random numbers"):
