@@ -26,7 +26,6 @@ from securegmi import (
 )
 from securegmi.config import SimulationConfig
 from securegmi.protocol import Message, encode
-from securegmi.protocols import builder
 from securegmi.simulation.study import Federation
 
 SITES, K, LATENT = 4, 2, 3
@@ -83,7 +82,7 @@ def test_the_statistics_plan_from_public_sizes_is_the_one_a_simulation_makes():
     spends the budget."""
     plan = securegmi.calibrate_statistics(PrivacyBudget(4.0, 1e-5), clients=6, features=64, seed=3)
     config = SimulationConfig(clients=6, epsilon=4.0, protocol="dp", seed=3, samples_per_client=60)
-    assert Federation.build(config, builder("dp")).plan == plan
+    assert Federation.build(config).plan == plan
     assert 0.98 * 4.0 <= plan.planned_epsilon() <= 4.0 * (1 + 1e-6)
 
 
