@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
-from securegmi.errors import BudgetExceededError, CryptoError, ProtocolViolation
+from securegmi.errors import ProtocolViolation, RefusalError
 from securegmi.protocol import SERVER, Message, ProtocolSpec, TranscriptWriter, decode, encode
 
 Handler = Callable[[Message], Message]
@@ -127,7 +127,7 @@ class InProcessTransport(Transport):
             wire = self.server.send(client_id, message)
             try:
                 answer = self.deliver(client_id, wire)
-            except (ProtocolViolation, BudgetExceededError, CryptoError) as exc:
+            except RefusalError as exc:
                 # The client sent nothing (its own check or its ledger refused); the round
                 # completes with the others.
                 reason = client_refusal(exc)

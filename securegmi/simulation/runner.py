@@ -183,7 +183,8 @@ def _ceremony(federation: Federation, run_dir: RunDirectory | None, resume: bool
     if not federation.secure:
         return None
     if resume:
-        assert run_dir is not None
+        if run_dir is None:
+            raise RunDirectoryError("only a run with a run directory can be resumed: pass --out")
         return SecretContext.load(run_dir.file(CLIENT_KEYS), federation.ckks_parameters())
     keys = SecretContext.generate(federation.ckks_parameters())
     if run_dir is not None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from securegmi.config import SimulationConfig
 from securegmi.crypto.keys import SecretContext
@@ -51,16 +52,24 @@ def finished():  # type: ignore[no-untyped-def]
     shares: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {cid: [] for cid in clients}
     for cid, client in clients.items():
         policy = client.policy
-        trainer, real = policy.trainer, policy.trainer.noisy_share  # type: ignore[attr-defined]
+        trainer = policy.trainer  # type: ignore[attr-defined]
+        real_sum, real_share = trainer.clipped_sum, trainer.noisy_share
+        seen: list[list[torch.Tensor]] = []
 
-        def spy(loss_fn, batch, share, observe=None, cid=cid, real=real):  # type: ignore[no-untyped-def]
-            seen = []
-            released = real(loss_fn, batch, share, lambda grads: seen.append(grads))
-            pre = np.concatenate([g.reshape(-1).numpy() for g in seen[0]]).astype(np.float64)
+        def clipped(loss_fn, batch, seen=seen, real_sum=real_sum):  # type: ignore[no-untyped-def]
+            grads = real_sum(loss_fn, batch)
+            seen.append(grads)
+            return grads
+
+        def spy(loss_fn, batch, share, cid=cid, seen=seen, real_share=real_share):  # type: ignore[no-untyped-def]
+            released = real_share(loss_fn, batch, share)
+            (grads,) = seen  # the one clipped sum this share was drawn on
+            seen.clear()
+            pre = np.concatenate([g.reshape(-1).numpy() for g in grads]).astype(np.float64)
             shares[cid].append((pre, released))
             return released
 
-        trainer.noisy_share = spy
+        trainer.clipped_sum, trainer.noisy_share = clipped, spy
     for t in range(federation.rounds):
         play_round(server, transport, list(clients), t, 1.0)
     final = server.broadcast(federation.rounds, 1.0)
