@@ -11,10 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from securegmi.federation.release import CountsRelease
 from securegmi.federation.statistics import StatisticsRole
+from securegmi.privacy.dpsgd import PerSampleLoss, PrivateTrainer
 
 
 def record_exact(role: StatisticsRole) -> list[np.ndarray]:
@@ -46,4 +48,18 @@ def record_counts(policy: CountsRelease | Any) -> list[np.ndarray]:
         return value
 
     policy.exact_counts = recorded  # type: ignore[method-assign]
+    return seen
+
+
+def record_clipped_sums(trainer: PrivateTrainer) -> list[list[torch.Tensor]]:
+    """Every clipped per-sample gradient sum `trainer` forms from now on, before its noise (a
+    local step's, or a split step's share), one tensor per parameter, in order."""
+    seen: list[list[torch.Tensor]] = []
+    accumulate = trainer._accumulate_clipped
+
+    def recorded(loss_fn: PerSampleLoss, batch: Tensor) -> None:
+        accumulate(loss_fn, batch)
+        seen.append([p.grad.detach().clone() for p in trainer.module.parameters() if p.grad is not None])
+
+    trainer._accumulate_clipped = recorded  # type: ignore[method-assign]
     return seen

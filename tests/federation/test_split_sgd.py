@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 from securegmi.config import SimulationConfig
 from securegmi.crypto.keys import SecretContext
@@ -19,6 +18,7 @@ from securegmi.federation.transport import InProcessTransport
 from securegmi.protocols import builder
 from securegmi.simulation.study import Federation
 
+from ..doubles import record_clipped_sums
 from .gaussian_scale import assert_scale, has_scale
 
 CONFIG = SimulationConfig(
@@ -53,13 +53,7 @@ def finished():  # type: ignore[no-untyped-def]
     for cid, client in clients.items():
         policy = client.policy
         trainer = policy.trainer  # type: ignore[attr-defined]
-        real_sum, real_share = trainer.clipped_sum, trainer.noisy_share
-        seen: list[list[torch.Tensor]] = []
-
-        def clipped(loss_fn, batch, seen=seen, real_sum=real_sum):  # type: ignore[no-untyped-def]
-            grads = real_sum(loss_fn, batch)
-            seen.append(grads)
-            return grads
+        real_share, seen = trainer.noisy_share, record_clipped_sums(trainer)
 
         def spy(loss_fn, batch, share, cid=cid, seen=seen, real_share=real_share):  # type: ignore[no-untyped-def]
             released = real_share(loss_fn, batch, share)
@@ -69,7 +63,7 @@ def finished():  # type: ignore[no-untyped-def]
             shares[cid].append((pre, released))
             return released
 
-        trainer.clipped_sum, trainer.noisy_share = clipped, spy
+        trainer.noisy_share = spy
     for t in range(federation.rounds):
         play_round(server, transport, list(clients), t, 1.0)
     final = server.broadcast(federation.rounds, 1.0)
