@@ -109,13 +109,58 @@ def audit_run(run_dir: Path, *, ledgers: Path | None = None) -> AuditReport:
 
 
 def _audit(run_dir: Path, ledger_dir: Path) -> AuditReport:
+    problems: list[str] = []
+    rows, run_config, config, recorded = _read_run_files(run_dir)
+    spec, declaration = _declared_protocol(recorded, problems)
+    ledger_files = sorted(ledger_dir.glob("*.json")) if ledger_dir.is_dir() else []
+    ledgers = _read_ledgers(ledger_files, problems)
+    disclosures, unprotected = _disclosures(rows, spec, ledgers, problems)
+
+    problems += _noise_problems(config, ledgers)
+    private = config.epsilon is not None or bool(ledger_files)
+    plan = _read_plan(run_dir, problems) if private else None
+    if plan is not None:
+        problems += _plan_problems(plan, run_config, ledgers)
+        problems += _configuration_problems(config, plan, dict(spec.dims))
+    problems += _protocol_problems(config, spec, plan)
+    attempts = _round_attempts(rows)
+    last = {a.round: a for a in attempts}  # a resumed round's last attempt is the one that counts
+    if private:
+        problems += _cohort_problems(config, {p.stem for p in ledger_files}, attempts)
+    # The server's saved state and the per-round records (optional: a Flower server's directory
+    # has engine.json and no metrics): written beside the transcript, never from it.
+    state = _server_state(run_dir, problems)
+    metrics = _metrics(run_dir, problems)
+    if plan is not None:
+        completed = _completed_rounds(run_dir, plan, attempts, state, metrics, problems)
+        problems += _ledger_round_problems(plan, ledgers, last, completed)
+        problems += _transcript_round_problems(ledgers, last, completed)
+        problems += _split_cohort_problems(plan, last, completed)
+    problems += _contribution_problems(state, last)
+    problems += _refusal_problems(run_dir, metrics, last, problems)
+    problems += _client_state_problems(run_dir, config, ledgers, {p.stem for p in ledger_files}, plan)
+    problems += _results_problems(run_dir, config, spec.name)
+    problems += _double_releases(rows)
+    received = _transcript_entries(rows, ledgers, problems)
+    for name, clients in sorted(unprotected.items()):
+        problems.append(f"{name!r} left {len(clients)} client(s) without protection (non-private)")
+    budgets = _budgets(ledgers, received, problems)
+    return AuditReport(
+        str(run_dir), spec.name, tuple(budgets), tuple(disclosures), tuple(problems), declaration
+    )
+
+
+def _read_run_files(
+    run_dir: Path,
+) -> tuple[list[dict[str, Any]], dict[str, Any], SimulationConfig, ProtocolSpec]:
+    """The transcript's rows, config.json (as written, and as a configuration) and the recorded
+    protocol; a `RunDirectoryError` where one is missing or cannot be read."""
     files = [run_dir / name for name in (CONFIG, TRANSCRIPT, PROTOCOL)]
     if not all(f.exists() for f in files):
         raise RunDirectoryError(
             f"{run_dir} lacks {', '.join(f.name for f in files if not f.exists())}: "
             "not the run directory of a federated run"
         )
-    problems: list[str] = []
     try:
         rows = [_transcript_row(row) for row in read_transcript(run_dir / TRANSCRIPT)]
         run_config = _json_object(run_dir / CONFIG)
@@ -123,12 +168,12 @@ def _audit(run_dir: Path, ledger_dir: Path) -> AuditReport:
         recorded = ProtocolSpec.from_json(_json_object(run_dir / PROTOCOL))
     except (KeyError, TypeError, ValueError, AttributeError, ConfigError) as exc:
         raise RunDirectoryError(f"{run_dir}: corrupt run files ({exc})") from exc
-    spec, declaration = _declared_protocol(recorded, problems)
-    dims = dict(spec.dims)
-    uplink = {f.name: f for s in spec.stages if s.sender == "client" for f in s.fields}
+    return rows, run_config, config, recorded
 
+
+def _read_ledgers(ledger_files: list[Path], problems: list[str]) -> dict[str, PrivacyLedger]:
+    """Every readable ledger whose hash chain holds, under its own client's name."""
     ledgers: dict[str, PrivacyLedger] = {}
-    ledger_files = sorted(ledger_dir.glob("*.json")) if ledger_dir.is_dir() else []
     for path in ledger_files:
         try:
             ledger = PrivacyLedger.load(path)
@@ -139,7 +184,18 @@ def _audit(run_dir: Path, ledger_dir: Path) -> AuditReport:
             problems.append(f"{path.stem}: {LEDGERS}/{path.name} holds the ledger of {ledger.client_id!r}")
             continue
         ledgers[ledger.client_id] = ledger
+    return ledgers
 
+
+def _disclosures(
+    rows: list[dict[str, Any]],
+    spec: ProtocolSpec,
+    ledgers: dict[str, PrivacyLedger],
+    problems: list[str],
+) -> tuple[list[Disclosure], dict[str, set[str]]]:
+    """What each client sent, field by field, with its protection; and the fields that left
+    some clients with none."""
+    uplink = {f.name: f for s in spec.stages if s.sender == "client" for f in s.fields}
     grouped: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         if row["sender"] == SERVER or row.get("field") is None:
@@ -200,35 +256,15 @@ def _audit(run_dir: Path, ledger_dir: Path) -> AuditReport:
                 next(iter(packing)) if len(packing) == 1 else None,
             )
         )
+    return disclosures, unprotected
 
-    problems += _noise_problems(config, ledgers)
-    private = config.epsilon is not None or bool(ledger_files)
-    plan = _read_plan(run_dir, problems) if private else None
-    if plan is not None:
-        problems += _plan_problems(plan, run_config, ledgers)
-        problems += _configuration_problems(config, plan, dims)
-    problems += _protocol_problems(config, spec, plan)
-    attempts = _round_attempts(rows)
-    last = {a.round: a for a in attempts}  # a resumed round's last attempt is the one that counts
-    if private:
-        problems += _cohort_problems(config, {p.stem for p in ledger_files}, attempts)
-    # The server's saved state and the per-round records (optional: a Flower server's directory
-    # has engine.json and no metrics): written beside the transcript, never from it.
-    state = _server_state(run_dir, problems)
-    metrics = _metrics(run_dir, problems)
-    if plan is not None:
-        completed = _completed_rounds(run_dir, plan, attempts, state, metrics, problems)
-        problems += _ledger_round_problems(plan, ledgers, last, completed)
-        problems += _transcript_round_problems(ledgers, last, completed)
-        problems += _split_cohort_problems(plan, last, completed)
-    problems += _contribution_problems(state, last)
-    problems += _refusal_problems(run_dir, metrics, last, problems)
-    problems += _client_state_problems(run_dir, config, ledgers, {p.stem for p in ledger_files}, plan)
-    problems += _results_problems(run_dir, config, spec.name)
-    problems += _double_releases(rows)
-    received = _transcript_entries(rows, ledgers, problems)
-    for name, clients in sorted(unprotected.items()):
-        problems.append(f"{name!r} left {len(clients)} client(s) without protection (non-private)")
+
+def _budgets(
+    ledgers: dict[str, PrivacyLedger],
+    received: dict[str, dict[EventId, LedgerEntry]],
+    problems: list[str],
+) -> list[ClientBudget]:
+    """Each client's spend: by its ledger, and re-accounted from what the server received."""
     budgets = []
     for client, ledger in sorted(ledgers.items()):
         spent = ledger.spent
@@ -259,9 +295,7 @@ def _audit(run_dir: Path, ledger_dir: Path) -> AuditReport:
                 exceeded,
             )
         )
-    return AuditReport(
-        str(run_dir), spec.name, tuple(budgets), tuple(disclosures), tuple(problems), declaration
-    )
+    return budgets
 
 
 def _declared_protocol(recorded: ProtocolSpec, problems: list[str]) -> tuple[ProtocolSpec, str]:
