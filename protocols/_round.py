@@ -14,8 +14,9 @@ from collections.abc import Mapping
 from dataclasses import replace
 
 from securegmi.errors import ConfigError
-from securegmi.protocol import START, FieldKind, FieldSpec, ProtocolSpec, StageSpec
-from securegmi.protocol.spec import CONTRIBUTIONS, Codec, Release
+from securegmi.protocol import FieldKind, FieldSpec, ProtocolSpec, StageSpec
+from securegmi.protocol.spec import Codec, Release
+from securegmi.vocabulary import EventName, FieldName, Stage
 
 # Symbolic sizes: M moments (1 + D + D(D+1)/2), S cluster statistics (J x (d+1)), H the
 # clients x clusters histogram matrix; G, where DP-SGD's noise is split, the K x P gradient.
@@ -28,9 +29,9 @@ def start_stage() -> StageSpec:
     """Round 0's downlink: clients begin from the public initialisation they already hold (a
     CKKS server could not encrypt it anyway: it holds no secret key)."""
     temperature = FieldSpec(
-        "temperature", FieldKind.PUBLIC, (), "float64", "likelihood temperature (public schedule)"
+        FieldName.TEMPERATURE, FieldKind.PUBLIC, (), "float64", "likelihood temperature (public schedule)"
     )
-    return StageSpec(START, "server", (temperature,))
+    return StageSpec(Stage.START, "server", (temperature,))
 
 
 def fedgmi_protocol(
@@ -68,32 +69,33 @@ def fedgmi_stages(
     `describe` (field name -> text). With a `component_index` description a client sends its B
     heaviest components and says which; without, all K. With `pack_masses` (ciphertexts) the K
     masses and their sums travel in the last chunk of the components' envelope."""
-    top_b = "component_index" in describe
+    top_b = FieldName.COMPONENT_INDEX in describe
 
     def one(name: str, shape: tuple[str, ...], dtype: str, **how: str | None) -> FieldSpec:
         return FieldSpec(name, kind, shape, dtype, describe[name], **how)
 
     broadcast = StageSpec(
-        "broadcast",
+        Stage.BROADCAST,
         "server",
         (
-            one("component_sums", ("K", "P"), "float32", sum_of="weighted_components"),
+            one(FieldName.COMPONENT_SUMS, ("K", "P"), "float32", sum_of=FieldName.WEIGHTED_COMPONENTS),
             one(
-                "component_masses",
+                FieldName.COMPONENT_MASSES,
                 ("K",),
                 "float64",
-                sum_of="masses",
-                packed_in="component_sums" if pack_masses else None,
+                sum_of=FieldName.MASSES,
+                packed_in=FieldName.COMPONENT_SUMS if pack_masses else None,
             ),
             start_stage().fields[0],
         ),
     )
-    sent = (one("component_index", ("B",), "int64"),) if top_b else ()
-    weighted = one("weighted_components", ("B" if top_b else "K", "P"), "float32")
+    sent = (one(FieldName.COMPONENT_INDEX, ("B",), "int64"),) if top_b else ()
+    weighted = one(FieldName.WEIGHTED_COMPONENTS, ("B" if top_b else "K", "P"), "float32")
     if top_b:
-        weighted = replace(weighted, rows_at="component_index")
-    masses = one("masses", ("K",), "float64", packed_in="weighted_components" if pack_masses else None)
-    update = StageSpec("update", "client", (masses, *sent, weighted))
+        weighted = replace(weighted, rows_at=FieldName.COMPONENT_INDEX)
+    packed = FieldName.WEIGHTED_COMPONENTS if pack_masses else None
+    masses = one(FieldName.MASSES, ("K",), "float64", packed_in=packed)
+    update = StageSpec(Stage.UPDATE, "client", (masses, *sent, weighted))
     return broadcast, update
 
 
@@ -118,57 +120,66 @@ def with_statistics(
     return replace(
         spec,
         description=spec.description + " Preceded by the DP statistics phase.",
-        stages=(spec.stage(START), *stages, *spec.stages[1:]),
+        stages=(spec.stage(Stage.START), *stages, *spec.stages[1:]),
     ).bind(**dims)
 
 
 def contributions() -> FieldSpec:
     """How many client releases a private aggregate sums: public (the server sees who
     answered), and checked by both ends against the declared minimum N."""
-    return FieldSpec(CONTRIBUTIONS, FieldKind.PUBLIC, (), "int64", "client releases the aggregate sums")
+    return FieldSpec(
+        FieldName.CONTRIBUTIONS, FieldKind.PUBLIC, (), "int64", "client releases the aggregate sums"
+    )
 
 
 def gradient_stages(kind: FieldKind, what: str) -> tuple[StageSpec, ...]:
     """One DP-SGD step per round with the noise split across clients (the plan's
     `sgd_placement`): each client's clipped gradient sum plus its noise share, and their sum."""
     up = FieldSpec(
-        "gradient",
+        FieldName.GRADIENT,
         kind,
         (GRADIENT_DIM,),
         "float64",
-        what + "clipped gradient sum + noise share (event dpsgd@round)",
+        what + f"clipped gradient sum + noise share (event {EventName.DPSGD}@round)",
     )
     down = FieldSpec(
-        "aggregate",
+        FieldName.AGGREGATE,
         kind,
         (GRADIENT_DIM,),
         "float64",
         what + "sum of the gradient releases",
-        sum_of="gradient",
+        sum_of=FieldName.GRADIENT,
     )
-    totals = StageSpec("gradient_totals", "server", (down, contributions()), min_shares="N")
-    return StageSpec("gradient", "client", (up,)), totals
+    totals = StageSpec(Stage.GRADIENT_TOTALS, "server", (down, contributions()), min_shares="N")
+    return StageSpec(Stage.GRADIENT, "client", (up,)), totals
 
 
 def statistics_stages(kind: FieldKind, what: str) -> tuple[StageSpec, ...]:
-    """Uplink and downlink stages of the statistics phase, every field of `kind`."""
+    """Uplink and downlink stages of the statistics phase, every field of `kind`. Each uplink
+    stage carries one field of its own name; each downlink, that field's sum."""
 
-    def up(name: str, dim: str, description: str) -> StageSpec:
-        return StageSpec(name, "client", (FieldSpec(name, kind, (dim,), "float64", what + description),))
+    def up(name: Stage, dim: str, description: str) -> StageSpec:
+        field = FieldSpec(FieldName(name), kind, (dim,), "float64", what + description)
+        return StageSpec(name, "client", (field,))
 
-    def down(stage: str, of: str, dim: str, description: str) -> StageSpec:
-        field = FieldSpec("aggregate", kind, (dim,), "float64", what + description, sum_of=of)
+    def down(stage: Stage, of: Stage, dim: str, description: str) -> StageSpec:
+        field = FieldSpec(FieldName.AGGREGATE, kind, (dim,), "float64", what + description, sum_of=of)
         return StageSpec(stage, "server", (field, contributions()), min_shares="N")
 
+    moments, clusters, histogram = EventName.MOMENTS, EventName.CLUSTERS, EventName.HISTOGRAM
     return (
-        up("moments", "M", "sum of (1, u, triu(u u^T)) + noise (event moments@round)"),
-        up("cluster_stats", "S", "per fine cluster: sum of z and count, + noise (event clusters@round)"),
+        up(Stage.MOMENTS, "M", f"sum of (1, u, triu(u u^T)) + noise (event {moments}@round)"),
         up(
-            "histogram",
-            "H",
-            "own row of fine-cluster counts + full noise, zeros elsewhere (event histogram@round)",
+            Stage.CLUSTER_STATS,
+            "S",
+            f"per fine cluster: sum of z and count, + noise (event {clusters}@round)",
         ),
-        down("moment_totals", "moments", "M", "sum of the moments releases"),
-        down("cluster_totals", "cluster_stats", "S", "sum of the cluster releases"),
-        down("histograms", "histogram", "H", "every client's released histogram"),
+        up(
+            Stage.HISTOGRAM,
+            "H",
+            f"own row of fine-cluster counts + full noise, zeros elsewhere (event {histogram}@round)",
+        ),
+        down(Stage.MOMENT_TOTALS, Stage.MOMENTS, "M", "sum of the moments releases"),
+        down(Stage.CLUSTER_TOTALS, Stage.CLUSTER_STATS, "S", "sum of the cluster releases"),
+        down(Stage.HISTOGRAMS, Stage.HISTOGRAM, "H", "every client's released histogram"),
     )

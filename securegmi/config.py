@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from securegmi.errors import ConfigError
 
-Method = Literal[
-    "fedgmi", "local", "fedem-weights", "fedavg", "ifca", "fedgmm", "central-em", "oracle", "central-dp"
-]
 METHODS: tuple[str, ...] = (
     "fedgmi",
     "local",
@@ -33,10 +30,10 @@ SOURCE_KINDS: tuple[str, ...] = ("class-groups", "transforms")
 # Initial likelihood temperature by dataset: it must grow with the data dimension, since ELBO
 # gaps grow with it (docs/design.md §1: about 10 for 64-d digits, a few hundred for 784-d MNIST).
 DEFAULT_TEMPERATURE = {"digits": 10.0, "synthetic": 10.0, "mnist5k": 300.0}
-# Adam's step size for non-private training, by dataset: on digits-PM tuning seeds 10-29, 3e-3
-# instead of 2e-3 lifted fedgmi from 0.961 +- 0.015 to 0.966 +- 0.008 source accuracy (its
-# weakest seed 0.916 -> 0.953: more progress per round while the split forms). The other sets
-# keep the 2e-3 their figures were measured with. DP-SGD has its own (`dp_learning_rate`).
+# Adam's step size for non-private training, by dataset: a larger step on digits makes more
+# progress per round while the split forms (figures: bench/results/tuning.md#learning-rate);
+# the other sets keep the step their figures were measured with. DP-SGD has its own
+# (`dp_learning_rate`).
 DEFAULT_LEARNING_RATE = {"digits": 3e-3, "synthetic": 2e-3, "mnist5k": 2e-3}
 
 

@@ -23,7 +23,12 @@ class DataError(SecureGMIError, ValueError):
     empty, non-finite, of the wrong feature count or outside the decoder's range."""
 
 
-class ProtocolViolation(SecureGMIError):
+class RefusalError(SecureGMIError):
+    """A check at one end of a link refused a message: nothing was sent, or what arrived was not
+    added. A round goes on without that client; the subclasses say which check refused."""
+
+
+class ProtocolViolation(RefusalError):
     """A message does not match its protocol's declaration; nothing was sent or accepted."""
 
 
@@ -31,7 +36,7 @@ class RunDirectoryError(SecureGMIError):
     """A run directory is missing, incomplete or would be overwritten."""
 
 
-class BudgetExceededError(SecureGMIError):
+class BudgetExceededError(RefusalError):
     """A round's privacy events would exceed a client's budget; the round is refused and
     nothing is sent."""
 
@@ -44,5 +49,5 @@ class RunAbortedError(SecureGMIError):
     """A run could not go on (e.g. every client refused a round); completed rounds are on disk."""
 
 
-class CryptoError(SecureGMIError):
+class CryptoError(RefusalError):
     """Unsafe CKKS parameters, a wrong key, or a ciphertext that fails its structure checks."""

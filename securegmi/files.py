@@ -6,10 +6,12 @@ a cap that fits the kind of file. A FIFO named as a ledger would otherwise block
 forever, a link to /dev/zero would be read until memory ran out, and a link planted in a run
 directory would redirect a read (or a write) to a file elsewhere.
 
-Every file securegmi writes is written atomically here: a fresh temporary file in the target's
-own directory, then `os.replace`, which renames over the directory entry and never follows a
-link there. A write cut short (a full disk, a kill) leaves the old file or none, never a
-truncated one.
+Every file securegmi writes is written atomically here, by `write_atomic` alone: a fresh
+temporary file in the target's own directory, fsynced, then `os.replace`, which renames over
+the directory entry and never follows a link there, then an fsync of the directory. A write cut
+short (a full disk, a kill, a power cut) leaves the old file or the new one, never a truncated
+one or none: the ledger is written ahead of every release, and a ledger that a power cut rolled
+back would let the same budget be spent twice.
 
 The module sits beside `errors` at the bottom of the layering (docs/design.md §4): the ledger
 (privacy), the transcript (protocol), the keys (crypto) and the client's state (federation)
@@ -217,13 +219,12 @@ def write_atomic(
     *,
     error: type[SecureGMIError] = RunDirectoryError,
     mode: int = 0o644,
-    durable: bool = False,
     replace: bool = True,
 ) -> None:
-    """Write `data` to `path` atomically: a fresh temporary file in the same directory (so the
-    rename cannot cross file systems), then `os.replace`. `path` must not be a link or anything
-    but a regular file; with `replace=False` it must not exist at all. `durable` fsyncs the
-    file and its directory, for what must survive a power cut (keys)."""
+    """Write `data` to `path` atomically and durably: a fresh temporary file in the same
+    directory (so the rename cannot cross file systems), its bytes fsynced, then `os.replace`,
+    then the directory fsynced (so the rename itself survives a power cut). `path` must not be
+    a link or anything but a regular file; with `replace=False` it must not exist at all."""
     path = Path(path)
     refuse_link(path, error)
     if not replace and os.path.lexists(path):
@@ -240,8 +241,7 @@ def write_atomic(
             fh.write(data)
             fh.flush()
             os.fchmod(fh.fileno(), mode)
-            if durable:
-                os.fsync(fh.fileno())
+            os.fsync(fh.fileno())  # the bytes on disk before the name points at them
         if not replace and os.path.lexists(path):
             raise FileExistsError(errno.EEXIST, "it appeared while it was written", str(path))
         os.replace(tmp, path)
@@ -251,8 +251,7 @@ def write_atomic(
         if isinstance(exc, OSError):
             raise error(f"cannot write {path}: {_why(exc)}; nothing was written") from None
         raise
-    if durable:
-        sync_directory(directory)
+    sync_directory(directory)
 
 
 def sync_directory(directory: Path) -> None:

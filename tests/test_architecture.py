@@ -59,10 +59,12 @@ def test_imports_point_downward(package):
     assert _violations(package) == []
 
 
-def test_safe_files_sit_at_the_bottom_beside_errors():
-    """securegmi.files is read through by privacy, protocol, crypto and federation, so it may
-    import nothing of securegmi but the exception tree (and no torch, tenseal, flwr or typer)."""
-    names = _imports(LIB / "files.py")
+@pytest.mark.parametrize("module", ["files.py", "vocabulary.py"])
+def test_safe_files_and_the_vocabulary_sit_at_the_bottom_beside_errors(module):
+    """securegmi.files is read through, and securegmi.vocabulary's names are used, by privacy,
+    protocol, crypto and federation, so each may import nothing of securegmi but the exception
+    tree (and no torch, tenseal, flwr or typer)."""
+    names = _imports(LIB / module)
     ours = [n for n in names if n.split(".")[0] == "securegmi"]
     assert ours and all(n == "securegmi.errors" or n.startswith("securegmi.errors.") for n in ours)
     assert not {n.split(".")[0] for n in names} & {"torch", "tenseal", "flwr", "typer", "opacus"}

@@ -5,9 +5,12 @@ the standard library would have done with the same file."""
 
 from __future__ import annotations
 
+import ast
 import errno
 import os
+import stat
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -149,9 +152,91 @@ def test_a_write_cut_short_leaves_the_old_file_and_no_temporary(tmp_path: Path, 
 
     monkeypatch.setattr(os, "fsync", full_disk)  # fails after the bytes went to the temporary
     with pytest.raises(CryptoError, match="No space left on device; nothing was written"):
-        write_atomic(target, b"new" * 1000, error=CryptoError, durable=True)
+        write_atomic(target, b"new" * 1000, error=CryptoError)
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["state"]
+
+
+def _disk_events(monkeypatch: pytest.MonkeyPatch, write: Callable[[], None]) -> list[str]:
+    """What `write` asks of the disk, in order: each fsync (of a regular file or of a directory)
+    and each rename."""
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("fsync directory" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def replace(source: str, target: str) -> None:
+        events.append("rename")
+        real_replace(source, target)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", fsync)
+        patch.setattr(os, "replace", replace)
+        write()
+    return events
+
+
+def test_every_write_reaches_the_disk_before_its_rename_and_the_rename_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A power cut after the rename must find the new bytes under the name (the file fsynced
+    first) and the new name in the directory (the directory fsynced after): the ledger is
+    written ahead of every release. Negative control: the hand-written temporary-file-and-
+    replace the Flower adapter had syncs nothing."""
+    target = tmp_path / "ledger.json"
+    written = _disk_events(monkeypatch, lambda: write_atomic(target, b"{}"))
+    assert written == ["fsync file", "rename", "fsync directory"]
+    assert target.read_bytes() == b"{}"
+
+    def by_hand() -> None:
+        tmp = target.with_suffix(".tmp")
+        tmp.write_bytes(b"[]")
+        os.replace(tmp, target)
+
+    assert _disk_events(monkeypatch, by_hand) == ["rename"]
+
+
+# What writes or renames a file: only securegmi.files may call these (everything else writes
+# through write_atomic, or appends through open_append).
+_WRITERS = {"write_text", "write_bytes", "replace", "rename", "move", "link", "symlink_to"}
+
+
+def hand_written_writes(root: Path, folders: tuple[str, ...]) -> list[str]:
+    found = []
+    for folder in folders:
+        for path in sorted((root / folder).rglob("*.py")):
+            if path == root / "securegmi" / "files.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                    continue
+                owner, name = node.func.value, node.func.attr
+                module = owner.id if isinstance(owner, ast.Name) else None
+                by_os = module in ("os", "shutil") and name in _WRITERS
+                if by_os or name in {"write_text", "write_bytes", "symlink_to"}:
+                    found.append(f"{path.relative_to(root)}:{node.lineno} {name}")
+    return found
+
+
+def test_every_file_the_package_writes_goes_through_the_one_atomic_writer() -> None:
+    root = Path(__file__).resolve().parents[1]
+    assert hand_written_writes(root, ("securegmi", "cli", "protocols")) == []
+
+
+def test_the_writer_check_catches_a_hand_written_write(tmp_path: Path) -> None:
+    # Negative control: each way around write_atomic, planted in a package module.
+    (tmp_path / "securegmi").mkdir()
+    (tmp_path / "securegmi" / "a.py").write_text(
+        "import os\nfrom pathlib import Path\n"
+        "Path('x.tmp').write_bytes(b'')\nos.replace('x.tmp', 'x')\nPath('y').write_text('')\n"
+    )
+    assert hand_written_writes(tmp_path, ("securegmi",)) == [
+        "securegmi/a.py:3 write_bytes",
+        "securegmi/a.py:4 replace",
+        "securegmi/a.py:5 write_text",
+    ]
 
 
 def test_no_clobber_writes_refuse_an_existing_name_even_a_dangling_link(tmp_path: Path) -> None:

@@ -37,12 +37,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from securegmi.adapters.loopback import QUIET_ENV, SAFETY_ENV
 from securegmi.crypto.keys import SecretContext
-from securegmi.errors import (
-    ConfigError,
-    CryptoError,
-    ProtocolViolation,
-    RunAbortedError,
-)
+from securegmi.errors import ConfigError, ProtocolViolation, RefusalError, RunAbortedError
 from securegmi.federation.client import Client
 from securegmi.federation.codec import CkksCodec, ClearCodec, ClientCodec
 from securegmi.federation.server import Server, play_round
@@ -53,6 +48,7 @@ from securegmi.federation.transport import (
     client_refusal,
     recorded_refusal,
 )
+from securegmi.files import write_atomic
 from securegmi.protocol import Message as SecureGMIMessage
 from securegmi.protocol import ProtocolSpec, decode, encode
 from securegmi.records.rundir import (
@@ -227,7 +223,7 @@ class FlowerTransport(Transport):
                 if reply.has_error():
                     raise ProtocolViolation(f"{cid}: {recorded_refusal(reply.error.reason or '')}")
                 replies[cid] = self.endpoint.accept(cid, _wire(reply))
-            except (ProtocolViolation, CryptoError) as exc:
+            except RefusalError as exc:
                 refused[cid] = str(exc)
                 self.endpoint.refuse(cid, outgoing[cid], str(exc))
         for cid in set(outgoing) - set(replies) - set(refused):
@@ -239,9 +235,7 @@ class FlowerTransport(Transport):
 def save_aggregate(path: Path, server: Server, rounds: int) -> None:
     """The server's final broadcast, as the wire bytes a client would receive (ciphertexts
     under the secure protocol, which only a key holder can open: `open_aggregate`)."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(encode(server.broadcast(rounds, 1.0)))
-    os.replace(tmp, path)
+    write_atomic(path, encode(server.broadcast(rounds, 1.0)))
 
 
 def open_aggregate(path: Path, spec: ProtocolSpec, keys: SecretContext | None) -> dict[str, np.ndarray]:
@@ -251,11 +245,10 @@ def open_aggregate(path: Path, spec: ProtocolSpec, keys: SecretContext | None) -
 
 
 # How often the ServerApp asks the SuperLink for replies. Flower's own `Grid.send_and_receive`
-# sleeps 3 s between pulls, on average 1.5 s added to every exchange; a pull is one local RPC.
-# The wait starts short and doubles up to the longest: a fixed 0.25 s rounded each quick
-# exchange of the simulation engine up to a multiple of it (measured: most of the 11 exchanges of
-# bench/engines.py's study took exactly 0.25 s or 0.5 s), while a slow one is still asked only
-# four times a second.
+# sleeps seconds between pulls, added to every exchange; a pull is one local RPC. The wait
+# starts short and doubles up to the longest: a fixed wait rounds each quick exchange of the
+# simulation engine up to a multiple of it, while a slow one is still asked only four times a
+# second (figures: bench/results/tuning.md#flower-pull).
 FIRST_PULL_S = 0.01
 PULL_INTERVAL_S = 0.25
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from types import TracebackType
 
 from securegmi.errors import RunAbortedError
+from securegmi.files import write_atomic
 
 # Keep Flower from phoning home, and Ray on 127.0.0.1 (it binds the host's address otherwise,
 # even when told 127.0.0.1; set before Ray is imported).
@@ -173,11 +174,11 @@ class LoopbackDeployment:
             "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
         }
         self.port = free_port()
-        (flwr_home / "config.toml").write_text(
+        config = (
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "{HOST}:{self.port}"\ninsecure = true\n',
-            encoding="utf-8",
+            f'address = "{HOST}:{self.port}"\ninsecure = true\n'
         )
+        write_atomic(flwr_home / "config.toml", config.encode("utf-8"))
 
     def __enter__(self) -> LoopbackDeployment:
         try:

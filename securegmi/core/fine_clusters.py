@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from securegmi.errors import ConfigError
+
 # Per-record L2 norm of a moments contribution (1, u, triu(u u^T)) with ||u|| = 1:
 # 1 + ||u||^2 + ||triu(u u^T)||_F^2 <= 3, since sum_{i<=j} u_i^2 u_j^2 <= (sum_i u_i^2)^2 = 1.
 MOMENTS_SENSITIVITY = math.sqrt(3.0)
@@ -36,8 +38,8 @@ _EPS = 1e-12
 
 def on_sphere(x: np.ndarray, centre: float, sketch: np.ndarray | None = None) -> np.ndarray:
     """Each record as a unit vector around a public centre: a per-record map that bounds every
-    contribution's norm without a clipping bound to tune (measured on digits-PM tuning seeds:
-    it keeps the directions the projection needs, 0.80 -> 0.86 source accuracy at epsilon 8).
+    contribution's norm without a clipping bound to tune, and keeps the directions the
+    projection needs (bench/results/tuning.md#unit-sphere).
     `sketch` first maps the centred record to fewer dimensions."""
     u = np.asarray(x, dtype=np.float64) - centre
     if sketch is not None:
@@ -50,9 +52,8 @@ def on_sphere(x: np.ndarray, centre: float, sketch: np.ndarray | None = None) ->
 def public_sketch(dim: int, size: int, seed: int) -> np.ndarray | None:
     """A data-independent Gaussian random projection (Johnson-Lindenstrauss) to `size`
     dimensions, None when the data has no more. The moments release has D(D+1)/2 entries, each
-    with its own noise: at D = 784 the noise drowns the principal directions, and a public
-    sketch to 64 dimensions first lifted MNIST-5k (K = 5 class pairs, epsilon 7.2, tuning seeds
-    10-12) from 0.45 to 0.62 source accuracy."""
+    with its own noise: at D = 784 the noise drowns the principal directions, which a public
+    sketch to 64 dimensions first keeps (bench/results/tuning.md#public-sketch)."""
     if dim <= size:
         return None
     out: np.ndarray = np.random.default_rng([seed, 0x5CE7C4]).normal(size=(dim, size)) / math.sqrt(size)
@@ -164,8 +165,10 @@ def group_clusters(counts: np.ndarray, components: int, seed: int, restarts: int
     # starts a process per message and never groups clusters should not pay it every time.
     from sklearn.decomposition import NMF
 
+    if restarts < 1:
+        raise ConfigError(f"grouping the fine clusters needs at least one restart, got {restarts}")
     m = np.maximum(np.asarray(counts, dtype=np.float64), 0.0) + 1e-3
-    best: tuple[float, np.ndarray, np.ndarray] | None = None
+    fits: list[tuple[float, np.ndarray, np.ndarray]] = []
     for r in range(restarts):
         nmf = NMF(
             components,
@@ -176,10 +179,8 @@ def group_clusters(counts: np.ndarray, components: int, seed: int, restarts: int
             max_iter=1000,
         )
         w = nmf.fit_transform(m)
-        if best is None or nmf.reconstruction_err_ < best[0]:
-            best = (float(nmf.reconstruction_err_), w, nmf.components_)
-    assert best is not None
-    _, w, h = best
+        fits.append((float(nmf.reconstruction_err_), w, nmf.components_))
+    _, w, h = min(fits, key=lambda fit: fit[0])  # the first of the best, as restarts are seeded
     scale = h.sum(1) + _EPS
     mass = w * scale[None]
     sizes = mass.sum(1)

@@ -34,9 +34,8 @@ ComponentFactory = Callable[[], VAE]
 IWAE_SAMPLES = 64
 # ELBO draws when a trained model assigns records to components once and for all. Training's
 # E-step takes few draws (`elbo_samples`), since it re-estimates every round; a final assignment
-# is made once, and Monte Carlo noise in a few-draw ELBO flips records near a boundary (source
-# accuracy with 4 -> 64 draws: fedgmi on digits-PM tuning seeds 10-29 0.955 -> 0.961; on the
-# reported seeds 0-4 oracle 0.979 -> 0.988, central-em 0.968 -> 0.978, fedgmi 0.957 -> 0.955).
+# is made once, and Monte Carlo noise in a few-draw ELBO flips records near a boundary
+# (figures: bench/results/tuning.md#score-samples).
 SCORE_SAMPLES = 64
 
 
@@ -117,7 +116,8 @@ class MixtureOfVAEs(nn.Module):
 
     def component(self, k: int) -> VAE:
         vae = self.components[k]
-        assert isinstance(vae, VAE)
+        if not isinstance(vae, VAE):  # a subclass that holds its components otherwise
+            raise ConfigError(f"component {k} is a {type(vae).__name__}, not a securegmi VAE")
         return vae
 
     def forward(self, x: Tensor) -> Tensor:
@@ -196,8 +196,8 @@ class FusedMlpMixture(MixtureOfVAEs):
     component, so that every layer of all K components is one matrix product.
 
     A loop over K separate modules pays Python and autograd overhead per layer per component,
-    and DP-SGD pays Opacus' per-sample hooks on each of them: fused, a DP-SGD epoch took 0.43x
-    the time on digits and 0.57x on MNIST-5k (bench/dp_overhead.py). The maths, the
+    and DP-SGD pays Opacus' per-sample hooks on each of them: fused, a DP-SGD epoch takes about
+    half the time (bench/results/tuning.md#fused-mixture). The maths, the
     initialisation and the component vectors are those of the separate modules (the test
     compares them), so which layout a party runs is invisible on the wire.
     """

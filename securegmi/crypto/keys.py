@@ -112,9 +112,9 @@ class SecretContext:
         except OSError as exc:
             raise CryptoError(f"cannot create the key directory {directory}: {exc.strerror}") from None
         secret = self.context.serialize(save_secret_key=True)
-        write_atomic(secret_path, secret, error=CryptoError, mode=0o600, durable=True, replace=False)
+        write_atomic(secret_path, secret, error=CryptoError, mode=0o600, replace=False)
         try:
-            write_atomic(public_path, self.public_bytes, error=CryptoError, durable=True, replace=False)
+            write_atomic(public_path, self.public_bytes, error=CryptoError, replace=False)
         except CryptoError:
             secret_path.unlink(missing_ok=True)  # a secret without its public half is no ceremony
             raise

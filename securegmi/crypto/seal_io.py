@@ -1,17 +1,16 @@
 """SEAL ciphertexts to and from bytes.
 
 TenSEAL's high-level vectors cannot produce seeded ciphertexts; SEAL's symmetric encryption
-stores the pseudo-random half of a fresh ciphertext as a seed, halving the upload (measured at
-N=4096 with real-only slots: 4.0x instead of 8.1x the float32 bytes). SEAL's Python bindings
+stores the pseudo-random half of a fresh ciphertext as a seed, halving the upload
+(bench/results/tuning.md#seeded-ciphertexts). SEAL's Python bindings
 save and load through file paths only (`Ciphertext.save(str)`, `load(context, str)`; no bytes,
 stream or compression-mode overload in TenSEAL 0.3.18), so the bytes pass through a file.
 
 On Linux that file is an anonymous memory file (`memfd_create`) reached through its
 `/proc/self/fd` path: it has no name in any directory, so nothing is left behind if the process
 dies, no other user's process can open it, and there are no directory operations per chunk
-(measured per 4,096-value chunk: save 0.11-0.13 ms instead of 0.18 ms through a private
-directory on /dev/shm, load 0.17-0.26 ms instead of 0.29-0.32 ms; SEAL's own save to an
-existing file takes 0.12 ms, the floor). Elsewhere it is a private temporary directory.
+(a private directory made every chunk's save and load slower:
+bench/results/tuning.md#seeded-ciphertexts). Elsewhere it is a private temporary directory.
 """
 
 from __future__ import annotations

@@ -43,14 +43,14 @@ from securegmi.federation.release import (
     ReleasePolicy,
     StatisticsRelease,
 )
-from securegmi.federation.statistics import GRADIENT, UPLINK
+from securegmi.federation.statistics import UPLINK
 from securegmi.federation.transport import ClientEndpoint
 from securegmi.files import STATE_FILE, read_bytes, safetensors_arrays, write_atomic
 from securegmi.privacy.calibration import DpPlan, PrivateMixturePlan
 from securegmi.privacy.ledger import PrivacyLedger
 from securegmi.protocol import Message, ProtocolSpec, TranscriptWriter, decode, encode
 from securegmi.protocol.payload import build_payload
-from securegmi.protocol.spec import CONTRIBUTIONS
+from securegmi.vocabulary import FieldName, Stage
 
 Records = np.ndarray | torch.Tensor | Dataset[Any] | DataLoader[Any] | Iterable[Any]
 
@@ -206,7 +206,8 @@ class Client:
         stage = self.spec.stage(reply.stage)
         # Only what the protocol declares is sealed at all (secure has no component_index).
         values = {name: v for name, v in reply.values.items() if stage.field(name) is not None}
-        payload = build_payload(stage, self.codec.seal(values, stage), reply.events, self.codec.key_id)
+        events = {name: str(event) for name, event in reply.events.items()}
+        payload = build_payload(stage, self.codec.seal(values, stage), events, self.codec.key_id)
         ledger = self.policy.ledger
         declared = {} if ledger is None else ledger.declared(list(reply.events.values()))
         out = Message(reply.stage, message.round, self.client_id, payload, run=message.run, events=declared)
@@ -276,11 +277,11 @@ def _check_split_stages(spec: ProtocolSpec, plan: PrivateMixturePlan) -> None:
             "Use the secure protocol, or a plan with local noise"
         )
     names = {s.name for s in spec.stages}
-    for uplink in (*UPLINK.values(), GRADIENT):
+    for uplink in (*UPLINK.values(), Stage.GRADIENT):
         if uplink not in names:
             continue
         down = spec.downlink_after(uplink)
-        if spec.min_shares(down.name) < required or down.field(CONTRIBUTIONS) is None:
+        if spec.min_shares(down.name) < required or down.field(FieldName.CONTRIBUTIONS) is None:
             raise PrivacyError(
                 f"protocol {spec.name!r} lets {down.name!r} sum {spec.min_shares(down.name)} client "
                 f"releases without saying how many it sums; this client's plan needs at least {required}, "

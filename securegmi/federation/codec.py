@@ -79,8 +79,7 @@ class CkksCodec:
     def open(self, message: Message, spec: ProtocolSpec) -> dict[str, np.ndarray]:
         stage, out = spec.stage(message.stage), {}
         for name, f in message.payload.items():
-            declared = stage.field(name)
-            assert declared is not None  # the endpoint validated the message
+            declared = stage.require(name)  # the endpoint validated it; a caller may not have
             if declared.kind is FieldKind.CIPHERTEXT:
                 if not isinstance(f, Ciphertext):
                     raise ProtocolViolation(f"{message.stage}: expected {name!r} encrypted")
@@ -134,8 +133,7 @@ class CkksSum:
         for name, f in message.payload.items():
             if not isinstance(f, Ciphertext):
                 raise ProtocolViolation(f"{name} is not a ciphertext")
-            declared = stage.field(name)
-            assert declared is not None  # the endpoint validated the message
+            declared = stage.require(name)  # the endpoint validated it; a caller may not have
             if declared.packed_in is not None:
                 continue  # an empty marker (validated): its values are in its host's envelope
             length = self._length(declared)

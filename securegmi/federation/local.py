@@ -21,6 +21,7 @@ from securegmi.core.em import infer_mixture
 from securegmi.core.mixture import MixtureOfVAEs, divide_aggregate
 from securegmi.core.training import e_step_elbo, train_components
 from securegmi.errors import ConfigError, ProtocolViolation
+from securegmi.vocabulary import FieldName
 
 Weighting = Literal["mass", "size"]
 Assignment = Literal["mixture", "cluster"]
@@ -73,9 +74,9 @@ def client_stream(client_id: str) -> int:
 
 def adopt_aggregate(model: MixtureOfVAEs, inbound: Mapping[str, np.ndarray]) -> None:
     """theta_k = S_k / W_k where `inbound` (a decoded broadcast) carries the sums."""
-    if "component_sums" in inbound:
+    if FieldName.COMPONENT_SUMS in inbound:
         current = model.get_component_vectors()
-        sums, masses = inbound["component_sums"], inbound["component_masses"]
+        sums, masses = inbound[FieldName.COMPONENT_SUMS], inbound[FieldName.COMPONENT_MASSES]
         model.set_component_vectors(divide_aggregate(sums.reshape(current.shape), masses, current))
 
 
@@ -134,7 +135,7 @@ class LocalLearner:
         """Non-private M-step: Adam on sum_k r_k(x) (-ELBO_k(x))."""
         s = self.settings
         # A fresh Adam each round: moments kept across rounds go stale once the parameters are
-        # replaced by the aggregate (measured on digits-PM tuning seeds: 0.68 vs 0.95 accuracy).
+        # replaced by the aggregate (figures: bench/results/tuning.md#fresh-adam).
         optimiser = torch.optim.Adam(self.model.parameters(), lr=s.learning_rate)
         train_components(
             self.model, self.x, resp, optimiser, epochs=s.local_epochs, batch_size=s.batch_size, generator=rng
@@ -152,9 +153,9 @@ class LocalLearner:
         sent[index] = weights[index]
         vectors = self.model.get_component_vectors()[index]
         return {
-            "masses": sent,
-            "component_index": index,
-            "weighted_components": (weights[index, None] * vectors).astype(np.float32),
+            FieldName.MASSES: sent,
+            FieldName.COMPONENT_INDEX: index,
+            FieldName.WEIGHTED_COMPONENTS: (weights[index, None] * vectors).astype(np.float32),
         }
 
     def state_arrays(self) -> dict[str, np.ndarray]:

@@ -42,27 +42,13 @@ from securegmi.core.fine_clusters import FineClusterModel
 from securegmi.core.training import SharedAdam
 from securegmi.errors import PrivacyError, ProtocolViolation
 from securegmi.federation.local import LocalLearner, derive_seed
-from securegmi.federation.statistics import (
-    AGGREGATE_FIELD,
-    GRADIENT,
-    GRADIENT_TOTALS,
-    StatisticsRole,
-    downlink_stage,
-)
-from securegmi.privacy.calibration import COUNTS, DPSGD, HISTOGRAM, DpPlan, PrivateMixturePlan
-from securegmi.privacy.dpsgd import (
-    DpSgdConfig,
-    GradObserver,
-    PrivateTrainer,
-    check_privatisable,
-    check_record_randomness,
-)
+from securegmi.federation.statistics import StatisticsRole, downlink_stage, released
+from securegmi.privacy.calibration import DpPlan, PrivateMixturePlan
+from securegmi.privacy.dpsgd import DpSgdConfig, PrivateTrainer, check_privatisable, check_record_randomness
 from securegmi.privacy.ledger import LedgerEntry, PrivacyBudget, PrivacyLedger
 from securegmi.privacy.mechanisms import gaussian_release
 from securegmi.privacy.noise import NoiseSource
-from securegmi.protocol import START
-
-BROADCAST, UPDATE = "broadcast", "update"
+from securegmi.vocabulary import EventId, EventName, FieldName, Stage
 
 
 @dataclass(frozen=True)
@@ -71,7 +57,7 @@ class Reply:
 
     stage: str
     values: Mapping[str, np.ndarray]
-    events: Mapping[str, str] = field(default_factory=dict)
+    events: Mapping[str, EventId] = field(default_factory=dict)
 
 
 class ReleasePolicy(Protocol):
@@ -95,6 +81,11 @@ class ReleasePolicy(Protocol):
     def load_state(self, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None: ...
 
 
+def fedgmi_downlink(round_index: int) -> Stage:
+    """The stage a FedGMI round answers: `start` in round 0, then the last round's sums."""
+    return Stage.START if round_index == 0 else Stage.BROADCAST
+
+
 def expect_stage(client_id: str, round_index: int, stage: str, expected: str) -> None:
     if stage != expected:
         raise ProtocolViolation(f"{client_id}: round {round_index} expects stage {expected!r}, got {stage!r}")
@@ -110,10 +101,10 @@ class PlainRelease:
         self.learner = learner
 
     def respond(self, round_index: int, stage: str, inbound: Mapping[str, np.ndarray]) -> Reply:
-        expect_stage(self.learner.client_id, round_index, stage, START if round_index == 0 else BROADCAST)
+        expect_stage(self.learner.client_id, round_index, stage, fedgmi_downlink(round_index))
         self.learner.adopt(inbound)
-        masses = self.learner.em_round(round_index, float(inbound["temperature"]))
-        return Reply(UPDATE, self.learner.upload(masses))
+        masses = self.learner.em_round(round_index, float(inbound[FieldName.TEMPERATURE]))
+        return Reply(Stage.UPDATE, self.learner.upload(masses))
 
     def conclude(self, round_index: int, stage: str, inbound: Mapping[str, np.ndarray]) -> None:
         self.learner.adopt(inbound)
@@ -172,7 +163,6 @@ class DpMechanisms:
         self.noise_rng = self.noise.generator  # the statistics' and counts' Gaussian releases
         check_privatisable(learner.model)  # refused now, before anything is released
         check_record_randomness(learner.model, torch.as_tensor(learner.x[:2]))
-        self.observe: GradObserver | None = None  # test hook: each step's clipped sum, pre-noise
 
     @cached_property
     def trainer(self) -> PrivateTrainer:
@@ -227,7 +217,7 @@ class DpMechanisms:
         # The steps' public randomness (latent draws' contexts) from public values; which
         # records each step samples comes from the secret noise source (PrivateTrainer).
         public = derive_seed(self.learner.seed, round_index, self.learner.stream)
-        self.trainer.train(per_sample_loss, len(x), steps, public, self.observe)
+        self.trainer.train(per_sample_loss, len(x), steps, public)
 
     def state_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         arrays: dict[str, np.ndarray] = {}
@@ -258,35 +248,43 @@ class CountsRelease(DpMechanisms):
     identifier: FineClusterModel | None = None
 
     def __init__(self, learner: LocalLearner, privacy: ClientPrivacy) -> None:
+        if not isinstance(privacy.plan, DpPlan):
+            raise PrivacyError(
+                f"the em design's counts release follows a DpPlan, got a {type(privacy.plan).__name__}: "
+                "build the client from the plan's own policy (Client chooses it from the plan)"
+            )
         super().__init__(learner, privacy)
-        assert isinstance(privacy.plan, DpPlan)
         self.plan: DpPlan = privacy.plan
-        self.pre_noise_counts: np.ndarray | None = None  # test hook: the last sum_x r(x)
+
+    def exact_counts(self, elbo: Tensor, temperature: float) -> np.ndarray:
+        """sum_x r(x) with this client's last released pi as prior: the value the Gaussian
+        mechanism releases, returned and never kept."""
+        # Summed in float64: a float32 sum of n rows errs by ~n ulps, past the sensitivity of 1.
+        return responsibilities(elbo, log_prior(self.learner.pi), temperature).double().sum(0).numpy()
 
     def respond(self, round_index: int, stage: str, inbound: Mapping[str, np.ndarray]) -> Reply:
         learner, s = self.learner, self.learner.settings
-        expect_stage(learner.client_id, round_index, stage, START if round_index == 0 else BROADCAST)
+        expect_stage(learner.client_id, round_index, stage, fedgmi_downlink(round_index))
         learner.adopt(inbound)
         self.commit(self.plan.round_entries(round_index))
         learner.public_randomness(round_index)  # the ELBO's latent draws
-        temperature = float(inbound["temperature"])
+        temperature = float(inbound[FieldName.TEMPERATURE])
         elbo = learner.elbo()
-        # Summed in float64: a float32 sum of n rows errs by ~n ulps, past the sensitivity of 1.
-        counts = responsibilities(elbo, log_prior(learner.pi), temperature).double().sum(0).numpy()
-        self.pre_noise_counts = counts
         # L2 sensitivity 1 under add/remove-one: ||r(x)||_2 <= ||r(x)||_1 = 1.
-        noisy = gaussian_release(counts, self.plan.count_noise_multiplier, 1.0, self.noise_rng)
+        noisy = gaussian_release(
+            self.exact_counts(elbo, temperature), self.plan.count_noise_multiplier, 1.0, self.noise_rng
+        )
         learner.pi = mixture_estimate(noisy, s.pi_floor)
         self.train(
             responsibilities(elbo, log_prior(learner.pi), temperature), self.plan.steps_per_round, round_index
         )
-        counts_event = f"{COUNTS}@round{round_index}"
-        events = {
-            "masses": counts_event,
-            "component_index": counts_event,  # which components: a function of the released counts
-            "weighted_components": f"{DPSGD}@round{round_index}",
+        counts_event = EventId(EventName.COUNTS, round_index)
+        events: dict[str, EventId] = {
+            FieldName.MASSES: counts_event,
+            FieldName.COMPONENT_INDEX: counts_event,  # which components: a function of the released counts
+            FieldName.WEIGHTED_COMPONENTS: EventId(EventName.DPSGD, round_index),
         }
-        return Reply(UPDATE, learner.upload(noisy), events)
+        return Reply(Stage.UPDATE, learner.upload(noisy), events)
 
     def conclude(self, round_index: int, stage: str, inbound: Mapping[str, np.ndarray]) -> None:
         self.learner.adopt(inbound)
@@ -296,8 +294,13 @@ class StatisticsRelease(DpMechanisms):
     """The statistics design (module docstring)."""
 
     def __init__(self, learner: LocalLearner, privacy: ClientPrivacy) -> None:
+        if not isinstance(privacy.plan, PrivateMixturePlan):
+            raise PrivacyError(
+                "the statistics design's release follows a PrivateMixturePlan, got a "
+                f"{type(privacy.plan).__name__}: build the client from the plan's own policy (Client "
+                "chooses it from the plan)"
+            )
         super().__init__(learner, privacy)
-        assert isinstance(privacy.plan, PrivateMixturePlan)
         self.plan: PrivateMixturePlan = privacy.plan
         self.statistics = StatisticsRole(
             learner.x,
@@ -320,25 +323,29 @@ class StatisticsRelease(DpMechanisms):
     def respond(self, round_index: int, stage: str, inbound: Mapping[str, np.ndarray]) -> Reply:
         t, stats = round_index, self.plan.statistics
         in_phase = t <= stats.rounds
-        vae_stage = GRADIENT_TOTALS if self.plan.split_sgd else BROADCAST
+        vae_stage = Stage.GRADIENT_TOTALS if self.plan.split_sgd else Stage.BROADCAST
         expect_stage(self.learner.client_id, t, stage, downlink_stage(stats, t) if in_phase else vae_stage)
         if in_phase:
-            self.statistics.absorb(t, None if t == 0 else inbound[AGGREGATE_FIELD].astype(np.float64))
+            total = None if t == 0 else inbound[FieldName.AGGREGATE].astype(np.float64)
+            self.statistics.absorb(t, total)
         else:
             self.conclude(t, stage, inbound)
         self.commit(self.plan.round_entries(t))
         if t < stats.rounds:
             stage, name, value = self.statistics.contribution(t)
-            return Reply(stage, {name: value}, {name: f"{stats.release_at(t)}@round{t}"})
+            return Reply(stage, {name: value}, {name: EventId(stats.release_at(t), t)})
+        dpsgd = EventId(EventName.DPSGD, t)
         if self.plan.split_sgd:
-            return Reply(GRADIENT, {GRADIENT: self._gradient_share(t)}, {GRADIENT: f"{DPSGD}@round{t}"})
-        histogram = f"{HISTOGRAM}@round{stats.rounds - 1}"  # the weights are its post-processing
-        events = {
-            "masses": histogram,
-            "component_index": histogram,
-            "weighted_components": f"{DPSGD}@round{t}",
+            return Reply(
+                Stage.GRADIENT, {FieldName.GRADIENT: self._gradient_share(t)}, {FieldName.GRADIENT: dpsgd}
+            )
+        histogram = EventId(EventName.HISTOGRAM, stats.rounds - 1)  # the weights are its post-processing
+        events: dict[str, EventId] = {
+            FieldName.MASSES: histogram,
+            FieldName.COMPONENT_INDEX: histogram,
+            FieldName.WEIGHTED_COMPONENTS: dpsgd,
         }
-        return Reply(UPDATE, self.learner.upload(self._vae_round(t)), events)
+        return Reply(Stage.UPDATE, self.learner.upload(self._vae_round(t)), events)
 
     def conclude(self, round_index: int, stage: str, inbound: Mapping[str, np.ndarray]) -> None:
         """Take in a VAE-phase aggregate: under split DP-SGD the step every client takes with
@@ -346,16 +353,14 @@ class StatisticsRelease(DpMechanisms):
         if not self.plan.split_sgd:
             self.learner.adopt(inbound)
             return
-        self._shared_setup()
-        assert self.shared is not None
-        self.shared.step(inbound[AGGREGATE_FIELD] / self.normaliser)
+        self._shared_setup().step(inbound[FieldName.AGGREGATE] / self.normaliser)
 
     def _responsibilities(self) -> Tensor:
         """r(x) = softmax(log pi~ + log P(j(x) | k)): pi~ and the fine clusters are released
         values, j(x) depends on x alone. Sets this client's pi to pi~."""
-        learner, slot = self.learner, self.privacy.slot
-        grouping, model = self.statistics.state.grouping, self.statistics.state.model
-        assert grouping is not None and model is not None
+        learner, slot, state = self.learner, self.privacy.slot, self.statistics.state
+        grouping = released(state.grouping, "the grouping of the fine clusters")
+        model = released(state.model, "the fine-cluster model")
         pi = np.maximum(grouping.pi[slot], learner.settings.pi_floor)
         learner.pi = pi / pi.sum()
         scores = torch.as_tensor(model.log_likelihood(learner.x), dtype=torch.float32)
@@ -365,32 +370,32 @@ class StatisticsRelease(DpMechanisms):
         """Local DP-SGD on the VAEs; returns the weights n~ pi~, a function of the released
         histograms only."""
         self.train(self._responsibilities(), self.plan.steps_per_round, round_index)
-        grouping = self.statistics.state.grouping
-        assert grouping is not None
+        grouping = released(self.statistics.state.grouping, "the grouping of the fine clusters")
         return self.learner.pi * max(float(grouping.sizes[self.privacy.slot]), 0.0)
 
-    def _shared_setup(self) -> None:
+    def _shared_setup(self) -> SharedAdam:
+        """The shared trajectory's optimiser, set up on first use with this client's
+        responsibilities and the step's divisor."""
         if self.shared is None:
-            grouping = self.statistics.state.grouping
-            assert grouping is not None
+            grouping = released(self.statistics.state.grouping, "the grouping of the fine clusters")
             self.resp = self._responsibilities()
             # The divisor of the summed step: the expected pooled batch, from released sizes.
             self.normaliser = max(1.0, self.plan.sample_rate * float(np.maximum(grouping.sizes, 0).sum()))
             self.shared = SharedAdam(self.learner.model, self.learner.settings.learning_rate)
+        return self.shared
 
     def _gradient_share(self, round_index: int) -> np.ndarray:
         """This client's clipped gradient sum over a private Poisson sample, plus its share of
         the step's noise (the sum over min_clients shares carries all of it)."""
         self._shared_setup()
-        x, resp = torch.as_tensor(self.learner.x), self.resp
-        assert resp is not None
+        x, resp = torch.as_tensor(self.learner.x), released(self.resp, "the responsibilities")
 
         def per_sample_loss(module: nn.Module, batch: Tensor) -> Tensor:
             return mixture_loss(module(x[batch]), resp[batch])
 
         self.learner.public_randomness(round_index)  # the ELBO's latent draws
         batch = self.trainer.poisson_batch(len(x))
-        return self.trainer.noisy_share(per_sample_loss, batch, self.plan.sgd_share_scale, self.observe)
+        return self.trainer.noisy_share(per_sample_loss, batch, self.plan.sgd_share_scale)
 
     def state_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         arrays, metadata = super().state_arrays()
@@ -401,6 +406,4 @@ class StatisticsRelease(DpMechanisms):
         super().load_state(arrays, metadata)
         self.statistics.load_state(arrays)
         if self.plan.split_sgd and any(k.startswith("adam.") for k in arrays):
-            self._shared_setup()
-            assert self.shared is not None
-            self.shared.load_state(dict(arrays))
+            self._shared_setup().load_state(dict(arrays))

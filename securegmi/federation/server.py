@@ -18,16 +18,21 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save
 
 from securegmi.crypto.keys import PublicContext
-from securegmi.errors import ConfigError, CryptoError, ProtocolViolation, RunAbortedError, RunDirectoryError
+from securegmi.errors import (
+    ConfigError,
+    CryptoError,
+    ProtocolViolation,
+    RefusalError,
+    RunAbortedError,
+    RunDirectoryError,
+)
 from securegmi.federation.codec import Admitted, CkksSum, ClearSum, Summation
 from securegmi.federation.transport import ServerEndpoint, Transport
 from securegmi.files import write_atomic
-from securegmi.protocol import SERVER, START, FieldKind, Message, ProtocolSpec, TranscriptWriter
+from securegmi.protocol import SERVER, FieldKind, Message, ProtocolSpec, TranscriptWriter
 from securegmi.protocol.fields import field_array
 from securegmi.protocol.payload import build_payload
-from securegmi.protocol.spec import CONTRIBUTIONS
-
-AGGREGATE = "aggregate"  # the ledger-style provenance of every server field: aggregate@round<t>
+from securegmi.vocabulary import EventId, EventName, FieldName, Stage
 
 
 class Server:
@@ -102,17 +107,18 @@ class Server:
 
     def broadcast(self, round_index: int, temperature: float) -> Message:
         """`start` in round 0; then the sums of the previous round's replies."""
-        stage = self.spec.stage(START) if self.after is None else self.spec.downlink_after(self.after)
+        stage = self.spec.stage(Stage.START) if self.after is None else self.spec.downlink_after(self.after)
         values: dict[str, np.ndarray | bytes] = {}
         events: dict[str, str] = {}
         for f in stage.fields:
             if f.sum_of is not None:
                 values[f.name] = self.totals[f.name]
                 # Under a DP protocol the sums are post-processing of the clients' releases.
-                events[f.name] = f"{AGGREGATE}@round{round_index - 1}"
-            elif f.kind is FieldKind.PUBLIC and f.name == "temperature":
+                # Its provenance reads like a ledger id (aggregate@round<t>), for the transcript.
+                events[f.name] = str(EventId(EventName.AGGREGATE, round_index - 1))
+            elif f.kind is FieldKind.PUBLIC and f.name == FieldName.TEMPERATURE:
                 values[f.name] = np.asarray(temperature, dtype=np.float64)
-            elif f.kind is FieldKind.PUBLIC and f.name == CONTRIBUTIONS:
+            elif f.kind is FieldKind.PUBLIC and f.name == FieldName.CONTRIBUTIONS:
                 values[f.name] = np.asarray(self.contributions, dtype=np.int64)
         payload = build_payload(stage, values, events, self.summation.key_id)
         self.round = round_index
@@ -141,7 +147,7 @@ class Server:
                 if message.stage != first.stage:
                     raise ProtocolViolation(f"stage {message.stage!r} in a round of {first.stage!r}")
                 admitted.append(self.summation.admit(message))
-            except (CryptoError, ProtocolViolation) as exc:
+            except RefusalError as exc:
                 rejected[sender] = str(exc)
                 self.endpoint.refuse(sender, message, f"not added: {exc}")  # on the transcript
         minimum = self.cohort_minimum.get(first.stage, 1)

@@ -10,23 +10,32 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
 from securegmi.core import fine_clusters as fc
-from securegmi.privacy.calibration import CLUSTERS, HISTOGRAM, MOMENTS, PrivateMixturePlan, StatisticsPlan
+from securegmi.errors import ProtocolViolation
+from securegmi.privacy.calibration import PrivateMixturePlan, StatisticsPlan
 from securegmi.privacy.mechanisms import gaussian_release
-from securegmi.protocol import START
+from securegmi.vocabulary import EventName, FieldName, Stage
 
-# Each uplink stage carries one field of the same name (the servers add that field).
-UPLINK = {MOMENTS: "moments", CLUSTERS: "cluster_stats", HISTOGRAM: "histogram"}
-GRADIENT, GRADIENT_TOTALS = "gradient", "gradient_totals"  # split DP-SGD: one step per round
-DOWNLINK = {MOMENTS: "moment_totals", CLUSTERS: "cluster_totals", HISTOGRAM: "histograms"}
-AGGREGATE_FIELD = "aggregate"
+# Each release's uplink stage (which carries one field of the same name: the server adds that
+# field) and the downlink stage that carries its sum back.
+UPLINK = {
+    EventName.MOMENTS: Stage.MOMENTS,
+    EventName.CLUSTERS: Stage.CLUSTER_STATS,
+    EventName.HISTOGRAM: Stage.HISTOGRAM,
+}
+DOWNLINK = {
+    EventName.MOMENTS: Stage.MOMENT_TOTALS,
+    EventName.CLUSTERS: Stage.CLUSTER_TOTALS,
+    EventName.HISTOGRAM: Stage.HISTOGRAMS,
+}
 SENSITIVITY = {
-    MOMENTS: fc.MOMENTS_SENSITIVITY,
-    CLUSTERS: fc.CLUSTER_SENSITIVITY,
-    HISTOGRAM: fc.HISTOGRAM_SENSITIVITY,
+    EventName.MOMENTS: fc.MOMENTS_SENSITIVITY,
+    EventName.CLUSTERS: fc.CLUSTER_SENSITIVITY,
+    EventName.HISTOGRAM: fc.HISTOGRAM_SENSITIVITY,
 }
 
 
@@ -44,9 +53,24 @@ def statistics_dims(plan: PrivateMixturePlan, clients: int, gradient_size: int) 
     return dims | ({"G": gradient_size} if plan.split_sgd else {})
 
 
-def downlink_stage(plan: StatisticsPlan, round_index: int) -> str:
+T = TypeVar("T")
+
+
+def released(value: T | None, what: str) -> T:
+    """`value`, once the statistics phase has released what it is built from; ProtocolViolation
+    (never an `assert`, which `python -O` drops) for a message that needs it sooner: messages
+    out of order, or a state saved before that round."""
+    if value is None:
+        raise ProtocolViolation(
+            f"this message needs {what}, which the statistics phase has not released yet: the "
+            "server's messages are out of order, or the client's saved state predates that release"
+        )
+    return value
+
+
+def downlink_stage(plan: StatisticsPlan, round_index: int) -> Stage:
     """The stage that carries round `round_index - 1`'s aggregate to the clients."""
-    return START if round_index == 0 else DOWNLINK[plan.release_at(round_index - 1)]
+    return Stage.START if round_index == 0 else DOWNLINK[plan.release_at(round_index - 1)]
 
 
 @dataclass
@@ -76,7 +100,6 @@ class StatisticsRole:
         self.plan, self.components, self.slot, self.cohort = plan, components, slot, cohort
         self.seed, self.noise_rng = seed, noise_rng
         self.state = StatisticsState()
-        self.pre_noise: np.ndarray | None = None  # test hook: the last contribution before noise
 
     def absorb(self, round_index: int, total: np.ndarray | None) -> None:
         """Post-processing of the aggregate of round `round_index - 1` (None in round 0)."""
@@ -84,24 +107,21 @@ class StatisticsRole:
             return
         plan, state = self.plan, self.state
         release = plan.release_at(round_index - 1)
-        if release == MOMENTS:
+        if release == EventName.MOMENTS:
             state.projection = fc.Projection.from_moments(total, self.u.shape[1], plan.projection_dim)
             state.centroids = fc.initial_centroids(plan.clusters, plan.projection_dim, self.seed)
-        elif release == CLUSTERS:
-            assert state.centroids is not None
+        elif release == EventName.CLUSTERS:
+            centroids = released(state.centroids, "the fine clusters' centroids")
             # A count below a few noise standard deviations is noise, not a cluster.
             floor = 3.0 * plan.cluster_noise * fc.CLUSTER_SENSITIVITY
-            state.centroids = fc.update_centroids(total, state.centroids, floor, self.seed + round_index)
+            state.centroids = fc.update_centroids(total, centroids, floor, self.seed + round_index)
         else:
-            assert state.projection is not None and state.centroids is not None
+            projection = released(state.projection, "the projection")
+            centroids = released(state.centroids, "the fine clusters' centroids")
             counts = total.reshape(self.cohort, plan.clusters)
             state.grouping = fc.group_clusters(counts, self.components, self.seed)
             state.model = fc.FineClusterModel(
-                plan.centre,
-                self.sketch,
-                state.projection,
-                state.centroids,
-                state.grouping.cluster_given_component,
+                plan.centre, self.sketch, projection, centroids, state.grouping.cluster_given_component
             )
 
     def state_arrays(self) -> dict[str, np.ndarray]:
@@ -134,29 +154,32 @@ class StatisticsRole:
             st.grouping = fc.Grouping(a["stats.cluster_given_component"], a["stats.pi"], a["stats.sizes"])
             st.model = identifier_from_state(self.plan, a, self.sketch)
 
-    def contribution(self, round_index: int) -> tuple[str, str, np.ndarray]:
+    def exact(self, round_index: int) -> np.ndarray:
+        """The sum this round's Gaussian mechanism releases (for the histogram, this client's
+        own row): returned and never kept."""
+        release = self.plan.release_at(round_index)
+        if release == EventName.MOMENTS:
+            return fc.moments_contribution(self.u)
+        z = released(self.state.projection, "the projection")(self.u)
+        centroids = released(self.state.centroids, "the fine clusters' centroids")
+        if release == EventName.HISTOGRAM:
+            return fc.histogram(z, centroids)
+        return fc.cluster_contribution(z, centroids)
+
+    def contribution(self, round_index: int) -> tuple[Stage, FieldName, np.ndarray]:
         """(stage, field, noisy value) of this round's release."""
-        plan, state = self.plan, self.state
+        plan = self.plan
         release = plan.release_at(round_index)
         sigma = plan.noise_multiplier(release) * plan.share_scale(release)
-        stage = field = UPLINK[release]
-        if release == MOMENTS:
-            value = fc.moments_contribution(self.u)
-        else:
-            assert state.projection is not None and state.centroids is not None
-            z = state.projection(self.u)
-            if release == HISTOGRAM:
-                # The client's own block of the clients x clusters vector carries its release;
-                # the other blocks stay exact zeros, so the sum is every client's row.
-                counts = fc.histogram(z, state.centroids)
-                self.pre_noise = counts
-                out = np.zeros(self.cohort * plan.clusters)
-                row = slice(self.slot * plan.clusters, (self.slot + 1) * plan.clusters)
-                out[row] = gaussian_release(counts, sigma, SENSITIVITY[release], self.noise_rng)
-                return stage, field, out
-            value = fc.cluster_contribution(z, state.centroids)
-        self.pre_noise = value
-        return stage, field, gaussian_release(value, sigma, SENSITIVITY[release], self.noise_rng)
+        stage = UPLINK[release]
+        noisy = gaussian_release(self.exact(round_index), sigma, SENSITIVITY[release], self.noise_rng)
+        if release == EventName.HISTOGRAM:
+            # The client's own block of the clients x clusters vector carries its release;
+            # the other blocks stay exact zeros, so the sum is every client's row.
+            out = np.zeros(self.cohort * plan.clusters)
+            out[self.slot * plan.clusters : (self.slot + 1) * plan.clusters] = noisy
+            noisy = out
+        return stage, FieldName(stage), noisy
 
 
 def identifier_from_state(

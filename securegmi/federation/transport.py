@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from securegmi.errors import BudgetExceededError, CryptoError, ProtocolViolation
+from securegmi.errors import ProtocolViolation, RefusalError
 from securegmi.protocol import SERVER, Message, ProtocolSpec, TranscriptWriter, decode, encode
 
 Handler = Callable[[Message], Message]
@@ -156,7 +156,7 @@ class InProcessTransport(Transport):
             wire = self.server.send(client_id, message)
             try:
                 answer = self.deliver(client_id, wire)
-            except (ProtocolViolation, BudgetExceededError, CryptoError) as exc:
+            except RefusalError as exc:
                 # The client sent nothing (its own check or its ledger refused); the round
                 # completes with the others.
                 reason = client_refusal(exc)

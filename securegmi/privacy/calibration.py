@@ -22,9 +22,7 @@ from securegmi.errors import ConfigError
 from securegmi.privacy.accounting import epsilon_rdp, rdp_accountant
 from securegmi.privacy.events import dpsgd_event, gaussian_event
 from securegmi.privacy.ledger import LedgerEntry, PrivacyBudget
-
-DPSGD = "dpsgd"
-COUNTS = "counts"
+from securegmi.vocabulary import EventName
 
 
 @dataclass(frozen=True)
@@ -45,10 +43,10 @@ class DpPlan:
         """The two releases of one round: the soft counts, and the DP-SGD steps behind the
         uploaded components."""
         return (
-            LedgerEntry.of(round_index, COUNTS, gaussian_event(self.count_noise_multiplier)),
+            LedgerEntry.of(round_index, EventName.COUNTS, gaussian_event(self.count_noise_multiplier)),
             LedgerEntry.of(
                 round_index,
-                DPSGD,
+                EventName.DPSGD,
                 dpsgd_event(self.sgd_noise_multiplier, self.sample_rate, self.steps_per_round),
             ),
         )
@@ -145,12 +143,6 @@ def calibrate(
     )
 
 
-# The releases of the statistics phase (docs/design.md §2): names in the ledger and in DpRelease events.
-MOMENTS = "moments"
-CLUSTERS = "clusters"
-HISTOGRAM = "histogram"
-
-
 @dataclass(frozen=True)
 class StatisticsPlan:
     """The DP statistics phase that identifies the components before any DP-SGD.
@@ -188,21 +180,25 @@ class StatisticsPlan:
     def rounds(self) -> int:
         return self.iterations + 2
 
-    def release_at(self, round_index: int) -> str:
+    def release_at(self, round_index: int) -> EventName:
+        """Which release of the statistics phase (DESIGN §2) round `round_index` makes."""
         if round_index == 0:
-            return MOMENTS
-        return CLUSTERS if round_index <= self.iterations else HISTOGRAM
+            return EventName.MOMENTS
+        return EventName.CLUSTERS if round_index <= self.iterations else EventName.HISTOGRAM
 
-    def share_scale(self, release: str) -> float:
+    def share_scale(self, release: EventName) -> float:
         """The fraction of the aggregate's noise standard deviation each client adds."""
-        if release == HISTOGRAM or self.placement == "local":
+        if release == EventName.HISTOGRAM or self.placement == "local":
             return 1.0
         return split_share(self.min_clients)
 
-    def noise_multiplier(self, release: str) -> float:
-        return {MOMENTS: self.moments_noise, CLUSTERS: self.cluster_noise, HISTOGRAM: self.histogram_noise}[
-            release
-        ]
+    def noise_multiplier(self, release: EventName) -> float:
+        noise = {
+            EventName.MOMENTS: self.moments_noise,
+            EventName.CLUSTERS: self.cluster_noise,
+            EventName.HISTOGRAM: self.histogram_noise,
+        }
+        return noise[release]
 
     def entry(self, round_index: int) -> LedgerEntry:
         release = self.release_at(round_index)
@@ -288,8 +284,8 @@ class PrivateMixturePlan:
         sigma, q = self.sgd_noise_multiplier, self.sample_rate
         if self.split_sgd:
             fallback = dpsgd_event(sigma * self.sgd_share_scale, q, 1)
-            return (LedgerEntry.of(round_index, DPSGD, dpsgd_event(sigma, q, 1), fallback),)
-        return (LedgerEntry.of(round_index, DPSGD, dpsgd_event(sigma, q, self.steps_per_round)),)
+            return (LedgerEntry.of(round_index, EventName.DPSGD, dpsgd_event(sigma, q, 1), fallback),)
+        return (LedgerEntry.of(round_index, EventName.DPSGD, dpsgd_event(sigma, q, self.steps_per_round)),)
 
     def planned_epsilon(self) -> float:
         events = [e.event for r in range(self.rounds) for e in self.round_entries(r)]

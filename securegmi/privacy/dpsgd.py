@@ -30,7 +30,6 @@ from securegmi.privacy.batched_samplers import (
 from securegmi.privacy.noise import NoiseSource
 
 PerSampleLoss = Callable[[nn.Module, Tensor], Tensor]  # (module, batch indices) -> (batch,) losses
-GradObserver = Callable[[list[Tensor]], None]  # receives each step's clipped gradient sum
 
 
 @dataclass(frozen=True)
@@ -277,25 +276,19 @@ class PrivateTrainer:
         self.optimiser.zero_grad()
         return grads
 
-    def noisy_share(
-        self, loss_fn: PerSampleLoss, batch: Tensor, share: float, observe: GradObserver | None = None
-    ) -> np.ndarray:
+    def noisy_share(self, loss_fn: PerSampleLoss, batch: Tensor, share: float) -> np.ndarray:
         """This client's part of one split-noise DP-SGD step: its clipped gradient sum over
         `batch` (parameters flattened in order) plus Gaussian noise of standard deviation
         `share` x noise multiplier x clipping norm. Sound only if nothing but the sum over enough
         clients' parts is ever seen (privacy.calibration.PrivateMixturePlan)."""
         grads = self.clipped_sum(loss_fn, batch)
-        if observe is not None:
-            observe(grads)
         flat = torch.cat([g.reshape(-1) for g in grads])
         std = share * self.config.noise_multiplier * self.config.clip_norm
         return (flat + self.noise.normal(std, flat.shape)).double().numpy()
 
-    def step(self, loss_fn: PerSampleLoss, batch: Tensor, observe: GradObserver | None = None) -> None:
+    def step(self, loss_fn: PerSampleLoss, batch: Tensor) -> None:
         """One DP-SGD step on the records `batch` (indices); an empty batch still adds noise."""
         self._accumulate_clipped(loss_fn, batch)
-        if observe is not None:
-            observe([p.grad.detach().clone() for p in self.module.parameters() if p.grad is not None])
         self.optimiser.step()
 
     def poisson_batch(self, n_records: int) -> Tensor:
@@ -303,14 +296,7 @@ class PrivateTrainer:
         amplification assumes nobody can tell whether a given record was drawn."""
         return torch.as_tensor(self.noise.bernoulli(n_records, self.config.sample_rate))
 
-    def train(
-        self,
-        loss_fn: PerSampleLoss,
-        n_records: int,
-        steps: int,
-        public_seed: int,
-        observe: GradObserver | None = None,
-    ) -> None:
+    def train(self, loss_fn: PerSampleLoss, n_records: int, steps: int, public_seed: int) -> None:
         """`steps` DP-SGD steps on Poisson batches.
 
         Before each step torch's global generator is seeded from `public_seed` and the step's
@@ -322,4 +308,4 @@ class PrivateTrainer:
         self.module.train()
         for step in range(steps):
             torch.manual_seed(int(np.random.SeedSequence([public_seed, step]).generate_state(1)[0]))
-            self.step(loss_fn, self.poisson_batch(n_records), observe)
+            self.step(loss_fn, self.poisson_batch(n_records))

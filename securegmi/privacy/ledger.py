@@ -18,10 +18,11 @@ from typing import Any
 
 import dp_accounting
 
-from securegmi.errors import BudgetExceededError, ConfigError, PrivacyError
+from securegmi.errors import BudgetExceededError, ConfigError, PrivacyError, ProtocolViolation
 from securegmi.files import LEDGER_FILE, read_json, write_atomic
 from securegmi.privacy.accounting import ADJACENCY, epsilon_pld, epsilon_rdp
 from securegmi.privacy.events import event_from_json, event_to_json
+from securegmi.vocabulary import EventId
 
 # Slack for floating-point noise in the accountant when a plan is calibrated exactly to budget.
 _RELATIVE_SLACK = 1e-6
@@ -82,9 +83,9 @@ class LedgerEntry:
         return event_from_json(json.loads(self.fallback_json or self.event_json))
 
     @property
-    def event_id(self) -> str:
+    def event_id(self) -> EventId:
         """The id a DpRelease field names: what was released in which round."""
-        return f"{self.name}@round{self.round}"
+        return EventId(self.name, self.round)
 
     def parameters(self) -> dict[str, Any]:
         """The event (and the fallback event, under split noise) as the ledger file holds them,
@@ -92,6 +93,11 @@ class LedgerEntry:
         return {"event": json.loads(self.event_json)} | (
             {} if self.fallback_json is None else {"fallback_event": json.loads(self.fallback_json)}
         )
+
+
+def _event_id(event_id: EventId | str) -> EventId:
+    """An id as given, or parsed from its text (ProtocolViolation if it is no event id)."""
+    return EventId.parse(event_id) if isinstance(event_id, str) else event_id
 
 
 def _genesis(client_id: str, budget: Any, adjacency: str, noise: str | None) -> str:
@@ -170,7 +176,7 @@ class PrivacyLedger:
         """The ledger with `entries` added, or BudgetExceededError if it would exceed the budget."""
         projected = self.project(entries)
         if projected.spent > self.budget.epsilon * (1 + _RELATIVE_SLACK):
-            names = ", ".join(e.event_id for e in entries)
+            names = ", ".join(str(e.event_id) for e in entries)
             raise BudgetExceededError(
                 f"{self.client_id}: releasing {names} would spend epsilon {projected.spent:.4f} of a "
                 f"budget of {self.budget.epsilon:g} (delta {self.budget.delta:g}); the round is refused "
@@ -178,19 +184,21 @@ class PrivacyLedger:
             )
         return projected
 
-    def covers(self, event_id: str) -> bool:
-        return any(e.event_id == event_id for e in self.entries)
+    def covers(self, event_id: EventId | str) -> bool:
+        return any(e.event_id == _event_id(event_id) for e in self.entries)
 
-    def declared(self, event_ids: Sequence[str]) -> dict[str, str]:
-        """Each event's parameters as canonical JSON, for a message's `events`: a release its
-        ledger does not cover never leaves (the check is here as well as before the release)."""
+    def declared(self, event_ids: Sequence[EventId | str]) -> dict[str, str]:
+        """Each event's parameters as canonical JSON by its id's text, for a message's `events`:
+        a release its ledger does not cover never leaves (the check is here as well as before
+        the release)."""
         entries = {e.event_id: e for e in self.entries}
-        missing = sorted(set(event_ids) - set(entries))
+        wanted = sorted({_event_id(i) for i in event_ids}, key=str)
+        missing = [str(i) for i in wanted if i not in entries]
         if missing:
             raise PrivacyError(
                 f"{self.client_id}: no ledger entry covers {', '.join(missing)}; nothing was sent"
             )
-        return {i: json.dumps(entries[i].parameters(), sort_keys=True) for i in sorted(set(event_ids))}
+        return {str(i): json.dumps(entries[i].parameters(), sort_keys=True) for i in wanted}
 
     def to_json(self) -> dict[str, Any]:
         budget = {"epsilon": self.budget.epsilon, "delta": self.budget.delta}
@@ -223,6 +231,8 @@ class PrivacyLedger:
                 )
                 for e in data["entries"]
             )
+            for entry in entries:
+                entry.event_id  # noqa: B018 - a name or round no event id can hold fails now
             # A ledger written before the noise source was recorded loads as "unknown".
             noise = str(data["noise"]) if "noise" in data else None
             ledger = cls(
@@ -232,7 +242,7 @@ class PrivacyLedger:
                 str(data["adjacency"]),
                 noise_source=UNKNOWN_NOISE if noise is None else noise,
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, ProtocolViolation) as exc:
             raise PrivacyError(f"malformed ledger: {exc}") from exc
         for e in ledger.entries:
             e.event, e.fallback_event  # noqa: B018 - parse every event now, so a bad file fails on load
@@ -240,10 +250,9 @@ class PrivacyLedger:
         for i, record in enumerate(data["entries"]):
             link = _link(link, {k: v for k, v in record.items() if k != "chain"})
             if record.get("chain") != link:
-                where = f"{record.get('name')}@round{record.get('round')}"
                 raise PrivacyError(
-                    f"ledger of {ledger.client_id}: entry {i} ({where}) does not chain to the entries "
-                    "before it: the file was edited after it was written"
+                    f"ledger of {ledger.client_id}: entry {i} ({ledger.entries[i].event_id}) does not chain "
+                    "to the entries before it: the file was edited after it was written"
                 )
         return ledger
 

@@ -12,11 +12,11 @@ import numpy as np
 from securegmi.errors import ConfigError, ProtocolViolation
 from securegmi.protocol.fields import Ciphertext, FieldKind, field_array
 from securegmi.protocol.message import SERVER, Message
+from securegmi.vocabulary import FieldName, Stage
 
 Role = Literal["server", "client"]
 Release = Literal["none", "dp"]  # what the client's values are: as computed, or DP releases
 Codec = Literal["clear", "ckks"]  # how they travel: as they are, or encrypted under CKKS
-START = "start"  # round 0's downlink in every protocol: public values only
 Dim = int | str  # a fixed size, or a symbol bound when the protocol is instantiated
 
 
@@ -98,10 +98,6 @@ class FieldSpec:
         )
 
 
-# The public field of a server stage that says how many client releases its sums add.
-CONTRIBUTIONS = "contributions"
-
-
 @dataclass(frozen=True)
 class StageSpec:
     name: str
@@ -110,7 +106,7 @@ class StageSpec:
     # A server stage: the fewest client releases its sums may add. Where each of at least m
     # clients adds a share sigma / sqrt(m - 1) of the noise (one curious client knows its own),
     # a sum of fewer than m shares carries less than the planned noise (docs/design.md §2,
-    # law 3); such a stage declares CONTRIBUTIONS, which both ends check.
+    # law 3); such a stage declares `contributions`, which both ends check.
     min_shares: Dim = 1
 
     def to_json(self) -> dict[str, Any]:
@@ -163,8 +159,8 @@ class ProtocolSpec:
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ConfigError(f"protocol {self.name}: duplicate stage names {names}")
-        if START not in names:
-            raise ConfigError(f"protocol {self.name}: every protocol opens with a {START!r} stage")
+        if Stage.START not in names:
+            raise ConfigError(f"protocol {self.name}: every protocol opens with a {Stage.START!r} stage")
         uplink = {f.kind for s in self.stages if s.sender == "client" for f in s.fields}
         # The declared release and codec must be what the fields say, so no reader of one can
         # be misled by the other.
@@ -329,8 +325,11 @@ class ProtocolSpec:
                 )
             if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
                 raise ProtocolViolation(f"{where}: field {spec.name!r} holds NaN or infinity")
-        if stage.sender == "server" and stage.field(CONTRIBUTIONS) is not None:
-            summed, required = int(field_array(message.payload[CONTRIBUTIONS])), self.min_shares(stage.name)
+        if stage.sender == "server" and stage.field(FieldName.CONTRIBUTIONS) is not None:
+            summed, required = (
+                int(field_array(message.payload[FieldName.CONTRIBUTIONS])),
+                self.min_shares(stage.name),
+            )
             if summed < required:
                 raise ProtocolViolation(
                     f"{where}: the aggregate sums {summed} client releases, the protocol requires at "

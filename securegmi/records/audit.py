@@ -18,7 +18,7 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 
 from securegmi.config import SimulationConfig
-from securegmi.errors import ConfigError, PrivacyError, RunDirectoryError
+from securegmi.errors import ConfigError, PrivacyError, ProtocolViolation, RunDirectoryError
 from securegmi.files import (
     JSON_FILE,
     METRICS_FILE,
@@ -46,6 +46,7 @@ from securegmi.records.rundir import (
     SERVER_STATE,
     TRANSCRIPT,
 )
+from securegmi.vocabulary import EventId
 
 Plan = DpPlan | PrivateMixturePlan
 
@@ -346,36 +347,36 @@ def _transcript_row(row: Any) -> dict[str, Any]:
 
 def _transcript_entries(
     rows: list[dict[str, Any]], ledgers: dict[str, PrivacyLedger], problems: list[str]
-) -> dict[str, dict[str, LedgerEntry]]:
+) -> dict[str, dict[EventId, LedgerEntry]]:
     """Each client's releases as the server recorded them on arrival (a row's `dp_event`), by
     event id, each checked against that client's ledger entry. The transcript is written by
     the server, the ledger by the client: editing one alone disagrees with the other."""
-    received: dict[str, dict[str, LedgerEntry]] = defaultdict(dict)
+    received: dict[str, dict[EventId, LedgerEntry]] = defaultdict(dict)
     reported: set[str] = set()
     recorded = {client: {e.event_id: e for e in ledger.entries} for client, ledger in ledgers.items()}
     for row in rows:
         client, event_id = row["sender"], row.get("event")
         if client == SERVER or event_id is None or row.get("status", "delivered") != "delivered":
             continue
-        mine = recorded.get(client, {}).get(str(event_id))
         try:
             declared = row["dp_event"]
-            name, _, at = str(event_id).rpartition("@round")
+            at = EventId.parse(event_id)
             entry = LedgerEntry(
-                int(at),
-                name,
+                at.round,
+                at.name,
                 json.dumps(declared["event"], sort_keys=True),
                 json.dumps(declared["fallback_event"], sort_keys=True)
                 if "fallback_event" in declared
                 else None,
             )
             entry.event, entry.fallback_event  # noqa: B018 - parse both: a garbled row is a problem
-        except (KeyError, TypeError, ValueError, PrivacyError) as exc:
+        except (KeyError, TypeError, ValueError, PrivacyError, ProtocolViolation) as exc:
             why = (
                 f"{client}: the transcript's record of its release {event_id} has no readable event ({exc!r})"
             )
         else:
-            received[client][entry.event_id] = entry
+            received[client][at] = entry
+            mine = recorded.get(client, {}).get(at)
             if mine is None or mine == entry:
                 continue
             received_as, recorded_as = (json.dumps(e.parameters(), sort_keys=True) for e in (entry, mine))
@@ -696,12 +697,12 @@ def _ledger_round_problems(
     problems = []
     for client, ledger in sorted(ledgers.items()):
         held = Counter(e.event_id for e in ledger.entries)
-        twice = sorted(event for event, n in held.items() if n > 1)
+        twice = sorted(str(event) for event, n in held.items() if n > 1)
         if twice:
             problems.append(f"{client}: its ledger holds {', '.join(twice)} more than once")
         missing: list[str] = []
         for r in range(completed):
-            absent = [e.event_id for e in plan.round_entries(r) if e.event_id not in held]
+            absent = [str(e.event_id) for e in plan.round_entries(r) if e.event_id not in held]
             attempt = last.get(r)
             excused = attempt is not None and client in attempt.refused and client not in attempt.delivered
             if absent and not excused:
@@ -748,7 +749,7 @@ def _split_cohort_problems(plan: Plan, last: dict[int, _Attempt], completed: int
     minimum = plan.statistics.min_clients
     problems = []
     for r in range(completed):
-        split = [e.event_id for e in plan.round_entries(r) if e.fallback_json is not None]
+        split = [str(e.event_id) for e in plan.round_entries(r) if e.fallback_json is not None]
         attempt = last.get(r)
         summed = 0 if attempt is None else len(attempt.contributions)
         if split and summed < minimum:
@@ -869,13 +870,15 @@ def _client_state_problems(
             if client not in ledger_files:  # an unreadable ledger file is reported as such
                 problems.append(f"{client}: {where} holds a copy of its ledger, {LEDGERS}/ holds none")
             continue
-        lacks = [e.event_id for e in copy.entries if not ledger.covers(e.event_id)]
-        differs = [e.event_id for e in copy.entries if ledger.covers(e.event_id) and e not in ledger.entries]
+        lacks = [str(e.event_id) for e in copy.entries if not ledger.covers(e.event_id)]
+        differs = [
+            str(e.event_id) for e in copy.entries if ledger.covers(e.event_id) and e not in ledger.entries
+        ]
         if plan is not None and answered is not None and 0 <= answered < plan.rounds:
             lacks += [
-                e.event_id
+                str(e.event_id)
                 for e in plan.round_entries(answered)
-                if not ledger.covers(e.event_id) and e.event_id not in lacks
+                if not ledger.covers(e.event_id) and str(e.event_id) not in lacks
             ]
         if lacks or differs:
             said = [f"lacks {_listed(lacks)}"] if lacks else []

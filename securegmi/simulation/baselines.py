@@ -13,15 +13,17 @@ from securegmi.core import fine_clusters as fc
 from securegmi.core.em import infer_mixture, log_prior, mixture_loss, responsibilities
 from securegmi.core.mixture import MixtureOfVAEs
 from securegmi.core.training import e_step_elbo, train_components
+from securegmi.errors import ConfigError
 from securegmi.federation.local import LocalLearner, seed_torch
 from securegmi.federation.statistics import SENSITIVITY
-from securegmi.privacy.calibration import CLUSTERS, HISTOGRAM, MOMENTS, PrivateMixturePlan
+from securegmi.privacy.calibration import PrivateMixturePlan
 from securegmi.privacy.dpsgd import DpSgdConfig, PrivateTrainer
 from securegmi.privacy.ledger import PrivacyBudget, PrivacyLedger
 from securegmi.privacy.mechanisms import gaussian_release
 from securegmi.privacy.noise import NoiseSource
 from securegmi.simulation.recorder import Recorder
 from securegmi.simulation.study import client_settings, dp_plan, new_model
+from securegmi.vocabulary import EventName
 
 
 def run_local(recorder: Recorder) -> tuple[list[MixtureOfVAEs], list[np.ndarray]]:
@@ -113,7 +115,10 @@ def run_central_dp(recorder: Recorder) -> tuple[list[MixtureOfVAEs], list[np.nda
     the pooled records with the same steps, sample rate and noise multiplier."""
     config, data = recorder.config, recorder.data
     plan = dp_plan(config, data)
-    assert isinstance(plan, PrivateMixturePlan)
+    if not isinstance(plan, PrivateMixturePlan):
+        raise ConfigError(
+            "the central-DP reference runs the statistics design: set private_training=statistics"
+        )
     stats = plan.statistics
     noise = NoiseSource()
     rng = noise.generator
@@ -121,18 +126,20 @@ def run_central_dp(recorder: Recorder) -> tuple[list[MixtureOfVAEs], list[np.nda
     sketch = fc.public_sketch(data.data_dim, stats.sketch_dim, stats.sketch_seed)
     spheres = [fc.on_sphere(c.x_train, stats.centre, sketch) for c in data.clients]
 
-    def release(total: np.ndarray, name: str) -> np.ndarray:
+    def release(total: np.ndarray, name: EventName) -> np.ndarray:
         return gaussian_release(total, stats.noise_multiplier(name), SENSITIVITY[name], rng)
 
-    total = release(np.sum([fc.moments_contribution(u) for u in spheres], axis=0), MOMENTS)
+    total = release(np.sum([fc.moments_contribution(u) for u in spheres], axis=0), EventName.MOMENTS)
     projection = fc.Projection.from_moments(total, stats.sketch_dim, stats.projection_dim)
     zs = [projection(u) for u in spheres]
     centroids = fc.initial_centroids(stats.clusters, stats.projection_dim, config.seed)
     for i in range(stats.iterations):
-        total = release(np.sum([fc.cluster_contribution(z, centroids) for z in zs], axis=0), CLUSTERS)
+        total = release(
+            np.sum([fc.cluster_contribution(z, centroids) for z in zs], axis=0), EventName.CLUSTERS
+        )
         floor = 3.0 * stats.cluster_noise * fc.CLUSTER_SENSITIVITY
         centroids = fc.update_centroids(total, centroids, floor, config.seed + i + 1)
-    counts = np.stack([release(fc.histogram(z, centroids), HISTOGRAM) for z in zs])
+    counts = np.stack([release(fc.histogram(z, centroids), EventName.HISTOGRAM) for z in zs])
     grouping = fc.group_clusters(counts, k, config.seed)
     identifier = fc.FineClusterModel(
         stats.centre, sketch, projection, centroids, grouping.cluster_given_component

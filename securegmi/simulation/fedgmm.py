@@ -23,9 +23,9 @@ from securegmi.core.mixture import MixtureOfVAEs
 from securegmi.simulation.recorder import Recorder
 from securegmi.simulation.study import new_model
 
-# Added to every covariance's diagonal (records in [0, 1]). Tuned on digits-PM, mean source
-# accuracy over seeds 10-12: 0.70 at 0.2, 0.85 at 0.3, 0.79 at 0.5; over seeds 10-11: 0.45 at
-# 1e-3, 0.49 at 1e-2, 0.51 at 0.1, 0.75 at 1. A small ridge lets a Gaussian fit pixel noise.
+# Added to every covariance's diagonal (records in [0, 1]): a small ridge lets a Gaussian fit
+# pixel noise, a large one blurs the sources (tuned on digits-PM:
+# bench/results/tuning.md#fedgmm-ridge).
 RIDGE = 0.3
 
 

@@ -76,7 +76,8 @@ class Recorder:
 
     def resume(self, next_round: int) -> None:
         """Take up the metrics of the rounds a stopped run completed."""
-        assert self.run_dir is not None
+        if self.run_dir is None:
+            raise RunDirectoryError("only a run with a run directory can be resumed: pass --out")
         try:
             self.history = [
                 RoundMetrics(**{k: v for k, v in row.items() if k != EVALUATION_ONLY})

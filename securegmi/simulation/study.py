@@ -200,7 +200,8 @@ def bind_protocol(
 def dp_plan(config: SimulationConfig, data: FederatedData) -> DpPlan | PrivateMixturePlan:
     """The plan from epsilon, delta and public sizes only (never from the private data:
     Papernot & Steinke, ICLR 2022)."""
-    assert config.epsilon is not None
+    if config.epsilon is None:
+        raise ConfigError("a DP plan needs the run's budget: set epsilon (--epsilon)")
     largest = max(len(c.x_train) for c in data.clients)
     if config.delta >= 0.1 / largest:
         # delta bounds the probability of an outright failure of the guarantee: at delta near

@@ -17,8 +17,8 @@ from securegmi.federation.client import Client
 from securegmi.federation.server import Server
 from securegmi.protocol import Message, ProtocolSpec
 from securegmi.protocol.fields import Public
-from securegmi.protocol.spec import CONTRIBUTIONS
 from securegmi.simulation.study import Federation
+from securegmi.vocabulary import FieldName
 
 SPLIT = SimulationConfig(
     dataset="synthetic", clients=4, local_epochs=1, hidden=16, latent=2, protocol="dp", epsilon=4.0
@@ -47,7 +47,7 @@ def test_the_public_server_takes_the_declared_minimum_cohort():
         server.aggregate(dict(list(replies.items())[:1]))
     assert server.totals == {}
     assert server.aggregate(replies) == {}  # negative control: the whole cohort is summed
-    assert int(server.broadcast(1, 1.0).payload[CONTRIBUTIONS].value) == 4
+    assert int(server.broadcast(1, 1.0).payload[FieldName.CONTRIBUTIONS].value) == 4
 
 
 def test_a_server_cannot_be_built_below_the_declared_cohort():
@@ -64,7 +64,7 @@ def _short_aggregate(federation: Federation) -> tuple[Message, Message]:
     server = federation.server(None)
     server.aggregate(_first_replies(federation, server))
     honest = server.broadcast(1, 1.0)
-    payload = {**honest.payload, CONTRIBUTIONS: Public(np.asarray(1, dtype=np.int64))}
+    payload = {**honest.payload, FieldName.CONTRIBUTIONS: Public(np.asarray(1, dtype=np.int64))}
     return honest, dataclasses.replace(honest, payload=payload)
 
 
@@ -113,7 +113,9 @@ def test_a_client_refuses_a_declaration_whose_aggregates_drop_the_minimum():
     federation = _federation()
     spec = federation.spec
     stages = tuple(
-        dataclasses.replace(s, min_shares=1, fields=tuple(f for f in s.fields if f.name != CONTRIBUTIONS))
+        dataclasses.replace(
+            s, min_shares=1, fields=tuple(f for f in s.fields if f.name != FieldName.CONTRIBUTIONS)
+        )
         if s.name == "moment_totals"
         else s
         for s in spec.stages

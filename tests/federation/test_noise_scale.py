@@ -15,12 +15,12 @@ import pytest
 
 from securegmi.config import SimulationConfig
 from securegmi.crypto.keys import SecretContext
-from securegmi.federation.release import BROADCAST, CountsRelease, StatisticsRelease
+from securegmi.federation.release import CountsRelease, StatisticsRelease, fedgmi_downlink
 from securegmi.federation.statistics import SENSITIVITY, StatisticsRole
 from securegmi.privacy.calibration import PrivateMixturePlan
-from securegmi.protocol import START
 from securegmi.simulation.study import Federation
 
+from ..doubles import record_counts, record_exact
 from .gaussian_scale import assert_scale
 from .test_dropouts import CONFIG as DROPOUT_CONFIG
 
@@ -52,22 +52,20 @@ def test_the_count_release_adds_the_noise_its_ledger_claims(tmp_path):
     client = federation.client(0, None, tmp_path)
     policy = client.policy
     assert isinstance(policy, CountsRelease)
-    learner, released, pre_noise = policy.learner, [], []
+    learner, released, pre_noise = policy.learner, [], record_counts(policy)
     upload = learner.upload
 
     def observed_upload(noisy: np.ndarray) -> dict[str, np.ndarray]:
         released.append(np.array(noisy))
-        assert policy.pre_noise_counts is not None
-        pre_noise.append(policy.pre_noise_counts.copy())
         return upload(noisy)
 
     learner.upload = observed_upload  # type: ignore[method-assign]
     temperature = {"temperature": np.array(1.0)}
     for t in range(COUNT_ROUNDS):
-        policy.respond(t, START if t == 0 else BROADCAST, temperature)
+        policy.respond(t, fedgmi_downlink(t), temperature)
     ledger = json.loads((tmp_path / "client-0.json").read_text())
     claims = {_event_multiplier(e) for e in ledger["entries"] if e["name"] == "counts"}
-    assert len(claims) == 1 and len(released) == COUNT_ROUNDS
+    assert len(claims) == 1 and len(released) == len(pre_noise) == COUNT_ROUNDS
     # L2 sensitivity of the counts: 1 (release.CountsRelease).
     assert_scale(np.concatenate(released) - np.concatenate(pre_noise), claims.pop() * 1.0)
 
@@ -96,12 +94,11 @@ def test_every_statistics_release_adds_the_noise_its_ledger_claims(placement):
         share = entry.fallback_event.noise_multiplier  # type: ignore[attr-defined]
         aggregate = entry.event.noise_multiplier  # type: ignore[attr-defined]
         assert share**2 * stats.min_clients >= aggregate**2 * (1 - 1e-12)
-        noise = []
+        noise, exact = [], record_exact(role)
         for _ in range(DRAWS):
             _, _, value = role.contribution(t)
-            assert role.pre_noise is not None
             mine = value.reshape(4, -1)[1] if stats.release_at(t) == "histogram" else value
-            noise.append(mine - role.pre_noise)
+            noise.append(mine - exact[-1])
         assert_scale(np.concatenate(noise), share * SENSITIVITY[stats.release_at(t)])
         total = value * 4
 

@@ -25,6 +25,7 @@ from securegmi.privacy.dpsgd import DpSgdConfig, PrivateTrainer
 from securegmi.privacy.noise import NoiseSource
 from securegmi.simulation.study import load_federated_data, new_model
 
+from ..doubles import record_clipped_sums, record_counts
 from .test_dp import CONFIG as EM_CONFIG
 from .test_dp import _dp_client, _spec
 
@@ -70,7 +71,7 @@ def pre_noise_sum(x: np.ndarray, resp: torch.Tensor, path: str) -> torch.Tensor:
         model, torch.optim.Adam(model.parameters(), 1e-3), DpSgdConfig(1.0, CLIP, 0.5, 16.0), NoiseSource(0)
     )
     xt = torch.as_tensor(x)
-    seen: list[list[torch.Tensor]] = []
+    seen = record_clipped_sums(trainer)
 
     def loss(module: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
         return mixture_loss(module(xt[idx]), resp[idx])
@@ -78,10 +79,11 @@ def pre_noise_sum(x: np.ndarray, resp: torch.Tensor, path: str) -> torch.Tensor:
     torch.manual_seed(123)  # the step's public context: the same for both neighbours
     batch = torch.arange(len(x))
     if path == "local step":
-        trainer.step(loss, batch, seen.append)
+        trainer.step(loss, batch)
     else:
-        trainer.noisy_share(loss, batch, 0.5, seen.append)
-    return torch.cat([g.reshape(-1) for g in seen[0]])
+        trainer.noisy_share(loss, batch, 0.5)
+    (grads,) = seen  # the one clipped sum this step formed
+    return torch.cat([g.reshape(-1) for g in grads])
 
 
 def worst_move(monkeypatch: pytest.MonkeyPatch, path: str, positional: bool) -> list[float]:
@@ -113,10 +115,10 @@ def test_negative_control_positional_draws_move_it_by_more(monkeypatch):
 def _pre_noise_counts(x: np.ndarray) -> np.ndarray:
     spec, _ = _spec(EM_CONFIG)
     client = _dp_client(x, spec, noise_seed=3)
+    exact = record_counts(client.policy)
     client.handle(Server(spec).broadcast(0, 1.0))
-    counts = client.policy.pre_noise_counts  # type: ignore[attr-defined]
-    assert counts is not None
-    return np.asarray(counts)
+    (counts,) = exact  # round 0's one count release
+    return counts
 
 
 def count_moves(monkeypatch: pytest.MonkeyPatch, positional: bool) -> list[float]:

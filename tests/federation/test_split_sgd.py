@@ -17,6 +17,7 @@ from securegmi.federation.server import play_round
 from securegmi.federation.transport import InProcessTransport
 from securegmi.simulation.study import Federation
 
+from ..doubles import record_clipped_sums
 from .gaussian_scale import assert_scale, has_scale
 
 CONFIG = SimulationConfig(
@@ -50,12 +51,14 @@ def finished():  # type: ignore[no-untyped-def]
     shares: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {cid: [] for cid in clients}
     for cid, client in clients.items():
         policy = client.policy
-        trainer, real = policy.trainer, policy.trainer.noisy_share  # type: ignore[attr-defined]
+        trainer = policy.trainer  # type: ignore[attr-defined]
+        real_share, seen = trainer.noisy_share, record_clipped_sums(trainer)
 
-        def spy(loss_fn, batch, share, observe=None, cid=cid, real=real):  # type: ignore[no-untyped-def]
-            seen = []
-            released = real(loss_fn, batch, share, lambda grads: seen.append(grads))
-            pre = np.concatenate([g.reshape(-1).numpy() for g in seen[0]]).astype(np.float64)
+        def spy(loss_fn, batch, share, cid=cid, seen=seen, real_share=real_share):  # type: ignore[no-untyped-def]
+            released = real_share(loss_fn, batch, share)
+            (grads,) = seen  # the one clipped sum this share was drawn on
+            seen.clear()
+            pre = np.concatenate([g.reshape(-1).numpy() for g in grads]).astype(np.float64)
             shares[cid].append((pre, released))
             return released
 

@@ -12,10 +12,13 @@ from securegmi.config import SimulationConfig
 from securegmi.core import fine_clusters as fc
 from securegmi.errors import ConfigError, RunAbortedError
 from securegmi.federation.statistics import SENSITIVITY, StatisticsRole
-from securegmi.privacy.calibration import CLUSTERS, HISTOGRAM, MOMENTS, PrivateMixturePlan
+from securegmi.privacy.calibration import PrivateMixturePlan
 from securegmi.privacy.ledger import PrivacyBudget, PrivacyLedger
 from securegmi.simulation.runner import run_simulation
 from securegmi.simulation.study import Federation, dp_plan, load_federated_data
+from securegmi.vocabulary import EventName
+
+from ..doubles import record_exact
 
 SMALL = SimulationConfig(
     dataset="synthetic", clients=4, local_epochs=1, hidden=16, latent=2, protocol="secure", epsilon=4.0
@@ -33,13 +36,13 @@ def _role(x: np.ndarray, plan: PrivateMixturePlan, seed: int = 0) -> StatisticsR
 
 
 def _drive(role: StatisticsRole, totals: list[np.ndarray]) -> list[np.ndarray]:
-    """Every statistics round's pre-noise contribution, fed the same released aggregates."""
-    out = []
+    """Every statistics round's pre-noise contribution on the shipped release path, fed the
+    same released aggregates."""
+    out = record_exact(role)
     for t in range(role.plan.rounds):
         role.absorb(t, None if t == 0 else totals[t - 1])
         role.contribution(t)
-        assert role.pre_noise is not None
-        out.append(role.pre_noise.copy())
+    assert len(out) == role.plan.rounds  # one exact value per release, seen on its way out
     return out
 
 
@@ -58,7 +61,11 @@ def test_neighbouring_datasets_move_every_statistics_release_by_at_most_its_sens
     without = np.delete(x, position, axis=0)
     full, neighbour = _drive(_role(x, plan), totals), _drive(_role(without, plan), totals)
     releases = [plan.statistics.release_at(t) for t in range(plan.statistics.rounds)]
-    assert releases == [MOMENTS, *[CLUSTERS] * plan.statistics.iterations, HISTOGRAM]
+    assert releases == [
+        EventName.MOMENTS,
+        *[EventName.CLUSTERS] * plan.statistics.iterations,
+        EventName.HISTOGRAM,
+    ]
     for release, a, b in zip(releases, full, neighbour, strict=True):
         assert np.linalg.norm(a - b) <= SENSITIVITY[release] + 1e-9, release
 
@@ -67,7 +74,7 @@ def test_neighbouring_datasets_move_every_statistics_release_by_at_most_its_sens
     leaky = _role(without * 10, plan)
     leaky.u = without * 10 - plan.statistics.centre
     a, b = _drive(planted, totals)[0], _drive(leaky, totals)[0]
-    assert np.linalg.norm(a - b) > SENSITIVITY[MOMENTS]
+    assert np.linalg.norm(a - b) > SENSITIVITY[EventName.MOMENTS]
 
 
 @pytest.mark.parametrize("placement", ["split", "local"])
@@ -80,9 +87,10 @@ def test_each_share_carries_the_planned_fraction_of_the_noise(placement):
     config = SimulationConfig(**{**SMALL.to_dict(), "noise_placement": placement, "min_clients": 3})
     plan = _plan(config)
     role = _role(load_federated_data(SMALL).clients[0].x_train[:30], plan, seed=11)
+    exact = record_exact(role)
     draws = np.stack([role.contribution(0)[2] for _ in range(400)])
-    noise = (draws - role.pre_noise).ravel()
-    expected = plan.statistics.moments_noise * SENSITIVITY[MOMENTS]
+    noise = (draws - np.stack(exact)).ravel()
+    expected = plan.statistics.moments_noise * SENSITIVITY[EventName.MOMENTS]
     if placement == "split":
         expected /= math.sqrt(3 - 1)
     # n = 400 x M values: the sample sd is within 1.5% of the truth except with prob < 1e-6.

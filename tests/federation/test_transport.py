@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from securegmi.config import SimulationConfig
-from securegmi.errors import ProtocolViolation
+from securegmi.errors import BudgetExceededError, CryptoError, DataError, ProtocolViolation, RefusalError
 from securegmi.federation.client import Client
-from securegmi.federation.server import Server
+from securegmi.federation.server import Server, play_round
 from securegmi.federation.transport import ClientEndpoint, InProcessTransport
 from securegmi.protocol import Message, NonPrivate, decode
 from securegmi.protocols import plain
@@ -176,3 +176,36 @@ def test_a_client_errors_text_never_reaches_the_servers_transcript(tmp_path):
     assert "refused by the client (reason withheld)" in errors
     assert "refused by the client (BudgetExceededError)" in errors
     assert not any("3.87" in str(e) for e in errors)
+
+
+class RefusingTransport(InProcessTransport):
+    """Each client's delivery raises the error it is given instead of answering."""
+
+    def __init__(self, *args, raises: dict[str, Exception], **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.raises = raises
+
+    def deliver(self, client_id: str, wire: bytes) -> bytes:
+        if client_id in self.raises:
+            raise self.raises[client_id]
+        return super().deliver(client_id, wire)
+
+
+def test_every_refusal_is_one_class_and_the_round_goes_on_without_it(tmp_path):
+    """A client's own check (ProtocolViolation), its ledger (BudgetExceededError) and its
+    encryption (CryptoError) refuse through one base, RefusalError: the round completes with
+    the others and the server records the class. Negative control: any other failure is a
+    client that dropped out, recorded as such."""
+    assert all(issubclass(e, RefusalError) for e in (ProtocolViolation, BudgetExceededError, CryptoError))
+    base, server, _ = _setup(tmp_path)
+    raises: dict[str, Exception] = {
+        "client-0": BudgetExceededError("client-0: releasing counts@round0 would spend epsilon 9"),
+        "client-1": DataError("client-1: records span [0, 16]"),
+    }
+    transport = RefusingTransport(server.endpoint, base.clients, raises=raises)
+    outcome = play_round(server, transport, ["client-0", "client-1", "client-2"], 0, 1.0)
+    assert set(outcome.replies) == {"client-2"}
+    assert outcome.refused == {
+        "client-0": "refused by the client (BudgetExceededError)",
+        "client-1": "dropped out (DataError)",
+    }
