@@ -290,7 +290,7 @@ def _plan_rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
     if plan.get("kind") == "statistics":
         s = plan["statistics"]
         share = (
-            "each client adds 1/sqrt(min cohort) of it"
+            "each client adds sigma/sqrt(min cohort - 1) of it"
             if s["placement"] == "split"
             else "every client adds all of it"
         )
@@ -316,7 +316,7 @@ def _plan_rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
                 f"{plan['sample_rate']:g}, clip {plan['clip_norm']:g}, noise multiplier "
                 f"{plan['sgd_noise_multiplier']:.3f}; "
                 + (
-                    "split: one step per round, each client adds 1/sqrt(min cohort) of the noise"
+                    "split: one step per round, each client adds sigma/sqrt(min cohort - 1) of the noise"
                     if plan.get("sgd_placement") == "split"
                     else "local: each client steps alone, with all of the noise"
                 ),

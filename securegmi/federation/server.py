@@ -63,7 +63,7 @@ class Server:
         transcript = TranscriptWriter(Path(transcript_path)) if transcript_path is not None else None
         self.endpoint = ServerEndpoint(spec, transcript)
         # Per uplink stage: the fewest replies whose sum may be released. The protocol declares
-        # it where the noise is split (shares of sigma / sqrt(N): privacy.calibration.
+        # it where the noise is split (shares of sigma / sqrt(N - 1): privacy.calibration.
         # StatisticsPlan), and no server is built below that (docs/design.md §2, law 3); a caller may
         # only ask for more.
         self.cohort_minimum = {
@@ -78,8 +78,8 @@ class Server:
             if minimum < declared:
                 raise ConfigError(
                     f"a minimum cohort of {minimum} for {stage!r} is below the {declared} releases protocol "
-                    f"{spec.name!r} declares: each client adds a 1/sqrt({declared}) share of the noise, so a "
-                    "smaller sum would carry less than the planned noise"
+                    f"{spec.name!r} declares: each client adds a sigma / sqrt({max(declared - 1, 1)}) share "
+                    "of the noise, so a smaller sum would carry less than the planned noise"
                 )
             self.cohort_minimum[stage] = minimum
         self.contributions = 0  # how many replies the last sums add

@@ -103,9 +103,10 @@ class StageSpec:
     name: str
     sender: Role
     fields: tuple[FieldSpec, ...]
-    # A server stage: the fewest client releases its sums may add. Where each client adds a
-    # share sigma / sqrt(m) of the noise, a sum of fewer than m shares carries less than the
-    # planned noise (docs/design.md §2, law 3); such a stage declares `contributions`, which both ends check.
+    # A server stage: the fewest client releases its sums may add. Where each of at least m
+    # clients adds a share sigma / sqrt(m - 1) of the noise (one curious client knows its own),
+    # a sum of fewer than m shares carries less than the planned noise (docs/design.md §2,
+    # law 3); such a stage declares `contributions`, which both ends check.
     min_shares: Dim = 1
 
     def to_json(self) -> dict[str, Any]:

@@ -776,7 +776,7 @@ def _transcript_round_problems(
 
 
 def _split_cohort_problems(plan: Plan, last: dict[int, _Attempt], completed: int) -> list[str]:
-    """Where the plan splits a release's noise across clients (each adds sigma / sqrt(m_min)),
+    """Where the plan splits a release's noise across clients (each adds sigma / sqrt(m_min - 1)),
     the sum carries the full noise only if it adds at least m_min distinct uploads: count them."""
     if not isinstance(plan, PrivateMixturePlan):
         return []
