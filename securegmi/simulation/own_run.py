@@ -114,6 +114,15 @@ def own_config(clients: Sequence[Client], server: Server, rounds: int) -> Simula
         }
         return SimulationConfig(**fields)
     plan = privacy.plan
+    per_epoch = max(1, round(1.0 / plan.sample_rate))
+    if plan.steps_per_round < per_epoch or plan.steps_per_round % per_epoch:
+        # config.json records DP-SGD's steps as local_epochs x round(1/q), the form the audit
+        # re-derives the plan from: a plan it cannot express would be audited as another one.
+        raise ConfigError(
+            f"a saved run records DP-SGD steps per round as local_epochs x {per_epoch} "
+            f"(round(1/sample_rate)); this plan takes {plan.steps_per_round}: calibrate with "
+            f"steps_per_round a multiple of {per_epoch}"
+        )
     noise = {c.ledger.noise_source for c in clients if c.ledger is not None}
     fields |= {
         "epsilon": plan.epsilon,
@@ -122,7 +131,7 @@ def own_config(clients: Sequence[Client], server: Server, rounds: int) -> Simula
         "clip_norm": plan.clip_norm,
         "dp_learning_rate": settings.learning_rate,
         "dp_noise": "private" if noise == {"private"} else "seeded",
-        "local_epochs": plan.steps_per_round // max(1, round(1.0 / plan.sample_rate)),
+        "local_epochs": plan.steps_per_round // per_epoch,
         "dp_batch_normaliser": privacy.batch_normaliser,
     }
     if isinstance(plan, PrivateMixturePlan):

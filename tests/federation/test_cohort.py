@@ -1,5 +1,5 @@
 """Law 3 of docs/design.md §2: a split release is a sum of enough shares. Where each client adds a
-sigma / sqrt(N) share of the noise, the protocol declares N; no public API builds a server
+sigma / sqrt(N - 1) share of the noise, the protocol declares N; no public API builds a server
 below it, every private aggregate says how many releases it sums, and both ends refuse one of
 fewer. Each check has its negative control: the same step with enough shares goes through."""
 

@@ -196,6 +196,22 @@ def test_an_em_design_run_of_your_own_loop_saves_and_passes_its_audit(tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["private_training"] == "em"
 
 
+def test_an_em_plan_config_json_cannot_express_is_refused_by_save_not_recorded_as_another(tmp_path):
+    """config.json records DP-SGD steps as local_epochs x round(1/q): 6 steps at q = 1/4 would
+    be written as 1 epoch (4 steps), a plan the audit would then re-derive and accept."""
+    reference = MixtureOfVAEs.from_factory(component, K, seed=0)
+    plan = securegmi.calibrate(PrivacyBudget(8.0, 1e-5), rounds=1, steps_per_round=6, sample_rate=0.25)
+    spec = securegmi.bind_protocol("dp", reference, plan=plan)
+    clients = [
+        Client(f"s{i}", reference, x, spec, privacy=ClientPrivacy(plan, 16.0)) for i, x in enumerate(sites())
+    ]
+    server = Server(spec, transcript_path=tmp_path / "t.jsonl")
+    securegmi.run_federation(clients, server)
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        securegmi.save(tmp_path / "run", clients, server)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_a_secure_split_noise_run_of_your_own_loop_exports_on_the_release_grid(tmp_path):
     """Under CKKS the server holds the public context only, the noise is split, and what the
