@@ -212,13 +212,20 @@ def audit(
             "as a Flower server's directory: gather the sites' ledgers into one folder"
         ),
     ] = None,
+    trust_recorded_protocol: Annotated[
+        bool,
+        typer.Option(
+            help="accept a run under a protocol not installed here, checked against the declaration "
+            "its protocol.json holds alone (which whoever wrote the directory could have rewritten)"
+        ),
+    ] = False,
     json_output: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
 ) -> None:
     """Report what left every client, its protection, and the privacy spent; exit 1 on any
     uncovered field or exceeded budget."""
     from securegmi.records.audit import audit_run
 
-    report = audit_run(run_dir, ledgers=ledgers)
+    report = audit_run(run_dir, ledgers=ledgers, trust_recorded_protocol=trust_recorded_protocol)
     if json_output:
         console.print_json(json.dumps(report.to_dict()))
     else:
@@ -278,6 +285,8 @@ def _print_audit(report: Any) -> None:
             escape(", ".join(uncovered[:3]) + (" ..." if len(uncovered) > 3 else "")),
         )
     console.print(table)
+    if report.declaration != "registered":
+        console.print(f"[yellow]note:[/] {escape(report.declaration)}")
     if report.problems:
         console.print(f"[bold red]{len(report.problems)} problem(s):[/]")
         for p in report.problems[:20]:
@@ -286,5 +295,3 @@ def _print_audit(report: Any) -> None:
             console.print(f"  ... and {len(report.problems) - 20} more (see --json)")
     else:
         console.print("[bold green]audit passed:[/] every field that left a client is declared and covered.")
-    if report.declaration != "registered":
-        console.print(f"[yellow]note:[/] {escape(report.declaration)}")

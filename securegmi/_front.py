@@ -32,8 +32,12 @@ def simulate(
     return run_simulation(config, out=out, overwrite=overwrite, progress=progress, on_plan=on_plan)
 
 
-def audit(run_dir: Path, *, ledgers: Path | None = None) -> AuditReport:
+def audit(
+    run_dir: Path, *, ledgers: Path | None = None, trust_recorded_protocol: bool = False
+) -> AuditReport:
     """Check a run directory: every field that left a client is declared and covered by a
     ledger event, and every ledger stays within its budget. `ledgers`: where the clients'
-    ledgers are when the run directory does not hold them (a Flower server's directory)."""
-    return audit_run(Path(run_dir), ledgers=ledgers)
+    ledgers are when the run directory does not hold them (a Flower server's directory).
+    `trust_recorded_protocol`: accept a protocol not registered here on its recorded
+    declaration alone (see `securegmi.records.audit.audit_run`)."""
+    return audit_run(Path(run_dir), ledgers=ledgers, trust_recorded_protocol=trust_recorded_protocol)

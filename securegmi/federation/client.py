@@ -46,7 +46,7 @@ from securegmi.federation.release import (
 from securegmi.federation.statistics import UPLINK
 from securegmi.federation.transport import ClientEndpoint
 from securegmi.files import STATE_FILE, read_bytes, safetensors_arrays, write_atomic
-from securegmi.privacy.calibration import DpPlan, PrivateMixturePlan
+from securegmi.privacy.calibration import DpPlan, PrivateMixturePlan, check_delta
 from securegmi.privacy.ledger import PrivacyLedger
 from securegmi.protocol import Message, ProtocolSpec, TranscriptWriter, decode, encode
 from securegmi.protocol.payload import build_payload
@@ -115,6 +115,8 @@ class Client:
         x = as_records(data)
         components.check(x.shape[1])
         components.check_records(x)
+        if privacy is not None:  # the rule simulate's plan checks, here for a plan of your own
+            check_delta(privacy.plan.delta, len(x))
         _check_protocol(protocol, components, privacy, keys)
         self.client_id = client_id
         self.spec = protocol

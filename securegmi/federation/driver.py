@@ -59,6 +59,13 @@ def run_federation(
         raise ConfigError("two clients share an id: every site needs its own client_id")
     if any(c.spec != server.spec for c in clients):
         raise ConfigError("the clients and the server are bound to different protocols: bind one for all")
+    if server.round is not None:
+        # Its rounds are spent (its transcript closed): a second pass would replay round 0
+        # against clients whose ledgers already hold it.
+        raise ConfigError(
+            f"this server has already played up to round {server.round}: a federation runs once; "
+            "build a new Server (and clients) for another run"
+        )
     total = _rounds(clients, rounds)
     link = transport or InProcessTransport.linking(server, by_id.values())
     outcomes = []

@@ -143,6 +143,21 @@ def calibrate(
     )
 
 
+def check_delta(delta: float, records: int) -> None:
+    """`ConfigError` unless delta is well below 1/n for a client of `records` records."""
+    if delta >= 0.1 / max(records, 1):
+        # delta bounds the probability of an outright failure of the guarantee: at delta near
+        # 1/n a mechanism may publish one of a client's n records (Dwork & Roth 2014, §2.3).
+        # The message states the rule, never the client's size nor a figure derived from it:
+        # how many records a client holds is its own (private) business.
+        raise ConfigError(
+            f"delta {delta:g} is not well below 1/n for the largest client (n its number of "
+            "records, not printed here: a client's size is private): it would allow releasing a "
+            "record outright. Use a smaller delta (--delta), below 0.1/n: 1e-5 suits clients of up "
+            "to 10,000 records, 1e-6 up to 100,000."
+        )
+
+
 @dataclass(frozen=True)
 class StatisticsPlan:
     """The DP statistics phase that identifies the components before any DP-SGD.

@@ -21,13 +21,38 @@ GROUP = "securegmi.protocols"
 STATISTICS_DIMS = ("M", "S", "H", "N", "G")
 
 
-def _entry_points() -> dict[str, EntryPoint]:
+# securegmi's own protocols, and the one entry point each may have: another package (or a
+# *.dist-info in the working directory, which `python -c` puts on sys.path) claiming one of
+# these names would otherwise decide what the audit checks a run against.
+BUILT_IN = {name: f"securegmi.protocols.{name}:build" for name in ("plain", "dp", "secure")}
+
+
+def _entry_points() -> dict[str, list[EntryPoint]]:
     # Read on every call, not cached: a plugin installed (or put on sys.path) after import is
     # found, and the scan of installed metadata costs milliseconds next to binding a run.
-    found: dict[str, EntryPoint] = {}
+    found: dict[str, list[EntryPoint]] = {}
     for point in entry_points(group=GROUP):
-        found.setdefault(point.name, point)  # the first on sys.path wins, as for imports
+        claims = found.setdefault(point.name, [])
+        if all(point.value != c.value for c in claims):
+            claims.append(point)
     return found
+
+
+def _entry_point(name: str) -> EntryPoint | None:
+    """The one entry point of `name`; a `ConfigError` where two packages claim the name, or
+    where a built-in name points anywhere but at securegmi's own module."""
+    claims = _entry_points().get(name, [])
+    if not claims:
+        return None
+    values = ", ".join(sorted(repr(c.value) for c in claims))
+    if len(claims) > 1 or (name in BUILT_IN and claims[0].value != BUILT_IN[name]):
+        raise ConfigError(
+            f"protocol {name!r} is claimed by {values} in entry-point group {GROUP!r}"
+            + (f", where securegmi's own is {BUILT_IN[name]!r}" if name in BUILT_IN else "")
+            + ": a run cannot be bound or audited under a name two packages claim; uninstall the "
+            "package that should not register it (or leave the directory whose *.dist-info does)"
+        )
+    return claims[0]
 
 
 def available() -> tuple[str, ...]:
@@ -41,7 +66,7 @@ def _where(point: EntryPoint) -> str:
 
 def builder(name: str) -> ProtocolBuilder:
     """The builder registered under `name`; a `ConfigError` says why when there is none."""
-    point = _entry_points().get(name)
+    point = _entry_point(name)
     if point is None:
         registered = available()
         names = ", ".join(registered) or "none"
@@ -89,19 +114,19 @@ def bind(
         spec = build(components=components, parameters=parameters, top_b=top_b, **extra)
     except TypeError as exc:  # the builder does not take these arguments
         raise ConfigError(
-            f"{_where(_entry_points()[name])} cannot be bound to these dimensions ({exc}); a builder "
+            f"{_where(_entry_points()[name][0])} cannot be bound to these dimensions ({exc}); a builder "
             "takes components=, parameters=, top_b= and, for the statistics design, statistics="
         ) from exc
     if not isinstance(spec, ProtocolSpec):
         raise ConfigError(
-            f"{_where(_entry_points()[name])} returned a {type(spec).__name__}, not a ProtocolSpec; "
+            f"{_where(_entry_points()[name][0])} returned a {type(spec).__name__}, not a ProtocolSpec; "
             "fix the package that provides it"
         )
     if spec.name != name:
         # config.json, the plan's placement and the audit all read the name: a protocol under
         # another name would be audited as the one it is not.
         raise ConfigError(
-            f"{_where(_entry_points()[name])} builds a protocol named {spec.name!r}; the name it is "
+            f"{_where(_entry_points()[name][0])} builds a protocol named {spec.name!r}; the name it is "
             "registered under and the name it declares must be the same"
         )
     return spec

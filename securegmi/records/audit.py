@@ -98,20 +98,33 @@ class AuditReport:
         return {**asdict(self), "ok": self.ok}
 
 
-def audit_run(run_dir: Path, *, ledgers: Path | None = None) -> AuditReport:
+def audit_run(
+    run_dir: Path, *, ledgers: Path | None = None, trust_recorded_protocol: bool = False
+) -> AuditReport:
     """The audit of `run_dir`. `ledgers`: the folder of the clients' ledgers (one
     `<client>.json` each) where the run directory holds none, as a Flower server's directory
-    (each site keeps its own ledger: gather them into one folder)."""
+    (each site keeps its own ledger: gather them into one folder). `trust_recorded_protocol`:
+    accept a run under a protocol not registered here, checked against the declaration the run
+    directory holds alone (without it, such a run does not pass: whoever wrote the directory
+    could have declared every field public)."""
     run_dir = Path(run_dir)
-    if ledgers is not None and not Path(ledgers).is_dir():
-        raise RunDirectoryError(f"{ledgers} is not a folder of the clients' ledgers (<client>.json each)")
-    return _audit(run_dir, Path(ledgers) if ledgers is not None else run_dir / LEDGERS)
+    if ledgers is not None:
+        if not Path(ledgers).is_dir():
+            raise RunDirectoryError(f"{ledgers} is not a folder of the clients' ledgers (<client>.json each)")
+        if (run_dir / LEDGERS).exists():
+            # Another folder in place of the run's own would hide an edit of the run's ledgers.
+            raise RunDirectoryError(
+                f"{run_dir} holds its own {LEDGERS}/: audit those (--ledgers is for a directory "
+                "without them, as a Flower server's)"
+            )
+    ledger_dir = Path(ledgers) if ledgers is not None else run_dir / LEDGERS
+    return _audit(run_dir, ledger_dir, trust_recorded_protocol)
 
 
-def _audit(run_dir: Path, ledger_dir: Path) -> AuditReport:
+def _audit(run_dir: Path, ledger_dir: Path, trust_recorded_protocol: bool) -> AuditReport:
     problems: list[str] = []
     rows, run_config, config, recorded = _read_run_files(run_dir)
-    spec, declaration = _declared_protocol(recorded, problems)
+    spec, declaration = _declared_protocol(recorded, problems, trust_recorded_protocol)
     ledger_files = sorted(ledger_dir.glob("*.json")) if ledger_dir.is_dir() else []
     ledgers = _read_ledgers(ledger_files, problems)
     disclosures, unprotected = _disclosures(rows, spec, ledgers, problems)
@@ -220,15 +233,7 @@ def _disclosures(
         if kind in (FieldKind.DP_RELEASE.value, FieldKind.CIPHERTEXT.value):
             # Encryption is the second layer: an encrypted field must be DP by itself too.
             owner = ledgers.get(client)
-            uncovered = tuple(
-                sorted(
-                    {
-                        str(r.get("event"))
-                        for r in items
-                        if owner is None or not owner.covers(r.get("event", ""))
-                    }
-                )
-            )
+            uncovered = tuple(sorted({str(r.get("event")) for r in items if not _covered(owner, r)}))
             layered = "dp+encrypted" if kind == FieldKind.CIPHERTEXT.value else "dp"
             protection = (
                 layered
@@ -257,6 +262,15 @@ def _disclosures(
             )
         )
     return disclosures, unprotected
+
+
+def _covered(ledger: PrivacyLedger | None, row: dict[str, Any]) -> bool:
+    """Whether `ledger` covers the event a transcript row names; a row naming no event, or
+    one that is not an event id, is covered by none (a problem of the run, not of the audit)."""
+    try:
+        return ledger is not None and ledger.covers(str(row.get("event", "")))
+    except ProtocolViolation:
+        return False
 
 
 def _budgets(
@@ -298,13 +312,23 @@ def _budgets(
     return budgets
 
 
-def _declared_protocol(recorded: ProtocolSpec, problems: list[str]) -> tuple[ProtocolSpec, str]:
+def _declared_protocol(
+    recorded: ProtocolSpec, problems: list[str], trust_recorded: bool
+) -> tuple[ProtocolSpec, str]:
     """The declaration the transcript is checked against. protocol.json is written by the run
     and could be rewritten after it: where its protocol is registered here, the recorded spec
     must be the registry's binding at its own dimensions (a field's DP requirement dropped, an
     uplink field added, is a problem) and the registry's is the one checked against; where it
-    is not registered, only the recorded declaration can be, and the report says so."""
+    is not registered, only the recorded declaration can be, and the report says so; unless the
+    auditor trusts that declaration, that is a problem (it could declare every field public)."""
     if recorded.name not in registry.available():
+        if not trust_recorded:
+            problems.append(
+                f"protocol {recorded.name!r} is not registered here: the declaration in {PROTOCOL} "
+                "cannot be told from a rewritten one (it could call any field public); install the "
+                "package that provides the protocol, or pass --trust-recorded-protocol "
+                "(trust_recorded_protocol=True) to accept the recorded declaration"
+            )
         return recorded, (
             f"recorded only: protocol {recorded.name!r} is not registered here (entry-point group "
             f"{registry.GROUP!r}), so the transcript is checked against the declaration in {PROTOCOL} "

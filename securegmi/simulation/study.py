@@ -28,6 +28,7 @@ from securegmi.privacy.calibration import (
     StatisticsPlan,
     calibrate,
     calibrate_statistics,
+    check_delta,
 )
 from securegmi.privacy.ledger import PrivacyBudget
 from securegmi.protocol import ProtocolSpec, registry
@@ -202,18 +203,7 @@ def dp_plan(config: SimulationConfig, data: FederatedData) -> DpPlan | PrivateMi
     Papernot & Steinke, ICLR 2022)."""
     if config.epsilon is None:
         raise ConfigError("a DP plan needs the run's budget: set epsilon (--epsilon)")
-    largest = max(len(c.x_train) for c in data.clients)
-    if config.delta >= 0.1 / largest:
-        # delta bounds the probability of an outright failure of the guarantee: at delta near
-        # 1/n a mechanism may publish one of a client's n records (Dwork & Roth 2014, §2.3).
-        # The message states the rule, never the client's size nor a figure derived from it:
-        # how many records a client holds is its own (private) business.
-        raise ConfigError(
-            f"delta {config.delta:g} is not well below 1/n for the largest client (n its number of "
-            "records, not printed here: a client's size is private): it would allow releasing a "
-            "record outright. Use a smaller --delta, below 0.1/n: 1e-5 suits clients of up to "
-            "10,000 records, 1e-6 up to 100,000."
-        )
+    check_delta(config.delta, max(len(c.x_train) for c in data.clients))
     if config.private_training == "statistics":
         return calibrate_statistics(
             PrivacyBudget(config.epsilon, config.delta),

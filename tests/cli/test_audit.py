@@ -711,3 +711,57 @@ def test_the_audit_reads_the_ledgers_from_where_it_is_told(dp_run, tmp_path):
     assert len(json.loads(audit.stdout)["budgets"]) == 3
     missing = runner.invoke(app, ["audit", str(server), "--ledgers", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "is not a folder of the clients' ledgers" in missing.output
+    # A run directory that holds its own ledgers is audited on them: another folder in their
+    # place (an edit of the run's own hidden behind a clean copy) is refused.
+    own = runner.invoke(app, ["audit", str(out), "--ledgers", str(tmp_path / "gathered")])
+    assert own.exit_code == 2 and "holds its own ledgers/" in own.output
+
+
+@pytest.mark.slow
+def test_a_plain_run_relabelled_as_an_unregistered_protocol_that_calls_its_fields_public_fails(tmp_path):
+    """The consistent forgery of review 28: a plain run's protocol renamed to one not installed
+    here and every uplink field re-declared public, in protocol.json, config.json, results.json
+    and the transcript. Checked against that recorded declaration alone it would pass; the audit
+    does not pass a declaration it cannot check unless the auditor says they trust it."""
+    out = tmp_path / "plain"
+    run_simulation(SimulationConfig(**SMALL), out=out)
+    declared = json.loads((out / "protocol.json").read_text())
+    declared["name"] = "plain-x"
+    for stage in declared["stages"]:
+        for f in stage["fields"] if stage["sender"] == "client" else ():
+            f["kind"] = "public"
+    (out / "protocol.json").write_text(json.dumps(declared))
+    for name in ("config.json", "results.json"):
+        _rewrite(out / name, lambda d: d.update(protocol="plain-x"), consistently=False)
+    rows = _rows(out / "transcript.jsonl")
+    for r in rows:
+        if r["sender"] != "server" and r.get("kind") == "non-private":
+            r["kind"] = "public"
+    _write_rows(out / "transcript.jsonl", rows)
+    audit = runner.invoke(app, ["audit", str(out)])
+    assert audit.exit_code == 1 and "'plain-x' is not registered here" in audit.output
+    # Negative control: trusted by the auditor, the forgery is what the recorded declaration says.
+    trusted = runner.invoke(app, ["audit", str(out), "--trust-recorded-protocol"])
+    assert trusted.exit_code == 0 and "note: recorded only" in trusted.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("event", ["moments@round00", "", None])
+def test_a_transcript_row_naming_no_readable_event_is_a_problem_not_a_crash(dp_run, tmp_path, event):
+    """The whole audit (review 28: `EventId.parse` raised out of the ledger lookup, exit 2, no
+    report). Negative control: the untouched copy passes."""
+    out, _ = dp_run
+    tampered = tmp_path / "odd"
+    _copy(out, tampered)
+    _passes(tampered)
+    rows = _rows(tampered / "transcript.jsonl")
+    row = next(r for r in rows if r["sender"] == "client-0" and r.get("event") == "moments@round0")
+    if event is None:
+        del row["event"]
+    else:
+        row["event"] = event
+    _write_rows(tampered / "transcript.jsonl", rows)
+    audit = runner.invoke(app, ["audit", str(tampered), "--json"])
+    assert audit.exit_code == 1, audit.output
+    problem = f"client-0: 'moments' names events no ledger entry covers: {event}"
+    assert problem in json.loads(audit.stdout)["problems"]

@@ -137,8 +137,12 @@ def test_run_federation_ends_with_every_client_holding_the_final_aggregate():
         assert len(outcome.replies) == SITES and not outcome.refused and not outcome.rejected
         after_training[:] = [c.components.get_component_vectors() for c in clients]
 
-    run = securegmi.run_federation(clients, Server(spec), rounds=2, temperature=4.0, progress=progress)
+    server = Server(spec)
+    run = securegmi.run_federation(clients, server, rounds=2, temperature=4.0, progress=progress)
     assert run.rounds == 2 and run.uplink_bytes > 0
+    # A federation runs once (review 28: a second pass replayed round 0 and failed obscurely).
+    with pytest.raises(ConfigError, match="already played up to round 2"):
+        securegmi.run_federation(clients, server, rounds=2)
     # Each client trained its own copy in the last round; `conclude` replaced it by the average.
     assert not np.allclose(after_training[0], after_training[1])
     final = [c.components.get_component_vectors() for c in clients]
@@ -194,6 +198,24 @@ def test_an_em_design_run_of_your_own_loop_saves_and_passes_its_audit(tmp_path):
     report = securegmi.audit(securegmi.save(tmp_path / "run", clients, server))
     assert report.ok, report.problems
     assert json.loads((tmp_path / "run" / "config.json").read_text())["private_training"] == "em"
+
+
+def test_a_client_of_your_own_refuses_a_delta_not_well_below_one_over_its_records():
+    """simulate's rule, on the bring-your-own path (review 28: delta 0.5 ran, saved and passed
+    the audit): at delta near 1/n a mechanism may publish a record outright. The message does
+    not print the client's size. Negative control: the same plan at delta 1e-5 is accepted."""
+    reference = MixtureOfVAEs.from_factory(component, K, seed=0)
+    x = sites(records=40)[0]
+
+    def client(delta: float) -> Client:
+        plan = securegmi.calibrate(PrivacyBudget(8.0, delta), rounds=1, steps_per_round=4, sample_rate=0.25)
+        spec = securegmi.bind_protocol("dp", reference, plan=plan)
+        return Client("s0", reference, x, spec, privacy=ClientPrivacy(plan, 16.0))
+
+    with pytest.raises(ConfigError, match="not well below 1/n") as caught:
+        client(0.5 / len(x))
+    assert str(len(x)) not in str(caught.value)
+    client(1e-5)
 
 
 def test_an_em_plan_config_json_cannot_express_is_refused_by_save_not_recorded_as_another(tmp_path):

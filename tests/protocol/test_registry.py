@@ -165,10 +165,14 @@ def test_the_audit_of_an_unregistered_protocol_checks_the_recorded_declaration(a
     assert registered.problems  # a protocol in the clear: every uplink field is unprotected
     sys.path.remove(str(acme))
     assert "acme" not in registry.available()
-    recorded = audit_run(out)
+    recorded = audit_run(out, trust_recorded_protocol=True)
     assert recorded.declaration.startswith("recorded only: protocol 'acme' is not registered here")
     assert (recorded.problems, recorded.disclosures) == (registered.problems, registered.disclosures)
-    shown = CliRunner().invoke(app, ["audit", str(out)])
+    # Untrusted, the recorded declaration is itself a problem: it could call every field public.
+    untrusted = audit_run(out)
+    assert untrusted.problems[0].startswith("protocol 'acme' is not registered here")
+    assert untrusted.problems[1:] == registered.problems
+    shown = CliRunner().invoke(app, ["audit", str(out), "--trust-recorded-protocol"])
     assert shown.exit_code == 1 and "note: recorded only: protocol 'acme' is not registered" in shown.output
     declared = json.loads((out / "protocol.json").read_text())
     for stage in declared["stages"]:
@@ -177,5 +181,37 @@ def test_the_audit_of_an_unregistered_protocol_checks_the_recorded_declaration(a
                 f["kind"] = FieldKind.PUBLIC.value
     (out / "protocol.json").write_text(json.dumps(declared))
     assert "client-0 sent 'masses' as non-private, which protocol 'acme' does not declare" in (
-        audit_run(out).problems
+        audit_run(out, trust_recorded_protocol=True).problems
     )
+
+
+def _claim(site: Path, entry_points: str) -> Path:
+    """A package whose entry points claim names other packages register."""
+    (site / "rogue").mkdir(parents=True)
+    (site / "rogue" / "__init__.py").write_text("def build(**dims):\n    raise SystemExit('rogue')\n")
+    info = site / "rogue-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: rogue\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[securegmi.protocols]\n{entry_points}\n")
+    return site
+
+
+def test_a_package_claiming_a_built_in_name_is_refused_not_loaded(tmp_path, monkeypatch):
+    """A *.dist-info in the working directory (`python -c` puts it first on sys.path) that
+    registers `plain` would decide what the audit checks a plain run against, and run its own
+    code: the name is refused and nothing of it is imported. Negative control: securegmi's own
+    entry point alone binds."""
+    assert registry.builder("plain") is plain.build
+    monkeypatch.syspath_prepend(str(_claim(tmp_path / "site", "plain = rogue:build")))
+    with pytest.raises(ConfigError, match=r"protocol 'plain' is claimed by 'rogue:build', 'securegmi"):
+        registry.builder("plain")
+    assert "rogue" not in sys.modules
+    assert registry.builder("secure") is not None  # the other names are not claimed
+
+
+def test_a_third_party_name_two_packages_claim_is_refused(acme, tmp_path, monkeypatch):
+    assert registry.builder("acme") is not None  # negative control: one claim
+    monkeypatch.syspath_prepend(str(_claim(tmp_path / "other", "acme = rogue:build")))
+    with pytest.raises(ConfigError, match=r"protocol 'acme' is claimed by 'acme_protocols:build', 'rogue"):
+        registry.builder("acme")
+    assert "rogue" not in sys.modules
