@@ -280,7 +280,11 @@ def _export_is_a_run_the_tools_take(
     states = [
         load_file(str(tmp_path / f"node-{i}" / CLIENT_STATES / f"client-{i}.safetensors")) for i in range(3)
     ]
-    assert np.abs(model.training_pi - np.stack([s["pi"] for s in states])).max() <= 1e-6
+    pis = np.stack([s["pi"] for s in states])
+    # Each site's pi, passed through the release grid as an in-process secure run exports it;
+    # in another order (the sites mixed up) the rows differ.
+    assert np.abs(model.training_pi - pis).max() <= 1e-5
+    assert np.abs(model.training_pi - pis[::-1]).max() > 1e-3
     site = tmp_path / "site.npy"
     np.save(site, Federation.build(config).data.clients[0].x_test)
     infer = runner.invoke(app, ["infer", str(out), "--data", str(site), "--json"])
