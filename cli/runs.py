@@ -203,13 +203,41 @@ def _read_records(path: Path) -> np.ndarray:
 
 @app.command()
 @errors_as_messages
+def export(
+    server_dir: Annotated[Path, typer.Argument(help="the Flower server's run directory (its run-dir)")],
+    site: Annotated[
+        list[Path],
+        typer.Option(help="a site's directory (its state-dir: client-states/ and ledgers/); once per site"),
+    ],
+    out: Annotated[Path, typer.Option(help="the run directory to write")],
+    key_dir: Annotated[
+        Path | None, typer.Option(help="the sites' CKKS key directory (secret.ckks): the secure protocol")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace a run already in --out")] = False,
+) -> None:
+    """Make a Flower deployment's records one run directory that load, audit, infer and report
+    take: a site holding the key opens the final aggregate (the server cannot), and every
+    site's ledger and pi are gathered beside the server's transcript."""
+    from securegmi.adapters.deployment import export_deployment
+
+    result = export_deployment(server_dir, site, out, key_dir=key_dir, overwrite=overwrite)
+    console.print(
+        escape(
+            f"wrote {out}: source accuracy {result.evaluation.source_accuracy:.3f}, "
+            f"pi TV error {result.evaluation.pi_tv_error:.3f}"
+        )
+    )
+
+
+@app.command()
+@errors_as_messages
 def audit(
     run_dir: Annotated[Path, typer.Argument(help="a run directory (securegmi simulate, or securegmi.save)")],
     ledgers: Annotated[
         Path | None,
         typer.Option(
             help="the folder of the clients' ledgers (<client>.json each) when RUN_DIR holds none, "
-            "as a Flower server's directory: gather the sites' ledgers into one folder"
+            "as a Flower server's directory (or make it a run directory: securegmi export)"
         ),
     ] = None,
     trust_recorded_protocol: Annotated[

@@ -40,7 +40,8 @@ from securegmi.crypto.keys import SecretContext
 from securegmi.errors import ConfigError, ProtocolViolation, RefusalError, RunAbortedError
 from securegmi.federation.client import Client
 from securegmi.federation.codec import CkksCodec, ClearCodec, ClientCodec
-from securegmi.federation.server import Server, play_round
+from securegmi.federation.driver import play_rounds
+from securegmi.federation.server import Server
 from securegmi.federation.transport import (
     Exchange,
     ServerEndpoint,
@@ -318,13 +319,8 @@ def server_app(setup: Callable[[Context], ServerSetup]) -> ServerApp:
         nodes = connect(grid, plan.clients, plan.connect_timeout)
         connected = time.perf_counter()
         transport = FlowerTransport(grid, plan.server.endpoint, nodes, plan.round_timeout)
-        refusals = []
-        try:
-            for t in range(plan.rounds):
-                outcome = play_round(plan.server, transport, sorted(nodes), t, plan.temperature(t))
-                refusals.append({**outcome.refused, **outcome.rejected})
-        finally:
-            plan.server.close()
+        outcomes = play_rounds(plan.server, transport, sorted(nodes), range(plan.rounds), plan.temperature)
+        refusals = [{**outcome.refused, **outcome.rejected} for outcome in outcomes]
         if plan.run_dir is not None:
             save_aggregate(plan.run_dir.file(AGGREGATE), plan.server, plan.rounds)
             summary = {

@@ -4,7 +4,6 @@ and `run_flower_simulation`. The Flower glue itself is in `flower` (the only flw
 
 from __future__ import annotations
 
-import functools
 import json
 import tempfile
 import time
@@ -12,8 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from safetensors.numpy import load_file
-
+from securegmi.adapters.deployment import export_deployment, study_client
 from securegmi.adapters.flower import (
     ClientApp,
     Context,
@@ -25,22 +23,13 @@ from securegmi.adapters.flower import (
     simulation_engine,
 )
 from securegmi.config import SimulationConfig
-from securegmi.crypto.keys import PUBLIC_FILE, PublicContext, SecretContext
-from securegmi.errors import ConfigError, CryptoError, RunAbortedError
+from securegmi.crypto.keys import PUBLIC_FILE, PublicContext
+from securegmi.errors import ConfigError, CryptoError
 from securegmi.federation.client import Client
 from securegmi.files import KEY_FILE, read_bytes
-from securegmi.privacy.ledger import PrivacyLedger
-from securegmi.protocol import SERVER, decode, read_transcript
-from securegmi.records.rundir import (
-    AGGREGATE,
-    CLIENT_STATES,
-    CONFIG,
-    LEDGERS,
-    TRANSCRIPT,
-    RunDirectory,
-)
+from securegmi.records.rundir import CONFIG, TRANSCRIPT, RunDirectory
 from securegmi.simulation.recorder import Recorder
-from securegmi.simulation.runner import RunResult, conclude_run, finish_run, key_ceremony
+from securegmi.simulation.runner import RunResult, key_ceremony
 from securegmi.simulation.study import Federation
 
 
@@ -49,33 +38,6 @@ def study_config(run_config: Mapping[str, Any]) -> SimulationConfig:
         return SimulationConfig.from_dict(json.loads(str(run_config["study"])))
     except (KeyError, json.JSONDecodeError) as exc:
         raise ConfigError(f"the Flower run config needs 'study', a SimulationConfig as JSON ({exc})") from exc
-
-
-@functools.lru_cache(maxsize=2)
-def _federation(config: SimulationConfig) -> Federation:
-    """Flower builds the client anew for every message, and a simulation engine's worker process
-    serves many messages of one study: the federation (data, split, DP plan) is a function of
-    the configuration alone, so a process builds it once (about 0.9 s each time otherwise); the
-    client itself is still rebuilt from its saved state per message."""
-    return Federation.build(config)
-
-
-def study_client(config: SimulationConfig, run_dir: Path, index: int, key_dir: Path | None) -> Client:
-    """Client `index` of the embedded study, with its state and ledger under `run_dir`."""
-    federation = _federation(config)
-    keys = None
-    if federation.secure:
-        if key_dir is None:
-            raise CryptoError("the secure protocol needs the node's key directory ('key-dir')")
-        keys = SecretContext.load(key_dir, federation.ckks_parameters())
-    cid = federation.client_ids[index]
-    ledgers = run_dir / LEDGERS
-    return federation.client(
-        index,
-        keys,
-        ledgers if federation.plan is not None else None,
-        state_path=run_dir / CLIENT_STATES / f"{cid}.safetensors",
-    )
 
 
 def study_server(
@@ -190,35 +152,8 @@ def run_flower_simulation(
         RunDirectory(out, overwrite=overwrite)
         server, client = study_apps(config, out.resolve(), key_dir, overwrite=True)
         simulation_engine(server, client, len(federation.client_ids), verbose, ray_address)
-        if not (out / AGGREGATE).exists():
-            raise RunAbortedError(
-                f"the Flower run did not finish: {out} has no {AGGREGATE} (see the log above)"
-            )
-        # The harness plays client 0, rebuilt from its state, as in-process.
-        final = study_client(config, out, 0, key_dir)
-        ledgers = []
-        if federation.plan is not None:
-            ledgers = [PrivacyLedger.load(out / LEDGERS / f"{cid}.json") for cid in federation.client_ids]
-        model, privacy = conclude_run(federation, final, decode((out / AGGREGATE).read_bytes()), ledgers)
-    states = [load_file(str(out / CLIENT_STATES / f"{cid}.safetensors")) for cid in federation.client_ids]
-    pis = [state["pi"] for state in states]
-    uplink = sum(
-        row.get("bytes", 0)
-        for row in read_transcript(out / TRANSCRIPT)
-        if row["receiver"] == SERVER and row["status"] == "delivered" and row["field"] is not None
-    )
-    recorder = Recorder(config, federation.data, None, None)
-    recorder.identifier = final.identifier
-    return finish_run(
-        recorder,
-        RunDirectory.existing(out),
-        [model] * len(pis),
-        pis,
-        federation.exported(model.get_component_vectors()),
-        federation,
-        federation.spec.name,
-        uplink / max(1, federation.rounds * len(pis)),
-        privacy,
-        started,
-        "flower-simulation",
-    )
+        # The simulation engine's one directory is the server's and every site's: the harness
+        # plays client 0, which holds the key, as in-process.
+        return export_deployment(
+            out, [out], out, key_dir=key_dir, engine="flower-simulation", started=started
+        )

@@ -68,21 +68,41 @@ def run_federation(
         )
     total = _rounds(clients, rounds)
     link = transport or InProcessTransport.linking(server, by_id.values())
+    outcomes = play_rounds(
+        server,
+        link,
+        list(by_id),
+        range(total),
+        lambda t: temperature_at(t, total, temperature, anneal_fraction),
+        progress,
+    )
+    final = server.broadcast(total, 1.0)
+    for client in by_id.values():
+        client.conclude(final)
+    return FederationRun(total, tuple(outcomes))
+
+
+def play_rounds(
+    server: Server,
+    transport: Transport,
+    client_ids: Sequence[str],
+    rounds: range,
+    temperature: Callable[[int], float],
+    progress: RoundCallback | None = None,
+) -> list[RoundOutcome]:
+    """The round loop every engine plays (this driver, `securegmi simulate`, Flower's ServerApp):
+    `play_round` for each round of `rounds` over `transport`, `progress(round, outcome)` after
+    each, and the server's transcript closed at the end, however the loop ends."""
     outcomes = []
     try:
-        for t in range(total):
-            outcome = play_round(
-                server, link, list(by_id), t, temperature_at(t, total, temperature, anneal_fraction)
-            )
+        for t in rounds:
+            outcome = play_round(server, transport, list(client_ids), t, temperature(t))
             outcomes.append(outcome)
             if progress is not None:
                 progress(t, outcome)
     finally:
         server.close()
-    final = server.broadcast(total, 1.0)
-    for client in by_id.values():
-        client.conclude(final)
-    return FederationRun(total, tuple(outcomes))
+    return outcomes
 
 
 def _rounds(clients: Sequence[Client], rounds: int | None) -> int:

@@ -111,7 +111,7 @@ def audit_run(
     if ledgers is not None:
         if not Path(ledgers).is_dir():
             raise RunDirectoryError(f"{ledgers} is not a folder of the clients' ledgers (<client>.json each)")
-        if (run_dir / LEDGERS).exists():
+        if any((run_dir / LEDGERS).glob("*.json")):  # a server's directory has an empty one
             # Another folder in place of the run's own would hide an edit of the run's ledgers.
             raise RunDirectoryError(
                 f"{run_dir} holds its own {LEDGERS}/: audit those (--ledgers is for a directory "

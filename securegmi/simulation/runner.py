@@ -18,8 +18,9 @@ from securegmi.crypto.keys import SecretContext
 from securegmi.errors import ConfigError, RunDirectoryError
 from securegmi.federation.client import Client
 from securegmi.federation.codec import CkksCodec, ClearCodec, ClientCodec
+from securegmi.federation.driver import play_rounds
 from securegmi.federation.local import adopt_aggregate
-from securegmi.federation.server import Server, play_round
+from securegmi.federation.server import RoundOutcome, Server
 from securegmi.federation.transport import ClientEndpoint, InProcessTransport, ServerEndpoint, Transport
 from securegmi.files import STATE_FILE, safetensors_metadata
 from securegmi.privacy.calibration import DpPlan, PrivateMixturePlan
@@ -274,27 +275,30 @@ def run_federated(
     # run refused while it is set up says so in one line.
     if plan is not None and on_plan is not None:
         on_plan(plan.to_dict())
-    try:
-        for t in range(start, federation.rounds):
-            t0 = time.perf_counter()
-            outcome = play_round(server, transport, list(clients), t, recorder.temperature(t))
-            uplink_total += outcome.uplink_bytes
-            if t >= stats_rounds:  # the statistics phase ends with the first VAE round
-                recorder.identifier = next(iter(clients.values())).identifier
-                open_model(server, harness, reference, t + 1)
-                recorder.finish_round(
-                    t,
-                    t0,
-                    [reference] * len(clients),
-                    [c.pi for c in clients.values()],
-                    outcome.uplink_bytes,
-                    len(outcome.refused) + len(outcome.rejected),
-                )
-            if server_state is not None:  # every client saved its state before it replied
-                progress = {"next_round": str(t + 1), "uplink": str(uplink_total)}
-                server.save_state(server_state, progress | digest)
-    finally:
-        server.close()
+    round_started = time.perf_counter()
+
+    def after_round(t: int, outcome: RoundOutcome) -> None:
+        nonlocal uplink_total, round_started
+        uplink_total += outcome.uplink_bytes
+        if t >= stats_rounds:  # the statistics phase ends with the first VAE round
+            recorder.identifier = next(iter(clients.values())).identifier
+            open_model(server, harness, reference, t + 1)
+            recorder.finish_round(
+                t,
+                round_started,
+                [reference] * len(clients),
+                [c.pi for c in clients.values()],
+                outcome.uplink_bytes,
+                len(outcome.refused) + len(outcome.rejected),
+            )
+        if server_state is not None:  # every client saved its state before it replied
+            progress = {"next_round": str(t + 1), "uplink": str(uplink_total)}
+            server.save_state(server_state, progress | digest)
+        round_started = time.perf_counter()
+
+    play_rounds(
+        server, transport, list(clients), range(start, federation.rounds), recorder.temperature, after_round
+    )
     per_client_round = uplink_total / max(1, federation.rounds * len(clients))
     ledgers = [c.ledger for c in clients.values() if c.ledger is not None]
     final = next(iter(clients.values()))

@@ -20,6 +20,8 @@ from safetensors.numpy import load_file
 
 pytest.importorskip("flwr")
 
+from typer.testing import CliRunner
+
 from securegmi.adapters.flower import client_app, loopback_environment, open_aggregate, server_app
 from securegmi.adapters.flower_study import run_flower_simulation, study_client, study_server
 from securegmi.adapters.loopback import (
@@ -31,11 +33,13 @@ from securegmi.adapters.loopback import (
     listening_addresses,
     off_loopback,
 )
+from securegmi.cli.main import app
 from securegmi.config import SimulationConfig
 from securegmi.crypto.keys import SecretContext
 from securegmi.protocol import read_transcript
 from securegmi.records.audit import audit_run
 from securegmi.records.rundir import AGGREGATE, CHECKPOINT, CLIENT_STATES, ENGINE, LEDGERS, TRANSCRIPT
+from securegmi.records.trained import load
 from securegmi.simulation.runner import run_simulation
 from securegmi.simulation.study import Federation
 
@@ -56,6 +60,7 @@ SECURE = SimulationConfig(
 )
 
 pytestmark = pytest.mark.slow
+runner = CliRunner()
 
 
 def _listening_in_groups(pgids: list[int]) -> list[str]:
@@ -243,6 +248,52 @@ def test_deployment_engine_on_loopback_completes_a_secure_run(tmp_path):
     final = open_aggregate(server / AGGREGATE, federation.spec, secret)
     masses, sums = final["component_masses"], final["component_sums"]
     assert masses.shape == (3,) and masses.sum() > 0 and np.isfinite(sums).all()
+    _export_is_a_run_the_tools_take(tmp_path, server, keys, config)
+
+
+def _export_is_a_run_the_tools_take(
+    tmp_path: Path, server: Path, keys: Path, config: SimulationConfig
+) -> None:
+    """`securegmi export`: a site holding the key opens the final aggregate and, with every
+    site's ledger and pi gathered, the deployment becomes a run directory that `audit` (with no
+    --ledgers), `load`, `infer` and `report` take."""
+    sites = [arg for i in range(3) for arg in ("--site", str(tmp_path / f"node-{i}"))]
+    out = tmp_path / "exported"
+    # Negative controls: the server cannot open the secure aggregate, and a missing site's pi
+    # and ledger cannot be made up.
+    keyless = runner.invoke(app, ["export", str(server), *sites, "--out", str(out)])
+    assert keyless.exit_code == 2 and "key" in keyless.output and "Traceback" not in keyless.output
+    assert not out.exists()
+    partial = runner.invoke(
+        app, ["export", str(server), *sites[:4], "--out", str(out), "--key-dir", str(keys)]
+    )
+    assert partial.exit_code == 2 and "client-2" in partial.output, partial.output
+    exported = runner.invoke(app, ["export", str(server), *sites, "--out", str(out), "--key-dir", str(keys)])
+    assert exported.exit_code == 0, exported.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["engine"] == "flower-deployment" and results["protocol"] == "secure"
+    assert 0 < results["source_accuracy"] <= 1  # scored on the components opened with the key
+    audit = runner.invoke(app, ["audit", str(out), "--json"])
+    assert audit.exit_code == 0, audit.output
+    assert len(json.loads(audit.output)["budgets"]) == 3
+    model = load(out)
+    states = [
+        load_file(str(tmp_path / f"node-{i}" / CLIENT_STATES / f"client-{i}.safetensors")) for i in range(3)
+    ]
+    pis = np.stack([s["pi"] for s in states])
+    # Each site's pi, passed through the release grid as an in-process secure run exports it;
+    # in another order (the sites mixed up) the rows differ.
+    assert np.abs(model.training_pi - pis).max() <= 1e-5
+    assert np.abs(model.training_pi - pis[::-1]).max() > 1e-3
+    site = tmp_path / "site.npy"
+    np.save(site, Federation.build(config).data.clients[0].x_test)
+    infer = runner.invoke(app, ["infer", str(out), "--data", str(site), "--json"])
+    assert infer.exit_code == 0, infer.output
+    assert len(json.loads(infer.output)["pi"]) == config.model_components
+    report = runner.invoke(app, ["report", str(out), "--json"])
+    assert report.exit_code == 0, report.output
+    assert json.loads(report.output)["plots"]
+    assert not list(out.rglob("secret*"))  # the key opened the aggregate and stayed with the site
 
 
 def test_the_loopback_check_catches_a_process_listening_on_all_interfaces():
