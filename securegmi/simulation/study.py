@@ -32,6 +32,7 @@ from securegmi.privacy.calibration import (
 from securegmi.privacy.ledger import PrivacyBudget
 from securegmi.protocol import ProtocolSpec, registry
 from securegmi.records.rundir import RunDirectory
+from securegmi.vocabulary import PrivateDesign
 
 
 def client_settings(config: SimulationConfig) -> ClientSettings:
@@ -214,7 +215,7 @@ def dp_plan(config: SimulationConfig, data: FederatedData) -> DpPlan | PrivateMi
             "record outright. Use a smaller --delta, below 0.1/n: 1e-5 suits clients of up to "
             "10,000 records, 1e-6 up to 100,000."
         )
-    if config.private_training == "statistics":
+    if config.private_training == PrivateDesign.STATISTICS:
         return calibrate_statistics(
             PrivacyBudget(config.epsilon, config.delta),
             clients=config.clients,
