@@ -40,7 +40,7 @@ SCRIPT = textwrap.dedent(
         return "no error"
 
 
-    config = private_config(epsilon=8.0, hidden=4, latent=1, local_epochs=5)
+    config = SimulationConfig(dataset="synthetic", clients=3, hidden=4, latent=1, protocol="dp", epsilon=8.0)
     data = load_federated_data(config)
     plan = dp_plan(config, data)  # the statistics design's
     x = data.clients[0].x_train
