@@ -13,6 +13,7 @@ from rich.table import Table
 
 from securegmi.config import METHODS, SimulationConfig
 from securegmi.errors import ConfigError
+from securegmi.vocabulary import Placement, PrivateDesign
 
 if TYPE_CHECKING:
     from securegmi.simulation.runner import RunResult
@@ -46,25 +47,26 @@ def simulate(
     ] = None,
     delta: Annotated[float, typer.Option(help="delta of the budget")] = 1e-5,
     noise_placement: Annotated[
-        str | None,
+        Placement | None,
         typer.Option(
             help="split (secure only: each client adds a share, only the CKKS sum is decrypted) "
             "or local (every upload carries the full noise); default split under secure"
         ),
     ] = None,
     sgd_placement: Annotated[
-        str,
+        Placement,
         typer.Option(
             help="DP-SGD noise under the statistics design: local (each client trains alone, full noise) "
             "or split (secure only: one encrypted step per round, the sum carries the noise; slower)"
         ),
-    ] = "local",
+    ] = Placement.LOCAL,
     min_clients: Annotated[
         int | None, typer.Option(help="smallest cohort a round may complete with (default: all clients)")
     ] = None,
     private_training: Annotated[
-        str, typer.Option(help="statistics (DP statistics, then DP-SGD on the VAEs) or em (DP-SGD EM)")
-    ] = "statistics",
+        PrivateDesign,
+        typer.Option(help="statistics (DP statistics, then DP-SGD on the VAEs) or em (DP-SGD EM)"),
+    ] = PrivateDesign.STATISTICS,
     vae_rounds: Annotated[
         int, typer.Option(help="rounds of DP-SGD on the VAEs after the statistics (statistics design)")
     ] = 5,
@@ -287,11 +289,11 @@ def _plan_table(plan: dict[str, Any]) -> Table:
 
 def _plan_rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
     budget = ("budget", f"epsilon {plan['epsilon']:g}, delta {plan['delta']:g} (add/remove one record)")
-    if plan.get("kind") == "statistics":
+    if plan.get("kind") == PrivateDesign.STATISTICS:
         s = plan["statistics"]
         share = (
             "each client adds sigma/sqrt(min cohort - 1) of it"
-            if s["placement"] == "split"
+            if s["placement"] == Placement.SPLIT
             else "every client adds all of it"
         )
         return [
@@ -317,7 +319,7 @@ def _plan_rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
                 f"{plan['sgd_noise_multiplier']:.3f}; "
                 + (
                     "split: one step per round, each client adds sigma/sqrt(min cohort - 1) of the noise"
-                    if plan.get("sgd_placement") == "split"
+                    if plan.get("sgd_placement") == Placement.SPLIT
                     else "local: each client steps alone, with all of the noise"
                 ),
             ),
@@ -388,7 +390,7 @@ def _privacy_line(privacy: dict[str, Any] | None) -> str:
         f"epsilon spent {privacy['max_spent']:.3f} (RDP; PLD {privacy['max_spent_pld']:.3f}) of "
         f"{privacy['target']:g}, delta {privacy['delta']:g}, per client; noise not from a CSPRNG"
     )
-    if privacy.get("placement") == "split":
+    if privacy.get("placement") == Placement.SPLIT:
         line += (
             f"; split noise: against the server colluding with one client, epsilon "
             f"{privacy['max_spent_fallback']:.2f}"

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from enum import StrEnum
 from types import UnionType
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from securegmi.errors import ConfigError
+from securegmi.vocabulary import Placement, PrivateDesign
 
 METHODS: tuple[str, ...] = (
     "fedgmi",
@@ -19,8 +21,6 @@ METHODS: tuple[str, ...] = (
     "oracle",
     "central-dp",
 )
-PRIVATE_TRAINING: tuple[str, ...] = ("statistics", "em")
-PLACEMENTS: tuple[str, ...] = ("split", "local")
 # OWN_DATA marks the record of a run of the user's own components and records (`securegmi.save`):
 # its config.json holds that run's public settings, and no simulated study can be run from it.
 OWN_DATA = "own"
@@ -37,6 +37,14 @@ DEFAULT_TEMPERATURE = {"digits": 10.0, "synthetic": 10.0, "mnist5k": 300.0}
 DEFAULT_LEARNING_RATE = {"digits": 3e-3, "synthetic": 2e-3, "mnist5k": 2e-3}
 
 
+# The fields that hold a vocabulary's names (securegmi.vocabulary), and which vocabulary.
+_VOCABULARIES: dict[str, type[StrEnum]] = {
+    "private_training": PrivateDesign,
+    "noise_placement": Placement,
+    "sgd_placement": Placement,
+}
+
+
 def _option(name: str) -> str:
     """The `securegmi simulate` option that sets field `name`."""
     return name.replace("_", "-")
@@ -49,7 +57,8 @@ def _of_type(value: object, hint: Any) -> bool:
     for option in options:
         if option is type(None) and value is None:
             return True
-        if option is str and isinstance(value, str):
+        named = option is str or (isinstance(option, type) and issubclass(option, StrEnum))
+        if named and isinstance(value, str):
             return True
         if option in (int, float) and isinstance(value, int) and not isinstance(value, bool):
             return True
@@ -115,10 +124,10 @@ class SimulationConfig:
     # densities with responsibilities from released values only. "em": the earlier design,
     # DP-SGD EM with soft counts released every round (kept as the reference it is measured
     # against: it collapses onto one component at ~60 records per client).
-    private_training: str = "statistics"
+    private_training: PrivateDesign = PrivateDesign.STATISTICS
     # "split": each client adds a share of the noise and only the CKKS sum is decrypted (secure
     # protocol only); "local": every upload carries the full noise. None: split under secure.
-    noise_placement: str | None = None
+    noise_placement: Placement | None = None
     min_clients: int | None = None  # the smallest cohort a round may complete with; None: all
     statistics_share: float = 0.9  # of epsilon, for the statistics; DP-SGD the rest
     fine_clusters: int = 20
@@ -130,9 +139,18 @@ class SimulationConfig:
     # noise, and the server averages the components. "split" (secure only): one round per step;
     # each client sends its clipped gradient sum plus a share of the noise, encrypted, and every
     # client takes the same step with the decrypted sum, as one curator would.
-    sgd_placement: str = "local"
+    sgd_placement: Placement = Placement.LOCAL
 
     def __post_init__(self) -> None:
+        # A name given as its string (the CLI's options, a config.json) becomes its member, so
+        # that a misspelt one is refused here with the names that are valid.
+        for name, vocabulary in _VOCABULARIES.items():
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, vocabulary):
+                _check(
+                    value in tuple(vocabulary), name, f"must be one of {tuple(map(str, vocabulary))}", value
+                )
+                object.__setattr__(self, name, vocabulary(value))
         _check(self.dataset in (*DATASETS, OWN_DATA), "dataset", f"must be one of {DATASETS}", self.dataset)
         _check(self.sources in SOURCE_KINDS, "sources", f"must be one of {SOURCE_KINDS}", self.sources)
         _check(self.method in METHODS, "method", f"must be one of {METHODS}", self.method)
@@ -215,37 +233,19 @@ class SimulationConfig:
         _check(
             self.dp_noise in ("private", "seeded"), "dp_noise", "must be 'private' or 'seeded'", self.dp_noise
         )
-        _check(
-            self.private_training in PRIVATE_TRAINING,
-            "private_training",
-            f"must be one of {PRIVATE_TRAINING}",
-            self.private_training,
-        )
         if self.noise_placement is not None:
-            _check(
-                self.noise_placement in PLACEMENTS,
-                "noise_placement",
-                f"must be one of {PLACEMENTS}",
-                self.noise_placement,
-            )
-            if self.noise_placement == "split" and self.protocol != "secure":
+            if self.noise_placement == Placement.SPLIT and self.protocol != "secure":
                 raise ConfigError(
                     "split noise is sound only when nothing but the encrypted sum is ever decrypted: "
                     "use --protocol secure, or --noise-placement local"
                 )
-            if self.noise_placement == "split" and self.private_training != "statistics":
+            if self.noise_placement == Placement.SPLIT and self.private_training != PrivateDesign.STATISTICS:
                 raise ConfigError(
                     "split noise needs one noisy release per aggregation; the em design takes many "
                     "local DP-SGD steps per upload: use --noise-placement local with it"
                 )
-        _check(
-            self.sgd_placement in PLACEMENTS,
-            "sgd_placement",
-            f"must be one of {PLACEMENTS}",
-            self.sgd_placement,
-        )
-        if self.sgd_placement == "split" and (
-            self.protocol != "secure" or self.private_training != "statistics"
+        if self.sgd_placement == Placement.SPLIT and (
+            self.protocol != "secure" or self.private_training != PrivateDesign.STATISTICS
         ):
             raise ConfigError(
                 "split DP-SGD noise is sound only when nothing but the encrypted sum of the gradients is "
@@ -278,7 +278,7 @@ class SimulationConfig:
         """central-dp is one trusted curator over the pooled records: it sends no message and adds
         each noise once, so the settings of a federation's messages and noise shares do not apply."""
         _check(
-            self.private_training == "statistics",
+            self.private_training == PrivateDesign.STATISTICS,
             "private_training",
             "must be 'statistics' for central-dp, the central reference of the statistics design",
             self.private_training,
@@ -289,7 +289,7 @@ class SimulationConfig:
                     f"--{_option(name)} does not apply to central-dp: one trusted curator pools the "
                     "records, sends no message and adds each noise once; leave it out"
                 )
-        if self.sgd_placement != "local":
+        if self.sgd_placement != Placement.LOCAL:
             raise ConfigError(
                 "--sgd-placement does not apply to central-dp: its curator takes every DP-SGD step "
                 "on the pooled records; leave it out"
@@ -358,16 +358,16 @@ class SimulationConfig:
         }.get(self.method, "")
 
     @property
-    def placement(self) -> str:
+    def placement(self) -> Placement:
         """Where DP noise sits: split only when asked for or by default under secure."""
         if self.noise_placement is not None:
             return self.noise_placement
-        secure_stats = self.protocol == "secure" and self.private_training == "statistics"
-        return "split" if secure_stats else "local"
+        secure_stats = self.protocol == "secure" and self.private_training == PrivateDesign.STATISTICS
+        return Placement.SPLIT if secure_stats else Placement.LOCAL
 
     @property
     def statistics_design(self) -> bool:
-        return self.epsilon is not None and self.private_training == "statistics"
+        return self.epsilon is not None and self.private_training == PrivateDesign.STATISTICS
 
     @property
     def planned_rounds(self) -> int:
@@ -379,7 +379,7 @@ class SimulationConfig:
 
     @property
     def split_sgd(self) -> bool:
-        return self.statistics_design and self.sgd_placement == "split"
+        return self.statistics_design and self.sgd_placement == Placement.SPLIT
 
     @property
     def sgd_steps(self) -> int:

@@ -75,6 +75,22 @@ class EventName(_Name):
     AGGREGATE = "aggregate"
 
 
+class Placement(_Name):
+    """Where a release's DP noise sits (`noise_placement`, `sgd_placement`, a plan's `placement`)."""
+
+    # Every upload carries the full noise: sound whatever the server may decrypt.
+    LOCAL = "local"
+    # Each client adds a share and only the CKKS sum is decrypted (the secure protocol only).
+    SPLIT = "split"
+
+
+class PrivateDesign(_Name):
+    """How a private run finds its components (`private_training`; docs/design.md §2)."""
+
+    STATISTICS = "statistics"  # DP statistics identify the components, then DP-SGD fits them
+    EM = "em"  # DP-SGD EM with soft counts every round: the reference it is measured against
+
+
 _EVENT_ID = re.compile(r"(?P<name>[A-Za-z0-9_.-]+)@round(?P<round>0|[1-9][0-9]*)")
 
 

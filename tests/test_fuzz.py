@@ -20,7 +20,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save as st_save
 
-from securegmi.config import SimulationConfig
 from securegmi.crypto.aggregation import check_update, max_envelope_bytes
 from securegmi.crypto.envelope import encrypt, read_envelope
 from securegmi.crypto.keys import SecretContext
@@ -34,6 +33,7 @@ from securegmi.records.audit import audit_run
 from securegmi.records.trained import load
 from securegmi.simulation.runner import run_simulation
 from securegmi.simulation.study import Federation
+from tests.configs import private_config, small_config
 
 FUZZ = settings(
     max_examples=150,
@@ -154,7 +154,7 @@ def test_ledger_files_load_or_are_a_privacy_error(
         PrivacyLedger.load(path)
 
 
-STATE_CONFIG = SimulationConfig(dataset="synthetic", clients=2, local_epochs=1, hidden=4, latent=1, rounds=1)
+STATE_CONFIG = small_config(clients=2, hidden=4, latent=1, rounds=1)
 
 
 @pytest.fixture(scope="module")
@@ -193,16 +193,7 @@ def test_a_state_with_the_wrong_arrays_is_a_run_directory_error(tmp_path: Path) 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("run") / "dp"
-    config = SimulationConfig(
-        dataset="synthetic",
-        clients=3,
-        local_epochs=1,
-        hidden=4,
-        latent=1,
-        protocol="dp",
-        epsilon=4.0,
-        vae_rounds=1,
-    )
+    config = private_config(hidden=4, latent=1, vae_rounds=1)
     run_simulation(config, out=out)
     return out
 

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,27 +34,18 @@ from typer.testing import CliRunner
 
 import securegmi
 from securegmi.cli.main import app
-from securegmi.config import SimulationConfig
 from securegmi.errors import ConfigError, RunDirectoryError, SecureGMIError
 from securegmi.files import JSON_FILE, LEDGER_FILE, METRICS_FILE, MODEL_FILE, RECORDS_FILE, STATE_FILE
 from securegmi.files import TRANSCRIPT_FILE as TRANSCRIPT_KIND
 from securegmi.records.trained import TrainedMixture
 from securegmi.simulation.runner import run_simulation
 from securegmi.simulation.study import dp_plan, load_federated_data
+from tests.configs import private_config
 
 from .fifo_guard import FifoGuard
 
 runner = CliRunner()
-CONFIG = SimulationConfig(
-    dataset="synthetic",
-    clients=3,
-    local_epochs=1,
-    hidden=4,
-    latent=1,
-    protocol="dp",
-    epsilon=4.0,
-    vae_rounds=1,
-)
+CONFIG = private_config(hidden=4, latent=1, vae_rounds=1)
 
 
 @pytest.fixture(scope="module")
@@ -506,7 +498,7 @@ def _leaks(message: str, size: int) -> bool:
 
 
 def test_the_delta_check_does_not_print_the_largest_clients_size() -> None:
-    config = SimulationConfig(**{**CONFIG.to_dict(), "delta": 0.05})
+    config = replace(CONFIG, delta=0.05)
     data = load_federated_data(config)
     largest = max(len(c.x_train) for c in data.clients)
     with pytest.raises(ConfigError, match="not well below 1/n") as caught:

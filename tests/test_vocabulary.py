@@ -13,13 +13,15 @@ from enum import StrEnum
 import numpy as np
 import pytest
 
-from securegmi.errors import PrivacyError, ProtocolViolation
+from securegmi.config import SimulationConfig
+from securegmi.errors import ConfigError, PrivacyError, ProtocolViolation
 from securegmi.privacy.events import gaussian_event
 from securegmi.privacy.ledger import LedgerEntry, PrivacyBudget, PrivacyLedger
 from securegmi.protocol import DpRelease, Message, Public, decode, encode
 from securegmi.protocols import dp
 from securegmi.records.audit import _transcript_entries
-from securegmi.vocabulary import EventId, EventName, FieldName, Stage
+from securegmi.simulation.runner import config_digest
+from securegmi.vocabulary import EventId, EventName, FieldName, Placement, PrivateDesign, Stage
 
 # What the wire and the files held before the vocabulary existed (v0.x run directories).
 WIRE_NAMES = {
@@ -33,6 +35,9 @@ WIRE_NAMES = {
         "contributions",
     },
     EventName: {"counts", "dpsgd", "moments", "clusters", "histogram", "aggregate"},
+    # config.json's and dp_plan.json's names, which a resumed or audited run reads back.
+    Placement: {"local", "split"},
+    PrivateDesign: {"statistics", "em"},
 }  # fmt: skip
 
 
@@ -157,3 +162,44 @@ def test_the_audit_reports_a_transcript_row_whose_event_id_is_malformed():
     assert not received.get("client-0")
     assert len(problems) == 1 and problems[0].startswith("client-0: the transcript's record of its release")
     assert "is not an event id" in problems[0]
+
+
+# config_digest of two configurations as written before the placements were a vocabulary (main
+# at 7347055): a run started then must still resume, so the digest of the same settings holds.
+DIGESTS_BEFORE = {
+    "secure-split": "d7cb58b250b858cd3d6c3744e82ebcae2d77f1b6b8cdb2723d8b6244e2c4690f",
+    "dp-em": "8b4a3d5fd39d7d1431e75a7f6582b6b0f047bc4e2366a0fddf3c9d2ece7ed99c",
+}
+SECURE = {"protocol": "secure", "epsilon": 8.0}
+CONFIGS = {
+    "secure-split": {**SECURE, "noise_placement": "split", "sgd_placement": "split"},
+    "dp-em": {"protocol": "dp", "epsilon": 4.0, "private_training": "em", "noise_placement": "local"},
+}
+# Each with one name otherwise: another run, which resume must tell apart.
+OTHERS = {
+    "secure-split": {**SECURE, "noise_placement": "split", "sgd_placement": "local"},
+    "dp-em": {"protocol": "dp", "epsilon": 4.0, "private_training": "statistics"},
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_a_configuration_holds_its_placements_as_members_and_writes_the_old_strings(name):
+    config = SimulationConfig.from_dict(json.loads(json.dumps(CONFIGS[name])))  # a config.json, read back
+    assert isinstance(config.private_training, PrivateDesign) and isinstance(config.sgd_placement, Placement)
+    assert isinstance(config.noise_placement, Placement) and isinstance(config.placement, Placement)
+    written = json.loads(json.dumps(config.to_dict()))
+    assert {k: written[k] for k in CONFIGS[name]} == CONFIGS[name]
+    assert SimulationConfig.from_dict(written) == config
+    assert config_digest(config) == DIGESTS_BEFORE[name]
+    # Negative control: the digest is not blind to the names (resume refuses the other run).
+    assert config_digest(SimulationConfig.from_dict(OTHERS[name])) != DIGESTS_BEFORE[name]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("noise_placement", "splt"), ("sgd_placement", "Local"), ("private_training", "EM")]
+)
+def test_a_misspelt_placement_or_design_names_the_valid_ones(field, value):
+    with pytest.raises(ConfigError, match=rf"^{field} must be one of \(('\w+', )+'\w+'\), got '{value}'$"):
+        SimulationConfig(**SECURE, **{field: value})
+    with pytest.raises(ConfigError, match=field):
+        SimulationConfig.from_dict({**SECURE, field: value})

@@ -50,7 +50,7 @@ from securegmi.privacy.calibration import DpPlan, PrivateMixturePlan, check_delt
 from securegmi.privacy.ledger import PrivacyLedger
 from securegmi.protocol import Message, ProtocolSpec, TranscriptWriter, decode, encode
 from securegmi.protocol.payload import build_payload
-from securegmi.vocabulary import FieldName, Stage
+from securegmi.vocabulary import FieldName, Placement, Stage
 
 Records = np.ndarray | torch.Tensor | Dataset[Any] | DataLoader[Any] | Iterable[Any]
 
@@ -271,7 +271,7 @@ def _check_split_stages(spec: ProtocolSpec, plan: PrivateMixturePlan) -> None:
     cohort (docs/design.md §2, law 3): every private aggregate must require the plan's minimum of
     releases and say how many it sums, and a split share may only travel encrypted."""
     required, why = plan.statistics.min_clients, "so a smaller sum would carry less than the planned noise"
-    split = plan.statistics.placement == "split" or plan.split_sgd
+    split = plan.statistics.placement == Placement.SPLIT or plan.split_sgd
     if split and spec.codec != "ckks":
         raise PrivacyError(
             f"protocol {spec.name!r} sends releases in the clear, and this client's plan splits its "

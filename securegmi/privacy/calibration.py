@@ -22,7 +22,7 @@ from securegmi.errors import ConfigError
 from securegmi.privacy.accounting import epsilon_rdp, rdp_accountant
 from securegmi.privacy.events import dpsgd_event, gaussian_event
 from securegmi.privacy.ledger import LedgerEntry, PrivacyBudget
-from securegmi.vocabulary import EventName
+from securegmi.vocabulary import EventName, Placement, PrivateDesign
 
 
 @dataclass(frozen=True)
@@ -203,7 +203,7 @@ class StatisticsPlan:
 
     def share_scale(self, release: EventName) -> float:
         """The fraction of the aggregate's noise standard deviation each client adds."""
-        if release == EventName.HISTOGRAM or self.placement == "local":
+        if release == EventName.HISTOGRAM or self.placement == Placement.LOCAL:
             return 1.0
         return split_share(self.min_clients)
 
@@ -277,11 +277,11 @@ class PrivateMixturePlan:
     clip_norm: float
     statistics_share: float
     sgd_noise_multiplier: float
-    sgd_placement: str = "local"
+    sgd_placement: str = Placement.LOCAL
 
     @property
     def split_sgd(self) -> bool:
-        return self.sgd_placement == "split"
+        return self.sgd_placement == Placement.SPLIT
 
     @property
     def rounds(self) -> int:
@@ -307,7 +307,7 @@ class PrivateMixturePlan:
         return epsilon_rdp(events, self.delta)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "kind": "statistics"}
+        return {**asdict(self), "kind": str(PrivateDesign.STATISTICS)}
 
 
 STATISTICS_SHARES = (0.25, 0.45, 0.30)  # moments, clusters, histogram: tuned on seeds 10-17
@@ -322,7 +322,7 @@ def calibrate_private_mixture(
     sample_rate: float,
     clip_norm: float,
     statistics_share: float,
-    sgd_placement: str = "local",
+    sgd_placement: str = Placement.LOCAL,
     shares: tuple[float, float, float] = STATISTICS_SHARES,
 ) -> PrivateMixturePlan:
     """The statistics alone may spend `statistics_share` of epsilon; DP-SGD's noise then makes
@@ -371,8 +371,8 @@ def calibrate_statistics(
     local_epochs: int = 5,
     sample_rate: float = 0.25,
     clip_norm: float = 1.0,
-    placement: str = "local",
-    sgd_placement: str = "local",
+    placement: str = Placement.LOCAL,
+    sgd_placement: str = Placement.LOCAL,
     min_clients: int | None = None,
     fine_clusters: int = 20,
     projection_dim: int = 10,
@@ -394,8 +394,8 @@ def calibrate_statistics(
     if not 0 < sample_rate <= 1:
         raise ConfigError(f"sample_rate must be in (0, 1], got {sample_rate}")
     for name, where in (("placement", placement), ("sgd_placement", sgd_placement)):
-        if where not in ("split", "local"):
-            raise ConfigError(f"{name} must be 'split' or 'local', got {where!r}")
+        if where not in tuple(Placement):
+            raise ConfigError(f"{name} must be one of {tuple(map(str, Placement))}, got {where!r}")
     cohort = clients if min_clients is None else min_clients
     if not 1 <= cohort <= clients:
         raise ConfigError(f"min_clients must be between 1 and the {clients} clients, got {min_clients}")
@@ -437,7 +437,7 @@ def plan_from_dict(d: dict[str, Any]) -> DpPlan | PrivateMixturePlan:
         raise ConfigError(f"not a privacy plan written by securegmi: a {type(d).__name__}, not an object")
     try:
         fields = {k: v for k, v in d.items() if k != "kind"}
-        if d.get("kind") == "statistics":
+        if d.get("kind") == PrivateDesign.STATISTICS:
             return PrivateMixturePlan(**{**fields, "statistics": StatisticsPlan(**fields["statistics"])})
         return DpPlan(**fields)
     except (TypeError, KeyError, AttributeError) as exc:  # a field of the wrong type, say

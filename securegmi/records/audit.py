@@ -46,7 +46,7 @@ from securegmi.records.rundir import (
     SERVER_STATE,
     TRANSCRIPT,
 )
-from securegmi.vocabulary import EventId
+from securegmi.vocabulary import EventId, Placement, PrivateDesign
 
 Plan = DpPlan | PrivateMixturePlan
 
@@ -540,7 +540,7 @@ def _configuration_problems(config: SimulationConfig, plan: Plan, dims: dict[str
     if isinstance(plan, PrivateMixturePlan):
         stats = plan.statistics
         pairs += [
-            ("private_training", config.private_training, "statistics"),
+            ("private_training", config.private_training, PrivateDesign.STATISTICS),
             ("noise_placement", config.placement, stats.placement),
             ("min_clients", config.cohort_minimum, stats.min_clients),
             ("sgd_placement", config.sgd_placement, plan.sgd_placement),
@@ -553,8 +553,8 @@ def _configuration_problems(config: SimulationConfig, plan: Plan, dims: dict[str
         ]
     else:
         pairs += [
-            ("private_training", config.private_training, "em"),
-            ("noise_placement", config.placement, "local"),  # the em design's noise is local
+            ("private_training", config.private_training, PrivateDesign.EM),
+            ("noise_placement", config.placement, Placement.LOCAL),  # the em design's noise is local
             ("count_share", config.count_share, plan.count_share),
         ]
     problems = [
@@ -583,7 +583,7 @@ def _protocol_problems(config: SimulationConfig, spec: ProtocolSpec, plan: Plan 
             f"config.json gives protocol {config.protocol!r}, {PROTOCOL} names {spec.name!r}: the "
             "transcript was recorded under another protocol than the configuration's"
         )
-    placements = [
+    placements: list[tuple[str, str]] = [
         ("config.json noise_placement", config.placement),
         ("config.json sgd_placement", config.sgd_placement),
     ]
@@ -592,7 +592,7 @@ def _protocol_problems(config: SimulationConfig, spec: ProtocolSpec, plan: Plan 
             (f"{PLAN} placement", plan.statistics.placement),
             (f"{PLAN} sgd_placement", plan.sgd_placement),
         ]
-    split = [name for name, placement in placements if placement == "split"]
+    split = [name for name, placement in placements if placement == Placement.SPLIT]
     if split and spec.codec != "ckks":
         problems.append(
             f"{', '.join(split)} split the noise across clients, protocol {spec.name!r} ({PROTOCOL}) has "

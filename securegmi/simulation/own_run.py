@@ -34,6 +34,7 @@ from securegmi.records.rundir import (
     RunDirectory,
 )
 from securegmi.simulation.runner import config_digest, privacy_summary
+from securegmi.vocabulary import Placement, PrivateDesign
 
 
 def save(run_dir: Path | str, clients: Sequence[Client], server: Server, *, overwrite: bool = False) -> Path:
@@ -137,7 +138,7 @@ def own_config(clients: Sequence[Client], server: Server, rounds: int) -> Simula
     if isinstance(plan, PrivateMixturePlan):
         stats = plan.statistics
         fields |= {
-            "private_training": "statistics",
+            "private_training": PrivateDesign.STATISTICS,
             "noise_placement": stats.placement,
             "min_clients": stats.min_clients,
             "statistics_share": plan.statistics_share,
@@ -149,8 +150,8 @@ def own_config(clients: Sequence[Client], server: Server, rounds: int) -> Simula
         }
     else:
         fields |= {
-            "private_training": "em",
-            "noise_placement": "local",
+            "private_training": PrivateDesign.EM,
+            "noise_placement": Placement.LOCAL,
             "rounds": plan.rounds,
             "count_share": plan.count_share,
         }

@@ -33,6 +33,7 @@ from securegmi.privacy.calibration import (
 from securegmi.privacy.ledger import PrivacyBudget
 from securegmi.protocol import ProtocolSpec, registry
 from securegmi.records.rundir import RunDirectory
+from securegmi.vocabulary import PrivateDesign
 
 
 def client_settings(config: SimulationConfig) -> ClientSettings:
@@ -204,7 +205,7 @@ def dp_plan(config: SimulationConfig, data: FederatedData) -> DpPlan | PrivateMi
     if config.epsilon is None:
         raise ConfigError("a DP plan needs the run's budget: set epsilon (--epsilon)")
     check_delta(config.delta, max(len(c.x_train) for c in data.clients))
-    if config.private_training == "statistics":
+    if config.private_training == PrivateDesign.STATISTICS:
         return calibrate_statistics(
             PrivacyBudget(config.epsilon, config.delta),
             clients=config.clients,

@@ -22,14 +22,14 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from securegmi.adapters.flower import CLIENT_ID, QUERY, RECORD, TRAIN, FlowerTransport, connect
-from securegmi.config import SimulationConfig
 from securegmi.errors import RunAbortedError
 from securegmi.federation.client import Client
 from securegmi.federation.server import Server
 from securegmi.protocol import decode, encode
 from securegmi.simulation.study import Federation
+from tests.configs import small_config
 
-CONFIG = SimulationConfig(dataset="synthetic", clients=3, local_epochs=1, hidden=4, latent=1, rounds=2)
+CONFIG = small_config(hidden=4, latent=1, rounds=2)
 NODES = {"client-0": 11, "client-1": 12, "client-2": 13}
 
 Extra = Callable[[list[Message]], Iterable[Message]]

@@ -11,21 +11,19 @@ from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
 from securegmi.cli.main import app
-from securegmi.config import SimulationConfig
 from securegmi.privacy import ledger as ledger_module
 from securegmi.records.rundir import CLIENT_STATES, ENGINE, METRICS, SERVER_STATE
 from securegmi.simulation.runner import run_simulation
+from tests.configs import private_config, small_config
 
 runner = CliRunner()
-SMALL = {"dataset": "synthetic", "clients": 3, "rounds": 2, "local_epochs": 1, "hidden": 16, "latent": 2}
 
 
 @pytest.fixture(scope="module")
 def dp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("audit") / "dp"
     # --rounds sets the EM designs' length only; the statistics design's is its own.
-    private = {k: v for k, v in SMALL.items() if k != "rounds"}
-    config = SimulationConfig(**private, protocol="dp", epsilon=2.0)
+    config = private_config(epsilon=2.0)
     result = run_simulation(config, out=out)
     return out, result
 
@@ -35,7 +33,7 @@ def em_run(tmp_path_factory):
     """The em design (soft counts every round): its protocol has no per-client histogram, so
     protocol.json says nothing of the number of clients."""
     out = tmp_path_factory.mktemp("audit") / "em"
-    config = SimulationConfig(**SMALL, protocol="dp", epsilon=2.0, private_training="em")
+    config = private_config(epsilon=2.0, private_training="em", rounds=2)
     run_simulation(config, out=out)
     return out
 
@@ -198,7 +196,7 @@ def test_an_exceeded_budget_fails_the_audit(dp_run, tmp_path):
 
 @pytest.mark.slow
 def test_a_plain_run_fails_the_audit(tmp_path):
-    run_simulation(SimulationConfig(**SMALL), out=tmp_path / "plain")
+    run_simulation(small_config(rounds=2), out=tmp_path / "plain")
     audit = runner.invoke(app, ["audit", str(tmp_path / "plain")])
     assert audit.exit_code == 1
     assert "without protection" in audit.output
@@ -724,7 +722,7 @@ def test_a_plain_run_relabelled_as_an_unregistered_protocol_that_calls_its_field
     and the transcript. Checked against that recorded declaration alone it would pass; the audit
     does not pass a declaration it cannot check unless the auditor says they trust it."""
     out = tmp_path / "plain"
-    run_simulation(SimulationConfig(**SMALL), out=out)
+    run_simulation(small_config(rounds=2), out=out)
     declared = json.loads((out / "protocol.json").read_text())
     declared["name"] = "plain-x"
     for stage in declared["stages"]:

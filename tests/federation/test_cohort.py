@@ -6,12 +6,12 @@ fewer. Each check has its negative control: the same step with enough shares goe
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 import securegmi
-from securegmi.config import SimulationConfig
 from securegmi.errors import ConfigError, PrivacyError, ProtocolViolation, RunAbortedError
 from securegmi.federation.client import Client
 from securegmi.federation.server import Server
@@ -19,10 +19,9 @@ from securegmi.protocol import Message, ProtocolSpec
 from securegmi.protocol.fields import Public
 from securegmi.simulation.study import Federation
 from securegmi.vocabulary import FieldName
+from tests.configs import private_config
 
-SPLIT = SimulationConfig(
-    dataset="synthetic", clients=4, local_epochs=1, hidden=16, latent=2, protocol="dp", epsilon=4.0
-)
+SPLIT = private_config(clients=4)
 
 
 def _federation() -> Federation:
@@ -128,7 +127,7 @@ def test_a_client_refuses_a_declaration_whose_aggregates_drop_the_minimum():
 def test_split_noise_is_never_sent_in_the_clear():
     """A plan that splits its noise (secure's default) under the clear dp declaration: one
     share would be read with a fraction of the noise: refused by the client."""
-    secure = SimulationConfig(**{**SPLIT.to_dict(), "protocol": "secure"})
+    secure = replace(SPLIT, protocol="secure")
     federation = Federation.build(secure)
     assert federation.plan.statistics.placement == "split"  # type: ignore[union-attr]
     clear = securegmi.bind_protocol("dp", federation.new_model(), plan=federation.plan, clients=SPLIT.clients)

@@ -14,16 +14,15 @@ import numpy as np
 import pytest
 
 from securegmi import Client, Server
-from securegmi.config import SimulationConfig
 from securegmi.crypto.keys import SecretContext
 from securegmi.errors import ProtocolViolation
 from securegmi.federation.server import play_round
 from securegmi.federation.transport import InProcessTransport
 from securegmi.protocol import registry
 from securegmi.simulation.study import Federation
+from tests.configs import small_config
 
 ROOT = Path(__file__).resolve().parents[2]
-BASE = {"dataset": "synthetic", "clients": 3, "local_epochs": 1, "hidden": 8, "latent": 2}
 EM = {"rounds": 2}  # the statistics design's length is its own (vae_rounds, kmeans_iterations)
 PRIVATE = {"epsilon": 8.0, "min_clients": 3, "vae_rounds": 1, "kmeans_iterations": 1}
 CASES = {
@@ -41,13 +40,13 @@ def test_every_protocol_module_has_a_case():
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_the_protocol_runs_through_the_one_client_and_the_one_server(case):
-    config = SimulationConfig(**BASE, **CASES[case])
+    config = small_config(hidden=8, **CASES[case])
     federation = Federation.build(config)
     keys = SecretContext.generate(federation.ckks_parameters()) if federation.secure else None
     clients = {cid: federation.client(i, keys) for i, cid in enumerate(federation.client_ids)}
     server = federation.server(keys.public() if keys is not None else None)
     assert all(type(c) is Client for c in clients.values()) and type(server) is Server
-    transport = InProcessTransport(server.endpoint, {cid: c.endpoint for cid, c in clients.items()})
+    transport = InProcessTransport.linking(server, clients.values())
     spec = federation.spec
     for t in range(federation.rounds):
         outcome = play_round(server, transport, list(clients), t, 1.0)
@@ -89,11 +88,11 @@ def test_no_library_code_chooses_behaviour_by_client_or_server_type():
 
 
 def test_a_reply_to_an_earlier_round_is_never_added():
-    config = SimulationConfig(**BASE, **EM)
+    config = small_config(hidden=8, **EM)
     federation = Federation.build(config)
     clients = {cid: federation.client(i, None) for i, cid in enumerate(federation.client_ids)}
     server = federation.server(None)
-    transport = InProcessTransport(server.endpoint, {cid: c.endpoint for cid, c in clients.items()})
+    transport = InProcessTransport.linking(server, clients.values())
     old = play_round(server, transport, list(clients), 0, 1.0).replies
     fresh = transport.exchange({cid: server.broadcast(1, 1.0) for cid in clients}).replies
     assert server.aggregate(fresh) == {}  # negative control: this round's replies are added
@@ -107,12 +106,12 @@ def test_messages_are_bound_to_their_run_sender_and_round():
     """A reply from another run, a reply signed by another client, and a second batch for a
     round already added are refused by the server; a client refuses another run's server.
     The same round's own replies are added (negative control)."""
-    config = SimulationConfig(**BASE, **EM)
+    config = small_config(hidden=8, **EM)
     federation = Federation.build(config)
     clients = {cid: federation.client(i, None) for i, cid in enumerate(federation.client_ids)}
     server, other = federation.server(None), federation.server(None)
     assert server.run_id != other.run_id  # a fresh id per run
-    transport = InProcessTransport(server.endpoint, {cid: c.endpoint for cid, c in clients.items()})
+    transport = InProcessTransport.linking(server, clients.values())
     other.broadcast(0, 1.0)
     from_other_run = clients["client-0"].handle(other.broadcast(0, 1.0))  # client-0 now in `other`
     replies = transport.exchange({cid: server.broadcast(0, 1.0) for cid in clients})

@@ -20,18 +20,12 @@ from securegmi.privacy.noise import NoiseSource
 from securegmi.protocol import FieldKind, FieldSpec, Message, ProtocolSpec, Stage, StageSpec, decode
 from securegmi.protocols import dp
 from securegmi.simulation.study import client_settings, dp_plan, load_federated_data, new_model
+from tests.configs import private_config
 
 from ..doubles import record_counts
 
-CONFIG = SimulationConfig(
-    dataset="synthetic",
-    clients=3,
+CONFIG = private_config(
     rounds=3,
-    local_epochs=1,
-    hidden=16,
-    latent=2,
-    protocol="dp",
-    epsilon=4.0,
     sample_rate=0.25,
     private_training="em",  # these laws are about the em round shape; test_statistics covers the other
 )

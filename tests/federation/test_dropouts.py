@@ -8,24 +8,15 @@ from typing import Any
 
 import pytest
 
-from securegmi.config import SimulationConfig
 from securegmi.crypto.keys import SecretContext
 from securegmi.errors import RunAbortedError
 from securegmi.federation.server import play_round
 from securegmi.federation.transport import InProcessTransport
 from securegmi.simulation.study import Federation
+from tests.configs import private_config
 
-CONFIG = SimulationConfig(
-    dataset="synthetic",
-    clients=4,
-    local_epochs=1,
-    hidden=4,
-    latent=1,
-    protocol="secure",
-    epsilon=8.0,
-    min_clients=3,
-    vae_rounds=1,
-    kmeans_iterations=1,
+CONFIG = private_config(
+    "secure", 8.0, clients=4, hidden=4, latent=1, min_clients=3, vae_rounds=1, kmeans_iterations=1
 )
 
 
@@ -44,7 +35,7 @@ def _federation() -> tuple[Federation, dict[str, Any], Any, InProcessTransport]:
     keys = SecretContext.generate(federation.ckks_parameters())
     clients = {cid: federation.client(i, keys) for i, cid in enumerate(federation.client_ids)}
     server = federation.server(keys.public())
-    transport = InProcessTransport(server.endpoint, {cid: c.endpoint for cid, c in clients.items()})
+    transport = InProcessTransport.linking(server, clients.values())
     play_round(server, transport, list(clients), 0, 1.0)
     return federation, clients, server, transport
 

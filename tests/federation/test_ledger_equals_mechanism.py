@@ -12,15 +12,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from securegmi.config import SimulationConfig
 from securegmi.privacy.calibration import PrivateMixturePlan
 from securegmi.simulation.study import Federation
+from tests.configs import private_config
 
 from .gaussian_scale import assert_scale
 
-CONFIG = SimulationConfig(
-    dataset="synthetic", clients=3, local_epochs=1, hidden=16, latent=2, protocol="dp", epsilon=4.0
-)
+CONFIG = private_config()
 
 
 class Observer:

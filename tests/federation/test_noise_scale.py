@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from securegmi.config import SimulationConfig
 from securegmi.crypto.keys import SecretContext
 from securegmi.federation.release import CountsRelease, StatisticsRelease, fedgmi_downlink
 from securegmi.federation.statistics import SENSITIVITY, StatisticsRole
 from securegmi.privacy.calibration import PrivateMixturePlan
 from securegmi.simulation.study import Federation
+from tests.configs import private_config
 
 from ..doubles import record_counts, record_exact
 from .gaussian_scale import assert_scale
@@ -36,17 +36,8 @@ def _event_multiplier(entry: dict[str, Any]) -> float:
 def test_the_count_release_adds_the_noise_its_ledger_claims(tmp_path):
     """Every round of an em-design client (the shipped `CountsRelease.respond`: E-step, count
     release, DP-SGD), with the released counts observed where they are handed to the upload."""
-    config = SimulationConfig(
-        dataset="synthetic",
-        clients=3,
-        rounds=COUNT_ROUNDS,
-        local_epochs=1,
-        hidden=4,
-        latent=1,
-        protocol="dp",
-        epsilon=8.0,
-        sample_rate=0.5,
-        private_training="em",
+    config = private_config(
+        epsilon=8.0, rounds=COUNT_ROUNDS, hidden=4, latent=1, sample_rate=0.5, private_training="em"
     )
     federation = Federation.build(config)
     client = federation.client(0, None, tmp_path)

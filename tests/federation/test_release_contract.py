@@ -39,17 +39,11 @@ from securegmi.federation.release import (
 from securegmi.privacy.ledger import PrivacyLedger
 from securegmi.simulation.study import Federation
 from securegmi.vocabulary import EventId, FieldName, Stage
+from tests.configs import small_config
 
 from ..doubles import record_counts, record_exact
 
-BASE = {
-    "dataset": "synthetic",
-    "clients": 3,
-    "local_epochs": 1,
-    "hidden": 4,
-    "latent": 1,
-    "dp_noise": "seeded",
-}
+BASE = {"hidden": 4, "latent": 1, "dp_noise": "seeded"}
 PRIVATE = {"protocol": "dp", "epsilon": 8.0}
 START = {FieldName.TEMPERATURE: np.asarray(1.0)}  # round 0's decoded `start`
 
@@ -306,7 +300,7 @@ class PrivateReleaseContract(ReleasePolicyContract):
 
 class TestPlainRelease(ReleasePolicyContract):
     policy_class = PlainRelease
-    config = SimulationConfig(**BASE, rounds=2)
+    config = small_config(**BASE, rounds=2)
 
     def test_it_discloses_its_exact_values_and_charges_nothing(self, whole_run: Run) -> None:
         """As the plain protocol declares: no ledger, no events, and the same records give the
@@ -320,7 +314,7 @@ class TestPlainRelease(ReleasePolicyContract):
 
 class TestCountsRelease(PrivateReleaseContract):
     policy_class = CountsRelease
-    config = SimulationConfig(**BASE, **PRIVATE, private_training="em", rounds=2)
+    config = small_config(**BASE, **PRIVATE, private_training="em", rounds=2)
     exact = staticmethod(record_counts)
 
 
@@ -331,7 +325,7 @@ def _statistics_exact(policy: ReleasePolicy) -> list[np.ndarray]:
 
 class TestStatisticsRelease(PrivateReleaseContract):
     policy_class = StatisticsRelease
-    config = SimulationConfig(
+    config = small_config(
         **BASE, **PRIVATE, min_clients=3, noise_placement="local", vae_rounds=1, kmeans_iterations=1
     )
     exact = staticmethod(_statistics_exact)

@@ -16,19 +16,9 @@ from securegmi.federation import codec as codec_module
 from securegmi.federation.local import LocalLearner
 from securegmi.simulation import study as study_module
 from securegmi.simulation.study import Federation
+from tests.configs import private_config
 
-CONFIG = securegmi.SimulationConfig(
-    dataset="synthetic",
-    clients=3,
-    local_epochs=1,
-    hidden=8,
-    latent=2,
-    protocol="secure",
-    epsilon=8.0,
-    min_clients=3,
-    vae_rounds=2,
-    kmeans_iterations=1,
-)
+CONFIG = private_config("secure", 8.0, hidden=8, min_clients=3, vae_rounds=2, kmeans_iterations=1)
 
 
 def _off_grid(values: np.ndarray) -> bool:

@@ -21,18 +21,12 @@ from securegmi.protocol.fields import Ciphertext
 from securegmi.protocols import secure
 from securegmi.simulation.runner import run_simulation
 from securegmi.simulation.study import load_federated_data, new_model
+from tests.configs import private_config
 
 from ..no_pickle import non_data_files
 from ..secret_walk import secret_holders, secret_serialisations
 
-SMALL = {
-    "dataset": "synthetic",
-    "clients": 4,
-    "local_epochs": 1,
-    "hidden": 16,
-    "latent": 2,
-    "epsilon": 4.0,
-}
+CLIENTS = 4
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +39,7 @@ def runs(tmp_path_factory):
         ("secure", "secure", "seeded", "local"),  # the same noise as dp
         ("secure-private", "secure", "private", None),  # split, the default
     ):
-        config = SimulationConfig(protocol=protocol, dp_noise=noise, noise_placement=placement, **SMALL)
+        config = private_config(protocol, clients=CLIENTS, dp_noise=noise, noise_placement=placement)
         out[name] = (base / name, run_simulation(config, out=base / name))
     return out
 
@@ -107,13 +101,8 @@ def _first_update(protocol: str, keys: SecretContext | None) -> Message:
     """Client 0's round-0 update under `protocol`, with seeded (test-only) noise."""
     from securegmi.simulation.study import Federation
 
-    config = SimulationConfig(
-        protocol=protocol,
-        dp_noise="seeded",
-        noise_placement="local",
-        private_training="em",
-        rounds=3,
-        **SMALL,
+    config = private_config(
+        protocol, clients=CLIENTS, dp_noise="seeded", noise_placement="local", private_training="em", rounds=3
     )
     federation = Federation.build(config)
     server = federation.server(keys.public() if keys is not None else None)
@@ -125,7 +114,7 @@ def test_packing_changes_where_the_releases_travel_not_what_they_are():
     (the same seeded noise), the masses after the components in one envelope."""
     from securegmi.crypto.envelope import decrypt
 
-    keys = SecretContext.generate(CkksParameters(max_clients=SMALL["clients"]))
+    keys = SecretContext.generate(CkksParameters(max_clients=CLIENTS))
     clear, sealed = _first_update("dp", None), _first_update("secure", keys)
     masses = sealed.payload["masses"]
     assert isinstance(masses, Ciphertext) and masses.data == b"" and masses.event is not None
@@ -143,7 +132,7 @@ def test_packing_changes_where_the_releases_travel_not_what_they_are():
 
 
 def _server(keys: SecretContext) -> Server:
-    config = SimulationConfig(protocol="secure", **SMALL)
+    config = private_config("secure", clients=CLIENTS)
     ref = new_model(config, load_federated_data(config))
     spec = secure.build(components=3, parameters=ref.parameter_count())
     return Server(spec, keys.public())
@@ -262,7 +251,7 @@ def test_the_exported_model_of_a_secure_run_is_rounded(runs):
     from safetensors.numpy import load_file
 
     out, _ = runs["secure"]
-    step = CkksParameters(max_clients=SMALL["clients"]).release_grid()  # as the study builds them
+    step = CkksParameters(max_clients=CLIENTS).release_grid()  # as the study builds them
     components = load_file(str(out / "model.safetensors"))["components"].astype(np.float64)
     assert np.allclose(components, np.round(components / step) * step, rtol=0, atol=1e-7)
     # Negative control: the dp run's export is not on the grid.
@@ -302,7 +291,7 @@ def test_a_seeded_run_relabelled_private_still_fails_the_audit(runs, tmp_path):
         f"client-{i}: its ledger records seeded DP noise (derived from the run seed, for tests only: it can "
         "be regenerated and subtracted), config.json says dp_noise 'private': no DP guarantee holds for "
         "its releases"
-        for i in range(SMALL["clients"])
+        for i in range(CLIENTS)
     ] + _SEEDED_STATES + [_SEEDED_RESULTS]
     # Negative control: a private run's ledgers say private, and it passes.
     private, _ = runs["secure-private"]
@@ -315,7 +304,7 @@ def test_a_seeded_run_relabelled_private_still_fails_the_audit(runs, tmp_path):
 _SEEDED_STATES = [
     f"client-{i}: client-states/client-{i}.safetensors holds the state of seeded DP noise (only seeded, "
     "test-only noise is ever saved), the run claims private noise: no DP guarantee holds for its releases"
-    for i in range(SMALL["clients"])
+    for i in range(CLIENTS)
 ]
 _SEEDED_RESULTS = (
     "results.json says the DP noise was 'seeded' (secure_rng False), config.json says dp_noise 'private': "
@@ -373,7 +362,7 @@ def split_in_the_clear(tmp_path_factory):
     bind = registry.bind
 
     out = tmp_path_factory.mktemp("secure") / "split-clear"
-    config = SimulationConfig(protocol="secure", vae_rounds=1, **SMALL)
+    config = private_config("secure", clients=CLIENTS, vae_rounds=1)
     assert config.placement == "split"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(registry, "bind", lambda name, **dims: bind("dp", **dims))
@@ -434,9 +423,7 @@ def test_a_split_round_summed_from_fewer_than_the_minimum_cohort_fails_the_audit
     out, _ = runs["secure-private"]
     assert _audit(out) == (0, [])  # negative control: the unedited split run
     plan = json.loads((out / "dp_plan.json").read_text())
-    assert (
-        plan["statistics"]["placement"] == "split" and plan["statistics"]["min_clients"] == SMALL["clients"]
-    )
+    assert plan["statistics"]["placement"] == "split" and plan["statistics"]["min_clients"] == CLIENTS
     rows = [json.loads(line) for line in (out / "transcript.jsonl").read_text().splitlines()]
     r = 1  # the first k-means release
     dropped = {"client-1", "client-2", "client-3"}
@@ -457,7 +444,7 @@ def test_a_split_round_summed_from_fewer_than_the_minimum_cohort_fails_the_audit
         code, problems = _audit(tmp_path / name)
         expected = (
             f"round {r}: the sum of clusters@round{r} (split noise) added 1 client uploads, the plan's "
-            f"minimum cohort is {SMALL['clients']}: it carries less than the planned noise"
+            f"minimum cohort is {CLIENTS}: it carries less than the planned noise"
         )
         assert code == 1 and expected in problems, problems
         if name == "refused":

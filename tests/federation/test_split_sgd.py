@@ -5,29 +5,27 @@ decrypted sum, as one curator would (privacy.calibration.PrivateMixturePlan)."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import pytest
 
-from securegmi.config import SimulationConfig
 from securegmi.crypto.keys import SecretContext
 from securegmi.errors import ConfigError, RunAbortedError
 from securegmi.federation.server import play_round
 from securegmi.federation.transport import InProcessTransport
 from securegmi.simulation.study import Federation
+from tests.configs import private_config
 
 from ..doubles import record_clipped_sums
 from .gaussian_scale import assert_scale, has_scale
 
-CONFIG = SimulationConfig(
-    dataset="synthetic",
+CONFIG = private_config(
+    "secure",
+    8.0,
     clients=4,
-    local_epochs=1,
     hidden=8,
-    latent=2,
-    protocol="secure",
-    epsilon=8.0,
     min_clients=3,
     vae_rounds=1,
     kmeans_iterations=1,
@@ -40,7 +38,7 @@ def _federation():  # type: ignore[no-untyped-def]
     keys = SecretContext.generate(federation.ckks_parameters())
     clients = {cid: federation.client(i, keys) for i, cid in enumerate(federation.client_ids)}
     server = federation.server(keys.public())
-    transport = InProcessTransport(server.endpoint, {cid: c.endpoint for cid, c in clients.items()})
+    transport = InProcessTransport.linking(server, clients.values())
     return federation, clients, server, transport
 
 
@@ -130,4 +128,4 @@ def test_a_step_with_fewer_than_min_clients_is_abandoned():
 )
 def test_split_sgd_is_refused_where_it_would_not_be_sound(kwargs, match):
     with pytest.raises(ConfigError, match=match):
-        SimulationConfig(**{**CONFIG.to_dict(), **kwargs})
+        replace(CONFIG, **kwargs)

@@ -4,6 +4,7 @@ minimum cohort, and an end-to-end private run that identifies its sources."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,12 +18,11 @@ from securegmi.privacy.ledger import PrivacyBudget, PrivacyLedger
 from securegmi.simulation.runner import run_simulation
 from securegmi.simulation.study import Federation, dp_plan, load_federated_data
 from securegmi.vocabulary import EventName
+from tests.configs import private_config
 
 from ..doubles import record_exact
 
-SMALL = SimulationConfig(
-    dataset="synthetic", clients=4, local_epochs=1, hidden=16, latent=2, protocol="secure", epsilon=4.0
-)
+SMALL = private_config("secure", clients=4)
 
 
 def _plan(config: SimulationConfig = SMALL) -> PrivateMixturePlan:
@@ -84,7 +84,7 @@ def test_each_share_carries_the_planned_fraction_of_the_noise(placement):
     sigma * sensitivity under local, so any min_clients - 1 shares (what a client that knows its
     own share sees) carry the full noise. Two-sided chi-square bound on the sample variance;
     false-failure rate below 1e-6 per test."""
-    config = SimulationConfig(**{**SMALL.to_dict(), "noise_placement": placement, "min_clients": 3})
+    config = replace(SMALL, noise_placement=placement, min_clients=3)
     plan = _plan(config)
     role = _role(load_federated_data(SMALL).clients[0].x_train[:30], plan, seed=11)
     exact = record_exact(role)
@@ -103,7 +103,7 @@ def test_each_share_carries_the_planned_fraction_of_the_noise(placement):
 
 
 def test_split_noise_has_a_fallback_figure_and_local_noise_does_not():
-    split, local = _plan(), _plan(SimulationConfig(**{**SMALL.to_dict(), "noise_placement": "local"}))
+    split, local = _plan(), _plan(replace(SMALL, noise_placement="local"))
     for plan in (split, local):
         ledger = PrivacyLedger("c", PrivacyBudget(plan.epsilon, plan.delta))
         ledger = ledger.check([e for r in range(plan.rounds) for e in plan.round_entries(r)])
@@ -118,14 +118,14 @@ def test_split_noise_has_a_fallback_figure_and_local_noise_does_not():
 
 def test_split_noise_is_refused_without_encryption():
     with pytest.raises(ConfigError, match="split noise"):
-        SimulationConfig(**{**SMALL.to_dict(), "protocol": "dp", "noise_placement": "split"})
+        replace(SMALL, protocol="dp", noise_placement="split")
 
 
 @pytest.mark.parametrize("protocol", ["dp", "secure"])
 def test_a_statistics_round_below_the_minimum_cohort_is_abandoned(protocol):
     """A sum of fewer shares than min_clients would be under-noised: the server refuses to
     form it. Negative control: the full cohort is added."""
-    config = SimulationConfig(**{**SMALL.to_dict(), "protocol": protocol})
+    config = replace(SMALL, protocol=protocol)
     federation = Federation.build(config)
     from securegmi.crypto.keys import SecretContext
 
@@ -145,7 +145,7 @@ def test_a_statistics_round_below_the_minimum_cohort_is_abandoned(protocol):
 def test_a_private_run_identifies_sources_and_its_plan_spends_the_budget(tmp_path):
     """Synthetic sources separate by density, so the statistics alone must find them (8
     clients at epsilon 8 measured 0.996 and 0.905 on seeds 5 and 6)."""
-    config = SimulationConfig(**{**SMALL.to_dict(), "clients": 8, "epsilon": 8.0})
+    config = replace(SMALL, clients=8, epsilon=8.0)
     result = run_simulation(config, out=tmp_path / "run")
     assert result.evaluation.source_accuracy > 0.8
     assert result.privacy is not None
@@ -185,6 +185,6 @@ def test_the_grouping_recovers_a_planted_block_structure():
 )
 def test_an_absurd_budget_is_one_clear_error(change, reason):
     """Never a traceback from the accountant: the planner says why and what range works."""
-    config = SimulationConfig(**{**SMALL.to_dict(), **change})
+    config = replace(SMALL, **change)
     with pytest.raises(ConfigError, match=reason):
         dp_plan(config, load_federated_data(config))

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 
-from securegmi.config import SimulationConfig
 from securegmi.errors import BudgetExceededError, CryptoError, DataError, ProtocolViolation, RefusalError
 from securegmi.federation.client import Client
 from securegmi.federation.server import Server, play_round
@@ -15,8 +14,9 @@ from securegmi.federation.transport import ClientEndpoint, InProcessTransport
 from securegmi.protocol import Message, NonPrivate, decode
 from securegmi.protocols import plain
 from securegmi.simulation.study import client_settings, load_federated_data, new_model
+from tests.configs import small_config
 
-CONFIG = SimulationConfig(dataset="synthetic", clients=3, rounds=2, local_epochs=1, hidden=16, latent=2)
+CONFIG = small_config(rounds=2)
 
 
 class SpyTransport(InProcessTransport):

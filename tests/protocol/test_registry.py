@@ -13,7 +13,6 @@ import pytest
 from typer.testing import CliRunner
 
 from securegmi.cli.main import app
-from securegmi.config import SimulationConfig
 from securegmi.errors import ConfigError
 from securegmi.federation.server import play_round
 from securegmi.federation.transport import InProcessTransport
@@ -22,8 +21,9 @@ from securegmi.protocols import plain
 from securegmi.records.audit import audit_run
 from securegmi.simulation.runner import run_simulation
 from securegmi.simulation.study import Federation
+from tests.configs import small_config
 
-SMALL = {"dataset": "synthetic", "clients": 3, "rounds": 2, "local_epochs": 1, "hidden": 8, "latent": 2}
+SMALL = {"rounds": 2, "hidden": 8}  # beside tests.configs.SMALL
 
 PLUGIN = '''
 from dataclasses import replace
@@ -85,12 +85,12 @@ def test_the_built_in_protocols_are_registered():
 
 def test_a_third_party_protocol_is_found_by_name_and_runs_a_round(acme):
     assert {"acme", "dp", "plain", "secure"} <= set(registry.available())
-    config = SimulationConfig(**SMALL, protocol="acme")
+    config = small_config(**SMALL, protocol="acme")
     federation = Federation.build(config)
     assert federation.spec.name == "acme" and federation.spec.description.startswith("Acme's")
     clients = {cid: federation.client(i, None) for i, cid in enumerate(federation.client_ids)}
     server = federation.server(None)
-    transport = InProcessTransport(server.endpoint, {cid: c.endpoint for cid, c in clients.items()})
+    transport = InProcessTransport.linking(server, clients.values())
     outcome = play_round(server, transport, list(clients), 0, 1.0)
     assert sorted(outcome.replies) == sorted(clients) and not outcome.refused and not outcome.rejected
 
@@ -99,7 +99,7 @@ def test_without_the_plugin_installed_its_protocol_is_unknown():
     # Negative control of the test above: the name is found only through the entry point.
     assert "acme" not in registry.available()
     with pytest.raises(ConfigError, match=r"unknown protocol 'acme'; registered protocols: dp, plain, sec"):
-        Federation.build(SimulationConfig(**SMALL, protocol="acme"))
+        Federation.build(small_config(**SMALL, protocol="acme"))
 
 
 def test_an_unknown_name_says_how_a_protocol_is_registered():
@@ -111,8 +111,11 @@ def test_an_unknown_name_says_how_a_protocol_is_registered():
 @pytest.mark.parametrize(
     ("name", "match"),
     [
-        ("broken", r"protocol 'broken' \(entry point 'acme_protocols.missing:build'.*fails to load "
-         r"\(ModuleNotFoundError"),
+        (
+            "broken",
+            r"protocol 'broken' \(entry point 'acme_protocols.missing:build'.*fails to load "
+            r"\(ModuleNotFoundError",
+        ),
         ("constant", r"names a int, not a builder"),
         ("notaspec", r"returned a dict, not a ProtocolSpec"),
         ("misnamed", r"builds a protocol named 'plain'; the name it is registered under"),
@@ -159,7 +162,7 @@ def test_the_audit_of_an_unregistered_protocol_checks_the_recorded_declaration(a
     says, with the same findings. Negative control: that recorded declaration is still checked
     (a field it declares otherwise than the transcript shows is a problem)."""
     out = tmp_path / "run"
-    run_simulation(SimulationConfig(**SMALL, protocol="acme"), out=out)
+    run_simulation(small_config(**SMALL, protocol="acme"), out=out)
     registered = audit_run(out)
     assert registered.declaration == "registered" and registered.protocol == "acme"
     assert registered.problems  # a protocol in the clear: every uplink field is unprotected

@@ -12,12 +12,11 @@ import securegmi
 from securegmi.cli.main import app
 from securegmi.config import SimulationConfig
 from securegmi.simulation.study import load_federated_data
+from tests.configs import private_config, small_config
 
 RUNS = {
-    "plain": SimulationConfig(dataset="synthetic", clients=6, rounds=10, local_epochs=2, hidden=16, latent=2),
-    "private": SimulationConfig(
-        dataset="synthetic", clients=8, local_epochs=1, hidden=16, latent=2, protocol="secure", epsilon=8.0
-    ),
+    "plain": small_config(clients=6, rounds=10, local_epochs=2),
+    "private": private_config("secure", 8.0, clients=8),
 }
 runner = CliRunner()
 

@@ -29,8 +29,7 @@ def test_fedgmi_recovers_mixture_proportions_on_synthetic(fedgmi_run):
     latent draws became record-keyed: 0.89 accuracy, pi TV 0.16; seeds 1-5 0.996-1.0, 0.013-0.02,
     as before), so the median of three seeds must recover the mixture."""
     evaluations = [fedgmi_run[1].evaluation] + [
-        run_simulation(SimulationConfig(**FAST, seed=seed)).evaluation
-        for seed in (1, 2)
+        run_simulation(SimulationConfig(**FAST, seed=seed)).evaluation for seed in (1, 2)
     ]
     assert sorted(e.pi_tv_error for e in evaluations)[1] < 0.05
     assert sorted(e.source_accuracy for e in evaluations)[1] > 0.95
