@@ -186,15 +186,23 @@ def test_a_saved_run_of_your_own_loop_passes_the_audit(saved_run):
     assert config["dataset"] == "own" and config["clients"] == SITES
 
 
-def test_an_em_design_run_of_your_own_loop_saves_and_passes_its_audit(tmp_path):
+def _em_federation(tmp_path: Path, *, rounds: int, steps_per_round: int) -> tuple[list[Client], Server]:
+    """The em design over the sites, run to its end under the public API."""
     reference = MixtureOfVAEs.from_factory(component, K, seed=0)
-    plan = securegmi.calibrate(PrivacyBudget(8.0, 1e-5), rounds=2, steps_per_round=4, sample_rate=0.25)
+    plan = securegmi.calibrate(
+        PrivacyBudget(8.0, 1e-5), rounds=rounds, steps_per_round=steps_per_round, sample_rate=0.25
+    )
     spec = securegmi.bind_protocol("dp", reference, plan=plan)
     clients = [
         Client(f"s{i}", reference, x, spec, privacy=ClientPrivacy(plan, 16.0)) for i, x in enumerate(sites())
     ]
     server = Server(spec, transcript_path=tmp_path / "t.jsonl")
     securegmi.run_federation(clients, server)
+    return clients, server
+
+
+def test_an_em_design_run_of_your_own_loop_saves_and_passes_its_audit(tmp_path):
+    clients, server = _em_federation(tmp_path, rounds=2, steps_per_round=4)
     report = securegmi.audit(securegmi.save(tmp_path / "run", clients, server))
     assert report.ok, report.problems
     assert json.loads((tmp_path / "run" / "config.json").read_text())["private_training"] == "em"
@@ -221,14 +229,7 @@ def test_a_client_of_your_own_refuses_a_delta_not_well_below_one_over_its_record
 def test_an_em_plan_config_json_cannot_express_is_refused_by_save_not_recorded_as_another(tmp_path):
     """config.json records DP-SGD steps as local_epochs x round(1/q): 6 steps at q = 1/4 would
     be written as 1 epoch (4 steps), a plan the audit would then re-derive and accept."""
-    reference = MixtureOfVAEs.from_factory(component, K, seed=0)
-    plan = securegmi.calibrate(PrivacyBudget(8.0, 1e-5), rounds=1, steps_per_round=6, sample_rate=0.25)
-    spec = securegmi.bind_protocol("dp", reference, plan=plan)
-    clients = [
-        Client(f"s{i}", reference, x, spec, privacy=ClientPrivacy(plan, 16.0)) for i, x in enumerate(sites())
-    ]
-    server = Server(spec, transcript_path=tmp_path / "t.jsonl")
-    securegmi.run_federation(clients, server)
+    clients, server = _em_federation(tmp_path, rounds=1, steps_per_round=6)
     with pytest.raises(ConfigError, match="multiple of 4"):
         securegmi.save(tmp_path / "run", clients, server)
     assert not (tmp_path / "run").exists()
