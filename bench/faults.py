@@ -115,12 +115,10 @@ class FaultyTransport(InProcessTransport):
 
 
 def _outcome(run_dir: Path, planned: int, seconds: float) -> dict[str, Any]:
-    config = json.loads((run_dir / "config.json").read_text())
+    config = SimulationConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     results = json.loads((run_dir / "results.json").read_text())
-    first_vae = planned - config["vae_rounds"] * (
-        1 if config["sgd_placement"] == "local" else config["sgd_steps"]
-    )
+    first_vae = planned - config.vae_rounds * (config.sgd_steps if config.split_sgd else 1)
     missing = len(set(range(first_vae, planned)) - {m["round"] for m in metrics})
     report = audit_run(run_dir)
     uncovered = sum(len(d.uncovered_events) for d in report.disclosures)
@@ -134,7 +132,7 @@ def _outcome(run_dir: Path, planned: int, seconds: float) -> dict[str, Any]:
         "rounds_planned": planned,
         "records_lost": missing + uncovered,
         "epsilon_charged_max": max(b.epsilon_rdp for b in report.budgets),
-        "epsilon_planned": config["epsilon"],
+        "epsilon_planned": config.epsilon,
         "refused_or_rejected": sorted({f"round {r['round']} {r['sender']}" for r in refusals}),
         "source_accuracy": results["source_accuracy"],
         "audit_ok": report.ok,

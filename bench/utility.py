@@ -11,8 +11,8 @@ what it ran). Jobs go seed by seed, so a partial study compares every method on 
         --out bench/results/utility_mnist.json
     python bench/utility.py --methods fedgmi central-dp --epsilons 1 4 8 --placements split local \
         --out bench/results/utility_dp.json
-    python bench/utility.py --methods fedgmi --epsilons 4 8 --sgd-placement split \
-        --out bench/results/utility_dp_split_sgd.json
+    python bench/utility.py --methods fedgmi --epsilons 4 8 --sgd-placement local \
+        --out bench/results/utility_dp_local_sgd.json
 
 Under --epsilons, `fedgmi eps=E` is the secure protocol with split noise (the default of
 `securegmi simulate --epsilon E`), `fedgmi local eps=E` the dp protocol with local noise, and
@@ -47,7 +47,7 @@ def run_one(
 
     torch.set_num_threads(1)  # one process per core is faster than threads for these models
     privacy: dict[str, Any] = {}
-    split_sgd = overrides.get("sgd_placement") == "split"
+    sgd_placement = overrides.get("sgd_placement")  # None: the default (the statistics' placement)
     overrides = {k: v for k, v in overrides.items() if k != "sgd_placement"}
     design = overrides.get("private_training", "statistics")
     statistics_design = epsilon is not None and design == "statistics"
@@ -57,8 +57,8 @@ def run_one(
             privacy["protocol"] = "secure" if placement == "split" else "dp"
         if method == "fedgmi" and statistics_design:
             privacy["noise_placement"] = placement
-            if split_sgd and placement == "split":
-                privacy["sgd_placement"] = "split"
+            if sgd_placement is not None and placement == "split":
+                privacy["sgd_placement"] = sgd_placement
     # One set of overrides serves every method; the config refuses a setting a run would not use,
     # so leave out --components for fedavg (one shared VAE), --rounds under the statistics design
     # (its length is vae_rounds) and --private-training without a budget, as those runs always
@@ -74,7 +74,7 @@ def run_one(
     label = method
     if epsilon is not None:
         label = f"{method}{' local' if placement == 'local' and method == 'fedgmi' else ''} eps={epsilon:g}"
-        label += " sgd-split" if privacy.get("sgd_placement") == "split" else ""
+        label += " sgd-local" if privacy.get("sgd_placement") == "local" else ""
     return {
         "method": label,
         "epsilon": epsilon,
@@ -140,9 +140,9 @@ def main() -> None:
     parser.add_argument("--private-training", default="statistics", choices=["statistics", "em"])
     parser.add_argument(
         "--sgd-placement",
-        default="local",
+        default=None,
         choices=["split", "local"],
-        help="DP-SGD noise of `fedgmi eps=E` (secure, split statistics): split steps as one curator",
+        help="DP-SGD noise of `fedgmi eps=E` (secure, split statistics); default split, as one curator",
     )
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--components", type=int, default=3, help="K, also the number of class groups")
@@ -157,7 +157,7 @@ def main() -> None:
     }
     if args.private_training != "statistics":
         overrides["private_training"] = args.private_training
-    if args.sgd_placement != "local":
+    if args.sgd_placement is not None:
         overrides["sgd_placement"] = args.sgd_placement
     if args.rounds is not None:
         overrides["rounds"] = args.rounds

@@ -54,12 +54,13 @@ def simulate(
         ),
     ] = None,
     sgd_placement: Annotated[
-        Placement,
+        Placement | None,
         typer.Option(
-            help="DP-SGD noise under the statistics design: local (each client trains alone, full noise) "
-            "or split (secure only: one encrypted step per round, the sum carries the noise; slower)"
+            help="DP-SGD noise under the statistics design: split (secure only: one encrypted step per "
+            "round, the sum carries the noise) or local (each client trains alone, full noise); "
+            "default: the --noise-placement"
         ),
-    ] = Placement.LOCAL,
+    ] = None,
     min_clients: Annotated[
         int | None, typer.Option(help="smallest cohort a round may complete with (default: all clients)")
     ] = None,
@@ -69,7 +70,7 @@ def simulate(
     ] = PrivateDesign.STATISTICS,
     vae_rounds: Annotated[
         int, typer.Option(help="rounds of DP-SGD on the VAEs after the statistics (statistics design)")
-    ] = 5,
+    ] = 1,
     top_b: Annotated[int | None, typer.Option(help="send only each client's B heaviest components")] = None,
     temperature: Annotated[
         float | None, typer.Option(help="initial likelihood temperature (default: by dataset)")

@@ -109,11 +109,14 @@ class SimulationConfig:
     epsilon: float | None = None
     delta: float = 1e-5
     clip_norm: float = 1.0
-    sample_rate: float = 0.25
+    # Full-batch DP gradient descent by default: with split noise every step is one encrypted
+    # round, and a few large steps on the pooled records reach the VAEs' central-DP density in
+    # a fraction of the rounds small Poisson batches take (bench/results/tuning.md#private-densities).
+    sample_rate: float = 1.0
     dp_batch_normaliser: float = 16.0
     # Adam's step size on DP-SGD's noisy gradients (every private run, and central-dp): tuned
-    # apart from `learning_rate`, as noise changes what step size pays.
-    dp_learning_rate: float = 2e-3
+    # apart from `learning_rate`, as noise changes what step size pays (few steps, large ones).
+    dp_learning_rate: float = 0.05
     count_share: float = 0.2
     # "private": DP noise and sampling from OS entropy. "seeded": reproducible from `seed`, for
     # tests only; anyone holding config.json could then subtract the noise (the audit fails it).
@@ -133,13 +136,14 @@ class SimulationConfig:
     fine_clusters: int = 20
     projection_dim: int = 10
     kmeans_iterations: int = 4
-    vae_rounds: int = 5
+    vae_rounds: int = 1
     # Where DP-SGD's noise sits under the statistics design. "local": each client takes
     # `local_epochs` epochs of its own DP-SGD steps per VAE round, every upload carrying the full
     # noise, and the server averages the components. "split" (secure only): one round per step;
     # each client sends its clipped gradient sum plus a share of the noise, encrypted, and every
-    # client takes the same step with the decrypted sum, as one curator would.
-    sgd_placement: Placement = Placement.LOCAL
+    # client takes the same step with the decrypted sum, as one curator would. None: the
+    # statistics' placement (split under secure).
+    sgd_placement: Placement | None = None
 
     def __post_init__(self) -> None:
         # A name given as its string (the CLI's options, a config.json) becomes its member, so
@@ -289,7 +293,7 @@ class SimulationConfig:
                     f"--{_option(name)} does not apply to central-dp: one trusted curator pools the "
                     "records, sends no message and adds each noise once; leave it out"
                 )
-        if self.sgd_placement != Placement.LOCAL:
+        if self.sgd_placement is not None:
             raise ConfigError(
                 "--sgd-placement does not apply to central-dp: its curator takes every DP-SGD step "
                 "on the pooled records; leave it out"
@@ -366,6 +370,14 @@ class SimulationConfig:
         return Placement.SPLIT if secure_stats else Placement.LOCAL
 
     @property
+    def dp_sgd_placement(self) -> Placement:
+        """Where DP-SGD's noise sits: as asked, else where the statistics' noise sits (split under
+        secure), and always local outside the statistics design."""
+        if not self.statistics_design or self.method == "central-dp":
+            return Placement.LOCAL
+        return self.sgd_placement if self.sgd_placement is not None else self.placement
+
+    @property
     def statistics_design(self) -> bool:
         return self.epsilon is not None and self.private_training == PrivateDesign.STATISTICS
 
@@ -379,7 +391,7 @@ class SimulationConfig:
 
     @property
     def split_sgd(self) -> bool:
-        return self.statistics_design and self.sgd_placement == Placement.SPLIT
+        return self.dp_sgd_placement == Placement.SPLIT
 
     @property
     def sgd_steps(self) -> int:
@@ -420,9 +432,26 @@ class SimulationConfig:
         unknown = sorted(set(map(str, data)) - known)
         if unknown:
             raise ConfigError(f"unknown configuration keys {unknown}")
+        data = _without_earlier_defaults(data)
         hints = get_type_hints(cls)
         for name, value in data.items():
             if not _of_type(value, hints[name]):
                 expected = _type_name(hints[name])
                 raise ConfigError(f"configuration field {name!r} must be {expected}, got {value!r:.60}")
         return cls(**data)
+
+
+# Defaults of settings that earlier versions wrote into every config.json, whether or not the
+# run used them: a run whose config.json holds one where the setting does not apply used no
+# value at all, so it reads back as today's default (which `_check_applicable` accepts).
+_EARLIER_DEFAULTS: dict[str, object] = {"vae_rounds": 5, "sgd_placement": "local"}
+
+
+def _without_earlier_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    private = data.get("epsilon") is not None
+    statistics = private and data.get("private_training", PrivateDesign.STATISTICS) == PrivateDesign.STATISTICS
+    central = data.get("method") == "central-dp"
+    applies = {"vae_rounds": statistics, "sgd_placement": private and not central}
+    return {
+        k: v for k, v in data.items() if applies.get(k, True) or v != _EARLIER_DEFAULTS.get(k, object())
+    }

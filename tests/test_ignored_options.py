@@ -55,8 +55,9 @@ def test_a_setting_the_run_would_ignore_is_refused(settings, option, instead):
 
 # Negative controls: the same settings where they apply are accepted and change the run.
 APPLIED: list[tuple[dict[str, Any], str, Any]] = [
-    ({**SECURE, "vae_rounds": 3}, "planned_rounds", 4 + 2 + 3),
-    ({**SECURE}, "planned_rounds", 4 + 2 + 5),
+    # Under secure, DP-SGD is split by default: each VAE round is its 5 full-batch steps.
+    ({**SECURE, "vae_rounds": 3}, "planned_rounds", 4 + 2 + 3 * 5),
+    ({**SECURE}, "planned_rounds", 4 + 2 + 1 * 5),
     ({**EM, "rounds": 12}, "planned_rounds", 12),
     ({"rounds": 12}, "planned_rounds", 12),
     ({"method": "fedgmm", "rounds": 12}, "planned_rounds", 12),
@@ -90,3 +91,24 @@ def test_every_default_is_accepted_as_config_json_holds_it():
     for settings in ({}, SECURE, EM, CENTRAL, {"method": "fedavg"}, {"method": "fedgmm"}):
         config = SimulationConfig(**settings)
         assert SimulationConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("settings", [{}, EM, {"method": "fedgmm"}])
+def test_a_config_json_written_with_the_earlier_defaults_loads(settings):
+    """Before full-batch split DP-SGD became the default (issue 26) every config.json held
+    vae_rounds 5 and sgd_placement "local", applicable or not: where they did not apply, they
+    read back as what the run used, so an earlier run can still be audited and scored."""
+    earlier = {**SimulationConfig(**settings).to_dict(), "vae_rounds": 5, "sgd_placement": "local"}
+    config = SimulationConfig.from_dict(earlier)
+    assert config.vae_rounds == 1 and not config.split_sgd
+    # Negative control: the same value set today, where it does not apply, is still refused.
+    with pytest.raises(ConfigError, match="--vae-rounds"):
+        SimulationConfig(**settings, vae_rounds=5)
+
+
+@pytest.mark.parametrize("settings", [SECURE, CENTRAL])
+def test_earlier_defaults_where_they_apply_are_the_run_s_own_settings(settings):
+    """Under the statistics design vae_rounds 5 (and sgd_placement "local") were what ran."""
+    earlier = {**SimulationConfig(**settings).to_dict(), "vae_rounds": 5, "sgd_placement": "local"}
+    config = SimulationConfig.from_dict(earlier)
+    assert config.vae_rounds == 5 and not config.split_sgd

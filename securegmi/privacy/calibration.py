@@ -367,12 +367,12 @@ def calibrate_statistics(
     clients: int,
     features: int,
     likelihood: str = "bernoulli",
-    vae_rounds: int = 5,
+    vae_rounds: int = 1,
     local_epochs: int = 5,
-    sample_rate: float = 0.25,
+    sample_rate: float = 1.0,
     clip_norm: float = 1.0,
     placement: str = Placement.LOCAL,
-    sgd_placement: str = Placement.LOCAL,
+    sgd_placement: str | None = None,
     min_clients: int | None = None,
     fine_clusters: int = 20,
     projection_dim: int = 10,
@@ -384,8 +384,10 @@ def calibrate_statistics(
     sizes only: the cohort size `clients`, the `features` per record and the decoder's
     `likelihood` ("bernoulli" for intensities in [0, 1], else "gaussian"); never from the
     records (Papernot & Steinke, ICLR 2022). Each VAE round is `local_epochs` passes of DP-SGD
-    at Poisson rate `sample_rate`. `placement`/`sgd_placement` "split" (the `secure` protocol
-    only) let each client add a share of the noise; `min_clients` (default: every client) is
+    at Poisson rate `sample_rate` (default 1: full-batch DP gradient descent, a few large steps;
+    bench/results/tuning.md#private-densities). `placement`/`sgd_placement` "split" (the
+    `secure` protocol only) let each client add a share of the noise (`sgd_placement` defaults
+    to `placement`); `min_clients` (default: every client) is
     the fewest releases an aggregate may sum. Bind the protocol with
     `securegmi.bind_protocol(name, components, plan=plan, clients=clients)`."""
     for name, value in (("clients", clients), ("features", features), ("local_epochs", local_epochs)):
@@ -393,6 +395,7 @@ def calibrate_statistics(
             raise ConfigError(f"{name} must be at least 1, got {value}")
     if not 0 < sample_rate <= 1:
         raise ConfigError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    sgd_placement = placement if sgd_placement is None else sgd_placement
     for name, where in (("placement", placement), ("sgd_placement", sgd_placement)):
         if where not in tuple(Placement):
             raise ConfigError(f"{name} must be one of {tuple(map(str, Placement))}, got {where!r}")

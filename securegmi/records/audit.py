@@ -543,7 +543,7 @@ def _configuration_problems(config: SimulationConfig, plan: Plan, dims: dict[str
             ("private_training", config.private_training, PrivateDesign.STATISTICS),
             ("noise_placement", config.placement, stats.placement),
             ("min_clients", config.cohort_minimum, stats.min_clients),
-            ("sgd_placement", config.sgd_placement, plan.sgd_placement),
+            ("sgd_placement", config.dp_sgd_placement, plan.sgd_placement),
             ("vae_rounds", config.vae_rounds, plan.vae_rounds),
             ("kmeans_iterations", config.kmeans_iterations, stats.iterations),
             ("fine_clusters", config.fine_clusters, stats.clusters),
@@ -585,7 +585,7 @@ def _protocol_problems(config: SimulationConfig, spec: ProtocolSpec, plan: Plan 
         )
     placements: list[tuple[str, str]] = [
         ("config.json noise_placement", config.placement),
-        ("config.json sgd_placement", config.sgd_placement),
+        ("config.json sgd_placement", config.dp_sgd_placement),
     ]
     if isinstance(plan, PrivateMixturePlan):
         placements += [

@@ -216,7 +216,7 @@ def dp_plan(config: SimulationConfig, data: FederatedData) -> DpPlan | PrivateMi
             sample_rate=config.sample_rate,
             clip_norm=config.clip_norm,
             placement=config.placement,
-            sgd_placement=config.sgd_placement,
+            sgd_placement=config.dp_sgd_placement,
             min_clients=config.cohort_minimum,
             fine_clusters=config.fine_clusters,
             projection_dim=config.projection_dim,

@@ -195,7 +195,8 @@ def test_the_options_that_apply_reach_the_configuration(monkeypatch, tmp_path):
         ["--method", "central-dp", "--epsilon", "8", "--out", str(tmp_path / "c")],
         ["--epsilon", "8", "--out", str(tmp_path / "d")],
     )
-    assert vae.planned_rounds == 4 + 2 + 2 and em.planned_rounds == 12
+    # Under secure the VAEs' DP-SGD is split by default: one round per step.
+    assert vae.split_sgd and vae.planned_rounds == 4 + 2 + 2 * 5 and em.planned_rounds == 12
     # central-dp sends no message, so --epsilon alone gives it no protocol (which it would refuse).
     assert central.protocol == "plain" and fedgmi.protocol == "secure"
 

@@ -75,7 +75,7 @@ def test_a_secure_run_passes_the_audit_and_encryption_alone_would_not(runs, tmp_
 
 
 def test_the_masses_leave_inside_the_components_ciphertexts_and_the_audit_checks_it(runs, tmp_path):
-    out, _ = runs["secure-private"]
+    out, _ = runs["secure"]  # local DP-SGD: each client uploads components weighted by its masses
     rows = [json.loads(line) for line in (out / "transcript.jsonl").read_text().splitlines()]
     masses = [r for r in rows if r.get("field") == "masses" and r["sender"] != "server"]
     assert masses and all(

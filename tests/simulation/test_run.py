@@ -139,7 +139,7 @@ def test_private_training_takes_dp_sgds_step_size_and_plain_training_the_dataset
     private = [SimulationConfig(protocol=p, epsilon=8.0, learning_rate=5e-3) for p in ("dp", "secure")]
     private.append(SimulationConfig(method="central-dp", epsilon=8.0))
     for config in private:
-        assert client_settings(config).learning_rate == config.dp_learning_rate == 2e-3
+        assert client_settings(config).learning_rate == config.dp_learning_rate == 0.05
     assert client_settings(SimulationConfig()).learning_rate == 3e-3  # digits' default
     assert client_settings(SimulationConfig(dataset="mnist5k")).learning_rate == 2e-3
     assert client_settings(SimulationConfig(learning_rate=1e-3)).learning_rate == 1e-3
