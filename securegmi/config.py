@@ -115,7 +115,8 @@ class SimulationConfig:
     sample_rate: float = 1.0
     dp_batch_normaliser: float = 16.0
     # Adam's step size on DP-SGD's noisy gradients (every private run, and central-dp): tuned
-    # apart from `learning_rate`, as noise changes what step size pays (few steps, large ones).
+    # apart from `learning_rate`, as noise changes what step size pays (few steps, large ones;
+    # the default of a private `Client` built without settings, federation.local.DP_LEARNING_RATE).
     dp_learning_rate: float = 0.05
     count_share: float = 0.2
     # "private": DP noise and sampling from OS entropy. "seeded": reproducible from `seed`, for

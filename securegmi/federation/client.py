@@ -35,7 +35,7 @@ from securegmi.errors import (
     SecureGMIError,
 )
 from securegmi.federation.codec import CkksCodec, ClearCodec, ClientCodec
-from securegmi.federation.local import ClientSettings, LocalLearner
+from securegmi.federation.local import DP_LEARNING_RATE, ClientSettings, LocalLearner
 from securegmi.federation.release import (
     ClientPrivacy,
     CountsRelease,
@@ -128,7 +128,9 @@ class Client:
         self.outbox: tuple[str, int, str, bytes] | None = None
         # A copy: two clients built from one object must not train the same weights.
         own = copy.deepcopy(components)
-        self.learner = LocalLearner(client_id, x, own, settings or ClientSettings(), seed)
+        if settings is None:
+            settings = ClientSettings(learning_rate=DP_LEARNING_RATE) if privacy is not None else ClientSettings()
+        self.learner = LocalLearner(client_id, x, own, settings, seed)
         self.privacy = privacy  # the federation's DP plan and this client's part in it
         self.policy: ReleasePolicy = _policy(self.learner, privacy)
         self.codec: ClientCodec = CkksCodec(keys) if keys is not None else ClearCodec()

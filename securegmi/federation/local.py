@@ -27,6 +27,12 @@ Weighting = Literal["mass", "size"]
 Assignment = Literal["mixture", "cluster"]
 
 
+# Adam's step size on DP-SGD's noisy gradients, for a private client built without settings
+# (SimulationConfig.dp_learning_rate is the same): the default plan takes a few full-batch steps,
+# where a large step pays (bench/results/tuning.md#private-densities).
+DP_LEARNING_RATE = 0.05
+
+
 @dataclass(frozen=True)
 class ClientSettings:
     """A client's local training hyper-parameters (tuned on digits-PM: docs/benchmarks.md; the

@@ -524,7 +524,7 @@ def test_a_release_received_twice_with_different_contents_fails_the_audit(dp_run
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("key", "same", "other"),
-    [("min_clients", 3, 2), ("noise_placement", "local", None), ("sample_rate", 0.25, 0.5)],
+    [("min_clients", 3, 2), ("noise_placement", "local", None), ("sample_rate", 1.0, 0.5)],
 )
 def test_a_configuration_that_is_not_the_plans_fails_the_audit(dp_run, tmp_path, key, same, other):
     """min_clients (and the other public settings the plan was calibrated from) must be the

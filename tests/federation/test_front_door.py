@@ -320,3 +320,16 @@ def test_save_refuses_a_server_without_a_transcript_and_a_used_directory(tmp_pat
     report = securegmi.audit(securegmi.save(tmp_path / "run", clients, kept))
     # A plain run's audit reports its unprotected fields, and nothing else.
     assert report.problems and all("without protection" in p for p in report.problems), report.problems
+
+
+def test_a_private_client_without_settings_takes_dp_sgds_step_size_as_simulate_does():
+    """The default plan takes five full-batch steps: at the non-private step size (2e-3) they
+    would leave the components where they started."""
+    reference = MixtureOfVAEs.from_factory(component, components=K, seed=0)
+    plan = private_plan()
+    spec = securegmi.bind_protocol("dp", reference, plan=plan, clients=SITES)
+    private = Client("a", reference, sites()[0], spec, privacy=ClientPrivacy(plan, 16.0, cohort=SITES))
+    assert private.learner.settings.learning_rate == SimulationConfig().dp_learning_rate == 0.05
+    # Control: a client outside DP keeps the non-private default.
+    plain = Client("a", reference, sites()[0], securegmi.bind_protocol("plain", reference, clients=SITES))
+    assert plain.learner.settings.learning_rate == 2e-3

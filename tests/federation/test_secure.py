@@ -34,12 +34,15 @@ def runs(tmp_path_factory):
     """dp and secure with the same (seeded, test-only) noise, and a secure run as deployed."""
     base = tmp_path_factory.mktemp("secure")
     out = {}
-    for name, protocol, noise, placement in (
-        ("dp", "dp", "seeded", "local"),
-        ("secure", "secure", "seeded", "local"),  # the same noise as dp
-        ("secure-private", "secure", "private", None),  # split, the default
+    for name, protocol, noise, placement, sgd in (
+        ("dp", "dp", "seeded", "local", None),
+        ("secure", "secure", "seeded", "local", None),  # the same noise as dp
+        ("secure-private", "secure", "private", None, None),  # split statistics and DP-SGD, the default
+        ("secure-local-sgd", "secure", "private", None, "local"),  # clients upload weighted components
     ):
-        config = private_config(protocol, clients=CLIENTS, dp_noise=noise, noise_placement=placement)
+        config = private_config(
+            protocol, clients=CLIENTS, dp_noise=noise, noise_placement=placement, sgd_placement=sgd
+        )
         out[name] = (base / name, run_simulation(config, out=base / name))
     return out
 
@@ -66,7 +69,7 @@ def test_a_secure_run_passes_the_audit_and_encryption_alone_would_not(runs, tmp_
     transcript = tmp_path / "t" / "transcript.jsonl"
     rows = [json.loads(line) for line in transcript.read_text().splitlines()]
     for r in rows:
-        if r.get("field") == "masses" and r["sender"] == "client-2":
+        if r.get("field") == "gradient" and r["sender"] == "client-2":
             r.pop("event", None)
     transcript.write_text("".join(json.dumps(r) + "\n" for r in rows))
     audit = runner.invoke(app, ["audit", str(tmp_path / "t"), "--json"])
@@ -75,7 +78,7 @@ def test_a_secure_run_passes_the_audit_and_encryption_alone_would_not(runs, tmp_
 
 
 def test_the_masses_leave_inside_the_components_ciphertexts_and_the_audit_checks_it(runs, tmp_path):
-    out, _ = runs["secure"]  # local DP-SGD: each client uploads components weighted by its masses
+    out, _ = runs["secure-local-sgd"]
     rows = [json.loads(line) for line in (out / "transcript.jsonl").read_text().splitlines()]
     masses = [r for r in rows if r.get("field") == "masses" and r["sender"] != "server"]
     assert masses and all(
@@ -362,7 +365,8 @@ def split_in_the_clear(tmp_path_factory):
     bind = registry.bind
 
     out = tmp_path_factory.mktemp("secure") / "split-clear"
-    config = private_config("secure", clients=CLIENTS, vae_rounds=1)
+    # DP-SGD local: the split stages of DP-SGD have no counterpart in `dp` to be redirected to.
+    config = private_config("secure", clients=CLIENTS, vae_rounds=1, sgd_placement="local")
     assert config.placement == "split"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(registry, "bind", lambda name, **dims: bind("dp", **dims))
@@ -468,8 +472,10 @@ def test_a_placement_or_cohort_that_is_not_the_plans_fails_the_audit(runs, tmp_p
     config_file.write_text(json.dumps(config | {key: same}))
     assert _audit(tmp_path / "t") == (0, [])
     config_file.write_text(json.dumps(config | {key: other}))
-    reason = f"config.json gives {key} {other!r}, dp_plan.json (or protocol.json) {same!r}"
-    assert _audit(tmp_path / "t") == (1, [f"{reason}: the plan is not this run's"])
+    # DP-SGD's placement follows the statistics' by default: relabelled too, against the plan.
+    keys = [key, "sgd_placement"] if key == "noise_placement" else [key]
+    reasons = [f"config.json gives {k} {other!r}, dp_plan.json (or protocol.json) {same!r}" for k in keys]
+    assert _audit(tmp_path / "t") == (1, [f"{reason}: the plan is not this run's" for reason in reasons])
 
 
 @pytest.mark.slow
