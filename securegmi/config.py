@@ -450,7 +450,8 @@ _EARLIER_DEFAULTS: dict[str, object] = {"vae_rounds": 5, "sgd_placement": "local
 
 def _without_earlier_defaults(data: dict[str, Any]) -> dict[str, Any]:
     private = data.get("epsilon") is not None
-    statistics = private and data.get("private_training", PrivateDesign.STATISTICS) == PrivateDesign.STATISTICS
+    design = data.get("private_training", PrivateDesign.STATISTICS)
+    statistics = private and design == PrivateDesign.STATISTICS
     central = data.get("method") == "central-dp"
     applies = {"vae_rounds": statistics, "sgd_placement": private and not central}
     return {

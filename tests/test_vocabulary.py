@@ -187,7 +187,8 @@ OTHERS = {
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_a_configuration_holds_its_placements_as_members_and_writes_the_old_strings(name):
     config = SimulationConfig.from_dict(json.loads(json.dumps(CONFIGS[name])))  # a config.json, read back
-    assert isinstance(config.private_training, PrivateDesign) and isinstance(config.dp_sgd_placement, Placement)
+    assert isinstance(config.private_training, PrivateDesign)
+    assert isinstance(config.dp_sgd_placement, Placement)
     assert isinstance(config.noise_placement, Placement) and isinstance(config.placement, Placement)
     written = json.loads(json.dumps(config.to_dict()))
     assert {k: written[k] for k in CONFIGS[name]} == CONFIGS[name]

@@ -129,7 +129,8 @@ class Client:
         # A copy: two clients built from one object must not train the same weights.
         own = copy.deepcopy(components)
         if settings is None:
-            settings = ClientSettings(learning_rate=DP_LEARNING_RATE) if privacy is not None else ClientSettings()
+            private = privacy is not None
+            settings = ClientSettings(learning_rate=DP_LEARNING_RATE) if private else ClientSettings()
         self.learner = LocalLearner(client_id, x, own, settings, seed)
         self.privacy = privacy  # the federation's DP plan and this client's part in it
         self.policy: ReleasePolicy = _policy(self.learner, privacy)
