@@ -315,8 +315,8 @@ def _plan_rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
             ),
             (
                 "DP-SGD on the VAEs",
-                f"{plan['vae_rounds']} x {plan['steps_per_round']} steps, Poisson rate "
-                f"{plan['sample_rate']:g}, clip {plan['clip_norm']:g}, noise multiplier "
+                f"{plan['vae_rounds']} x {plan['steps_per_round']} steps, {_batches(plan['sample_rate'])}, "
+                f"clip {plan['clip_norm']:g}, noise multiplier "
                 f"{plan['sgd_noise_multiplier']:.3f}; "
                 + (
                     "split: one step per round, each client adds sigma/sqrt(min cohort - 1) of the noise"
@@ -330,7 +330,7 @@ def _plan_rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
         budget,
         (
             "rounds x DP-SGD steps",
-            f"{plan['rounds']} x {plan['steps_per_round']} (Poisson rate {plan['sample_rate']:g})",
+            f"{plan['rounds']} x {plan['steps_per_round']} ({_batches(plan['sample_rate'])})",
         ),
         ("DP-SGD", f"clip {plan['clip_norm']:g}, noise multiplier {plan['sgd_noise_multiplier']:.3f}"),
         (
@@ -397,3 +397,8 @@ def _privacy_line(privacy: dict[str, Any] | None) -> str:
             f"{privacy['max_spent_fallback']:.2f}"
         )
     return line
+
+
+def _batches(sample_rate: float) -> str:
+    """How DP-SGD's batches are drawn, in words."""
+    return "full batch (every record, every step)" if sample_rate == 1 else f"Poisson rate {sample_rate:g}"
