@@ -26,7 +26,6 @@ from securegmi.privacy.accounting import (
     epsilon_of,
     epsilon_pld,
     epsilon_rdp,
-    rdp_accountant,
 )
 from securegmi.privacy.events import dpsgd_event, gaussian_event
 from securegmi.privacy.ledger import LedgerEntry, PrivacyBudget
@@ -80,9 +79,8 @@ def _noise_for(events_of: Any, epsilon: float, delta: float, share: float = 1.0)
     (the ledger's primary figure); `share` is the part of the user's budget that `epsilon` is,
     so that an error names the user's figure.
 
-    The search brackets with RDP first: RDP's epsilon is at least PLD's, so RDP's noise already
-    spends at most `epsilon` by PLD and bounds the search from above, and the PLD search never
-    evaluates the least noise of `_SIGMA_RANGE` (a subsampled Gaussian's PLD there costs ~20 s)."""
+    The least noise of `_SIGMA_RANGE` is checked by RDP, whose epsilon is at least PLD's: a
+    subsampled Gaussian's PLD there costs ~20 s."""
     low, high = _SIGMA_RANGE
     asked = epsilon / share
     most = epsilon_pld([events_of(high)], delta) / share
@@ -94,15 +92,24 @@ def _noise_for(events_of: Any, epsilon: float, delta: float, share: float = 1.0)
     least = epsilon_rdp([events_of(low)], delta) / share  # at least PLD's figure
     if least <= asked:
         raise _too_large(asked, low, least)
-    upper = _calibrate(rdp_accountant, events_of, epsilon, delta, low, high)
-    while epsilon_pld([events_of(upper)], delta) > epsilon:  # not expected: PLD <= RDP
-        upper = min(high, 2 * upper)
-    lower = upper
-    while epsilon_pld([events_of(lower)], delta) <= epsilon:
-        if lower == low:  # PLD spends `asked` or less even at the least noise
+    # Halve the noise from the most until PLD overspends: evaluations above the answer are the
+    # cheap ones (a PLD's support shrinks as the noise grows).
+    upper = high
+    while epsilon_pld([events_of(lower := max(low, upper / 2))], delta) <= epsilon:
+        if lower == low:  # RDP overspends at the least noise, PLD does not
             raise _too_large(asked, low, epsilon_pld([events_of(low)], delta) / share)
-        upper, lower = lower, max(low, lower / 2)
-    return _calibrate(PldAccountant, events_of, epsilon, delta, lower, upper)
+        upper = lower
+    # dp-accounting's Brent search checks its root and steps to the safe side itself: PLD spends
+    # at most `epsilon` at the noise it returns.
+    sigma = mechanism_calibration.calibrate_dp_mechanism(
+        PldAccountant,
+        events_of,
+        epsilon,
+        delta,
+        mechanism_calibration.ExplicitBracketInterval(lower, upper),
+        tol=1e-4,
+    )
+    return float(sigma)
 
 
 def _too_large(asked: float, low: float, spent: float) -> ConfigError:
@@ -111,22 +118,6 @@ def _too_large(asked: float, low: float, spent: float) -> ConfigError:
         f"(multiplier {low:g}) already spends at most {spent:.3g}. Use --epsilon "
         f"{spent:.3g} or less (a few to 10 is usual)."
     )
-
-
-def _calibrate(
-    accountant: Any, events_of: Any, epsilon: float, delta: float, low: float, high: float
-) -> float:
-    """dp-accounting's Brent search; it returns a noise at which the accountant spends at most
-    `epsilon` (it checks the root and steps to the safe side itself)."""
-    sigma = mechanism_calibration.calibrate_dp_mechanism(
-        accountant,
-        events_of,
-        epsilon,
-        delta,
-        mechanism_calibration.ExplicitBracketInterval(low, high),
-        tol=1e-4,
-    )
-    return float(sigma)
 
 
 def dp_sgd_noise(budget: PrivacyBudget, *, sample_rate: float, steps: int) -> float:

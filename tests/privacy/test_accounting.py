@@ -47,7 +47,8 @@ def exact_gaussian_epsilon(sigmas: list[float], delta: float) -> float:
     mu = math.sqrt(sum(1 / s**2 for s in sigmas))
 
     def gap(eps: float) -> float:
-        return float(stats.norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * stats.norm.cdf(-eps / mu - mu / 2)) - delta
+        tail = stats.norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * stats.norm.cdf(-eps / mu - mu / 2)
+        return float(tail) - delta
 
     return float(optimize.brentq(gap, 0.0, 500.0, xtol=1e-12))
 
