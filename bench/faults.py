@@ -131,7 +131,7 @@ def _outcome(run_dir: Path, planned: int, seconds: float) -> dict[str, Any]:
         "rounds_completed": results["rounds"],
         "rounds_planned": planned,
         "records_lost": missing + uncovered,
-        "epsilon_charged_max": max(b.epsilon_rdp for b in report.budgets),
+        "epsilon_charged_max": max(b.epsilon for b in report.budgets),
         "epsilon_planned": config.epsilon,
         "refused_or_rejected": sorted({f"round {r['round']} {r['sender']}" for r in refusals}),
         "source_accuracy": results["source_accuracy"],

@@ -502,6 +502,22 @@ MUTANTS: tuple[Mutant, ...] = (
         "total = sum((_rdp_curve(event) for event in list(events)[-1:]), np.zeros(len(RDP_ORDERS)))",
         PRIVACY_TESTS,
     ),
+    _one(
+        "pld-ignores-step-count",
+        "the primary (PLD) figure accounts T subsampled DP-SGD steps as one",
+        "securegmi/privacy/accounting.py",
+        "self._subsampled[(q, sigma)] += count",
+        "self._subsampled[(q, sigma)] += 1",
+        PRIVACY_TESTS,
+    ),
+    _one(
+        "pld-ignores-gaussian-count",
+        "the primary (PLD) figure accounts repeated Gaussian releases as one",
+        "securegmi/privacy/accounting.py",
+        "self._inverse_variance += count / sigma**2",
+        "self._inverse_variance += 1 / sigma**2",
+        PRIVACY_TESTS,
+    ),
     # --- CKKS: the release grid and the server's key ---------------------------------------
     _one(
         "release-grid-0",

@@ -28,7 +28,7 @@ import torch
 
 from securegmi.config import SimulationConfig
 from securegmi.core.em import mixture_loss
-from securegmi.privacy.accounting import epsilon_rdp
+from securegmi.privacy.accounting import epsilon_pld
 from securegmi.privacy.auditing import audit_dp_sgd, empirical_epsilon
 from securegmi.privacy.calibration import PrivateMixturePlan, dp_sgd_noise
 from securegmi.privacy.dpsgd import DpSgdConfig
@@ -72,7 +72,7 @@ def main() -> None:
     ceiling = empirical_epsilon(args.canaries, 2 * args.guesses, 2 * args.guesses, delta)
     rows = []
     for label, sigma in claims:
-        claim = epsilon_rdp([dpsgd_event(sigma, q, steps)], delta)
+        claim = epsilon_pld([dpsgd_event(sigma, q, steps)], delta)
         for twin, factor in (("claimed", 1.0), ("twin x0.1", 0.1)):
             found, started = [], time.perf_counter()
             for seed in range(args.seeds):

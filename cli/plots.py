@@ -190,7 +190,7 @@ def write_privacy(run_dir: Path, ledgers: list[PrivacyLedger] | None = None) -> 
             ax.plot(rounds, fallback, linestyle=":", label="server + 1 client (split noise)")
     ax.axhline(ledgers[0].budget.epsilon, color="red", linestyle="--", label="budget")
     ax.set_xlabel("round")
-    ax.set_ylabel("epsilon spent (RDP)")
+    ax.set_ylabel("epsilon spent (PLD)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -268,8 +268,8 @@ def _print_audit(report: Any) -> None:
         for col in (
             "client",
             "releases",
-            "epsilon (RDP)",
             "epsilon (PLD)",
+            "RDP cross-check",
             "as received",
             "server + 1 client",
             "delta",
@@ -282,16 +282,21 @@ def _print_audit(report: Any) -> None:
             table.add_row(
                 escape(b.client),
                 str(b.releases),
+                f"{b.epsilon:.4f}",
                 f"{b.epsilon_rdp:.4f}",
-                f"{b.epsilon_pld:.4f}",
                 f"{b.epsilon_transcript:.4f}",
-                f"{b.epsilon_fallback:.4f}" + (" (split)" if b.epsilon_fallback != b.epsilon_rdp else ""),
+                f"{b.epsilon_fallback:.4f}" + (" (split)" if b.epsilon_fallback != b.epsilon else ""),
                 f"{b.delta:g}",
                 f"{b.budget:g}",
                 f"{b.remaining:.4f}",
                 "[red]EXCEEDED[/]" if b.exceeded else "[green]ok[/]",
             )
         console.print(table)
+        console.print(
+            "note: the budget holds epsilon by the PLD accountant (pessimistic discretisation); "
+            "the RDP cross-check is looser and may read above the budget for a plan calibrated on "
+            "PLD, which is not an overspend."
+        )
     else:
         console.print(escape(f"No privacy ledgers: protocol {report.protocol!r} spends no DP budget."))
     summary: dict[tuple[str, str, str], list[Any]] = {}

@@ -388,8 +388,9 @@ def _privacy_line(privacy: dict[str, Any] | None) -> str:
     if privacy is None:
         return "none: every uplink field is sent in the clear"
     line = (
-        f"epsilon spent {privacy['max_spent']:.3f} (RDP; PLD {privacy['max_spent_pld']:.3f}) of "
-        f"{privacy['target']:g}, delta {privacy['delta']:g}, per client; noise not from a CSPRNG"
+        f"epsilon spent {privacy['max_spent']:.3f} of {privacy['target']:g} (PLD accountant; RDP "
+        f"cross-check {privacy['max_spent_rdp']:.3f}, looser), delta {privacy['delta']:g}, per client; "
+        "noise not from a CSPRNG"
     )
     if privacy.get("placement") == Placement.SPLIT:
         line += (

@@ -74,4 +74,5 @@ def check_results(results: dict[str, Any], config: SimulationConfig) -> None:
         assert epsilon["target"] == config.epsilon and epsilon["delta"] == config.delta
         assert 0.9 * config.epsilon <= epsilon["max_spent"] <= config.epsilon * (1 + 1e-6)
         assert epsilon["max_spent_fallback"] >= epsilon["max_spent"] * (1 - 1e-9)
+        assert epsilon["accountant"] == "pld" and epsilon["max_spent_rdp"] >= epsilon["max_spent"]
         assert epsilon["secure_rng"] is (config.dp_noise == "private") and epsilon["noise"] == config.dp_noise

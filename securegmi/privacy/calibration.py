@@ -5,7 +5,7 @@ exactly the budget (kept together, about 320 lines, because they share the searc
 `_noise_for` and the ledger entries they promise must stay side by side):
 - `DpPlan` (em design): the R count releases alone may spend `count_share` of epsilon; DP-SGD's
   noise is then calibrated so that counts and DP-SGD together spend exactly the budget,
-  composed by the RDP accountant (composition is what is bounded, not the shares).
+  composed by the PLD accountant (composition is what is bounded, not the shares).
 - `PrivateMixturePlan` (statistics design): the statistics phase (`StatisticsPlan`), then DP-SGD.
 """
 
@@ -19,7 +19,14 @@ import dp_accounting
 from dp_accounting import mechanism_calibration
 
 from securegmi.errors import ConfigError
-from securegmi.privacy.accounting import epsilon_rdp, rdp_accountant
+from securegmi.privacy.accounting import (
+    PRIMARY,
+    Accountant,
+    PldAccountant,
+    epsilon_of,
+    epsilon_pld,
+    epsilon_rdp,
+)
 from securegmi.privacy.events import dpsgd_event, gaussian_event
 from securegmi.privacy.ledger import LedgerEntry, PrivacyBudget
 from securegmi.vocabulary import EventName, Placement, PrivateDesign
@@ -38,6 +45,9 @@ class DpPlan:
     count_share: float
     sgd_noise_multiplier: float
     count_noise_multiplier: float
+    # The accountant the noise was calibrated on: plans written before PLD became the primary
+    # figure were calibrated on RDP (`plan_from_dict` reads them so).
+    accountant: str = PRIMARY
 
     def round_entries(self, round_index: int) -> tuple[LedgerEntry, LedgerEntry]:
         """The two releases of one round: the soft counts, and the DP-SGD steps behind the
@@ -51,9 +61,9 @@ class DpPlan:
             ),
         )
 
-    def planned_epsilon(self) -> float:
+    def planned_epsilon(self, accountant: str = PRIMARY) -> float:
         events = [e.event for r in range(self.rounds) for e in self.round_entries(r)]
-        return epsilon_rdp(events, self.delta)
+        return epsilon_of(events, self.delta, accountant)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,32 +75,49 @@ _SIGMA_RANGE = (0.05, 2.0**20)
 
 
 def _noise_for(events_of: Any, epsilon: float, delta: float, share: float = 1.0) -> float:
-    """The noise multiplier at which `events_of(sigma)` spends `epsilon`; `share` is the part of
-    the user's budget that `epsilon` is, so that an error names the user's figure."""
+    """The noise multiplier at which `events_of(sigma)` spends `epsilon` by the PLD accountant
+    (the ledger's primary figure); `share` is the part of the user's budget that `epsilon` is,
+    so that an error names the user's figure.
+
+    The least noise of `_SIGMA_RANGE` is checked by RDP, whose epsilon is at least PLD's: a
+    subsampled Gaussian's PLD there costs ~20 s."""
     low, high = _SIGMA_RANGE
-    spent_at = {s: epsilon_rdp([events_of(s)], delta) / share for s in (low, high)}
     asked = epsilon / share
-    if spent_at[high] > asked:
+    most = epsilon_pld([events_of(high)], delta) / share
+    if most > asked:
         raise ConfigError(
             f"epsilon {asked:g} is too small to plan: even noise multipliers of {high:g} spend "
-            f"{spent_at[high]:.3g}. Raise --epsilon (useful runs need about 1 or more)."
+            f"{most:.3g}. Raise --epsilon (useful runs need about 1 or more)."
         )
-    if spent_at[low] <= asked:
-        raise ConfigError(
-            f"epsilon {asked:g} is too large to mean anything: the least noise the planner uses "
-            f"(multiplier {low:g}) already spends only {spent_at[low]:.3g}. Use --epsilon "
-            f"{spent_at[low]:.3g} or less (a few to 10 is usual)."
-        )
+    least = epsilon_rdp([events_of(low)], delta) / share  # at least PLD's figure
+    if least <= asked:
+        raise _too_large(asked, low, least)
+    # Halve the noise from the most until PLD overspends: evaluations above the answer are the
+    # cheap ones (a PLD's support shrinks as the noise grows).
+    upper = high
+    while epsilon_pld([events_of(lower := max(low, upper / 2))], delta) <= epsilon:
+        if lower == low:  # RDP overspends at the least noise, PLD does not
+            raise _too_large(asked, low, epsilon_pld([events_of(low)], delta) / share)
+        upper = lower
+    # dp-accounting's Brent search checks its root and steps to the safe side itself: PLD spends
+    # at most `epsilon` at the noise it returns.
     sigma = mechanism_calibration.calibrate_dp_mechanism(
-        rdp_accountant,
+        PldAccountant,
         events_of,
         epsilon,
         delta,
-        mechanism_calibration.ExplicitBracketInterval(low, high),
+        mechanism_calibration.ExplicitBracketInterval(lower, upper),
         tol=1e-4,
     )
-    # Brent's method stops within tol of the boundary, on either side: step to the safe side.
-    return float(sigma) + 1e-4
+    return float(sigma)
+
+
+def _too_large(asked: float, low: float, spent: float) -> ConfigError:
+    return ConfigError(
+        f"epsilon {asked:g} is too large to mean anything: the least noise the planner uses "
+        f"(multiplier {low:g}) already spends at most {spent:.3g}. Use --epsilon "
+        f"{spent:.3g} or less (a few to 10 is usual)."
+    )
 
 
 def dp_sgd_noise(budget: PrivacyBudget, *, sample_rate: float, steps: int) -> float:
@@ -278,6 +305,7 @@ class PrivateMixturePlan:
     statistics_share: float
     sgd_noise_multiplier: float
     sgd_placement: str = Placement.LOCAL
+    accountant: str = PRIMARY  # as `DpPlan.accountant`
 
     @property
     def split_sgd(self) -> bool:
@@ -302,9 +330,9 @@ class PrivateMixturePlan:
             return (LedgerEntry.of(round_index, EventName.DPSGD, dpsgd_event(sigma, q, 1), fallback),)
         return (LedgerEntry.of(round_index, EventName.DPSGD, dpsgd_event(sigma, q, self.steps_per_round)),)
 
-    def planned_epsilon(self) -> float:
+    def planned_epsilon(self, accountant: str = PRIMARY) -> float:
         events = [e.event for r in range(self.rounds) for e in self.round_entries(r)]
-        return epsilon_rdp(events, self.delta)
+        return epsilon_of(events, self.delta, accountant)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "kind": str(PrivateDesign.STATISTICS)}
@@ -326,7 +354,7 @@ def calibrate_private_mixture(
     shares: tuple[float, float, float] = STATISTICS_SHARES,
 ) -> PrivateMixturePlan:
     """The statistics alone may spend `statistics_share` of epsilon; DP-SGD's noise then makes
-    the whole composition spend exactly the budget (RDP accountant)."""
+    the whole composition spend exactly the budget (PLD accountant)."""
     if vae_rounds < 1 or steps_per_round < 1:
         raise ConfigError("a private plan needs at least one DP-SGD round of at least one step")
     if not 0 < statistics_share < 1:
@@ -439,7 +467,13 @@ def plan_from_dict(d: dict[str, Any]) -> DpPlan | PrivateMixturePlan:
     if not isinstance(d, dict):
         raise ConfigError(f"not a privacy plan written by securegmi: a {type(d).__name__}, not an object")
     try:
-        fields = {k: v for k, v in d.items() if k != "kind"}
+        # A plan written before it recorded its accountant was calibrated on RDP.
+        fields = {"accountant": Accountant.RDP} | {k: v for k, v in d.items() if k != "kind"}
+        if fields["accountant"] not in tuple(Accountant):
+            raise ConfigError(
+                f"not a privacy plan written by securegmi: unknown accountant {fields['accountant']!r} "
+                f"(securegmi calibrates on one of {tuple(map(str, Accountant))})"
+            )
         if d.get("kind") == PrivateDesign.STATISTICS:
             return PrivateMixturePlan(**{**fields, "statistics": StatisticsPlan(**fields["statistics"])})
         return DpPlan(**fields)

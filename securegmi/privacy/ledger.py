@@ -20,7 +20,7 @@ import dp_accounting
 
 from securegmi.errors import BudgetExceededError, ConfigError, PrivacyError, ProtocolViolation
 from securegmi.files import LEDGER_FILE, read_json, write_atomic
-from securegmi.privacy.accounting import ADJACENCY, epsilon_pld, epsilon_rdp
+from securegmi.privacy.accounting import ADJACENCY, PRIMARY, epsilon_pld, epsilon_rdp
 from securegmi.privacy.events import event_from_json, event_to_json
 from securegmi.vocabulary import EventId
 
@@ -145,12 +145,15 @@ class PrivacyLedger:
 
     @cached_property
     def spent(self) -> float:
-        """Epsilon spent at the budget's delta, by the RDP accountant (the primary figure)."""
-        return epsilon_rdp(self.composed_events(), self.budget.delta) if self.entries else 0.0
-
-    def spent_pld(self) -> float:
-        """The same by the PLD accountant: a cross-check, usually a little tighter."""
+        """Epsilon spent at the budget's delta, by the PLD accountant: the primary figure, the
+        one `check` holds to the budget."""
         return epsilon_pld(self.composed_events(), self.budget.delta) if self.entries else 0.0
+
+    @cached_property
+    def spent_rdp(self) -> float:
+        """The same by the RDP accountant: an independent cross-check, never below `spent`. A
+        plan calibrated on PLD reads above the budget here: RDP's looseness, not an overspend."""
+        return epsilon_rdp(self.composed_events(), self.budget.delta) if self.entries else 0.0
 
     @property
     def split(self) -> bool:
@@ -159,11 +162,11 @@ class PrivacyLedger:
 
     @cached_property
     def spent_fallback(self) -> float:
-        """Epsilon against the server colluding with one client (RDP); equal to `spent` when no
+        """Epsilon against the server colluding with one client (PLD); equal to `spent` when no
         release split its noise."""
         if not self.split:
             return self.spent
-        return epsilon_rdp(self.composed_events(fallback=True), self.budget.delta)
+        return epsilon_pld(self.composed_events(fallback=True), self.budget.delta)
 
     @property
     def remaining(self) -> float:
@@ -214,8 +217,13 @@ class PrivacyLedger:
             "adjacency": self.adjacency,
             "noise": self.noise_source,
             "entries": entries,
-            "epsilon_rdp": self.spent,
-            "epsilon_fallback_rdp": self.spent_fallback,
+            # Derived figures, outside the chain (recomputed on load): the primary by
+            # `accountant`, RDP as the cross-check. Ledgers written before PLD was primary hold
+            # only "epsilon_rdp" and "epsilon_fallback_rdp"; their entries load the same.
+            "accountant": str(PRIMARY),
+            "epsilon": self.spent,
+            "epsilon_fallback": self.spent_fallback,
+            "epsilon_rdp": self.spent_rdp,
         }
 
     @classmethod

@@ -55,11 +55,13 @@ Plan = DpPlan | PrivateMixturePlan
 class ClientBudget:
     client: str
     releases: int
+    epsilon: float  # by the PLD accountant: the figure held to the budget
+    # The RDP cross-check: at least `epsilon`; above the budget for a plan calibrated on PLD
+    # (RDP's looseness, not an overspend).
     epsilon_rdp: float
-    epsilon_pld: float
-    epsilon_fallback: float  # against the server colluding with one client (split noise)
+    epsilon_fallback: float  # against the server colluding with one client (split noise; PLD)
     # Recomputed from the events the server's transcript recorded as the releases arrived
-    # (RDP); at most epsilon_rdp, or the ledger understates what was released.
+    # (PLD); at most `epsilon`, or the ledger understates what was released.
     epsilon_transcript: float
     delta: float
     budget: float
@@ -300,7 +302,7 @@ def _budgets(
                 client,
                 len(ledger.entries),
                 spent,
-                ledger.spent_pld(),
+                ledger.spent_rdp,
                 ledger.spent_fallback,
                 seen.spent,
                 ledger.budget.delta,
@@ -480,11 +482,15 @@ def _plan_problems(plan: Plan, run_config: dict[str, Any], ledgers: dict[str, Pr
             f"{PLAN} is for (epsilon {plan.epsilon:g}, delta {plan.delta:g}), the configuration asks for "
             f"(epsilon {run_config.get('epsilon')}, delta {run_config.get('delta')})"
         )
-    planned = plan.planned_epsilon()
-    if not 0.98 * plan.epsilon <= planned <= plan.epsilon * (1 + 1e-6):
+    # Calibrated to spend the budget by its own accountant (RDP for a plan written before PLD
+    # was primary), and never more than the budget by the primary one (PLD, at most RDP).
+    calibrated, planned = plan.planned_epsilon(plan.accountant), plan.planned_epsilon()
+    if not 0.98 * plan.epsilon <= calibrated <= plan.epsilon * (1 + 1e-6) or planned > plan.epsilon * (
+        1 + 1e-6
+    ):
         problems.append(
-            f"{PLAN} spends epsilon {planned:.4f} over its rounds, not its budget {plan.epsilon:g}: "
-            "it is not the plan securegmi calibrates"
+            f"{PLAN} spends epsilon {calibrated:.4f} by {plan.accountant.upper()} ({planned:.4f} by PLD) "
+            f"over its rounds, not its budget {plan.epsilon:g}: it is not the plan securegmi calibrates"
         )
     for client, ledger in sorted(ledgers.items()):
         if (ledger.budget.epsilon, ledger.budget.delta) != (plan.epsilon, plan.delta):

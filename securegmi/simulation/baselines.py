@@ -16,6 +16,7 @@ from securegmi.core.training import e_step_elbo, train_components
 from securegmi.errors import ConfigError
 from securegmi.federation.local import LocalLearner, seed_torch
 from securegmi.federation.statistics import SENSITIVITY
+from securegmi.privacy.accounting import PRIMARY
 from securegmi.privacy.calibration import PrivateMixturePlan
 from securegmi.privacy.dpsgd import DpSgdConfig, PrivateTrainer
 from securegmi.privacy.ledger import PrivacyBudget, PrivacyLedger
@@ -179,8 +180,9 @@ def run_central_dp(recorder: Recorder) -> tuple[list[MixtureOfVAEs], list[np.nda
     summary = {
         "target": plan.epsilon,
         "delta": plan.delta,
+        "accountant": str(PRIMARY),
         "max_spent": ledger.spent,
-        "max_spent_pld": ledger.spent_pld(),
+        "max_spent_rdp": ledger.spent_rdp,
         "placement": "central",
         "secure_rng": True,  # ChaCha20 keyed from OS entropy (privacy.noise)
         "noise": "private",

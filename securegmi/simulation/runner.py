@@ -23,6 +23,7 @@ from securegmi.federation.local import adopt_aggregate
 from securegmi.federation.server import RoundOutcome, Server
 from securegmi.federation.transport import ClientEndpoint, InProcessTransport, ServerEndpoint, Transport
 from securegmi.files import STATE_FILE, safetensors_metadata
+from securegmi.privacy.accounting import PRIMARY
 from securegmi.privacy.calibration import DpPlan, PrivateMixturePlan
 from securegmi.privacy.ledger import PrivacyLedger
 from securegmi.protocol import Message
@@ -336,8 +337,11 @@ def privacy_summary(
     summary = {
         "target": plan.epsilon,
         "delta": plan.delta,
+        # PLD, the figure held to the budget; RDP the cross-check (above the budget for a plan
+        # calibrated on PLD: RDP's looseness, not an overspend).
+        "accountant": str(PRIMARY),
         "max_spent": max(ledger.spent for ledger in ledgers),
-        "max_spent_pld": max(ledger.spent_pld() for ledger in ledgers),
+        "max_spent_rdp": max(ledger.spent_rdp for ledger in ledgers),
         # Against the server colluding with one client (split noise); equal to max_spent otherwise.
         "max_spent_fallback": max(ledger.spent_fallback for ledger in ledgers),
         "placement": config.placement,

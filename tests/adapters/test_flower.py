@@ -191,7 +191,7 @@ def test_a_client_over_budget_refuses_over_flower_and_the_round_completes(tmp_pa
     assert sent_by_1 == {0, 1}
     ledger = json.loads((out / LEDGERS / "client-1.json").read_text())
     assert {e["round"] for e in ledger["entries"]} == {0, 1}
-    assert ledger["epsilon_rdp"] <= 8.0 * (1 + 1e-6)
+    assert ledger["accountant"] == "pld" and ledger["epsilon"] <= 8.0 * (1 + 1e-6)
 
 
 def test_deployment_engine_on_loopback_completes_a_secure_run(tmp_path):

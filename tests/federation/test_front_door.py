@@ -181,7 +181,7 @@ def test_a_saved_run_of_your_own_loop_passes_the_audit(saved_run):
     run_dir, _ = saved_run
     report = securegmi.audit(run_dir)
     assert report.ok, report.problems
-    assert len(report.budgets) == SITES and all(b.epsilon_rdp <= 8.0 * (1 + 1e-6) for b in report.budgets)
+    assert len(report.budgets) == SITES and all(b.epsilon <= 8.0 * (1 + 1e-6) for b in report.budgets)
     config = json.loads((run_dir / "config.json").read_text())
     assert config["dataset"] == "own" and config["clients"] == SITES
 
@@ -256,7 +256,7 @@ def test_a_secure_split_noise_run_of_your_own_loop_exports_on_the_release_grid(t
     run_dir = securegmi.save(tmp_path / "run", clients, server)
     report = securegmi.audit(run_dir)
     assert report.ok, report.problems
-    assert all(b.epsilon_fallback > b.epsilon_rdp for b in report.budgets)  # split: the collusion figure
+    assert all(b.epsilon_fallback > b.epsilon for b in report.budgets)  # split: the collusion figure
     grid = server.release_grid()
     assert grid is not None
     for name, values in load_file(str(run_dir / "model.safetensors")).items():

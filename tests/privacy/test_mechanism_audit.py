@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from securegmi.privacy.accounting import epsilon_rdp
+from securegmi.privacy.accounting import epsilon_pld
 from securegmi.privacy.events import gaussian_event
 from securegmi.privacy.mechanisms import gaussian_release
 
@@ -31,11 +31,11 @@ def empirical_epsilon_lower_bound(noise_multiplier: float, seed: int) -> float:
 
 
 def test_count_release_meets_its_claim():
-    claimed = epsilon_rdp([gaussian_event(SIGMA)], DELTA)
+    claimed = epsilon_pld([gaussian_event(SIGMA)], DELTA)
     lower = empirical_epsilon_lower_bound(SIGMA, seed=1)
     assert 0.5 < lower <= claimed  # the test has power, and the claim holds
 
 
 def test_a_broken_twin_with_a_tenth_of_the_noise_is_caught():
-    claimed = epsilon_rdp([gaussian_event(SIGMA)], DELTA)  # the same claim, as the twin makes it
+    claimed = epsilon_pld([gaussian_event(SIGMA)], DELTA)  # the same claim, as the twin makes it
     assert empirical_epsilon_lower_bound(0.1 * SIGMA, seed=2) > claimed

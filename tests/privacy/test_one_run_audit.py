@@ -12,7 +12,7 @@ import torch
 from securegmi.core.em import mixture_loss
 from securegmi.core.mixture import MixtureOfVAEs
 from securegmi.data.datasets import load_dataset
-from securegmi.privacy.accounting import epsilon_rdp
+from securegmi.privacy.accounting import epsilon_pld
 from securegmi.privacy.auditing import audit_dp_sgd, empirical_epsilon
 from securegmi.privacy.calibration import dp_sgd_noise
 from securegmi.privacy.dpsgd import DpSgdConfig
@@ -72,7 +72,7 @@ def _audit(noise_factor: float, claim: float, seed: int) -> tuple[float, float, 
         seed=seed,
         noise=NoiseSource(1000 + seed),
     )
-    return epsilon_rdp([dpsgd_event(sigma, q, steps)], DELTA), audit.empirical_epsilon, audit.correct
+    return epsilon_pld([dpsgd_event(sigma, q, steps)], DELTA), audit.empirical_epsilon, audit.correct
 
 
 @pytest.mark.parametrize("seed", [3, 4])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from securegmi.federation.statistics import SENSITIVITY, StatisticsRole
-from securegmi.privacy.accounting import epsilon_rdp
+from securegmi.privacy.accounting import epsilon_pld
 from securegmi.privacy.calibration import StatisticsPlan
 from securegmi.privacy.events import gaussian_event
 from securegmi.vocabulary import EventName
@@ -69,7 +69,7 @@ def _scores(plan: StatisticsPlan, release: EventName, seed: int) -> tuple[np.nda
 
 @pytest.mark.parametrize("release", [EventName.MOMENTS, EventName.CLUSTERS, EventName.HISTOGRAM])
 def test_each_statistics_release_meets_its_claim_and_a_broken_twin_is_caught(release):
-    claimed = epsilon_rdp([gaussian_event(1.0)], DELTA)  # what the ledger records for one release
+    claimed = epsilon_pld([gaussian_event(1.0)], DELTA)  # what the ledger records for one release
     lower = epsilon_lower_bound(*_scores(PLAN, release, seed=3), THRESHOLDS, DELTA, CONFIDENCE)
     assert 0.3 < lower <= claimed
     # The twin releases with a tenth of the noise while the ledger claims the same.
