@@ -313,6 +313,8 @@ def run_federated(
                 t,
                 round_started,
                 [reference] * len(clients),
+                # The pi the clients hold in the run (released, under DP); their own is
+                # estimated once, at the end (own_pis), and scores only the final evaluation.
                 [c.pi for c in clients.values()],
                 outcome.uplink_bytes,
                 len(outcome.refused) + len(outcome.rejected),
