@@ -5,8 +5,9 @@ A Flower server's directory holds the public records (config, protocol, plan, tr
 engine summary) and the final aggregate as wire bytes: under the secure protocol ciphertexts,
 which the server cannot open. Each site keeps its own state (its pi) and ledger, and a site
 holds the CKKS key. `export_deployment` is what a key-holding site runs at the end: it takes in
-the final aggregate as its client would (`conclude`), gathers every site's ledger and pi, and
-writes the run directory through the same finishing step as every other engine
+the final aggregate as its client would (`conclude`), gathers every site's ledger and pi (and,
+for the evaluation only, each site's own pi, `Client.own_pi`, from its client rebuilt from its
+state), and writes the run directory through the same finishing step as every other engine
 (`simulation.runner.finish_run`). The simulation engine ends with it too, so both Flower
 engines leave the same run directory. No flwr import here: exporting needs no Flower.
 """
@@ -49,7 +50,7 @@ from securegmi.records.rundir import (
     RunDirectory,
 )
 from securegmi.simulation.recorder import Recorder
-from securegmi.simulation.runner import RunResult, conclude_run, finish_run
+from securegmi.simulation.runner import RunResult, conclude_run, finish_run, own_pis
 from securegmi.simulation.study import Federation
 
 # The server's public records an exported run directory carries, as the server wrote them.
@@ -145,6 +146,12 @@ def export_deployment(
     aggregate = decode(read_bytes(server_dir / AGGREGATE, STATE_FILE))
     model, privacy = conclude_run(federation, final, aggregate, ledgers)
     pis = [_pi(where[cid] / CLIENT_STATES / f"{cid}.safetensors") for cid in federation.client_ids]
+    # Each site's own pi, as that site's client computes it from its state once it takes in the
+    # final aggregate: the evaluation's, never the model's.
+    others = (
+        study_client(config, where[cid], i, key_dir) for i, cid in enumerate(federation.client_ids) if i > 0
+    )
+    own = own_pis(federation, final, others, aggregate)
     uplink = sum(
         row.get("bytes", 0)
         for row in read_transcript(server_dir / TRANSCRIPT)
@@ -173,6 +180,7 @@ def export_deployment(
         privacy,
         started,
         engine,
+        own_pis=own,
     )
 
 

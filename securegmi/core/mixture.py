@@ -37,6 +37,23 @@ IWAE_SAMPLES = 64
 # is made once, and Monte Carlo noise in a few-draw ELBO flips records near a boundary
 # (figures: bench/results/tuning.md#score-samples).
 SCORE_SAMPLES = 64
+# Records scored at a time: one record's draws take K x draws x features floats (128 MNIST
+# records at K = 5: 128 MB), so a whole site's records at once could exhaust memory.
+SCORE_BLOCK = 128
+
+
+def score_in_blocks(score: Callable[[Tensor], Tensor], x: np.ndarray, seed: int) -> np.ndarray:
+    """`score` (records -> (block, K)) over `x` a block at a time, without gradients. Every
+    block's public context comes from `seed` (core.latent), so a record's draws are the same
+    whichever block it falls in; torch's global generator is left as it was, so scoring never
+    moves the draws of whatever the caller does next."""
+    blocks = []
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        for i in range(0, len(x), SCORE_BLOCK):
+            torch.manual_seed(seed)
+            blocks.append(score(torch.as_tensor(x[i : i + SCORE_BLOCK])))
+    out: np.ndarray = torch.cat(blocks).numpy()
+    return out
 
 
 class MixtureOfVAEs(nn.Module):

@@ -22,8 +22,9 @@ import torch
 from safetensors.numpy import save
 from torch.utils.data import DataLoader, Dataset
 
+from securegmi.core.em import fixed_point_pi
 from securegmi.core.fine_clusters import FineClusterModel
-from securegmi.core.mixture import MixtureOfVAEs
+from securegmi.core.mixture import SCORE_SAMPLES, MixtureOfVAEs, score_in_blocks
 from securegmi.crypto.keys import SecretContext
 from securegmi.errors import (
     ConfigError,
@@ -51,6 +52,9 @@ from securegmi.privacy.ledger import PrivacyLedger
 from securegmi.protocol import Message, ProtocolSpec, TranscriptWriter, decode, encode
 from securegmi.protocol.payload import build_payload
 from securegmi.vocabulary import FieldName, Placement, Stage
+
+# The public context of the ELBO draws a client scores its own records with (core.latent).
+_OWN_PI_SEED = 4_099
 
 Records = np.ndarray | torch.Tensor | Dataset[Any] | DataLoader[Any] | Iterable[Any]
 
@@ -144,6 +148,33 @@ class Client:
     def pi(self) -> np.ndarray:
         """This client's current mixture estimate."""
         return self.learner.pi.copy()
+
+    def own_pi(self) -> np.ndarray:
+        """This client's own mixture proportions: the EM fixed point of pi on its own records
+        under the model it holds now (the identifier's scores where it has one, otherwise the
+        VAEs' ELBOs), started from its released `pi`. Call it once the run is over
+        (`conclude`), so the model is the federation's final one.
+
+        It is this client's own output, never a release: nothing sends it, saves it or lets it
+        weight a record's loss (a private pi in the loss would let one record move every other
+        record's, docs/design.md §1), and it leaves this client exactly as it was. Under DP,
+        what the others learn is the released model, and a site's own use of that model on its
+        own records costs nothing more (the billboard lemma, Hsu et al., STOC 2014): the run's
+        model keeps the released `pi`; this one is the site's, to keep where it keeps its records.
+        """
+        x, model = self.learner.x, self.learner.model
+        if self.identifier is not None:
+            scores = torch.as_tensor(self.identifier.log_likelihood(x))
+        else:
+            training = model.training
+            model.eval()
+            try:
+                scores = torch.as_tensor(
+                    score_in_blocks(lambda b: model.elbo_matrix(b, SCORE_SAMPLES), x, _OWN_PI_SEED)
+                )
+            finally:
+                model.train(training)
+        return fixed_point_pi(scores, self.learner.pi, self.learner.settings.pi_floor)
 
     @property
     def plan(self) -> DpPlan | PrivateMixturePlan | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,18 +17,26 @@ import torch
 from torch import Tensor
 
 from securegmi.config import OWN_DATA, SimulationConfig
-from securegmi.core.em import log_prior, responsibilities
+from securegmi.core.em import fixed_point_pi, log_prior, responsibilities
 from securegmi.core.fine_clusters import FineClusterModel
-from securegmi.core.mixture import IWAE_SAMPLES, SCORE_SAMPLES, ComponentFactory, MixtureOfVAEs
+from securegmi.core.mixture import (
+    IWAE_SAMPLES,
+    SCORE_SAMPLES,
+    ComponentFactory,
+    MixtureOfVAEs,
+    score_in_blocks,
+)
 from securegmi.data.datasets import load_dataset
 from securegmi.errors import ConfigError, DataError, RunDirectoryError
 from securegmi.files import JSON_FILE, MODEL_FILE, read_bytes, read_json, safetensors_arrays
 from securegmi.records.rundir import CHECKPOINT, CONFIG
 
-# Fixed-point iterations of pi on frozen components: the same alternation as a round's E-step.
-PI_ITERATIONS = 50
-BLOCK = 128  # records scored at a time
-_SEED = 2_147
+_SEED = 2_147  # the public context of every record's draws when a trained model scores it
+# A floor that only keeps log pi finite: a site's estimate may drive a component to ~0.
+_PI_FLOOR = 1e-12
+# EM's cap here: a new site's records may be many, and where components are near-identical EM
+# creeps (5,000 records: about 2.6 ms an iteration, so 26 s at core.em's cap of 10,000).
+_PI_ITERATIONS = 1_000
 
 
 class TrainedMixture:
@@ -85,20 +92,7 @@ class TrainedMixture:
         x = self._records(x)
         if self.identifier is not None:
             return self.identifier.log_likelihood(x)
-        return self._in_blocks(lambda block: self.components.elbo_matrix(block, SCORE_SAMPLES), x)
-
-    def _in_blocks(self, score: Callable[[Tensor], Tensor], x: np.ndarray) -> np.ndarray:
-        """`score` a few records at a time: one record's draws take K x draws x features floats
-        (128 MNIST records at K = 5: 128 MB), so a whole site's records at once could exhaust memory."""
-        blocks = []
-        with torch.no_grad():
-            for i in range(0, len(x), BLOCK):
-                # One context for every block: a record's draws (core.latent) are then the
-                # same whichever block it falls in.
-                torch.manual_seed(_SEED)
-                blocks.append(score(torch.as_tensor(x[i : i + BLOCK])))
-        out: np.ndarray = torch.cat(blocks).numpy()
-        return out
+        return score_in_blocks(lambda block: self.components.elbo_matrix(block, SCORE_SAMPLES), x, _SEED)
 
     def estimate_pi(self, x: np.ndarray) -> np.ndarray:
         """The mixture proportions of a site from its records alone (E-steps, frozen components):
@@ -106,11 +100,8 @@ class TrainedMixture:
         return self._estimate_pi(torch.as_tensor(self.log_likelihoods(x), dtype=torch.float32))
 
     def _estimate_pi(self, scores: Tensor) -> np.ndarray:
-        pi = np.full(self.n_components, 1.0 / self.n_components)
-        for _ in range(PI_ITERATIONS):
-            pi = responsibilities(scores, log_prior(np.maximum(pi, 1e-12))).mean(0).numpy().astype(np.float64)
-        out: np.ndarray = pi / pi.sum()
-        return out
+        uniform = np.full(self.n_components, 1.0 / self.n_components)
+        return fixed_point_pi(scores, uniform, _PI_FLOOR, _PI_ITERATIONS)
 
     def responsibilities(self, x: np.ndarray, pi: np.ndarray | None = None) -> np.ndarray:
         """(n, K) posterior over components; `pi` defaults to the records' own estimate."""
@@ -128,8 +119,8 @@ class TrainedMixture:
         """Per record, the importance-weighted bound on log sum_k pi_k p_k(x) in nats (the VAEs'
         density, whatever identifies sources); `pi` defaults to the records' own estimate."""
         prior = self.estimate_pi(x) if pi is None else self._pi(pi)
-        iwae = self._in_blocks(
-            lambda block: self.components.iwae_matrix(block, IWAE_SAMPLES), self._records(x)
+        iwae = score_in_blocks(
+            lambda block: self.components.iwae_matrix(block, IWAE_SAMPLES), self._records(x), _SEED
         )
         out: np.ndarray = torch.logsumexp(
             log_prior(np.maximum(prior, 1e-12)) + torch.as_tensor(iwae), dim=1

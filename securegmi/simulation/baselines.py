@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from securegmi.core import fine_clusters as fc
-from securegmi.core.em import infer_mixture, log_prior, mixture_loss, responsibilities
+from securegmi.core.em import fixed_point_pi, infer_mixture, log_prior, mixture_loss, responsibilities
 from securegmi.core.mixture import MixtureOfVAEs
 from securegmi.core.training import e_step_elbo, train_components
 from securegmi.errors import ConfigError
@@ -108,12 +108,18 @@ def run_central_em(recorder: Recorder) -> tuple[list[MixtureOfVAEs], list[np.nda
     return [model] * len(pis), pis
 
 
-def run_central_dp(recorder: Recorder) -> tuple[list[MixtureOfVAEs], list[np.ndarray], dict[str, Any]]:
+def run_central_dp(
+    recorder: Recorder,
+) -> tuple[list[MixtureOfVAEs], list[np.ndarray], list[np.ndarray], dict[str, Any]]:
     """The central-DP reference (docs/design.md §2): the same plan at the same (epsilon, delta) per
     record, run by one trusted curator over the pooled records. Every sum gets its noise once
     (sigma = noise multiplier x sensitivity); each client's histogram row is still one release
     of that client's records, so it carries the same noise as in the federation; DP-SGD runs on
-    the pooled records with the same steps, sample rate and noise multiplier."""
+    the pooled records with the same steps, sample rate and noise multiplier.
+
+    Returns the model, the released pis, each site's own pi (given the curator's released
+    identifier, the EM fixed point on its own records from its released pi, as a federated
+    client's `own_pi`: the comparison stays fair) and the privacy summary."""
     config, data = recorder.config, recorder.data
     plan = dp_plan(config, data)
     if not isinstance(plan, PrivateMixturePlan):
@@ -187,4 +193,8 @@ def run_central_dp(recorder: Recorder) -> tuple[list[MixtureOfVAEs], list[np.nda
         "secure_rng": True,  # ChaCha20 keyed from OS entropy (privacy.noise)
         "noise": "private",
     }
-    return [model] * len(pis), pis, summary
+    own = [
+        fixed_point_pi(torch.as_tensor(identifier.log_likelihood(c.x_train)), pi, config.pi_floor)
+        for c, pi in zip(data.clients, pis, strict=True)
+    ]
+    return [model] * len(pis), pis, own, summary

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,12 +145,13 @@ def run_simulation(
     privacy: dict[str, Any] | None = None
     uplink = 0.0
     exported: np.ndarray | None = None
+    own: list[np.ndarray] | None = None
     if federation is not None:
-        models, pis, uplink, privacy = run_federated(federation, recorder, on_plan, resume, transport)
+        models, pis, own, uplink, privacy = run_federated(federation, recorder, on_plan, resume, transport)
         spec_name = federation.spec.name
         exported = federation.exported(models[0].get_component_vectors())
     elif config.method == "central-dp":
-        models, pis, privacy = run_central_dp(recorder)
+        models, pis, own, privacy = run_central_dp(recorder)
     elif config.method == "local":
         models, pis = run_local(recorder)
     elif config.method == "fedgmm":
@@ -159,7 +160,7 @@ def run_simulation(
         models, pis = (run_oracle if config.method == "oracle" else run_central_em)(recorder)
         exported = models[0].get_component_vectors()
     return finish_run(
-        recorder, run_dir, models, pis, exported, federation, spec_name, uplink, privacy, started
+        recorder, run_dir, models, pis, exported, federation, spec_name, uplink, privacy, started, own_pis=own
     )
 
 
@@ -175,15 +176,22 @@ def finish_run(
     privacy: dict[str, Any] | None,
     started: float,
     engine: str | None = None,
+    *,
+    own_pis: list[np.ndarray] | None = None,
 ) -> RunResult:
     """The final evaluation of a finished run, whichever engine ran it, and with `run_dir` its
     model (`exported`: the shared components, None for a method without one) and results.json
-    (`engine` names an engine other than this process)."""
+    (`engine` names an engine other than this process).
+
+    `pis` are what the clients released, and the model keeps them; `own_pis`, where a private
+    run's sites estimated their own (`Client.own_pi`), are what each site labels its own test
+    records with, so the evaluation uses them, and they are written nowhere but results.json's
+    ground-truth rows."""
     config = recorder.config
     result = RunResult(
         config,
         protocol,
-        recorder.evaluate(models, pis, final=True),
+        recorder.evaluate(models, pis if own_pis is None else own_pis, final=True),
         tuple(recorder.history),
         uplink,
         time.perf_counter() - started,
@@ -233,14 +241,36 @@ def conclude_run(
     return final.components, None if plan is None else privacy_summary(federation.config, plan, ledgers)
 
 
+def own_pis(
+    federation: Federation, final: Client, others: Iterable[Client], last: Message
+) -> list[np.ndarray] | None:
+    """Under the statistics design, the pi each client estimates for itself once it holds the
+    final model (`Client.own_pi`): `final` (the first client), which took in the server's `last`
+    aggregate already (`conclude_run`), then each of `others`, which takes it in here.
+
+    None otherwise: without a plan a client's pi never was a release and already is its own;
+    under the em design the own pi (from the VAEs' ELBOs) was worse than the released one
+    (digits, epsilon 8, seeds 10-11: pi TV 0.515 -> 0.588 and 0.440 -> 0.614, accuracy equal;
+    bench/results/own_pi.json)."""
+    if not isinstance(federation.plan, PrivateMixturePlan):
+        return None
+    own = [final.own_pi()]
+    for client in others:
+        client.conclude(last)
+        own.append(client.own_pi())
+    return own
+
+
 def run_federated(
     federation: Federation,
     recorder: Recorder,
     on_plan: PlanCallback | None,
     resume: bool = False,
     transport_factory: TransportFactory = InProcessTransport,
-) -> tuple[list[MixtureOfVAEs], list[np.ndarray], float, dict[str, Any] | None]:
-    """The clients and the server exchanging protocol messages in this process."""
+) -> tuple[list[MixtureOfVAEs], list[np.ndarray], list[np.ndarray] | None, float, dict[str, Any] | None]:
+    """The clients and the server exchanging protocol messages in this process: the final
+    model, the clients' released pis, their own (`own_pis`), uplink bytes per client and round,
+    and the privacy summary."""
     plan, run_dir = federation.plan, recorder.run_dir
     ledger_dir = run_dir.file(LEDGERS) if run_dir is not None and plan is not None else None
     if run_dir is not None and not resume:
@@ -288,6 +318,8 @@ def run_federated(
                 t,
                 round_started,
                 [reference] * len(clients),
+                # The pi the clients hold in the run (released, under DP); their own is
+                # estimated once, at the end (own_pis), and scores only the final evaluation.
                 [c.pi for c in clients.values()],
                 outcome.uplink_bytes,
                 len(outcome.refused) + len(outcome.rejected),
@@ -303,8 +335,10 @@ def run_federated(
     per_client_round = uplink_total / max(1, federation.rounds * len(clients))
     ledgers = [c.ledger for c in clients.values() if c.ledger is not None]
     final = next(iter(clients.values()))
-    model, summary = conclude_run(federation, final, server.broadcast(federation.rounds, 1.0), ledgers)
-    return [model] * len(clients), [c.pi for c in clients.values()], per_client_round, summary
+    last = server.broadcast(federation.rounds, 1.0)
+    model, summary = conclude_run(federation, final, last, ledgers)
+    own = own_pis(federation, final, list(clients.values())[1:], last)
+    return [model] * len(clients), [c.pi for c in clients.values()], own, per_client_round, summary
 
 
 def check_resumed_config(run_dir: RunDirectory, config: SimulationConfig) -> None:

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from securegmi.core.em import (
+    fixed_point_pi,
     infer_mixture,
     mixture_estimate,
     project_to_simplex,
@@ -83,3 +84,46 @@ def test_infer_mixture_recovers_proportions_of_separable_data():
     assert masses == pytest.approx([70.0, 30.0], abs=1e-3)
     assert pi == pytest.approx([0.7, 0.3], abs=1e-3)
     assert resp.shape == (100, 2)
+
+
+def _em_step(scores: torch.Tensor, pi: np.ndarray, floor: float) -> np.ndarray:
+    """One EM update of pi on frozen scores, from its definition."""
+    r = responsibilities(scores, torch.log(torch.as_tensor(pi, dtype=torch.float64)))
+    return mixture_estimate(r.sum(0).numpy(), floor)
+
+
+def _log_likelihood(scores: torch.Tensor, pi: np.ndarray) -> float:
+    return float(torch.logsumexp(scores + torch.log(torch.as_tensor(pi, dtype=torch.float64)), 1).sum())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    scores=arrays(np.float64, st.tuples(st.integers(1, 30), st.integers(1, 5)), elements=st.floats(-20, 20)),
+    data=st.data(),
+)
+def test_fixed_point_pi_is_a_fixed_point_of_em_and_no_less_likely_than_its_start(scores, data):
+    k = scores.shape[1]
+    start = data.draw(arrays(np.float64, k, elements=st.floats(0.01, 1.0)))
+    start = start / start.sum()
+    s = torch.as_tensor(scores)
+    pi = fixed_point_pi(s, start, 1e-3)  # a client's pi_floor
+    assert abs(pi.sum() - 1.0) < 1e-12 and pi.min() > 0.5e-3
+    assert np.abs(_em_step(s, pi, 1e-3) - pi).max() < 1e-6
+    # EM never lowers the likelihood (with a floor too small to bind; towards a vertex it
+    # creeps, so no fixed-point claim there).
+    unfloored = fixed_point_pi(s, start, 1e-12)
+    assert _log_likelihood(s, unfloored) >= _log_likelihood(s, start) - 1e-9 * len(s)
+
+
+def test_fixed_point_pi_runs_to_convergence_not_to_a_count():
+    """Two overlapping components (1 - 0.8 standard deviations apart): EM creeps, so a fixed
+    count of 50 iterations (what estimate_pi once took) stops short of the fixed point."""
+    rng = np.random.default_rng(0)
+    n = 2000
+    x = np.where(rng.random(n) < 0.7, rng.normal(0.0, 1.0, n), rng.normal(0.8, 1.0, n))
+    s = torch.as_tensor(np.stack([-(x**2) / 2, -((x - 0.8) ** 2) / 2], 1))
+    converged = fixed_point_pi(s, np.array([0.5, 0.5]), 1e-3)
+    assert np.abs(_em_step(s, converged, 1e-3) - converged).max() < 1e-9
+    short = fixed_point_pi(s, np.array([0.5, 0.5]), 1e-3, iterations=50)  # negative control
+    assert np.abs(_em_step(s, short, 1e-3) - short).max() > 1e-6
+    assert abs(converged[0] - 0.7) < 0.06  # the true share, within sampling error
