@@ -124,8 +124,15 @@ class PldAccountant(dp_accounting.PrivacyAccountant):  # type: ignore[misc]  # u
         q, inner = (float(event.sampling_probability), event.event) if sampled else (1.0, event)
         if not isinstance(inner, dp_accounting.GaussianDpEvent):
             return self.CompositionErrorDetails(event, "only (Poisson-sampled) Gaussian mechanisms")
+        sigma = float(inner.noise_multiplier)
+        # Refused as dp-accounting's own accountants refuse them: a NaN multiplier would turn the
+        # merged Gaussians' inverse variance into NaN and drop them all, a rate below 0 would
+        # drop its steps (both found by a review: a forged plan then spent "nothing").
+        if not (0 <= q <= 1 and math.isfinite(sigma) and sigma >= 0 and count >= 0):
+            return self.CompositionErrorDetails(
+                event, "a Poisson rate in [0, 1], a finite non-negative noise multiplier and count"
+            )
         if do_compose and q > 0:
-            sigma = float(inner.noise_multiplier)
             if sigma == 0:
                 self._non_private = True
             elif q == 1:

@@ -466,6 +466,10 @@ def plan_from_dict(d: dict[str, Any]) -> DpPlan | PrivateMixturePlan:
     """The plan a run wrote with `to_dict` (dp_plan.json), for the audit to check ledgers against."""
     if not isinstance(d, dict):
         raise ConfigError(f"not a privacy plan written by securegmi: a {type(d).__name__}, not an object")
+    if not_finite := sorted(_non_finite(d)):
+        # JSON as Python reads it admits NaN: a NaN noise multiplier once made a forged plan's
+        # Gaussians cost nothing (a review). No plan securegmi calibrates holds one.
+        raise ConfigError(f"not a privacy plan written by securegmi: {', '.join(not_finite)} not finite")
     try:
         # A plan written before it recorded its accountant was calibrated on RDP.
         fields = {"accountant": Accountant.RDP} | {k: v for k, v in d.items() if k != "kind"}
@@ -479,3 +483,14 @@ def plan_from_dict(d: dict[str, Any]) -> DpPlan | PrivateMixturePlan:
         return DpPlan(**fields)
     except (TypeError, KeyError, AttributeError) as exc:  # a field of the wrong type, say
         raise ConfigError(f"not a privacy plan written by securegmi: {exc}") from exc
+
+
+def _non_finite(d: dict[str, Any], prefix: str = "") -> list[str]:
+    """The names of the numbers in a plan's JSON that are NaN or infinite."""
+    out = []
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out += _non_finite(value, f"{prefix}{key}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            out.append(f"{prefix}{key}")
+    return out

@@ -6,6 +6,7 @@ whatever module a record names, which a ledger file read back for an audit must 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import dp_accounting
@@ -48,10 +49,10 @@ def event_from_json(data: dict[str, Any]) -> dp_accounting.DpEvent:
     kind = data.get("type")
     try:
         if kind == "gaussian":
-            return dp_accounting.GaussianDpEvent(float(data["noise_multiplier"]))
+            return dp_accounting.GaussianDpEvent(_finite(data["noise_multiplier"], "noise_multiplier"))
         if kind == "poisson_sampled":
             return dp_accounting.PoissonSampledDpEvent(
-                float(data["sampling_probability"]), event_from_json(data["event"])
+                _finite(data["sampling_probability"], "sampling_probability"), event_from_json(data["event"])
             )
         if kind == "self_composed":
             return dp_accounting.SelfComposedDpEvent(event_from_json(data["event"]), int(data["count"]))
@@ -60,3 +61,11 @@ def event_from_json(data: dict[str, Any]) -> dp_accounting.DpEvent:
     except (KeyError, TypeError, ValueError) as exc:
         raise PrivacyError(f"malformed ledger event {data!r}: {exc}") from exc
     raise PrivacyError(f"unknown ledger event type {kind!r}")
+
+
+def _finite(value: Any, name: str) -> float:
+    """A ledger's number: JSON as Python reads it admits NaN and Infinity, which no release has."""
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"{name} {value!r} is not a finite non-negative number")
+    return number

@@ -485,9 +485,9 @@ def _plan_problems(plan: Plan, run_config: dict[str, Any], ledgers: dict[str, Pr
     # Calibrated to spend the budget by its own accountant (RDP for a plan written before PLD
     # was primary), and never more than the budget by the primary one (PLD, at most RDP).
     calibrated, planned = plan.planned_epsilon(plan.accountant), plan.planned_epsilon()
-    if not 0.98 * plan.epsilon <= calibrated <= plan.epsilon * (1 + 1e-6) or planned > plan.epsilon * (
-        1 + 1e-6
-    ):
+    # Written as "not within" so that a NaN figure fails too.
+    ceiling = plan.epsilon * (1 + 1e-6)
+    if not (0.98 * plan.epsilon <= calibrated <= ceiling and planned <= ceiling):
         problems.append(
             f"{PLAN} spends epsilon {calibrated:.4f} by {plan.accountant.upper()} ({planned:.4f} by PLD) "
             f"over its rounds, not its budget {plan.epsilon:g}: it is not the plan securegmi calibrates"

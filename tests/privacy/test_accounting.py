@@ -127,3 +127,23 @@ def test_the_pld_accountant_refuses_what_it_cannot_account():
     assert not accountant.supports(dp_accounting.LaplaceDpEvent(1.0))
     assert accountant.supports(dp_accounting.ComposedDpEvent(EVENTS[3]))
     assert epsilon_pld([gaussian_event(0.0)], DELTA) == math.inf  # no noise: no guarantee
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        gaussian_event(float("nan")),  # NaN once turned every merged Gaussian's cost into nothing
+        gaussian_event(float("inf")),
+        gaussian_event(-1.0),
+        dpsgd_event(0.01, -0.5, 100),  # a negative rate once dropped its steps
+        dpsgd_event(0.01, 1.5, 100),
+    ],
+)
+def test_an_event_no_mechanism_has_is_refused_not_counted_as_free(forged):
+    """Found by a review: with the statistics' Gaussians beside a NaN one the hand-written
+    accountant reported 0.0, where dp-accounting's own PLD accountant raises."""
+    honest = [gaussian_event(0.3)] * 5
+    assert epsilon_pld(honest, DELTA) > 10  # control: what the forged event would have hidden
+    assert not PldAccountant().supports(forged)
+    with pytest.raises(dp_accounting.UnsupportedEventError):
+        epsilon_pld([*honest, forged], DELTA)

@@ -68,3 +68,28 @@ def test_a_plan_claiming_the_wrong_accountant_fails_the_audit():
     budget by PLD, which is not what securegmi calibrates."""
     mislabelled = dataclasses.replace(_rdp_calibrated_plan(), accountant="pld")
     assert any("not the plan securegmi calibrates" in p for p in _problems(mislabelled))
+
+
+def test_a_plan_or_ledger_event_with_a_nan_noise_multiplier_is_not_read():
+    """JSON as Python reads it admits NaN; a review forged a statistics plan with a NaN
+    histogram noise whose moments and k-means then cost nothing by PLD."""
+    import json
+    import math
+
+    import pytest
+
+    from securegmi.errors import ConfigError, PrivacyError
+    from securegmi.privacy.calibration import calibrate_statistics
+    from securegmi.privacy.events import event_from_json, event_to_json
+
+    plan = calibrate_statistics(BUDGET, clients=3, features=64)
+    written = json.loads(json.dumps(plan.to_dict()))
+    assert plan_from_dict(written) == plan  # control: the plan as written reads back
+    forged = json.loads(json.dumps(written))
+    forged["statistics"]["histogram_noise"] = math.nan
+    with pytest.raises(ConfigError, match="statistics.histogram_noise not finite"):
+        plan_from_dict(json.loads(json.dumps(forged)))
+    event = event_to_json(gaussian_event(1.0))
+    assert event_from_json(event) == gaussian_event(1.0)
+    with pytest.raises(PrivacyError, match="not a finite non-negative number"):
+        event_from_json({**event, "noise_multiplier": math.nan})
