@@ -470,7 +470,7 @@ def test_nan_components_would_answer_without_the_check(finished: Path) -> None:
     vectors[:] = np.nan
     model.components.set_component_vectors(vectors)
     broken = TrainedMixture(model.components, model.training_pi, None, data_dim=model.data_dim)
-    assert (broken.assign(site) == 0).all()
+    assert (broken.assign(site, pi=model.training_pi[0]) == 0).all()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -245,9 +245,10 @@ def test_deployment_engine_on_loopback_completes_a_secure_run(tmp_path):
         if p.is_file() and any(s in p.read_bytes() for s in secret_serialisations(secret))
     ]
     assert leaked == []  # no server-side file, log or transcript holds the secret key
+    # The last split DP-SGD step's gradient sum (the default under secure), opened with the key.
     final = open_aggregate(server / AGGREGATE, federation.spec, secret)
-    masses, sums = final["component_masses"], final["component_sums"]
-    assert masses.shape == (3,) and masses.sum() > 0 and np.isfinite(sums).all()
+    assert final["contributions"] == 3 and np.isfinite(final["aggregate"]).all()
+    assert np.abs(final["aggregate"]).sum() > 0
     _export_is_a_run_the_tools_take(tmp_path, server, keys, config)
 
 

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 
 import securegmi
 from securegmi.federation import codec as codec_module
-from securegmi.federation.local import LocalLearner
+from securegmi.protocol import Ciphertext
 from securegmi.simulation import study as study_module
 from securegmi.simulation.study import Federation
 from tests.configs import private_config
@@ -31,18 +31,22 @@ def _off_grid(values: np.ndarray) -> bool:
 
 def _paths(out: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
     """Run a secure study; for each public path, whether it held a value off the grid."""
-    adopted: list[np.ndarray] = []
-    real_adopt = LocalLearner.adopt
+    # Every ciphertext a client opens (the statistics' sums, split DP-SGD's gradient sums),
+    # at the codec, where each is decrypted: public fields (counts of shares) are not values.
+    opened: list[np.ndarray] = []
+    real_open = codec_module.CkksCodec.open
 
-    def spy(self, inbound):  # type: ignore[no-untyped-def]
-        adopted.extend(v for k, v in inbound.items() if k != "temperature")
-        real_adopt(self, inbound)
+    def spy(self, message, spec):  # type: ignore[no-untyped-def]
+        out = real_open(self, message, spec)
+        public = {n for n, f in message.payload.items() if not isinstance(f, Ciphertext)}
+        opened.extend(v for k, v in out.items() if k not in public)
+        return out
 
-    monkeypatch.setattr(LocalLearner, "adopt", spy)
+    monkeypatch.setattr(codec_module.CkksCodec, "open", spy)
     securegmi.simulate(CONFIG, out=out)
     trained = securegmi.load(out)
     return {
-        "what every client opened": any(_off_grid(v) for v in adopted),
+        "what every client opened": any(_off_grid(v) for v in opened),
         "model.safetensors": any(_off_grid(v) for v in load_file(str(out / "model.safetensors")).values()),
         "securegmi.load(...).components": _off_grid(trained.components.get_component_vectors()),
     }

@@ -87,7 +87,7 @@ def test_a_plan_or_ledger_event_with_a_nan_noise_multiplier_is_not_read():
     assert plan_from_dict(written) == plan  # control: the plan as written reads back
     forged = json.loads(json.dumps(written))
     forged["statistics"]["histogram_noise"] = math.nan
-    with pytest.raises(ConfigError, match="statistics.histogram_noise not finite"):
+    with pytest.raises(ConfigError, match=r"statistics\.histogram_noise not finite"):
         plan_from_dict(json.loads(json.dumps(forged)))
     event = event_to_json(gaussian_event(1.0))
     assert event_from_json(event) == gaussian_event(1.0)
