@@ -390,7 +390,11 @@ def _privacy_line(privacy: dict[str, Any] | None) -> str:
     line = (
         f"epsilon spent {privacy['max_spent']:.3f} of {privacy['target']:g} (PLD accountant; RDP "
         f"cross-check {privacy['max_spent_rdp']:.3f}, looser), delta {privacy['delta']:g}, per client; "
-        "noise not from a CSPRNG"
+        + (
+            "noise from ChaCha20 keyed with OS entropy"
+            if privacy.get("secure_rng")
+            else "SEEDED test noise: anyone holding config.json can subtract it"
+        )
     )
     if privacy.get("placement") == Placement.SPLIT:
         line += (
