@@ -247,13 +247,23 @@ def audit(
             "its protocol.json holds alone (which whoever wrote the directory could have rewritten)"
         ),
     ] = False,
+    signers: Annotated[
+        Path | None,
+        typer.Option(
+            help="the registry of the clients' public signing keys the study registered (signers.json "
+            "from the key ceremony): every message and ledger entry must verify under it; without it "
+            "the run directory's own copy is used, which shows the records self-consistent only"
+        ),
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
 ) -> None:
     """Report what left every client, its protection, and the privacy spent; exit 1 on any
-    uncovered field or exceeded budget."""
+    uncovered field, exceeded budget, or signature that is missing or does not verify."""
     from securegmi.records.audit import audit_run
 
-    report = audit_run(run_dir, ledgers=ledgers, trust_recorded_protocol=trust_recorded_protocol)
+    report = audit_run(
+        run_dir, ledgers=ledgers, trust_recorded_protocol=trust_recorded_protocol, signers=signers
+    )
     if json_output:
         console.print_json(json.dumps(report.to_dict()))
     else:
@@ -320,6 +330,15 @@ def _print_audit(report: Any) -> None:
     console.print(table)
     if report.declaration != "registered":
         console.print(f"[yellow]note:[/] {escape(report.declaration)}")
+    if report.signers != "none":
+        where = "the registry given" if report.signers == "given" else "the run directory's signers.json"
+        every = "" if report.signature_problems else "every signature verifies: "
+        console.print(
+            f"signatures: {every}{report.signed_messages} client messages and {report.signed_entries} "
+            f"ledger entries verify against {where} (fingerprint {report.signers_fingerprint})"
+        )
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}")
     if report.problems:
         console.print(f"[bold red]{len(report.problems)} problem(s):[/]")
         for p in report.problems[:20]:

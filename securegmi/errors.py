@@ -51,3 +51,9 @@ class RunAbortedError(SecureGMIError):
 
 class CryptoError(RefusalError):
     """Unsafe CKKS parameters, a wrong key, or a ciphertext that fails its structure checks."""
+
+
+class SignatureError(ProtocolViolation, CryptoError):
+    """A message or ledger entry without a valid Ed25519 signature of its sender's registered
+    key: forged, altered, replayed from another round, stage or run, or signed by another
+    client. Nothing of it is accepted."""

@@ -26,6 +26,7 @@ from securegmi.core.em import fixed_point_pi
 from securegmi.core.fine_clusters import FineClusterModel
 from securegmi.core.mixture import SCORE_SAMPLES, MixtureOfVAEs, score_in_blocks
 from securegmi.crypto.keys import SecretContext
+from securegmi.crypto.signing import SigningKey
 from securegmi.errors import (
     ConfigError,
     CryptoError,
@@ -51,6 +52,7 @@ from securegmi.privacy.calibration import DpPlan, PrivateMixturePlan, check_delt
 from securegmi.privacy.ledger import PrivacyLedger
 from securegmi.protocol import Message, ProtocolSpec, TranscriptWriter, decode, encode
 from securegmi.protocol.payload import build_payload
+from securegmi.protocol.signed import sign_message
 from securegmi.vocabulary import FieldName, Placement, Stage
 
 # The public context of the ELBO draws a client scores its own records with (core.latent).
@@ -115,6 +117,7 @@ class Client:
         seed: int = 0,  # the federation's public seed: ELBO draws and minibatch order
         state_path: Path | None = None,
         transcript_path: Path | None = None,
+        signing_key: SigningKey | None = None,
     ) -> None:
         x = as_records(data)
         components.check(x.shape[1])
@@ -122,7 +125,14 @@ class Client:
         if privacy is not None:  # the rule simulate's plan checks, here for a plan of your own
             check_delta(privacy.plan.delta, len(x))
         _check_protocol(protocol, components, privacy, keys)
+        if signing_key is not None and signing_key.client_id != client_id:
+            raise ConfigError(
+                f"{client_id} was given {signing_key.client_id}'s signing key: each client signs with its own"
+            )
         self.client_id = client_id
+        # This client's Ed25519 key (its secret: never in a message, the state or the ledger).
+        # With it, every reply and every ledger entry is signed.
+        self.signing_key = signing_key
         self.spec = protocol
         self.state_path = Path(state_path) if state_path is not None else None
         self.run_id: str | None = None  # the run this client joined (its first message's)
@@ -137,7 +147,7 @@ class Client:
             settings = ClientSettings(learning_rate=DP_LEARNING_RATE) if private else ClientSettings()
         self.learner = LocalLearner(client_id, x, own, settings, seed)
         self.privacy = privacy  # the federation's DP plan and this client's part in it
-        self.policy: ReleasePolicy = _policy(self.learner, privacy)
+        self.policy: ReleasePolicy = _policy(self.learner, privacy, signing_key)
         self.codec: ClientCodec = CkksCodec(keys) if keys is not None else ClearCodec()
         if self.state_path is not None and os.path.lexists(self.state_path):
             self._restore(self.state_path)
@@ -247,6 +257,8 @@ class Client:
         ledger = self.policy.ledger
         declared = {} if ledger is None else ledger.declared(list(reply.events.values()))
         out = Message(reply.stage, message.round, self.client_id, payload, run=message.run, events=declared)
+        if self.signing_key is not None:  # signed before the outbox: a resent reply is the same bytes
+            out = sign_message(out, self.signing_key, protocol=self.spec.name)
         self.outbox = (message.run, message.round, message.stage, encode(out))
         if self.state_path is not None:
             self._save(self.state_path)  # before the reply leaves: a restart resumes from here
@@ -291,13 +303,16 @@ class Client:
             raise RunDirectoryError(f"client state {path} is incomplete or corrupt ({exc!r})") from exc
 
 
-def _policy(learner: LocalLearner, privacy: ClientPrivacy | None) -> ReleasePolicy:
-    """The release policy a client's privacy plan calls for (none without one)."""
+def _policy(
+    learner: LocalLearner, privacy: ClientPrivacy | None, signing_key: SigningKey | None
+) -> ReleasePolicy:
+    """The release policy a client's privacy plan calls for (none without one); its ledger
+    entries signed with `signing_key` where given."""
     if privacy is None:
         return PlainRelease(learner)
     if isinstance(privacy.plan, DpPlan):
-        return CountsRelease(learner, privacy)
-    return StatisticsRelease(learner, privacy)
+        return CountsRelease(learner, privacy, signing_key)
+    return StatisticsRelease(learner, privacy, signing_key)
 
 
 def _check_split_stages(spec: ProtocolSpec, plan: PrivateMixturePlan) -> None:

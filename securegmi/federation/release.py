@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from securegmi.core.em import log_prior, mixture_estimate, mixture_loss, responsibilities
 from securegmi.core.fine_clusters import FineClusterModel
 from securegmi.core.training import SharedAdam
+from securegmi.crypto.signing import SigningKey
 from securegmi.errors import PrivacyError, ProtocolViolation
 from securegmi.federation.local import LocalLearner, derive_seed
 from securegmi.federation.statistics import StatisticsRole, downlink_stage, released
@@ -146,11 +147,14 @@ class ClientPrivacy:
 class DpMechanisms:
     """A client's ledger, its private noise, and its DP-SGD trainer."""
 
-    def __init__(self, learner: LocalLearner, privacy: ClientPrivacy) -> None:
+    def __init__(
+        self, learner: LocalLearner, privacy: ClientPrivacy, signing_key: SigningKey | None = None
+    ) -> None:
         if learner.settings.weighting != "mass":
             raise PrivacyError("a DP client weights components by its released counts only")
         plan = privacy.plan
         self.learner, self.privacy = learner, privacy
+        self.signing_key = signing_key  # signs each entry's chain link as it is committed
         self.ledger = PrivacyLedger(
             learner.client_id,
             PrivacyBudget(plan.epsilon, plan.delta),
@@ -203,6 +207,8 @@ class DpMechanisms:
         reply was saved to the outbox, so nothing of them left the client: the release is drawn
         afresh and charged once."""
         self.ledger = self.ledger.check(tuple(e for e in entries if e not in self.ledger.entries))
+        if self.signing_key is not None:
+            self.ledger = self.ledger.signed(self.signing_key.sign)
         if self.privacy.ledger_path is not None:
             self.ledger.save(self.privacy.ledger_path)
 
@@ -247,13 +253,15 @@ class CountsRelease(DpMechanisms):
 
     identifier: FineClusterModel | None = None
 
-    def __init__(self, learner: LocalLearner, privacy: ClientPrivacy) -> None:
+    def __init__(
+        self, learner: LocalLearner, privacy: ClientPrivacy, signing_key: SigningKey | None = None
+    ) -> None:
         if not isinstance(privacy.plan, DpPlan):
             raise PrivacyError(
                 f"the em design's counts release follows a DpPlan, got a {type(privacy.plan).__name__}: "
                 "build the client from the plan's own policy (Client chooses it from the plan)"
             )
-        super().__init__(learner, privacy)
+        super().__init__(learner, privacy, signing_key)
         self.plan: DpPlan = privacy.plan
 
     def exact_counts(self, elbo: Tensor, temperature: float) -> np.ndarray:
@@ -293,14 +301,16 @@ class CountsRelease(DpMechanisms):
 class StatisticsRelease(DpMechanisms):
     """The statistics design (module docstring)."""
 
-    def __init__(self, learner: LocalLearner, privacy: ClientPrivacy) -> None:
+    def __init__(
+        self, learner: LocalLearner, privacy: ClientPrivacy, signing_key: SigningKey | None = None
+    ) -> None:
         if not isinstance(privacy.plan, PrivateMixturePlan):
             raise PrivacyError(
                 "the statistics design's release follows a PrivateMixturePlan, got a "
                 f"{type(privacy.plan).__name__}: build the client from the plan's own policy (Client "
                 "chooses it from the plan)"
             )
-        super().__init__(learner, privacy)
+        super().__init__(learner, privacy, signing_key)
         self.plan: PrivateMixturePlan = privacy.plan
         self.statistics = StatisticsRole(
             learner.x,

@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save
 
 from securegmi.crypto.keys import PublicContext
+from securegmi.crypto.signing import SignerRegistry
 from securegmi.errors import (
     ConfigError,
     CryptoError,
@@ -41,7 +42,9 @@ class Server:
     `public` is the ceremony's public CKKS context, which a `ckks` protocol needs (the server
     can check and add ciphertexts with it, never read or make them). `endpoint` validates and
     records (with `transcript_path`) every message it sends and receives: a transport, or your
-    own code carrying bytes, goes through it.
+    own code carrying bytes, goes through it. `signers`, the study's registry of the clients'
+    Ed25519 public keys: every reply must be signed by its client's key (`SignatureError`,
+    recorded as rejected, otherwise); None accepts unsigned replies, as before signatures.
     """
 
     def __init__(
@@ -52,6 +55,7 @@ class Server:
         cohort_minimum: Mapping[str, int] | None = None,
         transcript_path: Path | None = None,
         run_id: str | None = None,
+        signers: SignerRegistry | None = None,
     ) -> None:
         if spec.codec == "ckks" and public is None:
             raise CryptoError(f"protocol {spec.name!r} sends ciphertexts: pass the ceremony's public context")
@@ -61,7 +65,7 @@ class Server:
         self.public = public  # the ceremony's public context (None in the clear)
         self.summation: Summation = CkksSum(public, spec) if public is not None else ClearSum(spec)
         transcript = TranscriptWriter(Path(transcript_path)) if transcript_path is not None else None
-        self.endpoint = ServerEndpoint(spec, transcript)
+        self.endpoint = ServerEndpoint(spec, transcript, signers)
         # Per uplink stage: the fewest replies whose sum may be released. The protocol declares
         # it where the noise is split (shares of sigma / sqrt(N - 1): privacy.calibration.
         # StatisticsPlan), and no server is built below that (docs/design.md §2, law 3); a caller may

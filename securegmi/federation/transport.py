@@ -13,8 +13,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from securegmi.crypto.signing import SignerRegistry
 from securegmi.errors import ProtocolViolation, RefusalError
 from securegmi.protocol import SERVER, Message, ProtocolSpec, TranscriptWriter, decode, encode
+from securegmi.protocol.signed import verify_message
 
 Handler = Callable[[Message], Message]
 
@@ -63,11 +65,16 @@ class ClientEndpoint:
 
 
 class ServerEndpoint:
-    """The server's end: validate and record what it sends, decode, validate and record replies."""
+    """The server's end: validate and record what it sends, decode, validate and record replies.
+    With `signers` (the study's registry of the clients' public keys), a reply is accepted only
+    under its client's signature."""
 
-    def __init__(self, spec: ProtocolSpec, transcript: TranscriptWriter | None) -> None:
+    def __init__(
+        self, spec: ProtocolSpec, transcript: TranscriptWriter | None, signers: SignerRegistry | None = None
+    ) -> None:
         self.spec = spec
         self.transcript = transcript
+        self.signers = signers
 
     def send(self, client_id: str, message: Message) -> bytes:
         self.spec.validate(message, sender_role="server")
@@ -78,10 +85,13 @@ class ServerEndpoint:
 
     def accept(self, client_id: str, wire: bytes) -> Message:
         reply = decode(wire)
+        signed = reply
         if reply.error is not None:
             # A client's own error text is never recorded, only its allowed form.
             reply = replace(reply, error=recorded_refusal(reply.error))
         try:
+            if self.signers is not None:  # checked on what arrived, against the link's client
+                verify_message(signed, self.signers, client_id, protocol=self.spec.name)
             self.spec.validate(reply, sender_role="client", sender=client_id)
         except ProtocolViolation:
             if self.transcript is not None:

@@ -10,7 +10,7 @@ import hashlib
 import json
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -110,6 +110,18 @@ def _genesis(client_id: str, budget: Any, adjacency: str, noise: str | None) -> 
     return hashlib.sha256(json.dumps(head, sort_keys=True).encode()).hexdigest()
 
 
+LEDGER_ENTRY_DOMAIN = "securegmi/ledger-entry/v1"
+_UNCHAINED = ("chain", "signature")  # an entry's keys its link does not hash
+
+
+def entry_statement(client_id: str, index: int, link: str) -> bytes:
+    """What a client signs for its ledger's entry `index`: the entry's chain link (which hashes
+    every entry before it and the first link: client, budget, noise source), domain-separated
+    (canonical JSON, as crypto.signing.statement writes it)."""
+    content = {"domain": LEDGER_ENTRY_DOMAIN, "client": client_id, "entry": index, "chain": link}
+    return json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
+
+
 def _link(previous: str, record: dict[str, Any]) -> str:
     """Each entry's link hashes the previous link with the entry: deleting, reordering or
     editing one entry (or the budget) breaks every link after it. Tamper-evident against a
@@ -126,6 +138,11 @@ class PrivacyLedger:
     adjacency: str = ADJACENCY
     # One of NOISE_SOURCES; hashed into the first link, so relabelling it breaks the chain.
     noise_source: str = field(default=UNKNOWN_NOISE, kw_only=True)
+    # The client's Ed25519 signature (hex) of each entry's statement (`entry_statement`), in
+    # entry order; shorter than `entries`, or "", where an entry is unsigned (a ledger written
+    # before signatures, or by a client without a signing key). Not part of the ledger's value:
+    # `check` and `project` keep them, `signed` adds the missing ones.
+    signatures: tuple[str, ...] = field(default=(), kw_only=True, compare=False)
 
     def __post_init__(self) -> None:
         if self.noise_source not in NOISE_SOURCES:
@@ -187,6 +204,31 @@ class PrivacyLedger:
             )
         return projected
 
+    def links(self) -> list[str]:
+        """Each entry's chain link, as `to_json` writes them."""
+        budget = {"epsilon": self.budget.epsilon, "delta": self.budget.delta}
+        link = _genesis(self.client_id, budget, self.adjacency, self.noise_source)
+        links = []
+        for e in self.entries:
+            link = _link(link, {"round": e.round, "name": e.name} | e.parameters())
+            links.append(link)
+        return links
+
+    def statements(self) -> list[bytes]:
+        """What each entry's signature covers (`entry_statement`)."""
+        return [entry_statement(self.client_id, i, link) for i, link in enumerate(self.links())]
+
+    def signature(self, index: int) -> str:
+        """Entry `index`'s signature; "" where it is unsigned."""
+        return self.signatures[index] if index < len(self.signatures) else ""
+
+    def signed(self, sign: Callable[[bytes], str]) -> PrivacyLedger:
+        """This ledger with every unsigned entry signed by `sign` (a client's SigningKey.sign);
+        the entries signed before keep their signatures."""
+        statements = self.statements()
+        signatures = tuple(self.signature(i) or sign(statements[i]) for i in range(len(self.entries)))
+        return replace(self, signatures=signatures)
+
     def covers(self, event_id: EventId | str) -> bool:
         return any(e.event_id == _event_id(event_id) for e in self.entries)
 
@@ -207,10 +249,11 @@ class PrivacyLedger:
         budget = {"epsilon": self.budget.epsilon, "delta": self.budget.delta}
         link = _genesis(self.client_id, budget, self.adjacency, self.noise_source)
         entries = []
-        for e in self.entries:
+        for i, e in enumerate(self.entries):
             record = {"round": e.round, "name": e.name} | e.parameters()
             link = _link(link, record)
-            entries.append(record | {"chain": link})
+            signature = self.signature(i)
+            entries.append(record | {"chain": link} | ({"signature": signature} if signature else {}))
         return {
             "client": self.client_id,
             "budget": budget,
@@ -243,12 +286,14 @@ class PrivacyLedger:
                 entry.event_id  # noqa: B018 - a name or round no event id can hold fails now
             # A ledger written before the noise source was recorded loads as "unknown".
             noise = str(data["noise"]) if "noise" in data else None
+            signatures = tuple(str(e.get("signature", "")) for e in data["entries"])
             ledger = cls(
                 str(data["client"]),
                 budget,
                 entries,
                 str(data["adjacency"]),
                 noise_source=UNKNOWN_NOISE if noise is None else noise,
+                signatures=signatures if any(signatures) else (),
             )
         except (KeyError, TypeError, ValueError, ProtocolViolation) as exc:
             raise PrivacyError(f"malformed ledger: {exc}") from exc
@@ -256,7 +301,7 @@ class PrivacyLedger:
             e.event, e.fallback_event  # noqa: B018 - parse every event now, so a bad file fails on load
         link = _genesis(ledger.client_id, data["budget"], ledger.adjacency, noise)
         for i, record in enumerate(data["entries"]):
-            link = _link(link, {k: v for k, v in record.items() if k != "chain"})
+            link = _link(link, {k: v for k, v in record.items() if k not in _UNCHAINED})
             if record.get("chain") != link:
                 raise PrivacyError(
                     f"ledger of {ledger.client_id}: entry {i} ({ledger.entries[i].event_id}) does not chain "

@@ -44,7 +44,10 @@ class Message:
     `events` maps each ledger event a field names to that event's parameters as the sender's
     ledger records them (canonical JSON: mechanism, noise multiplier, sample rate, steps), so
     the receiving end's transcript holds what each release claims as it arrives, independent
-    of the ledger files (the audit compares the two)."""
+    of the ledger files (the audit compares the two).
+
+    `signature`: the sender's Ed25519 signature (hex) of the message's statement
+    (`protocol.signed`), or empty for an unsigned message (the server's, or an older client's)."""
 
     stage: str
     round: int
@@ -53,6 +56,7 @@ class Message:
     error: str | None = None
     run: str = ""
     events: Mapping[str, str] = field(default_factory=dict)
+    signature: str = ""
 
     def __post_init__(self) -> None:
         for name, value in self.payload.items():
@@ -92,6 +96,8 @@ def encode(message: Message) -> bytes:
         "fields": fields,
         "events": dict(message.events),
     }
+    if message.signature:  # an unsigned message keeps the bytes it had before signatures
+        header["signature"] = message.signature
     return bytes(st_save(arrays, metadata={_META_KEY: json.dumps(header, sort_keys=True)}))
 
 
@@ -136,6 +142,7 @@ def decode(raw: bytes) -> Message:
             header["error"],
             str(header.get("run", "")),
             dict(header.get("events", {})),
+            str(header.get("signature", "")),
         )
     except ProtocolViolation:
         raise

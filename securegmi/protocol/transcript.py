@@ -31,6 +31,8 @@ class TranscriptWriter:
             "message_bytes": len(wire),
             "message_sha256": hashlib.sha256(wire).hexdigest(),
         }
+        if message.signature:  # kept with every row of the message: the audit checks it
+            base["signature"] = message.signature
         if message.error is not None or not message.payload:
             self._write({**base, "field": None, "error": message.error})
         for name, f in message.payload.items():

@@ -18,6 +18,7 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 
 from securegmi.config import SimulationConfig
+from securegmi.crypto.signing import SignerRegistry
 from securegmi.errors import ConfigError, PrivacyError, ProtocolViolation, RunDirectoryError
 from securegmi.files import (
     JSON_FILE,
@@ -46,6 +47,7 @@ from securegmi.records.rundir import (
     SERVER_STATE,
     TRANSCRIPT,
 )
+from securegmi.records.signatures import NONE, check_signatures, load_signers
 from securegmi.vocabulary import EventId, Placement, PrivateDesign
 
 Plan = DpPlan | PrivateMixturePlan
@@ -91,6 +93,17 @@ class AuditReport:
     # What the transcript was checked against: the registered protocol, or (where the run's
     # protocol is not registered here) only the declaration the run recorded, which says so.
     declaration: str = "registered"
+    # The clients' signatures: the registry they were checked against ("given": the auditor's,
+    # "run directory": the directory's own copy, "none": an unsigned run), its fingerprint
+    # (SHA-256 of its canonical JSON, to compare with the study's registration), how many
+    # message and ledger-entry signatures verify, how many of the problems are the signature
+    # check's, and what it notes.
+    signers: str = NONE
+    signers_fingerprint: str | None = None
+    signed_messages: int = 0
+    signed_entries: int = 0
+    signature_problems: int = 0
+    notes: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -101,15 +114,23 @@ class AuditReport:
 
 
 def audit_run(
-    run_dir: Path, *, ledgers: Path | None = None, trust_recorded_protocol: bool = False
+    run_dir: Path,
+    *,
+    ledgers: Path | None = None,
+    trust_recorded_protocol: bool = False,
+    signers: Path | SignerRegistry | None = None,
 ) -> AuditReport:
     """The audit of `run_dir`. `ledgers`: the folder of the clients' ledgers (one
     `<client>.json` each) where the run directory holds none, as a Flower server's directory
     (each site keeps its own ledger: gather them into one folder). `trust_recorded_protocol`:
     accept a run under a protocol not registered here, checked against the declaration the run
     directory holds alone (without it, such a run does not pass: whoever wrote the directory
-    could have declared every field public)."""
+    could have declared every field public). `signers`: the registry of the clients' public
+    signing keys the study registered (signers.json from the key ceremony, or its path): every
+    client message and ledger entry must be signed under it. Without it the run directory's own
+    copy is used, which shows the records self-consistent only (the report notes it)."""
     run_dir = Path(run_dir)
+    registry = load_signers(signers) if isinstance(signers, str | Path) else signers
     if ledgers is not None:
         if not Path(ledgers).is_dir():
             raise RunDirectoryError(f"{ledgers} is not a folder of the clients' ledgers (<client>.json each)")
@@ -120,10 +141,12 @@ def audit_run(
                 "without them, as a Flower server's)"
             )
     ledger_dir = Path(ledgers) if ledgers is not None else run_dir / LEDGERS
-    return _audit(run_dir, ledger_dir, trust_recorded_protocol)
+    return _audit(run_dir, ledger_dir, trust_recorded_protocol, registry)
 
 
-def _audit(run_dir: Path, ledger_dir: Path, trust_recorded_protocol: bool) -> AuditReport:
+def _audit(
+    run_dir: Path, ledger_dir: Path, trust_recorded_protocol: bool, signers: SignerRegistry | None
+) -> AuditReport:
     problems: list[str] = []
     rows, run_config, config, recorded = _read_run_files(run_dir)
     spec, declaration = _declared_protocol(recorded, problems, trust_recorded_protocol)
@@ -160,8 +183,21 @@ def _audit(run_dir: Path, ledger_dir: Path, trust_recorded_protocol: bool) -> Au
     for name, clients in sorted(unprotected.items()):
         problems.append(f"{name!r} left {len(clients)} client(s) without protection (non-private)")
     budgets = _budgets(ledgers, received, problems)
+    signed = check_signatures(run_dir, rows, ledgers, spec.name, signers)
+    problems += signed.problems
     return AuditReport(
-        str(run_dir), spec.name, tuple(budgets), tuple(disclosures), tuple(problems), declaration
+        str(run_dir),
+        spec.name,
+        tuple(budgets),
+        tuple(disclosures),
+        tuple(problems),
+        declaration,
+        signed.source,
+        signed.fingerprint,
+        signed.messages,
+        signed.entries,
+        len(signed.problems),
+        signed.notes,
     )
 
 

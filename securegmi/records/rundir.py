@@ -50,11 +50,14 @@ CLIENT_STATES = "client-states"  # each client's pi, model copy and ledger, wher
 AGGREGATE = "aggregate.safetensors"  # the server's final broadcast as wire bytes (ciphertexts under CKKS)
 ENGINE = "engine.json"  # a distributed engine's own summary (wall time, start, exchanges, refusals)
 SERVER_STATE = "server-state.safetensors"  # the server's sums and run id after the last round
-CLIENT_KEYS = "client-keys"  # a simulated secure run's clients' CKKS key (a node's key dir on Flower)
+# A simulated run's clients' CKKS key and signing keys (a node's key dir on Flower).
+CLIENT_KEYS = "client-keys"
+SIGNERS = "signers.json"  # the registry of the clients' Ed25519 public keys the ceremony made
 
 # A run's records: nothing but the run itself writes them, and no other command overwrites one.
 RECORD_FILES = frozenset(
     {CONFIG, RESULTS, METRICS, TRANSCRIPT, CHECKPOINT, PLAN, PROTOCOL, AGGREGATE, ENGINE, SERVER_STATE}
+    | {SIGNERS}
 )
 RECORD_FOLDERS = (LEDGERS, CLIENT_STATES, CLIENT_KEYS)
 # Where the server's state records the digest of the configuration the run was started with.
@@ -104,6 +107,7 @@ class RunDirectory:
             AGGREGATE,
             ENGINE,
             SERVER_STATE,
+            SIGNERS,
         )
         for stale in stale_files:
             try:
@@ -117,6 +121,7 @@ class RunDirectory:
             (LEDGERS, "*.json"),
             (CLIENT_STATES, "*.safetensors"),
             (CLIENT_KEYS, "*.ckks"),
+            (CLIENT_KEYS, "*.ed25519"),
         ):
             if (self.path / folder).is_dir():
                 for old in (self.path / folder).glob(pattern):

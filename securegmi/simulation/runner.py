@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import numpy as np
 from securegmi.config import SimulationConfig
 from securegmi.core.mixture import MixtureOfVAEs
 from securegmi.crypto.keys import SecretContext
+from securegmi.crypto.signing import SignerRegistry, SigningKey
 from securegmi.errors import ConfigError, RunDirectoryError
 from securegmi.federation.client import Client
 from securegmi.federation.codec import CkksCodec, ClearCodec, ClientCodec
@@ -35,6 +37,7 @@ from securegmi.records.rundir import (
     LEDGERS,
     RESULTS,
     SERVER_STATE,
+    SIGNERS,
     TRANSCRIPT,
     RunDirectory,
 )
@@ -230,6 +233,33 @@ def key_ceremony(federation: Federation, key_dir: Path | None, resume: bool = Fa
     return keys
 
 
+def signing_ceremony(
+    client_ids: list[str], key_dir: Path | None, registry_path: Path | None, resume: bool = False
+) -> dict[str, SigningKey] | None:
+    """Every client's Ed25519 signing key, and the registry of their public keys the study
+    registers. With `key_dir` each key is kept there (owner-only: the clients' side, as each
+    Flower node keeps its own), with `registry_path` the registry beside the server's records;
+    `resume` loads both back. None for a resumed run started before signatures (none saved):
+    it goes on unsigned, as it began."""
+    if resume:
+        if key_dir is None or not os.path.lexists(SigningKey.path_in(key_dir, client_ids[0])):
+            return None
+        keys = {cid: SigningKey.load(key_dir, cid) for cid in client_ids}
+        if registry_path is not None and SignerRegistry.load(registry_path) != SignerRegistry.of(keys):
+            raise RunDirectoryError(
+                f"{registry_path} is not the registry of the clients' saved signing keys ({key_dir}): "
+                "a resumed run continues under the keys it was started with; restore the original files"
+            )
+        return keys
+    keys = {cid: SigningKey.generate(cid) for cid in client_ids}
+    if key_dir is not None:
+        for key in keys.values():
+            key.save(key_dir)
+    if registry_path is not None:
+        SignerRegistry.of(keys).save(registry_path)
+    return keys
+
+
 def conclude_run(
     federation: Federation, final: Client, last: Message, ledgers: list[PrivacyLedger]
 ) -> tuple[MixtureOfVAEs, dict[str, Any] | None]:
@@ -275,17 +305,25 @@ def run_federated(
     ledger_dir = run_dir.file(LEDGERS) if run_dir is not None and plan is not None else None
     if run_dir is not None and not resume:
         federation.write_public_files(run_dir)
-    keys = key_ceremony(federation, run_dir.file(CLIENT_KEYS) if run_dir is not None else None, resume)
+    key_dir = run_dir.file(CLIENT_KEYS) if run_dir is not None else None
+    keys = key_ceremony(federation, key_dir, resume)
+    signing = signing_ceremony(
+        federation.client_ids, key_dir, run_dir.file(SIGNERS) if run_dir is not None else None, resume
+    )
 
     def state_of(cid: str) -> Path | None:
         return run_dir.file(CLIENT_STATES) / f"{cid}.safetensors" if run_dir is not None else None
 
     clients = {
-        cid: federation.client(i, keys, ledger_dir, state_path=state_of(cid))
+        cid: federation.client(
+            i, keys, ledger_dir, state_path=state_of(cid), signing_key=(signing or {}).get(cid)
+        )
         for i, cid in enumerate(federation.client_ids)
     }
     transcript = run_dir.file(TRANSCRIPT) if run_dir is not None else None
-    server = federation.server(keys.public() if keys is not None else None, transcript)
+    # The server holds the registry of public keys only, never a client's signing key.
+    signers = None if signing is None else SignerRegistry.of(signing)
+    server = federation.server(keys.public() if keys is not None else None, transcript, signers)
     # The harness plays a client to evaluate: it opens each aggregate as a client would.
     harness: ClientCodec = CkksCodec(keys) if keys is not None else ClearCodec()
     reference = federation.new_model()

@@ -14,6 +14,7 @@ from securegmi.core.mixture import MixtureOfVAEs
 from securegmi.crypto.keys import PublicContext, SecretContext
 from securegmi.crypto.params import CkksParameters
 from securegmi.crypto.release import release_decrypted
+from securegmi.crypto.signing import SignerRegistry, SigningKey
 from securegmi.data.datasets import load_dataset
 from securegmi.data.mixture import FederatedData, make_federated_data
 from securegmi.errors import ConfigError
@@ -121,6 +122,7 @@ class Federation:
         ledger_dir: Path | None = None,
         state_path: Path | None = None,
         transcript_path: Path | None = None,
+        signing_key: SigningKey | None = None,
     ) -> Client:
         """Client `index` (data split, model, privacy and keys), as any engine builds it."""
         config, cid = self.config, self.client_ids[index]
@@ -147,11 +149,17 @@ class Federation:
             seed=config.seed,
             state_path=state_path,
             transcript_path=transcript_path,
+            signing_key=signing_key,
         )
 
-    def server(self, public: PublicContext | None, transcript_path: Path | None = None) -> Server:
+    def server(
+        self,
+        public: PublicContext | None,
+        transcript_path: Path | None = None,
+        signers: SignerRegistry | None = None,
+    ) -> Server:
         # The protocol declares the minimum cohort of every private aggregate (its N).
-        return Server(self.spec, public, transcript_path=transcript_path)
+        return Server(self.spec, public, transcript_path=transcript_path, signers=signers)
 
     def exported(self, values: np.ndarray) -> np.ndarray:
         """Values a run exports (components, the source identifier). Under CKKS they are
