@@ -73,8 +73,15 @@ def _ckks(path: Path) -> None:
     ts.context_from(path.read_bytes())
 
 
+def _ed25519(path: Path) -> None:
+    """A client's Ed25519 signing key: 32 bytes as hex text (crypto.signing)."""
+    if len(bytes.fromhex(path.read_text().strip())) != 32:
+        raise ValueError("not a 32-byte key in hex")
+
+
 DATA_ONLY = {
     ".ckks": _ckks,
+    ".ed25519": _ed25519,
     ".json": lambda p: json.loads(p.read_text()),
     ".jsonl": _json_lines,
     ".safetensors": _safetensors,

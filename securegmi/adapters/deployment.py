@@ -24,6 +24,7 @@ import numpy as np
 
 from securegmi.config import SimulationConfig
 from securegmi.crypto.keys import SecretContext
+from securegmi.crypto.signing import SigningKey
 from securegmi.errors import ConfigError, CryptoError, RunAbortedError, RunDirectoryError
 from securegmi.federation.client import Client
 from securegmi.files import (
@@ -46,6 +47,7 @@ from securegmi.records.rundir import (
     LEDGERS,
     PLAN,
     PROTOCOL,
+    SIGNERS,
     TRANSCRIPT,
     RunDirectory,
 )
@@ -54,7 +56,7 @@ from securegmi.simulation.runner import RunResult, conclude_run, finish_run, own
 from securegmi.simulation.study import Federation
 
 # The server's public records an exported run directory carries, as the server wrote them.
-SERVER_RECORDS = (PROTOCOL, PLAN, TRANSCRIPT, ENGINE, AGGREGATE)
+SERVER_RECORDS = (PROTOCOL, PLAN, TRANSCRIPT, ENGINE, AGGREGATE, SIGNERS)
 
 
 @functools.lru_cache(maxsize=2)
@@ -67,7 +69,8 @@ def study_federation(config: SimulationConfig) -> Federation:
 
 
 def study_client(config: SimulationConfig, site_dir: Path, index: int, key_dir: Path | None) -> Client:
-    """Client `index` of the embedded study, with its state and ledger under `site_dir`."""
+    """Client `index` of the embedded study, with its state and ledger under `site_dir`, and,
+    where `key_dir` holds them, the clients' CKKS key and this client's signing key."""
     federation = study_federation(config)
     keys = None
     if federation.secure:
@@ -75,11 +78,15 @@ def study_client(config: SimulationConfig, site_dir: Path, index: int, key_dir: 
             raise CryptoError("the secure protocol needs the site's key directory ('key-dir')")
         keys = SecretContext.load(key_dir, federation.ckks_parameters())
     cid = federation.client_ids[index]
+    signing = None
+    if key_dir is not None and os.path.lexists(SigningKey.path_in(key_dir, cid)):
+        signing = SigningKey.load(key_dir, cid)
     return federation.client(
         index,
         keys,
         site_dir / LEDGERS if federation.plan is not None else None,
         state_path=site_dir / CLIENT_STATES / f"{cid}.safetensors",
+        signing_key=signing,
     )
 
 

@@ -24,12 +24,13 @@ from securegmi.adapters.flower import (
 )
 from securegmi.config import SimulationConfig
 from securegmi.crypto.keys import PUBLIC_FILE, PublicContext
+from securegmi.crypto.signing import SignerRegistry
 from securegmi.errors import ConfigError, CryptoError
 from securegmi.federation.client import Client
 from securegmi.files import KEY_FILE, read_bytes
-from securegmi.records.rundir import CONFIG, TRANSCRIPT, RunDirectory
+from securegmi.records.rundir import CONFIG, SIGNERS, TRANSCRIPT, RunDirectory
 from securegmi.simulation.recorder import Recorder
-from securegmi.simulation.runner import RunResult, key_ceremony
+from securegmi.simulation.runner import RunResult, key_ceremony, signing_ceremony
 from securegmi.simulation.study import Federation
 
 
@@ -41,9 +42,15 @@ def study_config(run_config: Mapping[str, Any]) -> SimulationConfig:
 
 
 def study_server(
-    config: SimulationConfig, run_dir: Path, public_key: Path | None, overwrite: bool = False
+    config: SimulationConfig,
+    run_dir: Path,
+    public_key: Path | None,
+    overwrite: bool = False,
+    signers: Path | None = None,
 ) -> ServerSetup:
-    """The server of the embedded study; it reads the public CKKS context only."""
+    """The server of the embedded study; it reads the public CKKS context only, and with
+    `signers` (the registry of the clients' signing keys) accepts only signed replies and keeps
+    a copy of the registry beside its transcript."""
     federation = Federation.build(config)
     public = None
     if federation.secure:
@@ -52,12 +59,15 @@ def study_server(
                 f"the secure protocol's server needs the ceremony's {PUBLIC_FILE} ('public-key')"
             )
         public = PublicContext(read_bytes(public_key, KEY_FILE, CryptoError), federation.ckks_parameters())
+    registry = SignerRegistry.load(signers) if signers is not None else None
     directory = RunDirectory(run_dir, overwrite=overwrite)
     directory.write_json(CONFIG, config.to_dict())
     federation.write_public_files(directory)
+    if registry is not None:
+        registry.save(directory.file(SIGNERS))
     recorder = Recorder(config, federation.data, None, None)
     return ServerSetup(
-        federation.server(public, directory.file(TRANSCRIPT)),
+        federation.server(public, directory.file(TRANSCRIPT), registry),
         directory,
         len(federation.client_ids),
         federation.rounds,
@@ -81,16 +91,20 @@ def study_apps(
         return study_client(config, run_dir, int(context.node_config["partition-id"]), key_dir)
 
     def make_server(context: Context) -> ServerSetup:
-        public = key_dir / PUBLIC_FILE if key_dir is not None else None
-        return study_server(config, run_dir, public, overwrite)
+        secure = key_dir is not None and (key_dir / PUBLIC_FILE).exists()
+        public = key_dir / PUBLIC_FILE if key_dir is not None and secure else None
+        signers = key_dir / SIGNERS if key_dir is not None and (key_dir / SIGNERS).exists() else None
+        return study_server(config, run_dir, public, overwrite, signers)
 
     return server_app(make_server), client_app(make_client)
 
 
 # Configs for `flwr run` (deployment engine). Run config: `study` (a SimulationConfig as JSON),
-# `run-dir` (the server's), `public-key` (secure only). Node config: `partition-id`, `state-dir`
-# (the node's own directory: its state and ledger), `key-dir` (secure only). The protocol is the
-# one the study names, found in the registry.
+# `run-dir` (the server's), `public-key` (secure only), `signers` (optional: the registry of the
+# clients' signing keys; the server then accepts only signed replies). Node config:
+# `partition-id`, `state-dir` (the node's own directory: its state and ledger), `key-dir`
+# (secure, or where the node keeps its signing key `<client>.ed25519`). The protocol is the one
+# the study names, found in the registry.
 
 
 def configured_client_app() -> ClientApp:
@@ -112,8 +126,11 @@ def configured_server_app() -> ServerApp:
     def make_server(context: Context) -> ServerSetup:
         config = study_config(context.run_config)
         public = str(context.run_config.get("public-key", ""))
+        signers = str(context.run_config.get("signers", ""))
         run_dir = Path(str(context.run_config["run-dir"]))
-        return study_server(config, run_dir, Path(public) if public else None)
+        return study_server(
+            config, run_dir, Path(public) if public else None, signers=Path(signers) if signers else None
+        )
 
     return server_app(make_server)
 
@@ -145,8 +162,11 @@ def run_flower_simulation(
     out = Path(out)
     federation = Federation.build(config)
     with tempfile.TemporaryDirectory(prefix="securegmi-") as scratch:
-        key_dir = Path(scratch) / "keys" if federation.secure else None
-        key_ceremony(federation, key_dir)
+        key_dir = Path(scratch) / "keys"
+        key_ceremony(federation, key_dir if federation.secure else None)
+        # Every client's signing key beside it (the ClientApps read their own), the registry
+        # for the server.
+        signing_ceremony(federation.client_ids, key_dir, key_dir / SIGNERS)
         ray_environment(Path(scratch), ray_address)
         # Refuse a used directory before Ray starts, not inside the ServerApp.
         RunDirectory(out, overwrite=overwrite)

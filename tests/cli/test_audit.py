@@ -59,22 +59,30 @@ def test_a_dp_run_passes_the_audit(dp_run):
 
 def _rewrite(path: Path, change: Callable[[dict[str, Any]], None], *, consistently: bool) -> None:
     """Edit a ledger file; `consistently` also recomputes its hash chain, as someone who knows
-    the format would."""
+    the format would, dropping the client's signatures (which nobody without its key can make
+    anew)."""
     data = json.loads(path.read_text())
     change(data)
     if consistently:
         link = ledger_module._genesis(data["client"], data["budget"], data["adjacency"], data.get("noise"))
         for record in data["entries"]:
             record.pop("chain", None)
+            record.pop("signature", None)
             link = ledger_module._link(link, record)
             record["chain"] = link
     path.write_text(json.dumps(data))
 
 
-def _problems(run_dir: Path) -> list[str]:
+def _problems(run_dir: Path, *, signatures: bool = False) -> list[str]:
+    """The audit's problems; without `signatures`, those of every check but the signatures'
+    (listed last): each edit below is also caught by the records the edit left alone, which is
+    what still catches a forger who holds the clients' signing keys (a simulation's directory
+    keeps them in client-keys/). tests/records/test_signatures.py tests the signatures."""
     audit = runner.invoke(app, ["audit", str(run_dir), "--json"])
     assert audit.exit_code == 1, audit.output
-    return list(json.loads(audit.stdout)["problems"])
+    report = json.loads(audit.stdout)
+    problems = list(report["problems"])
+    return problems if signatures else problems[: len(problems) - report["signature_problems"]]
 
 
 def _forget_round_1(ledger: dict[str, Any]) -> None:
@@ -740,9 +748,18 @@ def test_a_plain_run_relabelled_as_an_unregistered_protocol_that_calls_its_field
     _write_rows(out / "transcript.jsonl", rows)
     audit = runner.invoke(app, ["audit", str(out)])
     assert audit.exit_code == 1 and "'plain-x' is not registered here" in audit.output
-    # Negative control: trusted by the auditor, the forgery is what the recorded declaration says.
+    # Trusted by the auditor, the recorded declaration is what the forgery says; the clients'
+    # signatures are not: they signed the protocol's name and each field's kind.
+    trusted = runner.invoke(app, ["audit", str(out), "--trust-recorded-protocol", "--json"])
+    report = json.loads(trusted.stdout)
+    assert trusted.exit_code == 1 and report["signature_problems"] == len(report["problems"]) == 3
+    assert all("is not what the client signed" in p for p in report["problems"])
+    # Negative control: the same forgery of an unsigned run (written before signatures) passes.
+    _write_rows(out / "transcript.jsonl", [{k: v for k, v in r.items() if k != "signature"} for r in rows])
+    (out / "signers.json").unlink()
     trusted = runner.invoke(app, ["audit", str(out), "--trust-recorded-protocol"])
     assert trusted.exit_code == 0 and "note: recorded only" in trusted.output
+    assert "unsigned run" in trusted.output
 
 
 @pytest.mark.slow

@@ -271,10 +271,16 @@ def test_the_audit_fails_a_run_whose_noise_was_seeded(runs):
     assert any("regenerate and subtract" in p for p in json.loads(audit.stdout)["problems"])
 
 
-def _audit(run_dir) -> tuple[int, list[str]]:  # type: ignore[no-untyped-def]
+def _audit(run_dir, *, signatures: bool = False) -> tuple[int, list[str]]:  # type: ignore[no-untyped-def]
+    """Exit code and problems; without `signatures`, those of every check but the signatures'
+    (listed last), which tests/records/test_signatures.py tests."""
     audit = CliRunner().invoke(app, ["audit", str(run_dir), "--json"])
     assert audit.exit_code in (0, 1), audit.output
-    return audit.exit_code, list(json.loads(audit.stdout)["problems"])
+    report = json.loads(audit.stdout)
+    problems = list(report["problems"])
+    return audit.exit_code, problems if signatures else problems[
+        : len(problems) - report["signature_problems"]
+    ]
 
 
 @pytest.mark.slow
@@ -335,8 +341,12 @@ def test_a_seeded_run_relabelled_private_with_its_ledgers_rewritten_fails_the_au
     for path in sorted((run / "ledgers").glob("*.json")):
         ledger = PrivacyLedger.load(path)
         assert ledger.noise_source == "seeded"
-        dataclasses.replace(ledger, noise_source="private").save(path)
+        dataclasses.replace(ledger, noise_source="private", signatures=()).save(path)
     assert _audit(run) == (1, [*_SEEDED_STATES, _SEEDED_RESULTS])
+    # Re-saved without the clients' keys, every ledger is unsigned too.
+    signed = _audit(run, signatures=True)[1][len(_SEEDED_STATES) + 1 :]
+    assert [p.split(":")[0] for p in signed] == [p.stem for p in sorted((run / "ledgers").glob("*.json"))]
+    assert all("no signature" in p for p in signed), signed
     # Each record alone fails it.
     (run / "results.json").rename(run / "results.moved")
     assert _audit(run) == (1, _SEEDED_STATES)
