@@ -92,5 +92,8 @@ def errors_as_messages(command: Callable[P, None]) -> Callable[P, None]:
     return run
 
 
-keys_app = typer.Typer(help="CKKS key ceremony for the secure protocol.", no_args_is_help=True)
+keys_app = typer.Typer(
+    help="Key ceremonies: the CKKS keys of the secure protocol, the clients' signing keys.",
+    no_args_is_help=True,
+)
 app.add_typer(keys_app, name="keys")

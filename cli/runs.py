@@ -103,6 +103,38 @@ def keys_new(
     console.print(f"key id: {keys.key_id}")
 
 
+@keys_app.command("signing")
+@errors_as_messages
+def keys_signing(
+    out: Annotated[
+        str, typer.Option(help="directory for each <client>.ed25519 (mode 0600) and signers.json")
+    ],
+    clients: Annotated[int, typer.Option(min=1, help="how many clients (client-0 ... client-N-1)")],
+) -> None:
+    """Create every client's Ed25519 signing key and the registry of their public keys: give
+    each client its own <client>.ed25519 only (out of band), register signers.json with the
+    study (its fingerprint too) and give it to the server (run config 'signers') and auditors
+    (`securegmi audit --signers`)."""
+    from securegmi.crypto.signing import SIGNERS_FILE, SignerRegistry, SigningKey
+
+    if not out.strip():
+        raise ConfigError("--out is empty: name the directory to write the signing keys to")
+    directory = Path(out)
+    ids = [f"client-{i}" for i in range(clients)]
+    taken = [p for p in (SigningKey.path_in(directory, c) for c in ids) if os.path.lexists(p)]
+    if taken or os.path.lexists(directory / SIGNERS_FILE):
+        first = taken[0] if taken else directory / SIGNERS_FILE
+        raise ConfigError(f"{first} exists: refusing to overwrite a key")
+    keys = {cid: SigningKey.generate(cid) for cid in ids}
+    for key in keys.values():
+        key.save(directory)
+    registry = SignerRegistry.of(keys)
+    registry.save(directory / SIGNERS_FILE)
+    console.print(f"signing keys (one per client, mode 0600): {escape(str(directory))}/client-*.ed25519")
+    console.print(f"registry (the study, the server, auditors): {escape(str(directory / SIGNERS_FILE))}")
+    console.print(f"registry fingerprint: {registry.fingerprint}")
+
+
 @app.command()
 @errors_as_messages
 def infer(

@@ -33,11 +33,19 @@ def simulate(
 
 
 def audit(
-    run_dir: Path, *, ledgers: Path | None = None, trust_recorded_protocol: bool = False
+    run_dir: Path,
+    *,
+    ledgers: Path | None = None,
+    trust_recorded_protocol: bool = False,
+    signers: Path | None = None,
 ) -> AuditReport:
     """Check a run directory: every field that left a client is declared and covered by a
     ledger event, and every ledger stays within its budget. `ledgers`: where the clients'
     ledgers are when the run directory does not hold them (a Flower server's directory).
     `trust_recorded_protocol`: accept a protocol not registered here on its recorded
-    declaration alone (see `securegmi.records.audit.audit_run`)."""
-    return audit_run(Path(run_dir), ledgers=ledgers, trust_recorded_protocol=trust_recorded_protocol)
+    declaration alone (see `securegmi.records.audit.audit_run`). `signers`: the registry of the
+    clients' public signing keys the study registered; every client message and ledger entry
+    must verify under it (without it, under the run directory's own copy: self-consistency only)."""
+    return audit_run(
+        Path(run_dir), ledgers=ledgers, trust_recorded_protocol=trust_recorded_protocol, signers=signers
+    )

@@ -30,6 +30,7 @@ from securegmi.records.rundir import (
     LEDGERS,
     RESULTS,
     SERVER_STATE,
+    SIGNERS,
     TRANSCRIPT,
     RunDirectory,
 )
@@ -68,6 +69,8 @@ def save(run_dir: Path | str, clients: Sequence[Client], server: Server, *, over
     plan = clients[0].plan
     directory.write_public_files(server.spec, plan)
     write_atomic(directory.file(TRANSCRIPT), record)
+    if server.endpoint.signers is not None:  # the registry the server checked every reply against
+        server.endpoint.signers.save(directory.file(SIGNERS))
     for client in clients:
         if client.ledger is not None:
             client.ledger.save(directory.file(LEDGERS) / f"{client.client_id}.json")

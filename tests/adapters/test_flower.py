@@ -40,7 +40,7 @@ from securegmi.protocol import read_transcript
 from securegmi.records.audit import audit_run
 from securegmi.records.rundir import AGGREGATE, CHECKPOINT, CLIENT_STATES, ENGINE, LEDGERS, TRANSCRIPT
 from securegmi.records.trained import load
-from securegmi.simulation.runner import run_simulation
+from securegmi.simulation.runner import run_simulation, signing_ceremony
 from securegmi.simulation.study import Federation
 
 from ..no_pickle import non_data_files
@@ -99,7 +99,12 @@ class ListeningWatch:
 
 
 def _ledgers(run_dir: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((run_dir / LEDGERS).glob("*.json"))]
+    """Each ledger file, its entries without their signatures (each run's clients have keys of
+    their own)."""
+    ledgers = [json.loads(p.read_text()) for p in sorted((run_dir / LEDGERS).glob("*.json"))]
+    for ledger in ledgers:
+        assert all(e.pop("signature") for e in ledger["entries"])  # every entry is signed
+    return ledgers
 
 
 def test_simulation_engine_matches_in_process(tmp_path):
@@ -128,6 +133,8 @@ def test_simulation_engine_matches_in_process(tmp_path):
         report = audit_run(tmp_path / run)
         # Seeded noise is for tests only: the audit says so, and nothing else.
         assert all("seeded" in problem for problem in report.problems), report.problems
+        # Both engines' clients signed every reply and entry, which the servers checked.
+        assert report.signature_problems == 0 and report.signed_messages > 0 and report.signed_entries > 0
     # Negative control: the same study with other (private) noise gives other pi estimates, so
     # the tolerances above can fail.
     private = SimulationConfig(clients=3, epsilon=8.0, protocol="secure", dp_noise="private")
@@ -203,6 +210,9 @@ def test_deployment_engine_on_loopback_completes_a_secure_run(tmp_path):
     federation = Federation.build(config)
     keys = tmp_path / "keys"
     SecretContext.generate(federation.ckks_parameters()).save(keys)
+    # Each client's signing key beside it (every node here shares the one key directory and
+    # reads its own key), the registry of public keys for the server and the audit.
+    signing_ceremony(federation.client_ids, keys, tmp_path / "signers.json")
     public = tmp_path / "server-keys"
     public.mkdir()
     shutil.copy(keys / "public.ckks", public / "public.ckks")
@@ -213,6 +223,7 @@ def test_deployment_engine_on_loopback_completes_a_secure_run(tmp_path):
     study = json.dumps(config.to_dict()).replace("'", "")
     overrides.write_text(
         f'study = \'{study}\'\nrun-dir = "{tmp_path / "server"}"\npublic-key = "{public / "public.ckks"}"\n'
+        f'signers = "{tmp_path / "signers.json"}"\n'
     )
     with LoopbackDeployment(tmp_path / "flower", nodes) as deployment:
         pids = deployment.pids
@@ -233,8 +244,11 @@ def test_deployment_engine_on_loopback_completes_a_secure_run(tmp_path):
     for i in range(3):
         assert (tmp_path / f"node-{i}" / CLIENT_STATES / f"client-{i}.safetensors").exists()
         shutil.copy(tmp_path / f"node-{i}" / LEDGERS / f"client-{i}.json", gathered)
-    report = audit_run(server, ledgers=gathered)
+    report = audit_run(server, ledgers=gathered, signers=tmp_path / "signers.json")
     assert report.ok, report.problems
+    # Every reply the server took and every ledger entry is signed by its client's key.
+    assert report.signers == "given" and report.signed_messages > 0
+    assert report.signed_entries == sum(len(json.loads(p.read_text())["entries"]) for p in gathered.iterdir())
     assert [
         bad for d in (server, *(tmp_path / f"node-{i}" for i in range(3))) for bad in non_data_files(d)
     ] == []
