@@ -161,11 +161,11 @@ class SignerRegistry:
         if verifier is None:
             raise CryptoError(f"{client!r} is not a registered signer")
         if not (isinstance(signature, str) and _HEX_SIGNATURE.fullmatch(signature)):
-            raise CryptoError(f"{client}: a malformed signature" if signature else f"{client}: no signature")
+            raise CryptoError("a malformed signature" if signature else "no signature")
         try:
             verifier.verify(bytes.fromhex(signature), message)
         except InvalidSignature:
-            raise CryptoError(f"{client}: the signature does not verify against its registered key") from None
+            raise CryptoError(f"the signature does not verify against {client}'s registered key") from None
 
     def valid(self, client: str, message: bytes, signature: str) -> bool:
         try:

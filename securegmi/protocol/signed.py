@@ -131,6 +131,7 @@ def verify_message(
         )
     except CryptoError as exc:
         raise SignatureError(
-            f"{client_id}: round {message.round} ({message.stage}) refused: {exc}. Only a message signed "
-            "with the client's registered key is accepted (a forged, altered or replayed message is not)"
+            f"{client_id}: its reply of round {message.round} ({message.stage}) is refused: {exc}. Only a "
+            "message signed with the client's registered key is accepted (a forged, altered or replayed "
+            "one is not)"
         ) from None

@@ -147,14 +147,14 @@ def _check_messages(
                 raise CryptoError("its rows carry different signatures")
             registry.verify(client, row_statement(rows, protocol=protocol), str(signature or ""))
         except (CryptoError, KeyError, TypeError, ValueError) as exc:
-            failed.setdefault(client, []).append(f"{where}: {exc}")
+            failed.setdefault(client, []).append(f"{where} [{exc}]")
             continue
         verified += 1
     for client, why in sorted(failed.items()):  # one line per client is enough to fail the audit
         more = f" (and {len(why) - 1} more of its messages)" if len(why) > 1 else ""
         problems.append(
-            f"{client}: the {TRANSCRIPT} record of its message of {why[0]}{more}: the record is not what the "
-            "client signed"
+            f"{client}: the {TRANSCRIPT} record of its message of {why[0]}{more} is not what the client "
+            "signed"
         )
     return verified
 
@@ -169,12 +169,10 @@ def _check_ledgers(
             try:
                 registry.verify(client, text, ledger.signature(i))
             except CryptoError as exc:
-                bad.append(f"entry {i} ({ledger.entries[i].event_id}): {exc}")
+                bad.append(f"entry {i} ({ledger.entries[i].event_id}) [{exc}]")
                 continue
             verified += 1
         if bad:
             more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-            problems.append(
-                f"{client}: {LEDGERS}/{client}.json {bad[0]}{more}: the ledger is not what the client signed"
-            )
+            problems.append(f"{client}: {LEDGERS}/{client}.json {bad[0]}{more} is not what the client signed")
     return verified

@@ -267,26 +267,34 @@ def test_a_stripped_signature_fails_and_an_unsigned_run_fails_against_a_registry
     assert code == 1 and len(_signature_problems(report)) == 6, report["problems"]
 
 
+def _flip(value: str) -> str:
+    return value[:5] + ("0" if value[5] != "0" else "1") + value[6:]
+
+
 @pytest.mark.slow
-def test_a_tampered_signature_or_row_fails_the_audit(signed_run, tmp_path):
-    """One client message's recorded signature with one character changed, or one of its
-    fields' digests changed, no longer verifies (control: the untouched copy passes)."""
+@pytest.mark.parametrize("what", ["signature", "sha256", "round", "run"])
+def test_a_tampered_signature_or_row_or_a_message_moved_to_another_round_fails_the_audit(
+    signed_run, tmp_path, what
+):
+    """One client message's recorded signature or one field's digest with one character
+    changed, or the message's rows moved to another round or run id (a replay written into the
+    record), no longer verifies; the untouched copy passes (control)."""
     out, _ = signed_run
-    for what in ("signature", "sha256"):
-        copy = _copy(out, tmp_path / what)
-        rows = _rows(copy / "transcript.jsonl")
-        target = next(r for r in rows if r["sender"] == "client-1" and r.get("field") is not None)
-        value = target[what]
-        flipped = ("0" if value[5] != "0" else "1").join((value[:5], value[6:]))
-        for row in rows:
-            if row.get(what) == value and row["sender"] == "client-1":
-                row[what] = flipped
-        _write_rows(copy / "transcript.jsonl", rows)
-        code, report = _audit(copy)
-        problems = _signature_problems(report)
-        assert code == 1 and [p.split(":")[0] for p in problems] == ["client-1"], report["problems"]
-    control = _copy(out, tmp_path / "control")
-    assert _audit(control)[0] == 0
+    copy = _copy(out, tmp_path / what)
+    rows = _rows(copy / "transcript.jsonl")
+    target = next(r for r in rows if r["sender"] == "client-1" and r.get("field") is not None)
+    assert _audit(copy)[0] == 0  # control
+    same_message = [r for r in rows if r.get("signature") == target["signature"]]
+    for row in same_message if what != "sha256" else [target]:
+        if what == "round":
+            row["round"] += 1
+        else:
+            row[what] = _flip(row[what])
+    _write_rows(copy / "transcript.jsonl", rows)
+    code, report = _audit(copy)
+    problems = _signature_problems(report)
+    assert code == 1 and [p.split(":")[0] for p in problems] == ["client-1"], report["problems"]
+    assert "is not what the client signed" in problems[0]
 
 
 # --- messages: what a signature binds ---------------------------------------------------------
@@ -389,7 +397,7 @@ def test_the_server_refuses_a_reply_signed_with_another_clients_key(tmp_path):
     exchange = transport.exchange({"client-0": server.broadcast(0, 1.0)})
     assert (
         exchange.replies == {}
-        and "does not verify against its registered key" in exchange.refused["client-0"]
+        and "does not verify against client-0's registered key" in exchange.refused["client-0"]
     )
     statuses = [r["status"] for r in _rows(tmp_path / "transcript.jsonl") if r["sender"] == "client-0"]
     assert "rejected" in statuses and statuses[-1] == "refused"
