@@ -2,8 +2,8 @@
 reach (instance dicts, __slots__, containers and their keys, closures, default arguments, bound
 methods, partials, and the properties of securegmi's own classes) and reports the path to every
 secret it finds: a `SecretContext`, a TenSEAL context holding a secret key, SEAL's secret key or
-the objects built from it (a decryptor, a symmetric encryptor, a key generator), or bytes
-containing a serialised secret."""
+the objects built from it (a decryptor, a symmetric encryptor, a key generator), a client's
+Ed25519 signing key, or bytes containing a serialised secret."""
 
 from __future__ import annotations
 
@@ -15,11 +15,22 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import tenseal as ts
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from tenseal import sealapi
 
 from securegmi.crypto.keys import SecretContext
+from securegmi.crypto.signing import SigningKey
 
-SECRET_TYPES = (SecretContext, sealapi.SecretKey, sealapi.Decryptor, sealapi.Encryptor, sealapi.KeyGenerator)
+# A client's Ed25519 signing key is a client secret too (crypto.signing).
+SECRET_TYPES = (
+    SecretContext,
+    sealapi.SecretKey,
+    sealapi.Decryptor,
+    sealapi.Encryptor,
+    sealapi.KeyGenerator,
+    SigningKey,
+    Ed25519PrivateKey,
+)
 _LEAVES = (
     str,
     int,

@@ -34,6 +34,7 @@ from securegmi.protocol.signed import message_statement, row_statement, sign_mes
 from securegmi.simulation.runner import run_simulation
 from securegmi.simulation.study import Federation
 from tests.configs import private_config, small_config
+from tests.secret_walk import secret_holders
 
 runner = CliRunner()
 FACTOR = 10.0  # how much more noise the forgery claims
@@ -411,6 +412,9 @@ def test_the_server_refuses_a_reply_signed_with_another_clients_key(tmp_path):
     with pytest.raises(SignatureError, match="no signature"):
         server.accept("client-1", wire)
     assert federation.server(None).accept("client-1", wire).sender == "client-1"
+    # The server holds the registry (public keys) and no signing key; the client holds its own.
+    assert secret_holders(server) == []
+    assert any("SigningKey" in path for path in secret_holders(clients[0]))  # control
     server.close()
     with pytest.raises(ConfigError, match="signs with its own"):
         federation.client(0, None, signing_key=keys["client-1"])
