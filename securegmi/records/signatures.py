@@ -55,11 +55,16 @@ def load_signers(path: Path) -> SignerRegistry:
 def messages_of(rows: Sequence[Mapping[str, Any]]) -> list[list[Mapping[str, Any]]]:
     """The transcript's rows of each message a client sent that the server took delivery of:
     consecutive rows of one message (same round, stage, link, run, status, bytes and signature),
-    one per field."""
+    one per field. A row without a field (an error, which carries no release and whose text the
+    server replaces by its allowed form before recording it) is not one."""
     groups: list[list[Mapping[str, Any]]] = []
     previous: tuple[Any, ...] | None = None
     for row in rows:
-        if row["sender"] == SERVER or row.get("status", "delivered") != "delivered":
+        if (
+            row["sender"] == SERVER
+            or row.get("status", "delivered") != "delivered"
+            or row.get("field") is None
+        ):
             previous = None
             continue
         key = tuple(

@@ -243,6 +243,11 @@ def signing_ceremony(
     it goes on unsigned, as it began."""
     if resume:
         if key_dir is None or not os.path.lexists(SigningKey.path_in(key_dir, client_ids[0])):
+            if registry_path is not None and os.path.lexists(registry_path):
+                raise RunDirectoryError(
+                    f"{registry_path} registers the clients' signing keys, and {key_dir} holds none: a "
+                    "signed run resumes only under the keys it was started with; restore them"
+                )
             return None
         keys = {cid: SigningKey.load(key_dir, cid) for cid in client_ids}
         if registry_path is not None and SignerRegistry.load(registry_path) != SignerRegistry.of(keys):
