@@ -24,9 +24,24 @@ import numpy as np
 
 from securegmi.errors import ConfigError
 
-# Per-record L2 norm of a moments contribution (1, u, triu(u u^T)) with ||u|| = 1:
-# 1 + ||u||^2 + ||triu(u u^T)||_F^2 <= 3, since sum_{i<=j} u_i^2 u_j^2 <= (sum_i u_i^2)^2 = 1.
+# Per-record L2 norm of a moments contribution (a, b u, c triu(u u^T)) with ||u|| = 1:
+# a^2 + b^2 ||u||^2 + c^2 ||triu(u u^T)||_F^2 <= a^2 + b^2 + c^2, since
+# sum_{i<=j} u_i^2 u_j^2 <= (sum_i u_i^2)^2 = 1. Every plan's weights are held to
+# a^2 + b^2 + c^2 <= 3 (`check_moments_weights`), so sqrt(3) bounds them all.
 MOMENTS_SENSITIVITY = math.sqrt(3.0)
+# The weights (a, b, c) of the count, the sum and the second moments. The projection is the top
+# eigenvectors of the covariance, so the second moments should carry most of the sensitivity: the
+# count and the mean are a few numbers over ~1,000 records, precise even at a small weight.
+# Digits-PM at epsilon 8, tuning seeds 10-17, 2 noise draws: 0.837 -> 0.859 source accuracy
+# against (1, 1, 1) (bench/results/tuning.md#weighted-moments).
+MOMENTS_WEIGHTS = (0.3, 0.6, math.sqrt(3.0 - 0.3**2 - 0.6**2))
+# The weights of plans written before the moments were weighted.
+UNWEIGHTED_MOMENTS = (1.0, 1.0, 1.0)
+# The temperature of a record's soft assignment to the fine clusters when it is scored: its
+# weights over clusters are softmax(-||z - c_j||^2 / SOFT_ASSIGNMENT), z in the unit ball.
+# Post-processing of released values; a hard nearest cluster throws away how close a record lies
+# to its neighbours (same tuning runs: 0.859 -> 0.870; bench/results/tuning.md#soft-assignment).
+SOFT_ASSIGNMENT = 0.02
 # Per-record L2 norm of a cluster contribution: z (||z|| <= 1) added to one cluster's sum and 1
 # to one cluster's count.
 CLUSTER_SENSITIVITY = math.sqrt(2.0)
@@ -64,12 +79,30 @@ def moments_size(dim: int) -> int:
     return 1 + dim + dim * (dim + 1) // 2
 
 
-def moments_contribution(u: np.ndarray) -> np.ndarray:
-    """sum over records of (1, u, triu(u u^T)), flat."""
+def check_moments_weights(weights: tuple[float, ...]) -> None:
+    """`ConfigError` unless `weights` are three finite non-negative numbers within the
+    sensitivity every moments release is calibrated to (`MOMENTS_SENSITIVITY`)."""
+    ok = len(weights) == 3 and all(math.isfinite(w) and w >= 0 for w in weights)
+    if not ok or math.fsum(w * w for w in weights) > 3.0 + 1e-9:
+        raise ConfigError(
+            f"moments weights {weights!r} are not three non-negative numbers whose squares sum to "
+            "at most 3: a larger weight would release the moments with less noise than the plan "
+            "accounts for"
+        )
+
+
+def _moments_scale(dim: int, weights: tuple[float, ...]) -> np.ndarray:
+    a, b, c = weights
+    return np.concatenate([[a], np.full(dim, b), np.full(dim * (dim + 1) // 2, c)])
+
+
+def moments_contribution(u: np.ndarray, weights: tuple[float, ...] = MOMENTS_WEIGHTS) -> np.ndarray:
+    """sum over records of (a, b u, c triu(u u^T)), flat, for weights (a, b, c)."""
     d = u.shape[1]
     rows, cols = np.triu_indices(d)
     second = (u.T @ u)[rows, cols]
-    return np.concatenate([[float(len(u))], u.sum(0), second])
+    out: np.ndarray = np.concatenate([[float(len(u))], u.sum(0), second]) * _moments_scale(d, weights)
+    return out
 
 
 @dataclass(frozen=True)
@@ -82,7 +115,13 @@ class Projection:
     scale: float
 
     @classmethod
-    def from_moments(cls, total: np.ndarray, dim: int, components: int) -> Projection:
+    def from_moments(
+        cls, total: np.ndarray, dim: int, components: int, weights: tuple[float, ...] = MOMENTS_WEIGHTS
+    ) -> Projection:
+        """From the (noisy) sum of `moments_contribution`s made with `weights`."""
+        if min(weights) <= 0:
+            raise ConfigError(f"moments weights {weights!r}: a zero weight releases nothing to read back")
+        total = np.asarray(total, dtype=np.float64) / _moments_scale(dim, weights)
         n = max(float(total[0]), 1.0)
         mean = total[1 : 1 + dim] / n
         second = np.zeros((dim, dim))
@@ -197,11 +236,22 @@ class FineClusterModel:
     projection: Projection
     centroids: np.ndarray  # (J, d)
     cluster_given_component: np.ndarray  # (K, J)
+    # 0: the nearest cluster only (models saved before soft assignment); see SOFT_ASSIGNMENT.
+    softness: float = SOFT_ASSIGNMENT
 
     def log_likelihood(self, x: np.ndarray) -> np.ndarray:
-        """(n, K): log P(j(x) | k)."""
-        j = nearest(self.projection(on_sphere(x, self.centre, self.sketch)), self.centroids)
-        out: np.ndarray = np.log(self.cluster_given_component.T[j] + 1e-6)
+        """(n, K): log sum_j w_j(x) P(j | k), w(x) the record's soft assignment to the fine
+        clusters (its nearest cluster alone at softness 0)."""
+        z = self.projection(on_sphere(x, self.centre, self.sketch))
+        if self.softness <= 0:
+            hard: np.ndarray = np.log(self.cluster_given_component.T[nearest(z, self.centroids)] + 1e-6)
+            return hard
+        c = self.centroids
+        logits = -((z * z).sum(1)[:, None] - 2 * z @ c.T + (c * c).sum(1)[None]) / self.softness
+        logits -= logits.max(1, keepdims=True)
+        w = np.exp(logits)
+        w /= w.sum(1, keepdims=True)
+        out: np.ndarray = np.log(w @ self.cluster_given_component.T + 1e-6)
         return out
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -214,6 +264,7 @@ class FineClusterModel:
             "stats.scale": np.asarray([p.scale]),
             "stats.centroids": self.centroids,
             "stats.cluster_given_component": self.cluster_given_component,
+            "stats.softness": np.asarray([self.softness]),
         }
 
     @classmethod
@@ -224,4 +275,5 @@ class FineClusterModel:
             Projection(a["stats.mean"], a["stats.basis"], float(a["stats.scale"][0])),
             a["stats.centroids"],
             a["stats.cluster_given_component"],
+            float(a["stats.softness"][0]) if "stats.softness" in a else 0.0,
         )

@@ -108,7 +108,9 @@ class StatisticsRole:
         plan, state = self.plan, self.state
         release = plan.release_at(round_index - 1)
         if release == EventName.MOMENTS:
-            state.projection = fc.Projection.from_moments(total, self.u.shape[1], plan.projection_dim)
+            state.projection = fc.Projection.from_moments(
+                total, self.u.shape[1], plan.projection_dim, plan.moments_weights
+            )
             state.centroids = fc.initial_centroids(plan.clusters, plan.projection_dim, self.seed)
         elif release == EventName.CLUSTERS:
             centroids = released(state.centroids, "the fine clusters' centroids")
@@ -159,7 +161,7 @@ class StatisticsRole:
         own row): returned and never kept."""
         release = self.plan.release_at(round_index)
         if release == EventName.MOMENTS:
-            return fc.moments_contribution(self.u)
+            return fc.moments_contribution(self.u, self.plan.moments_weights)
         z = released(self.state.projection, "the projection")(self.u)
         centroids = released(self.state.centroids, "the fine clusters' centroids")
         if release == EventName.HISTOGRAM:

@@ -18,6 +18,7 @@ from typing import Any
 import dp_accounting
 from dp_accounting import mechanism_calibration
 
+from securegmi.core import fine_clusters as fc
 from securegmi.errors import ConfigError
 from securegmi.privacy.accounting import (
     PRIMARY,
@@ -217,6 +218,14 @@ class StatisticsPlan:
     moments_noise: float
     cluster_noise: float
     histogram_noise: float
+    # The weights of the moments release's count, sum and second moments
+    # (`core.fine_clusters.MOMENTS_WEIGHTS`); plans written before them read as unweighted.
+    moments_weights: tuple[float, float, float] = fc.UNWEIGHTED_MOMENTS
+
+    def __post_init__(self) -> None:
+        # JSON gives a list; a plan is frozen and compared, so hold a tuple.
+        object.__setattr__(self, "moments_weights", tuple(float(w) for w in self.moments_weights))
+        fc.check_moments_weights(self.moments_weights)
 
     @property
     def rounds(self) -> int:
@@ -444,6 +453,7 @@ def calibrate_statistics(
         moments_noise=0.0,
         cluster_noise=0.0,
         histogram_noise=0.0,
+        moments_weights=fc.MOMENTS_WEIGHTS,
     )
     return calibrate_private_mixture(
         budget,

@@ -136,8 +136,9 @@ def run_central_dp(
     def release(total: np.ndarray, name: EventName) -> np.ndarray:
         return gaussian_release(total, stats.noise_multiplier(name), SENSITIVITY[name], rng)
 
-    total = release(np.sum([fc.moments_contribution(u) for u in spheres], axis=0), EventName.MOMENTS)
-    projection = fc.Projection.from_moments(total, stats.sketch_dim, stats.projection_dim)
+    weights = stats.moments_weights
+    total = release(np.sum([fc.moments_contribution(u, weights) for u in spheres], axis=0), EventName.MOMENTS)
+    projection = fc.Projection.from_moments(total, stats.sketch_dim, stats.projection_dim, weights)
     zs = [projection(u) for u in spheres]
     centroids = fc.initial_centroids(stats.clusters, stats.projection_dim, config.seed)
     for i in range(stats.iterations):

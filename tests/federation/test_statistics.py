@@ -13,7 +13,7 @@ from securegmi.config import SimulationConfig
 from securegmi.core import fine_clusters as fc
 from securegmi.errors import ConfigError, RunAbortedError
 from securegmi.federation.statistics import SENSITIVITY, StatisticsRole
-from securegmi.privacy.calibration import PrivateMixturePlan
+from securegmi.privacy.calibration import PrivateMixturePlan, plan_from_dict
 from securegmi.privacy.ledger import PrivacyBudget, PrivacyLedger
 from securegmi.simulation.runner import run_simulation
 from securegmi.simulation.study import Federation, dp_plan, load_federated_data
@@ -188,3 +188,72 @@ def test_an_absurd_budget_is_one_clear_error(change, reason):
     config = replace(SMALL, **change)
     with pytest.raises(ConfigError, match=reason):
         dp_plan(config, load_federated_data(config))
+
+
+def test_weighted_moments_read_back_as_the_unweighted_ones():
+    """The weights only move sensitivity between the count, the sum and the second moments: the
+    projection read back from exact weighted moments is the unweighted one. Negative control:
+    reading them back with other weights gives another mean and basis."""
+    u = fc.on_sphere(np.random.default_rng(3).random((50, 8)), 0.5)
+    weighted = fc.moments_contribution(u, fc.MOMENTS_WEIGHTS)
+    p = fc.Projection.from_moments(weighted, 8, 3, fc.MOMENTS_WEIGHTS)
+    q = fc.Projection.from_moments(
+        fc.moments_contribution(u, fc.UNWEIGHTED_MOMENTS), 8, 3, fc.UNWEIGHTED_MOMENTS
+    )
+    np.testing.assert_allclose(p.mean, q.mean, atol=1e-12)
+    np.testing.assert_allclose(np.abs(p.basis.T @ q.basis), np.eye(3), atol=1e-8)
+    wrong = fc.Projection.from_moments(weighted, 8, 3, fc.UNWEIGHTED_MOMENTS)
+    assert not np.allclose(wrong.mean, q.mean, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "weights", [(1.0, 1.0, 2.0), (0.0, 0.0, 1.8), (-1.0, 1.0, 1.0), (math.nan, 1.0, 1.0)]
+)
+def test_moments_weights_beyond_the_sensitivity_are_refused(weights):
+    """Every moments release is calibrated at sensitivity sqrt(3): weights whose squares sum to more
+    would release the moments with less noise than the ledger records, so a plan (or a forged
+    dp_plan.json) holding them is refused. The sensitivity test above is the control that the
+    shipped weights keep a neighbour within sqrt(3); these would not."""
+    plan = _plan().statistics
+    with pytest.raises(ConfigError, match="moments weights"):
+        replace(plan, moments_weights=weights)
+    forged = {**_plan().to_dict()}
+    forged["statistics"] = {**forged["statistics"], "moments_weights": list(weights)}
+    with pytest.raises(ConfigError, match="moments weights"):
+        plan_from_dict(forged)
+    if all(w >= 0 for w in weights) and math.fsum(w * w for w in weights) > 3:
+        u = np.eye(4)[[0, 1, 2, 3, 0]]  # one-hot records: the bound is attained
+        moved = fc.moments_contribution(u, weights) - fc.moments_contribution(u[1:], weights)
+        assert np.linalg.norm(moved) > fc.MOMENTS_SENSITIVITY  # what the refusal prevents
+
+
+def test_a_plan_written_before_the_weights_reads_as_unweighted():
+    old = _plan().to_dict()
+    del old["statistics"]["moments_weights"]
+    plan = plan_from_dict(old)
+    assert isinstance(plan, PrivateMixturePlan)
+    assert plan.statistics.moments_weights == fc.UNWEIGHTED_MOMENTS
+    assert _plan().statistics.moments_weights == fc.MOMENTS_WEIGHTS  # control: new plans weigh
+
+
+def test_soft_assignment_scores_by_nearby_clusters_and_old_models_score_hard():
+    """A record's soft assignment weighs every fine cluster by its distance; at softness 0 (a model
+    saved before soft assignment, which has no `stats.softness`) it is the nearest cluster's row,
+    as that model was scored. Controls: the soft scores differ from the hard ones, and a saved
+    model keeps its softness."""
+    rng = np.random.default_rng(5)
+    x = rng.random((40, 6))
+    u = fc.on_sphere(x, 0.5)
+    projection = fc.Projection.from_moments(fc.moments_contribution(u), 6, 3)
+    table = rng.dirichlet(np.ones(7), size=2)
+    model = fc.FineClusterModel(0.5, None, projection, fc.initial_centroids(7, 3, 1) * 3, table)
+    z = projection(u)
+    hard = np.log(table.T[fc.nearest(z, model.centroids)] + 1e-6)
+    soft = model.log_likelihood(x)
+    assert not np.allclose(soft, hard, atol=1e-3)
+    assert (np.exp(soft) <= table.max(1)[None] + 2e-6).all()  # a weighted mean of each row
+    old = {k: v for k, v in model.arrays().items() if k != "stats.softness"}
+    np.testing.assert_array_equal(fc.FineClusterModel.from_arrays(old).log_likelihood(x), hard)
+    again = fc.FineClusterModel.from_arrays(model.arrays())
+    assert again.softness == fc.SOFT_ASSIGNMENT
+    np.testing.assert_array_equal(again.log_likelihood(x), soft)
