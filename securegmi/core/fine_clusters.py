@@ -228,8 +228,8 @@ def group_clusters(counts: np.ndarray, components: int, seed: int, restarts: int
 
 @dataclass(frozen=True)
 class FineClusterModel:
-    """Source identification from released statistics: log P(j(x) | k) for a record's nearest
-    fine cluster j(x). Computed locally from released values only."""
+    """Source identification from released statistics: log sum_j w_j(x) P(j | k), w(x) a
+    record's soft assignment to the fine clusters. Computed locally from released values only."""
 
     centre: float
     sketch: np.ndarray | None  # public, see public_sketch

@@ -8,7 +8,8 @@ classes. Three policies:
 - `PlainRelease`: what FedGMI computes, as it is (the plain protocol).
 - `StatisticsRelease` (a `PrivateMixturePlan`, the default private design): the statistics
   phase (`statistics.StatisticsRole`), then DP-SGD on the VAEs with
-  r(x) = softmax(log pi~ + log P(j(x) | k)), every term a released value or the record itself;
+  r(x) = softmax(log pi~ + log sum_j w_j(x) P(j | k)), every term a released value or the record
+  itself (w(x): its soft assignment to the released fine clusters);
   it uploads w = n~ pi~ (post-processing of the histogram release) and w * theta.
 - `CountsRelease` (a `DpPlan`, the earlier "em" design): soft counts every round. What it
   computes from its data, in order, and why each step is covered:
@@ -356,8 +357,8 @@ class StatisticsRelease(DpMechanisms):
         self._shared_setup().step(inbound[FieldName.AGGREGATE] / self.normaliser)
 
     def _responsibilities(self) -> Tensor:
-        """r(x) = softmax(log pi~ + log P(j(x) | k)): pi~ and the fine clusters are released
-        values, j(x) depends on x alone. Sets this client's pi to pi~."""
+        """r(x) = softmax(log pi~ + log sum_j w_j(x) P(j | k)): pi~ and the fine clusters are
+        released values, w(x) depends on x and them alone. Sets this client's pi to pi~."""
         learner, slot, state = self.learner, self.privacy.slot, self.statistics.state
         grouping = released(state.grouping, "the grouping of the fine clusters")
         model = released(state.model, "the fine-cluster model")
