@@ -207,7 +207,17 @@ def test_weighted_moments_read_back_as_the_unweighted_ones():
 
 
 @pytest.mark.parametrize(
-    "weights", [(1.0, 1.0, 2.0), (0.0, 0.0, 1.8), (-1.0, 1.0, 1.0), (math.nan, 1.0, 1.0)]
+    "weights",
+    [
+        (1.0, 1.0, 2.0),
+        (0.0, 0.0, 1.8),
+        (1.0, 1.0, 1.0 + 1e-6),  # just over the bound
+        (0.0, 1.0, 1.0),  # a zero weight: nothing to read back
+        (-1.0, 1.0, 1.0),
+        (math.nan, 1.0, 1.0),
+        ("1", "1", "1"),
+        (True, True, True),
+    ],
 )
 def test_moments_weights_beyond_the_sensitivity_are_refused(weights):
     """Every moments release is calibrated at sensitivity sqrt(3): weights whose squares sum to more
@@ -215,13 +225,14 @@ def test_moments_weights_beyond_the_sensitivity_are_refused(weights):
     dp_plan.json) holding them is refused. The sensitivity test above is the control that the
     shipped weights keep a neighbour within sqrt(3); these would not."""
     plan = _plan().statistics
+    assert replace(plan, moments_weights=fc.MOMENTS_WEIGHTS).moments_weights == fc.MOMENTS_WEIGHTS  # control
     with pytest.raises(ConfigError, match="moments weights"):
         replace(plan, moments_weights=weights)
     forged = {**_plan().to_dict()}
     forged["statistics"] = {**forged["statistics"], "moments_weights": list(weights)}
     with pytest.raises(ConfigError, match="moments weights"):
         plan_from_dict(forged)
-    if all(w >= 0 for w in weights) and math.fsum(w * w for w in weights) > 3:
+    if all(isinstance(w, float) and w >= 0 for w in weights) and math.fsum(w * w for w in weights) > 3:
         u = np.eye(4)[[0, 1, 2, 3, 0]]  # one-hot records: the bound is attained
         moved = fc.moments_contribution(u, weights) - fc.moments_contribution(u[1:], weights)
         assert np.linalg.norm(moved) > fc.MOMENTS_SENSITIVITY  # what the refusal prevents
@@ -257,3 +268,40 @@ def test_soft_assignment_scores_by_nearby_clusters_and_old_models_score_hard():
     again = fc.FineClusterModel.from_arrays(model.arrays())
     assert again.softness == fc.SOFT_ASSIGNMENT
     np.testing.assert_array_equal(again.log_likelihood(x), soft)
+
+
+def test_the_moments_release_attains_its_sensitivity_on_worst_case_records():
+    """On one-hot records (||triu(u u^T)|| = 1, the bound attained) the shipped release path moves
+    by exactly sqrt(3) when a record is removed: a tight check, which a release weighing the
+    second moments more than the plan's weights (a review's mutant: 2.11 against sqrt(3)) fails,
+    where digit records (||triu(u u^T)||^2 about 0.5) would let it through."""
+    plan = _plan()
+    d = plan.statistics.sketch_dim
+    records = np.eye(d)[[0, 1, 2, 3, 0, 2]]
+    full, without = _role(records, plan), _role(records[1:], plan)
+    full.u, without.u = records, records[1:]
+    moved = np.linalg.norm(full.exact(0) - without.exact(0))
+    assert abs(moved - fc.MOMENTS_SENSITIVITY) < 1e-9
+    assert math.fsum(w * w for w in fc.MOMENTS_WEIGHTS) <= 3.0  # exactly, no slack
+
+
+@pytest.mark.parametrize("softness", [1e-308, -1.0, 1e30, math.nan])
+def test_a_saved_softness_outside_its_range_is_refused(softness):
+    """A model file's softness is 0 or within [1e-6, 10]: 1e-308 made a third of the records score
+    NaN, 1e30 every record the same (a review). Control: 1e-6, the sharpest allowed, scores every
+    record finitely (the logits are shifted by each row's nearest cluster)."""
+    rng = np.random.default_rng(2)
+    x = rng.random((30, 6))
+    u = fc.on_sphere(x, 0.5)
+    model = fc.FineClusterModel(
+        0.5,
+        None,
+        fc.Projection.from_moments(fc.moments_contribution(u), 6, 3),
+        fc.initial_centroids(5, 3, 0) * 3,
+        rng.dirichlet(np.ones(5), size=2),
+        1e-6,
+    )
+    assert np.isfinite(fc.FineClusterModel.from_arrays(model.arrays()).log_likelihood(x)).all()
+    forged = model.arrays() | {"stats.softness": np.asarray([softness])}
+    with pytest.raises(ValueError, match="softness"):
+        fc.FineClusterModel.from_arrays(forged)
