@@ -486,9 +486,12 @@ _EARLIER_DEFAULTS: dict[str, object] = {"vae_rounds": 5, "sgd_placement": "local
 
 def _before_the_identifier(data: dict[str, Any]) -> dict[str, Any]:
     """A private statistics-design run's config.json written before the source classifier
-    existed ran without one: it reads back as identifier_steps 0, not today's default."""
+    existed ran without one: it reads back as identifier_steps 0, not today's default. Such a
+    file holds every setting of its version (statistics_share among them) but this one; a
+    dictionary of a few settings (no statistics_share) takes today's defaults."""
     statistics = data.get("private_training", PrivateDesign.STATISTICS) == PrivateDesign.STATISTICS
-    if data.get("epsilon") is not None and statistics and "identifier_steps" not in data:
+    written = "statistics_share" in data and "identifier_steps" not in data
+    if data.get("epsilon") is not None and statistics and written:
         return data | {"identifier_steps": 0}
     return data
 

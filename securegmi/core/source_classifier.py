@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # torch only where the classifier is trained: scoring is nump
 
 # Its arrays' names in a model file, after the identifier's "stats." prefix.
 _NAMES = ("w1", "b1", "w2", "b2", "prior")
+MAX_WEIGHT = 1e3
 
 
 def classifier_module(features: int, hidden: int, components: int, seed: int) -> nn.Sequential:
@@ -75,6 +76,15 @@ class SourceClassifier:
             )
         if not (self.prior > 0).all():
             raise ConfigError("a source classifier's prior must be positive in every component")
+        # Forty Adam steps of 0.1 move a weight by at most 4: anything near MAX_WEIGHT is not a
+        # trained classifier, and weights of 1e308 made finite records score NaN (a review).
+        if not all(
+            np.isfinite(a).all() and np.abs(a).max() <= MAX_WEIGHT
+            for a in (self.w1, self.b1, self.w2, self.b2)
+        ):
+            raise ConfigError(
+                f"a source classifier's weights must be finite and at most {MAX_WEIGHT:g} in size"
+            )
 
     @classmethod
     def from_module(cls, module: nn.Sequential, prior: np.ndarray) -> SourceClassifier:

@@ -326,10 +326,21 @@ class PrivateMixturePlan:
     identifier_share: float = 0.0  # of the statistics' share of epsilon
 
     def __post_init__(self) -> None:
-        if self.identifier_steps < 0 or (self.identifier_steps and self.identifier_hidden < 1):
+        counts = (self.identifier_steps, self.identifier_hidden)
+        whole = all(isinstance(v, int) and not isinstance(v, bool) for v in counts)
+        if not whole or self.identifier_steps < 0:
             raise ConfigError(
-                f"a source classifier needs steps >= 0 and hidden units >= 1, got {self.identifier_steps} "
-                f"steps of {self.identifier_hidden} units"
+                f"a source classifier's steps and hidden units must be whole numbers, got {counts}"
+            )
+        if self.identifier_steps and not (
+            self.identifier_hidden >= 1
+            and 0 < self.identifier_share < 1
+            and self.identifier_noise_multiplier > 0
+        ):
+            raise ConfigError(
+                f"a source classifier of {self.identifier_steps} steps needs hidden units >= 1, a share in "
+                f"(0, 1) and a positive noise multiplier, got {self.identifier_hidden}, "
+                f"{self.identifier_share} and {self.identifier_noise_multiplier}"
             )
 
     @property
@@ -415,9 +426,7 @@ def calibrate_private_mixture(
     identifier_sigma = 0.0
     if identifier_steps:
         identifier_sigma = _noise_for(
-            lambda s: dp_accounting.ComposedDpEvent(
-                [*identification, dpsgd_event(s, 1.0, identifier_steps)]
-            ),
+            lambda s: dp_accounting.ComposedDpEvent([*identification, dpsgd_event(s, 1.0, identifier_steps)]),
             budget.epsilon * statistics_share,
             budget.delta,
             statistics_share,

@@ -213,6 +213,8 @@ def run_central_dp(
         "placement": "central",
         "secure_rng": True,  # ChaCha20 keyed from OS entropy (privacy.noise)
         "noise": "private",
+        "identifier_steps": plan.identifier_steps,
+        "identifier_noise_multiplier": plan.identifier_noise_multiplier,
     }
     own = [
         fixed_point_pi(torch.as_tensor(identifier.log_likelihood(c.x_train)), pi, config.pi_floor)

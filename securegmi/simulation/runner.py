@@ -412,5 +412,7 @@ def privacy_summary(
             "histogram_noise_multiplier": s.histogram_noise,
             "min_clients": s.min_clients,
             "sgd_placement": plan.sgd_placement,
+            "identifier_steps": plan.identifier_steps,
+            "identifier_noise_multiplier": plan.identifier_noise_multiplier,
         }
     return summary

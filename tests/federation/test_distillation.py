@@ -5,6 +5,9 @@ step, and where the classifier is planned, refused, saved and read back."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -125,24 +128,84 @@ def _role(federation: Federation, u: np.ndarray) -> ClassifierRole:
 
 
 def test_a_record_moves_a_classifier_step_by_at_most_the_clipping_norm(finished):
-    """Removing any one record moves a step's clipped gradient sum by at most C, with every
-    other record's target unchanged (the targets are the record's own and released values').
-    Negative control: without clipping, a record far from the unit sphere moves it further."""
+    """The neighbour without record i, recomputed from scratch: every other record's target is
+    unchanged (targets are the record's own and released values'), and the clipped gradient sum
+    on the neighbour's own targets moves by at most C. Control: the removed records' unclipped
+    gradients exceed C, so the clipping is what keeps the step within its sensitivity."""
     federation, clients, _ = finished
     policy = _policy(next(iter(clients.values())))
-    u, targets = policy.statistics.u, policy._teacher()
-    full = _role(federation, u)
-    whole = full.trainer.clipped_sum(full.loss(targets), torch.arange(len(u)))
-    for i in (0, len(u) // 2, len(u) - 1):
-        keep = torch.as_tensor(np.delete(np.arange(len(u)), i))
-        less = full.trainer.clipped_sum(full.loss(targets), keep)
-        moved = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(whole, less, strict=True)))
-        assert float(moved) <= federation.plan.clip_norm * (1 + 1e-5)
-    planted = _role(federation, u * 50.0).module
-    record = torch.as_tensor(u[:1] * 50.0, dtype=torch.float32)
-    loss = -(targets[:1] * torch.log_softmax(planted(record), 1)).sum()
-    grads = torch.autograd.grad(loss, list(planted.parameters()))
-    assert float(torch.sqrt(sum((g**2).sum() for g in grads))) > federation.plan.clip_norm
+    x, c, classifier = policy.learner.x.copy(), federation.plan.clip_norm, policy.classifier
+    role = _role(federation, policy.statistics.u)
+    policy.classifier, policy.teacher = None, None  # the teacher of the phase: clusters alone
+    targets = policy._teacher().clone()
+    whole = role.trainer.clipped_sum(role.loss(targets), torch.arange(len(x)))
+    unclipped = []
+    try:
+        for i in (0, len(x) // 2, len(x) - 1):
+            policy.learner.x, policy.teacher = np.delete(x, i, 0), None
+            neighbour = policy._teacher()
+            np.testing.assert_array_equal(neighbour.numpy(), np.delete(targets.numpy(), i, 0))
+            padded = torch.as_tensor(np.insert(neighbour.numpy(), i, 0.0, axis=0))  # row i unused
+            less = role.trainer.clipped_sum(
+                role.loss(padded), torch.as_tensor(np.delete(np.arange(len(x)), i))
+            )
+            moved = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(whole, less, strict=True)))
+            assert float(moved) <= c * (1 + 1e-5)
+            record = role.u[i : i + 1]
+            loss = -(targets[i : i + 1] * torch.log_softmax(role.module(record), 1)).sum()
+            grads = torch.autograd.grad(loss, list(role.module.parameters()))
+            unclipped.append(float(torch.sqrt(sum((g**2).sum() for g in grads))))
+    finally:
+        policy.learner.x, policy.teacher, policy.classifier = x, None, classifier
+    assert max(unclipped) > c
+
+
+def test_a_client_rebuilt_from_its_state_for_every_message_follows_the_same_classifier(tmp_path):
+    """As on Flower (a fresh process per message): every client restored from its state file
+    before each message ends on the classifier, scores and VAEs of an uninterrupted run, bit for
+    bit (seeded test noise). A restore without the classifier's Adam state moved all three (a
+    review's mutant); the uninterrupted run is the control."""
+    config = replace(CONFIG, clients=3, min_clients=None, identifier_steps=4, dp_noise="seeded")
+    federation = Federation.build(config)
+    keys = SecretContext.generate(federation.ckks_parameters())
+
+    def run(fresh: bool, where: Path) -> dict[str, Any]:
+        paths = {cid: where / f"{cid}.safetensors" for cid in federation.client_ids}
+        clients = {
+            cid: federation.client(i, keys, state_path=paths[cid] if fresh else None)
+            for i, cid in enumerate(federation.client_ids)
+        }
+        server = federation.server(keys.public())
+
+        class Restoring(InProcessTransport):
+            def deliver(self, cid: str, wire: bytes) -> bytes:
+                if fresh:
+                    i = federation.client_ids.index(cid)
+                    clients[cid] = federation.client(i, keys, state_path=paths[cid])
+                return clients[cid].receive(wire)
+
+        transport = Restoring.linking(server, clients.values())
+        for t in range(federation.rounds):
+            play_round(server, transport, list(clients), t, 1.0)
+        final = server.broadcast(federation.rounds, 1.0)
+        for client in clients.values():
+            client.conclude(final)
+        first = clients[federation.client_ids[0]]
+        identifier = _policy(first).identifier
+        assert identifier is not None and identifier.classifier is not None
+        return {
+            "classifier": identifier.classifier.arrays(""),
+            "scores": identifier.log_likelihood(first.learner.x),
+            "vaes": first.components.get_component_vectors(),
+        }
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    straight, restored = run(False, tmp_path / "a"), run(True, tmp_path / "b")
+    for name in straight["classifier"]:
+        np.testing.assert_array_equal(straight["classifier"][name], restored["classifier"][name])
+    np.testing.assert_array_equal(straight["scores"], restored["scores"])
+    np.testing.assert_array_equal(straight["vaes"], restored["vaes"])
 
 
 def test_a_saved_model_keeps_its_classifier_and_one_without_scores_by_the_clusters(finished):

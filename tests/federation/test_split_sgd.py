@@ -30,6 +30,7 @@ CONFIG = private_config(
     vae_rounds=1,
     kmeans_iterations=1,
     sgd_placement="split",
+    identifier_steps=0,  # the VAEs' steps alone; the classifier's: test_distillation.py
 )
 
 

@@ -84,7 +84,7 @@ def test_each_share_carries_the_planned_fraction_of_the_noise(placement):
     sigma * sensitivity under local, so any min_clients - 1 shares (what a client that knows its
     own share sees) carry the full noise. Two-sided chi-square bound on the sample variance;
     false-failure rate below 1e-6 per test."""
-    config = replace(SMALL, noise_placement=placement, min_clients=3)
+    config = replace(SMALL, noise_placement=placement, min_clients=3, identifier_steps=None)
     plan = _plan(config)
     role = _role(load_federated_data(SMALL).clients[0].x_train[:30], plan, seed=11)
     exact = record_exact(role)
@@ -103,7 +103,7 @@ def test_each_share_carries_the_planned_fraction_of_the_noise(placement):
 
 
 def test_split_noise_has_a_fallback_figure_and_local_noise_does_not():
-    split, local = _plan(), _plan(replace(SMALL, noise_placement="local"))
+    split, local = _plan(), _plan(replace(SMALL, noise_placement="local", identifier_steps=None))
     for plan in (split, local):
         ledger = PrivacyLedger("c", PrivacyBudget(plan.epsilon, plan.delta))
         ledger = ledger.check([e for r in range(plan.rounds) for e in plan.round_entries(r)])
@@ -125,7 +125,7 @@ def test_split_noise_is_refused_without_encryption():
 def test_a_statistics_round_below_the_minimum_cohort_is_abandoned(protocol):
     """A sum of fewer shares than min_clients would be under-noised: the server refuses to
     form it. Negative control: the full cohort is added."""
-    config = replace(SMALL, protocol=protocol)
+    config = replace(SMALL, protocol=protocol, identifier_steps=None)
     federation = Federation.build(config)
     from securegmi.crypto.keys import SecretContext
 
@@ -185,7 +185,7 @@ def test_the_grouping_recovers_a_planted_block_structure():
 )
 def test_an_absurd_budget_is_one_clear_error(change, reason):
     """Never a traceback from the accountant: the planner says why and what range works."""
-    config = replace(SMALL, **change)
+    config = replace(SMALL, **{"identifier_steps": None, **change})
     with pytest.raises(ConfigError, match=reason):
         dp_plan(config, load_federated_data(config))
 
