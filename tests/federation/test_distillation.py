@@ -25,7 +25,7 @@ from securegmi.federation.transport import InProcessTransport
 from securegmi.simulation.study import Federation
 from tests.configs import private_config
 
-from ..doubles import record_clipped_sums
+from ..doubles import record_shares
 from .gaussian_scale import assert_scale, has_scale
 
 STEPS = 6
@@ -48,21 +48,7 @@ def finished():  # type: ignore[no-untyped-def]
     clients = {cid: federation.client(i, keys) for i, cid in enumerate(federation.client_ids)}
     server = federation.server(keys.public())
     transport = InProcessTransport.linking(server, clients.values())
-    shares: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {cid: [] for cid in clients}
-
-    def observe(cid: str, trainer) -> None:  # type: ignore[no-untyped-def]
-        real_share, seen = trainer.noisy_share, record_clipped_sums(trainer)
-
-        def spy(loss_fn, batch, share):  # type: ignore[no-untyped-def]
-            released = real_share(loss_fn, batch, share)
-            (grads,) = seen  # the one clipped sum this share was drawn on
-            seen.clear()
-            pre = np.concatenate([g.reshape(-1).numpy() for g in grads]).astype(np.float64)
-            shares[cid].append((pre, released))
-            return released
-
-        trainer.noisy_share = spy
-
+    shares: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
     for cid, client in clients.items():  # the classifier's trainer is built at its first step
         policy = _policy(client)
         build = policy._distiller
@@ -71,7 +57,7 @@ def finished():  # type: ignore[no-untyped-def]
             fresh = policy.distiller is None
             role = build()
             if fresh:
-                observe(cid, role.trainer)
+                shares[cid] = record_shares(role.trainer)
             return role
 
         policy._distiller = observed  # type: ignore[method-assign]
