@@ -71,6 +71,13 @@ def simulate(
     vae_rounds: Annotated[
         int, typer.Option(help="rounds of DP-SGD on the VAEs after the statistics (statistics design)")
     ] = 1,
+    identifier_steps: Annotated[
+        int | None,
+        typer.Option(
+            help="full-batch DP-SGD steps distilling a source classifier from the statistics (statistics "
+            "design, split noise or central-dp; default 40 there; 0: none)"
+        ),
+    ] = None,
     top_b: Annotated[int | None, typer.Option(help="send only each client's B heaviest components")] = None,
     temperature: Annotated[
         float | None, typer.Option(help="initial likelihood temperature (default: by dataset)")
@@ -122,6 +129,7 @@ def simulate(
         sgd_placement=sgd_placement,
         private_training=private_training,
         vae_rounds=vae_rounds,
+        identifier_steps=identifier_steps,
     )
     run_dir = out if out is not None else default_out(config)
     try:
@@ -313,6 +321,19 @@ def _plan_rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
                 "histogram (round {})".format(s["iterations"] + 1),
                 f"Gaussian, sensitivity 1, noise multiplier {s['histogram_noise']:.3f} (full noise, own row)",
             ),
+            *(
+                [
+                    (
+                        "source classifier",
+                        f"{plan['identifier_steps']} full-batch DP-SGD steps on the statistics' "
+                        f"responsibilities, {plan['identifier_hidden']} hidden units, clip "
+                        f"{plan['clip_norm']:g}, noise multiplier {plan['identifier_noise_multiplier']:.3f}, "
+                        "split as DP-SGD's below",
+                    )
+                ]
+                if plan.get("identifier_steps")
+                else []
+            ),
             (
                 "DP-SGD on the VAEs",
                 f"{plan['vae_rounds']} x {plan['steps_per_round']} steps, {_batches(plan['sample_rate'])}, "
@@ -324,7 +345,7 @@ def _plan_rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
                     else "local: each client steps alone, with all of the noise"
                 ),
             ),
-            ("shares", f"statistics alone {plan['statistics_share']:.0%} of epsilon; DP-SGD the rest"),
+            ("shares", _shares(plan)),
         ]
     return [
         budget,
@@ -407,3 +428,11 @@ def _privacy_line(privacy: dict[str, Any] | None) -> str:
 def _batches(sample_rate: float) -> str:
     """How DP-SGD's batches are drawn, in words."""
     return "full batch (every record, every step)" if sample_rate == 1 else f"Poisson rate {sample_rate:g}"
+
+
+def _shares(plan: dict[str, Any]) -> str:
+    share = plan["statistics_share"]
+    if not plan.get("identifier_steps"):
+        return f"statistics alone {share:.0%} of epsilon; DP-SGD the rest"
+    alone = share * (1 - plan["identifier_share"])
+    return f"statistics alone {alone:.0%} of epsilon, with the classifier {share:.0%}; the VAEs the rest"

@@ -23,6 +23,8 @@ from securegmi.vocabulary import EventName, FieldName, Stage
 # N is a count, not a size: the fewest client releases a private phase's aggregate may sum.
 STATISTICS_DIMS = ("M", "S", "H", "N")
 GRADIENT_DIM = "G"
+# I, where the plan distils a source classifier: its parameter count.
+IDENTIFIER_DIM = "I"
 
 
 def start_stage() -> StageSpec:
@@ -114,6 +116,9 @@ def with_statistics(
             "(federation.statistics.statistics_dims gives them from the plan)"
         )
     dims = {d: int(statistics[d]) for d in STATISTICS_DIMS}
+    if IDENTIFIER_DIM in statistics:
+        stages += identifier_stages(kind, what)
+        dims[IDENTIFIER_DIM] = int(statistics[IDENTIFIER_DIM])
     if GRADIENT_DIM in statistics:
         stages += gradient_stages(kind, what)
         dims[GRADIENT_DIM] = int(statistics[GRADIENT_DIM])
@@ -132,26 +137,46 @@ def contributions() -> FieldSpec:
     )
 
 
-def gradient_stages(kind: FieldKind, what: str) -> tuple[StageSpec, ...]:
+def gradient_stages(
+    kind: FieldKind,
+    what: str,
+    stages: tuple[Stage, Stage] = (Stage.GRADIENT, Stage.GRADIENT_TOTALS),
+    field: FieldName = FieldName.GRADIENT,
+    dim: str = GRADIENT_DIM,
+    trained: str = "",
+) -> tuple[StageSpec, ...]:
     """One DP-SGD step per round with the noise split across clients (the plan's
-    `sgd_placement`): each client's clipped gradient sum plus its noise share, and their sum."""
+    `sgd_placement`): each client's clipped gradient sum plus its noise share, and their sum.
+    The same pair of stages, under their own names, steps the source classifier."""
     up = FieldSpec(
-        FieldName.GRADIENT,
+        field,
         kind,
-        (GRADIENT_DIM,),
+        (dim,),
         "float64",
-        what + f"clipped gradient sum + noise share (event {EventName.DPSGD}@round)",
+        what + f"{trained}clipped gradient sum + noise share (event {EventName.DPSGD}@round)",
     )
     down = FieldSpec(
         FieldName.AGGREGATE,
         kind,
-        (GRADIENT_DIM,),
+        (dim,),
         "float64",
-        what + "sum of the gradient releases",
-        sum_of=FieldName.GRADIENT,
+        what + f"sum of the {trained}gradient releases",
+        sum_of=field,
     )
-    totals = StageSpec(Stage.GRADIENT_TOTALS, "server", (down, contributions()), min_shares="N")
-    return StageSpec(Stage.GRADIENT, "client", (up,)), totals
+    totals = StageSpec(stages[1], "server", (down, contributions()), min_shares="N")
+    return StageSpec(stages[0], "client", (up,)), totals
+
+
+def identifier_stages(kind: FieldKind, what: str) -> tuple[StageSpec, ...]:
+    """The source classifier's split DP-SGD steps (I: its parameter count)."""
+    return gradient_stages(
+        kind,
+        what,
+        (Stage.IDENTIFIER_GRADIENT, Stage.IDENTIFIER_TOTALS),
+        FieldName.IDENTIFIER_GRADIENT,
+        IDENTIFIER_DIM,
+        "source classifier's ",
+    )
 
 
 def statistics_stages(kind: FieldKind, what: str) -> tuple[StageSpec, ...]:

@@ -34,6 +34,8 @@ DEFAULT_TEMPERATURE = {"digits": 10.0, "synthetic": 10.0, "mnist5k": 300.0}
 # progress per round while the split forms (figures: bench/results/tuning.md#learning-rate);
 # the other sets keep the step their figures were measured with. DP-SGD has its own
 # (`dp_learning_rate`).
+# The source classifier's full-batch DP-SGD steps (bench/results/tuning.md#source-classifier).
+IDENTIFIER_STEPS = 40
 DEFAULT_LEARNING_RATE = {"digits": 3e-3, "synthetic": 2e-3, "mnist5k": 2e-3}
 
 
@@ -133,7 +135,7 @@ class SimulationConfig:
     # protocol only); "local": every upload carries the full noise. None: split under secure.
     noise_placement: Placement | None = None
     min_clients: int | None = None  # the smallest cohort a round may complete with; None: all
-    statistics_share: float = 0.9  # of epsilon, for the statistics; DP-SGD the rest
+    statistics_share: float = 0.9  # of epsilon, for the identification (statistics, classifier)
     fine_clusters: int = 20
     projection_dim: int = 10
     kmeans_iterations: int = 4
@@ -145,6 +147,13 @@ class SimulationConfig:
     # client takes the same step with the decrypted sum, as one curator would. None: the
     # statistics' placement (split under secure).
     sgd_placement: Placement | None = None
+    # Full-batch DP-SGD steps that distil a source classifier from the statistics' released
+    # responsibilities (core.source_classifier), between the statistics and the VAEs, on
+    # `identifier_share` of the statistics' share of epsilon. None: 40 where DP-SGD's noise is
+    # split (the default under secure) and for central-dp, none under local noise (each client's
+    # gradient would carry the whole noise); 0: no classifier.
+    identifier_steps: int | None = None
+    identifier_share: float = 0.15
 
     def __post_init__(self) -> None:
         # A name given as its string (the CLI's options, a config.json) becomes its member, so
@@ -265,6 +274,9 @@ class SimulationConfig:
                 self.min_clients,
             )
         _check(0 < self.statistics_share < 1, "statistics_share", "must be in (0, 1)", self.statistics_share)
+        _check(0 < self.identifier_share < 1, "identifier_share", "must be in (0, 1)", self.identifier_share)
+        if self.identifier_steps is not None:
+            _check(self.identifier_steps >= 0, "identifier_steps", "must be 0 or more", self.identifier_steps)
         for name in ("fine_clusters", "projection_dim", "kmeans_iterations", "vae_rounds"):
             _check(getattr(self, name) >= 1, name, "must be at least 1", getattr(self, name))
         if self.method in ("local", "central-em", "oracle"):
@@ -329,6 +341,17 @@ class SimulationConfig:
         for name in ("delta", "private_training", "noise_placement", "sgd_placement", "min_clients"):
             refuse(name, self.epsilon is not None, "applies to a private run only: pass --epsilon with it")
         refuse(
+            "identifier_steps",
+            self.distils_identifier or self.identifier_steps == 0,
+            "applies where DP-SGD's noise is split (--protocol secure, the default there) or to central-dp: "
+            "under local noise each client's classifier gradient would carry the whole noise",
+        )
+        refuse(
+            "identifier_share",
+            self.planned_identifier_steps > 0,
+            "applies only where a source classifier is distilled (--identifier-steps above 0)",
+        )
+        refuse(
             "min_clients",
             self.statistics_design,
             "applies under the statistics design only: the em design's rounds take no minimum cohort",
@@ -388,11 +411,24 @@ class SimulationConfig:
         and the VAE rounds under the statistics design, `rounds` otherwise."""
         if not self.statistics_design:
             return self.rounds
-        return self.kmeans_iterations + 2 + self.vae_rounds * (self.sgd_steps if self.split_sgd else 1)
+        vae = self.vae_rounds * (self.sgd_steps if self.split_sgd else 1)
+        return self.kmeans_iterations + 2 + self.planned_identifier_steps + vae
 
     @property
     def split_sgd(self) -> bool:
         return self.dp_sgd_placement == Placement.SPLIT
+
+    @property
+    def distils_identifier(self) -> bool:
+        """Whether the source classifier can be trained at a curator's noise: split DP-SGD, or
+        the curator itself."""
+        return self.statistics_design and (self.split_sgd or self.method == "central-dp")
+
+    @property
+    def planned_identifier_steps(self) -> int:
+        if not self.distils_identifier:
+            return 0
+        return IDENTIFIER_STEPS if self.identifier_steps is None else self.identifier_steps
 
     @property
     def sgd_steps(self) -> int:
@@ -433,7 +469,7 @@ class SimulationConfig:
         unknown = sorted(set(map(str, data)) - known)
         if unknown:
             raise ConfigError(f"unknown configuration keys {unknown}")
-        data = _without_earlier_defaults(data)
+        data = _before_the_identifier(_without_earlier_defaults(data))
         hints = get_type_hints(cls)
         for name, value in data.items():
             if not _of_type(value, hints[name]):
@@ -446,6 +482,18 @@ class SimulationConfig:
 # run used them: a run whose config.json holds one where the setting does not apply used no
 # value at all, so it reads back as today's default (which `_check_applicable` accepts).
 _EARLIER_DEFAULTS: dict[str, object] = {"vae_rounds": 5, "sgd_placement": "local"}
+
+
+def _before_the_identifier(data: dict[str, Any]) -> dict[str, Any]:
+    """A private statistics-design run's config.json written before the source classifier
+    existed ran without one: it reads back as identifier_steps 0, not today's default. Such a
+    file holds every setting of its version (statistics_share among them) but this one; a
+    dictionary of a few settings (no statistics_share) takes today's defaults."""
+    statistics = data.get("private_training", PrivateDesign.STATISTICS) == PrivateDesign.STATISTICS
+    written = "statistics_share" in data and "identifier_steps" not in data
+    if data.get("epsilon") is not None and statistics and written:
+        return data | {"identifier_steps": 0}
+    return data
 
 
 def _without_earlier_defaults(data: dict[str, Any]) -> dict[str, Any]:

@@ -43,6 +43,9 @@ class Stage(_Name):
     # Split DP-SGD: one step per round.
     GRADIENT = "gradient"
     GRADIENT_TOTALS = "gradient_totals"
+    # Split DP-SGD of the source classifier distilled from the statistics: one step per round.
+    IDENTIFIER_GRADIENT = "identifier_gradient"
+    IDENTIFIER_TOTALS = "identifier_totals"
 
 
 class FieldName(_Name):
@@ -58,6 +61,7 @@ class FieldName(_Name):
     CLUSTER_STATS = "cluster_stats"
     HISTOGRAM = "histogram"
     GRADIENT = "gradient"
+    IDENTIFIER_GRADIENT = "identifier_gradient"
     AGGREGATE = "aggregate"  # a private phase's sum of the uplink field
     # Public, in a server stage: how many client releases its sums add (DESIGN §2, law 3).
     CONTRIBUTIONS = "contributions"

@@ -63,3 +63,21 @@ def record_clipped_sums(trainer: PrivateTrainer) -> list[list[torch.Tensor]]:
 
     trainer._accumulate_clipped = recorded  # type: ignore[method-assign]
     return seen
+
+
+def record_shares(trainer: PrivateTrainer) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every split-noise share `trainer` releases from now on, as (the clipped sum it was drawn
+    on, flattened; the released share)."""
+    shares: list[tuple[np.ndarray, np.ndarray]] = []
+    real_share, seen = trainer.noisy_share, record_clipped_sums(trainer)
+
+    def recorded(loss_fn: PerSampleLoss, batch: Tensor, share: float) -> np.ndarray:
+        released = real_share(loss_fn, batch, share)
+        (grads,) = seen  # the one clipped sum this share was drawn on
+        seen.clear()
+        pre = np.concatenate([g.reshape(-1).numpy() for g in grads]).astype(np.float64)
+        shares.append((pre, released))
+        return released
+
+    trainer.noisy_share = recorded  # type: ignore[method-assign]
+    return shares

@@ -404,6 +404,19 @@ def test_resume_refuses_a_state_that_records_no_configuration(finished: Path, tm
     _one_clean_line(runner.invoke(app, ["resume", str(run_dir)]), "records no digest")
 
 
+def test_resume_refuses_a_run_that_another_version_planned(finished: Path, tmp_path: Path) -> None:
+    """The configuration digest cannot see a change of design between versions: a run whose plan
+    an older securegmi made (unweighted moments) is not continued under today's plan, which would
+    release what its ledgers do not describe. Control: test_a_stopped_run_resumes_when_..."""
+    run_dir = _copy(finished, tmp_path, stopped=True)
+    plan = json.loads((run_dir / "dp_plan.json").read_text())
+    del plan["statistics"]["moments_weights"]  # as a plan written before the weights
+    (run_dir / "dp_plan.json").write_text(json.dumps(plan, indent=2))
+    before = _snapshot(tmp_path)
+    _one_clean_line(runner.invoke(app, ["resume", str(run_dir)]), "not the plan this version")
+    assert _snapshot(tmp_path) == before
+
+
 # ---------------------------------------------------------------------------------------------
 # securegmi.load: only documented errors, and no model with non-finite parameters.
 

@@ -56,8 +56,9 @@ def test_a_setting_the_run_would_ignore_is_refused(settings, option, instead):
 # Negative controls: the same settings where they apply are accepted and change the run.
 APPLIED: list[tuple[dict[str, Any], str, Any]] = [
     # Under secure, DP-SGD is split by default: each VAE round is its 5 full-batch steps.
-    ({**SECURE, "vae_rounds": 3}, "planned_rounds", 4 + 2 + 3 * 5),
-    ({**SECURE}, "planned_rounds", 4 + 2 + 1 * 5),
+    ({**SECURE, "vae_rounds": 3}, "planned_rounds", 4 + 2 + 40 + 3 * 5),  # + the classifier's steps
+    ({**SECURE}, "planned_rounds", 4 + 2 + 40 + 1 * 5),
+    ({**SECURE, "identifier_steps": 0}, "planned_rounds", 4 + 2 + 1 * 5),
     ({**EM, "rounds": 12}, "planned_rounds", 12),
     ({"rounds": 12}, "planned_rounds", 12),
     ({"method": "fedgmm", "rounds": 12}, "planned_rounds", 12),
@@ -73,7 +74,7 @@ APPLIED: list[tuple[dict[str, Any], str, Any]] = [
     ({**SECURE, "noise_placement": "local"}, "placement", "local"),
     ({**SECURE, "sgd_placement": "split"}, "split_sgd", True),
     ({**CENTRAL}, "statistics_design", True),
-    ({**CENTRAL, "vae_rounds": 2}, "planned_rounds", 4 + 2 + 2),
+    ({**CENTRAL, "vae_rounds": 2}, "planned_rounds", 4 + 2 + 40 + 2),
 ]
 
 

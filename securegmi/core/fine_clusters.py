@@ -22,11 +22,36 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from securegmi.core.source_classifier import SourceClassifier
 from securegmi.errors import ConfigError
 
-# Per-record L2 norm of a moments contribution (1, u, triu(u u^T)) with ||u|| = 1:
-# 1 + ||u||^2 + ||triu(u u^T)||_F^2 <= 3, since sum_{i<=j} u_i^2 u_j^2 <= (sum_i u_i^2)^2 = 1.
+# Per-record L2 norm of a moments contribution (a, b u, c triu(u u^T)) with ||u|| = 1:
+# a^2 + b^2 ||u||^2 + c^2 ||triu(u u^T)||_F^2 <= a^2 + b^2 + c^2, since
+# sum_{i<=j} u_i^2 u_j^2 <= (sum_i u_i^2)^2 = 1. Every plan's weights are held to
+# a^2 + b^2 + c^2 <= 3 (`check_moments_weights`), so sqrt(3) bounds them all.
 MOMENTS_SENSITIVITY = math.sqrt(3.0)
+# The weights (a, b, c) of the count, the sum and the second moments. The projection is the top
+# eigenvectors of the covariance, so the second moments should carry most of the sensitivity: the
+# count and the mean are a few numbers over ~1,000 records, precise even at a small weight.
+# Digits-PM at epsilon 8, tuning seeds 10-17, 2 noise draws: 0.837 -> 0.859 source accuracy
+# against (1, 1, 1) (bench/results/tuning.md#weighted-moments).
+def _within_sensitivity(a: float, b: float) -> tuple[float, float, float]:
+    """(a, b, c) with c the largest float whose squares with a and b sum to at most 3 exactly."""
+    c = math.sqrt(3.0 - a * a - b * b)
+    while math.fsum((a * a, b * b, c * c)) > 3.0:
+        c = math.nextafter(c, 0.0)
+    return a, b, c
+
+
+MOMENTS_WEIGHTS = _within_sensitivity(0.3, 0.6)
+# The weights of plans written before the moments were weighted.
+UNWEIGHTED_MOMENTS = (1.0, 1.0, 1.0)
+# The temperature of a record's soft assignment to the fine clusters when it is scored: its
+# weights over clusters are softmax(-||z - c_j||^2 / SOFT_ASSIGNMENT), z in the unit ball.
+# Post-processing of released values; a hard nearest cluster throws away how close a record lies
+# to its neighbours (same tuning runs: 0.859 -> 0.870; bench/results/tuning.md#soft-assignment).
+SOFT_ASSIGNMENT = 0.02
+CLASSIFIER_PREFIX = "stats.classifier."  # the distilled classifier's arrays in a model file
 # Per-record L2 norm of a cluster contribution: z (||z|| <= 1) added to one cluster's sum and 1
 # to one cluster's count.
 CLUSTER_SENSITIVITY = math.sqrt(2.0)
@@ -45,7 +70,9 @@ def on_sphere(x: np.ndarray, centre: float, sketch: np.ndarray | None = None) ->
     if sketch is not None:
         u = u @ sketch
     norms = np.linalg.norm(u, axis=1, keepdims=True)
-    out: np.ndarray = np.where(norms > _EPS, u / np.maximum(norms, _EPS), 0.0)
+    # A row with a non-finite norm maps to zero too: a NaN in a release would tell it exists.
+    keep = np.isfinite(norms) & (norms > _EPS)
+    out: np.ndarray = np.where(keep, np.nan_to_num(u) / np.where(keep, norms, 1.0), 0.0)
     return out
 
 
@@ -64,12 +91,37 @@ def moments_size(dim: int) -> int:
     return 1 + dim + dim * (dim + 1) // 2
 
 
-def moments_contribution(u: np.ndarray) -> np.ndarray:
-    """sum over records of (1, u, triu(u u^T)), flat."""
+# The least weight: below it, dividing the weight out of the noisy sum multiplies its noise
+# past any use (and zero would release a part nobody can read back).
+MIN_MOMENTS_WEIGHT = 1e-3
+
+
+def check_moments_weights(weights: tuple[float, ...]) -> None:
+    """`ConfigError` unless `weights` are three finite numbers of at least `MIN_MOMENTS_WEIGHT`
+    whose squares sum to at most 3 exactly: the sensitivity every moments release is calibrated
+    to (`MOMENTS_SENSITIVITY`)."""
+    numbers = all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights)
+    ok = len(weights) == 3 and numbers and all(math.isfinite(w) and w >= MIN_MOMENTS_WEIGHT for w in weights)
+    if not ok or math.fsum(w * w for w in weights) > 3.0:
+        raise ConfigError(
+            f"moments weights {weights!r} are not three numbers of at least {MIN_MOMENTS_WEIGHT:g} whose "
+            "squares sum to at most 3: a larger weight would release the moments with less noise than "
+            "the plan accounts for"
+        )
+
+
+def _moments_scale(dim: int, weights: tuple[float, ...]) -> np.ndarray:
+    a, b, c = weights
+    return np.concatenate([[a], np.full(dim, b), np.full(dim * (dim + 1) // 2, c)])
+
+
+def moments_contribution(u: np.ndarray, weights: tuple[float, ...] = MOMENTS_WEIGHTS) -> np.ndarray:
+    """sum over records of (a, b u, c triu(u u^T)), flat, for weights (a, b, c)."""
     d = u.shape[1]
     rows, cols = np.triu_indices(d)
     second = (u.T @ u)[rows, cols]
-    return np.concatenate([[float(len(u))], u.sum(0), second])
+    out: np.ndarray = np.concatenate([[float(len(u))], u.sum(0), second]) * _moments_scale(d, weights)
+    return out
 
 
 @dataclass(frozen=True)
@@ -82,7 +134,12 @@ class Projection:
     scale: float
 
     @classmethod
-    def from_moments(cls, total: np.ndarray, dim: int, components: int) -> Projection:
+    def from_moments(
+        cls, total: np.ndarray, dim: int, components: int, weights: tuple[float, ...] = MOMENTS_WEIGHTS
+    ) -> Projection:
+        """From the (noisy) sum of `moments_contribution`s made with `weights`."""
+        check_moments_weights(weights)
+        total = np.asarray(total, dtype=np.float64) / _moments_scale(dim, weights)
         n = max(float(total[0]), 1.0)
         mean = total[1 : 1 + dim] / n
         second = np.zeros((dim, dim))
@@ -189,19 +246,39 @@ def group_clusters(counts: np.ndarray, components: int, seed: int, restarts: int
 
 @dataclass(frozen=True)
 class FineClusterModel:
-    """Source identification from released statistics: log P(j(x) | k) for a record's nearest
-    fine cluster j(x). Computed locally from released values only."""
+    """Source identification from released statistics: log sum_j w_j(x) P(j | k), w(x) a
+    record's soft assignment to the fine clusters. Computed locally from released values only."""
 
     centre: float
     sketch: np.ndarray | None  # public, see public_sketch
     projection: Projection
     centroids: np.ndarray  # (J, d)
     cluster_given_component: np.ndarray  # (K, J)
+    # 0: the nearest cluster only (models saved before soft assignment); see SOFT_ASSIGNMENT.
+    softness: float = SOFT_ASSIGNMENT
+    # The classifier distilled from this model's responsibilities, where the run trained one: its
+    # log q(k | u) - log prior is added to the scores (core.source_classifier).
+    classifier: SourceClassifier | None = None
 
     def log_likelihood(self, x: np.ndarray) -> np.ndarray:
-        """(n, K): log P(j(x) | k)."""
-        j = nearest(self.projection(on_sphere(x, self.centre, self.sketch)), self.centroids)
-        out: np.ndarray = np.log(self.cluster_given_component.T[j] + 1e-6)
+        """(n, K): log sum_j w_j(x) P(j | k), w(x) the record's soft assignment to the fine
+        clusters (its nearest cluster alone at softness 0), plus the classifier's log ratio."""
+        u = on_sphere(x, self.centre, self.sketch)
+        out = self._cluster_scores(self.projection(u))
+        if self.classifier is not None:
+            out = out + self.classifier.log_likelihood_ratio(u)
+        return out
+
+    def _cluster_scores(self, z: np.ndarray) -> np.ndarray:
+        if self.softness <= 0:
+            hard: np.ndarray = np.log(self.cluster_given_component.T[nearest(z, self.centroids)] + 1e-6)
+            return hard
+        c = self.centroids
+        d2 = (z * z).sum(1)[:, None] - 2 * z @ c.T + (c * c).sum(1)[None]
+        # Shifted by each row's nearest first, so that no softness makes a row all -inf (NaN).
+        w = np.exp(-(d2 - d2.min(1, keepdims=True)) / self.softness)
+        w /= w.sum(1, keepdims=True)
+        out: np.ndarray = np.log(w @ self.cluster_given_component.T + 1e-6)
         return out
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -214,7 +291,8 @@ class FineClusterModel:
             "stats.scale": np.asarray([p.scale]),
             "stats.centroids": self.centroids,
             "stats.cluster_given_component": self.cluster_given_component,
-        }
+            "stats.softness": np.asarray([self.softness]),
+        } | ({} if self.classifier is None else self.classifier.arrays(CLASSIFIER_PREFIX))
 
     @classmethod
     def from_arrays(cls, a: dict[str, np.ndarray]) -> FineClusterModel:
@@ -224,4 +302,17 @@ class FineClusterModel:
             Projection(a["stats.mean"], a["stats.basis"], float(a["stats.scale"][0])),
             a["stats.centroids"],
             a["stats.cluster_given_component"],
+            _softness(a),
+            SourceClassifier.from_arrays(a, CLASSIFIER_PREFIX),
         )
+
+
+def _softness(a: dict[str, np.ndarray]) -> float:
+    """A saved model's softness: 0 where it has none (saved before soft assignment)."""
+    if "stats.softness" not in a:
+        return 0.0
+    value = np.asarray(a["stats.softness"], dtype=np.float64)
+    softness = float(value.ravel()[0]) if value.shape == (1,) else math.nan
+    if not (softness == 0.0 or 1e-6 <= softness <= 10.0):
+        raise ValueError(f"softness {value!r} is not 0 or within [1e-6, 10]")
+    return softness

@@ -76,16 +76,17 @@ class SharedAdam:
         self.optimiser.step()
         self.optimiser.zero_grad()
 
-    def state_arrays(self) -> dict[str, np.ndarray]:
+    def state_arrays(self, prefix: str = "adam.") -> dict[str, np.ndarray]:
         """Adam's moments and step counts, to continue the same trajectory in a fresh process."""
         out: dict[str, np.ndarray] = {}
         for i, p in enumerate(self.params):
             for name, value in self.optimiser.state.get(p, {}).items():
-                out[f"adam.{i}.{name}"] = torch.as_tensor(value).detach().numpy().copy()
+                out[f"{prefix}{i}.{name}"] = torch.as_tensor(value).detach().numpy().copy()
         return out
 
-    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+    def load_state(self, arrays: dict[str, np.ndarray], prefix: str = "adam.") -> None:
         for i, p in enumerate(self.params):
-            names = [k.split(".", 2)[2] for k in arrays if k.startswith(f"adam.{i}.")]
+            head = f"{prefix}{i}."
+            names = [k[len(head) :] for k in arrays if k.startswith(head)]
             if names:
-                self.optimiser.state[p] = {n: torch.as_tensor(arrays[f"adam.{i}.{n}"]) for n in names}
+                self.optimiser.state[p] = {n: torch.as_tensor(arrays[f"{head}{n}"]) for n in names}

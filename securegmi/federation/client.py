@@ -328,7 +328,7 @@ def _check_split_stages(spec: ProtocolSpec, plan: PrivateMixturePlan) -> None:
             "Use the secure protocol, or a plan with local noise"
         )
     names = {s.name for s in spec.stages}
-    for uplink in (*UPLINK.values(), Stage.GRADIENT):
+    for uplink in (*UPLINK.values(), Stage.IDENTIFIER_GRADIENT, Stage.GRADIENT):
         if uplink not in names:
             continue
         down = spec.downlink_after(uplink)

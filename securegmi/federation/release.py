@@ -8,7 +8,8 @@ classes. Three policies:
 - `PlainRelease`: what FedGMI computes, as it is (the plain protocol).
 - `StatisticsRelease` (a `PrivateMixturePlan`, the default private design): the statistics
   phase (`statistics.StatisticsRole`), then DP-SGD on the VAEs with
-  r(x) = softmax(log pi~ + log P(j(x) | k)), every term a released value or the record itself;
+  r(x) = softmax(log pi~ + log sum_j w_j(x) P(j | k)), every term a released value or the record
+  itself (w(x): its soft assignment to the released fine clusters);
   it uploads w = n~ pi~ (post-processing of the histogram release) and w * theta.
 - `CountsRelease` (a `DpPlan`, the earlier "em" design): soft counts every round. What it
   computes from its data, in order, and why each step is covered:
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Protocol
@@ -38,10 +39,12 @@ import torch
 from torch import Tensor, nn
 
 from securegmi.core.em import log_prior, mixture_estimate, mixture_loss, responsibilities
-from securegmi.core.fine_clusters import FineClusterModel
+from securegmi.core.fine_clusters import CLASSIFIER_PREFIX, FineClusterModel
+from securegmi.core.source_classifier import SourceClassifier
 from securegmi.core.training import SharedAdam
 from securegmi.crypto.signing import SigningKey
 from securegmi.errors import PrivacyError, ProtocolViolation
+from securegmi.federation.distillation import CLASSIFIER_SEED, ClassifierRole, pooled_prior
 from securegmi.federation.local import LocalLearner, derive_seed
 from securegmi.federation.statistics import StatisticsRole, downlink_stage, released
 from securegmi.privacy.calibration import DpPlan, PrivateMixturePlan
@@ -325,26 +328,47 @@ class StatisticsRelease(DpMechanisms):
         self.shared: SharedAdam | None = None
         self.resp: Tensor | None = None
         self.normaliser = 1.0
+        # The source classifier's phase (federation.distillation), where the plan has one.
+        self.distiller: ClassifierRole | None = None
+        self.classifier: SourceClassifier | None = None
+        self.teacher: Tensor | None = None
 
     @property
     def identifier(self) -> FineClusterModel | None:
-        return self.statistics.state.model
+        """The fine-cluster model, with the distilled classifier once its phase has ended."""
+        model = self.statistics.state.model
+        if model is None or self.classifier is None:
+            return model
+        return replace(model, classifier=self.classifier)
 
     def respond(self, round_index: int, stage: str, inbound: Mapping[str, np.ndarray]) -> Reply:
-        t, stats = round_index, self.plan.statistics
-        in_phase = t <= stats.rounds
-        vae_stage = Stage.GRADIENT_TOTALS if self.plan.split_sgd else Stage.BROADCAST
-        expect_stage(self.learner.client_id, t, stage, downlink_stage(stats, t) if in_phase else vae_stage)
-        if in_phase:
+        t, stats, plan = round_index, self.plan.statistics, self.plan
+        vae_start = stats.rounds + plan.identifier_steps
+        if t <= stats.rounds:
+            expected: str = downlink_stage(stats, t)
+        elif t <= vae_start:
+            expected = Stage.IDENTIFIER_TOTALS
+        else:
+            expected = Stage.GRADIENT_TOTALS if plan.split_sgd else Stage.BROADCAST
+        expect_stage(self.learner.client_id, t, stage, expected)
+        if t <= stats.rounds:
             total = None if t == 0 else inbound[FieldName.AGGREGATE].astype(np.float64)
             self.statistics.absorb(t, total)
+        elif t <= vae_start:
+            self._distiller().step(inbound[FieldName.AGGREGATE].astype(np.float64))
+            if t == vae_start:  # the last step: from here the classifier scores with the clusters
+                grouping = released(self.statistics.state.grouping, "the grouping of the fine clusters")
+                self.classifier = self._distiller().classifier(pooled_prior(grouping.pi, grouping.sizes))
         else:
             self.conclude(t, stage, inbound)
-        self.commit(self.plan.round_entries(t))
+        self.commit(plan.round_entries(t))
         if t < stats.rounds:
             stage, name, value = self.statistics.contribution(t)
             return Reply(stage, {name: value}, {name: EventId(stats.release_at(t), t)})
         dpsgd = EventId(EventName.DPSGD, t)
+        if t < vae_start:
+            share, gradient = self._distiller().share(self._teacher()), FieldName.IDENTIFIER_GRADIENT
+            return Reply(Stage.IDENTIFIER_GRADIENT, {gradient: share}, {gradient: dpsgd})
         if self.plan.split_sgd:
             return Reply(
                 Stage.GRADIENT, {FieldName.GRADIENT: self._gradient_share(t)}, {FieldName.GRADIENT: dpsgd}
@@ -366,15 +390,37 @@ class StatisticsRelease(DpMechanisms):
         self._shared_setup().step(inbound[FieldName.AGGREGATE] / self.normaliser)
 
     def _responsibilities(self) -> Tensor:
-        """r(x) = softmax(log pi~ + log P(j(x) | k)): pi~ and the fine clusters are released
-        values, j(x) depends on x alone. Sets this client's pi to pi~."""
+        """r(x) = softmax(log pi~ + log sum_j w_j(x) P(j | k)): pi~ and the fine clusters are
+        released values, w(x) depends on x and them alone. Sets this client's pi to pi~."""
         learner, slot, state = self.learner, self.privacy.slot, self.statistics.state
         grouping = released(state.grouping, "the grouping of the fine clusters")
-        model = released(state.model, "the fine-cluster model")
+        model = released(self.identifier, "the fine-cluster model")
         pi = np.maximum(grouping.pi[slot], learner.settings.pi_floor)
         learner.pi = pi / pi.sum()
         scores = torch.as_tensor(model.log_likelihood(learner.x), dtype=torch.float32)
         return responsibilities(scores, log_prior(learner.pi))
+
+    def _distiller(self) -> ClassifierRole:
+        """The classifier's trainer, set up on first use (its divisor, the pooled record count,
+        from the released sizes)."""
+        if self.distiller is None:
+            grouping = released(self.statistics.state.grouping, "the grouping of the fine clusters")
+            self.distiller = ClassifierRole(
+                self.statistics.u,
+                self.plan,
+                self.learner.model.n_components,
+                derive_seed(self.learner.seed, CLASSIFIER_SEED),
+                self.noise,
+                max(1.0, float(np.maximum(grouping.sizes, 0).sum())),
+            )
+        return self.distiller
+
+    def _teacher(self) -> Tensor:
+        """The classifier's targets: the fine-cluster model's responsibilities alone (the
+        classifier is not part of its own teacher)."""
+        if self.teacher is None:
+            self.teacher = self._responsibilities()
+        return self.teacher
 
     def _vae_round(self, round_index: int) -> np.ndarray:
         """Local DP-SGD on the VAEs; returns the weights n~ pi~, a function of the released
@@ -410,10 +456,15 @@ class StatisticsRelease(DpMechanisms):
     def state_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         arrays, metadata = super().state_arrays()
         shared = {} if self.shared is None else self.shared.state_arrays()
-        return arrays | self.statistics.state_arrays() | shared, metadata
+        distilled = {} if self.distiller is None else self.distiller.state_arrays()
+        classifier = {} if self.classifier is None else self.classifier.arrays(CLASSIFIER_PREFIX)
+        return arrays | self.statistics.state_arrays() | shared | distilled | classifier, metadata
 
     def load_state(self, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
         super().load_state(arrays, metadata)
         self.statistics.load_state(arrays)
+        if any(k.startswith("ident.") for k in arrays):
+            self._distiller().load_state(arrays)
+        self.classifier = SourceClassifier.from_arrays(dict(arrays), CLASSIFIER_PREFIX)
         if self.plan.split_sgd and any(k.startswith("adam.") for k in arrays):
             self._shared_setup().load_state(dict(arrays))

@@ -39,10 +39,13 @@ SENSITIVITY = {
 }
 
 
-def statistics_dims(plan: PrivateMixturePlan, clients: int, gradient_size: int) -> dict[str, int]:
+def statistics_dims(
+    plan: PrivateMixturePlan, clients: int, gradient_size: int, components: int
+) -> dict[str, int]:
     """The sizes a protocol's private phases need, and N, the plan's minimum cohort (the
     fewest releases an aggregate may sum, for split noise to carry its full scale);
-    `gradient_size` (K x P) where DP-SGD's noise is split (one gradient release per round)."""
+    `gradient_size` (K x P) where DP-SGD's noise is split (one gradient release per round), and
+    the source classifier's size I where the plan distils one."""
     stats = plan.statistics
     dims = {
         "M": fc.moments_size(stats.sketch_dim),
@@ -50,6 +53,8 @@ def statistics_dims(plan: PrivateMixturePlan, clients: int, gradient_size: int) 
         "H": clients * stats.clusters,
         "N": stats.min_clients,
     }
+    if plan.identifier_steps:
+        dims["I"] = plan.identifier_size(components)
     return dims | ({"G": gradient_size} if plan.split_sgd else {})
 
 
@@ -108,7 +113,9 @@ class StatisticsRole:
         plan, state = self.plan, self.state
         release = plan.release_at(round_index - 1)
         if release == EventName.MOMENTS:
-            state.projection = fc.Projection.from_moments(total, self.u.shape[1], plan.projection_dim)
+            state.projection = fc.Projection.from_moments(
+                total, self.u.shape[1], plan.projection_dim, plan.moments_weights
+            )
             state.centroids = fc.initial_centroids(plan.clusters, plan.projection_dim, self.seed)
         elif release == EventName.CLUSTERS:
             centroids = released(state.centroids, "the fine clusters' centroids")
@@ -159,7 +166,7 @@ class StatisticsRole:
         own row): returned and never kept."""
         release = self.plan.release_at(round_index)
         if release == EventName.MOMENTS:
-            return fc.moments_contribution(self.u)
+            return fc.moments_contribution(self.u, self.plan.moments_weights)
         z = released(self.state.projection, "the projection")(self.u)
         centroids = released(self.state.centroids, "the fine clusters' centroids")
         if release == EventName.HISTOGRAM:

@@ -18,6 +18,8 @@ from typing import Any
 import dp_accounting
 from dp_accounting import mechanism_calibration
 
+from securegmi.core import fine_clusters as fc
+from securegmi.core.source_classifier import parameter_count
 from securegmi.errors import ConfigError
 from securegmi.privacy.accounting import (
     PRIMARY,
@@ -217,6 +219,15 @@ class StatisticsPlan:
     moments_noise: float
     cluster_noise: float
     histogram_noise: float
+    # The weights of the moments release's count, sum and second moments
+    # (`core.fine_clusters.MOMENTS_WEIGHTS`); plans written before them read as unweighted.
+    moments_weights: tuple[float, float, float] = fc.UNWEIGHTED_MOMENTS
+
+    def __post_init__(self) -> None:
+        # JSON gives a list; a plan is frozen and compared, so hold a tuple of floats.
+        weights = tuple(self.moments_weights) if isinstance(self.moments_weights, (list, tuple)) else ()
+        fc.check_moments_weights(weights)  # before float(): "1" or True are not weights
+        object.__setattr__(self, "moments_weights", tuple(float(w) for w in weights))
 
     @property
     def rounds(self) -> int:
@@ -306,15 +317,50 @@ class PrivateMixturePlan:
     sgd_noise_multiplier: float
     sgd_placement: str = Placement.LOCAL
     accountant: str = PRIMARY  # as `DpPlan.accountant`
+    # The source classifier distilled from the statistics (core.source_classifier): this many
+    # full-batch DP-SGD steps, one round each, between the statistics and the VAEs, on a
+    # classifier of `identifier_hidden` hidden units. Plans written before it have none.
+    identifier_steps: int = 0
+    identifier_hidden: int = 0
+    identifier_noise_multiplier: float = 0.0
+    identifier_share: float = 0.0  # of the statistics' share of epsilon
+
+    def __post_init__(self) -> None:
+        counts = (self.identifier_steps, self.identifier_hidden)
+        whole = all(isinstance(v, int) and not isinstance(v, bool) for v in counts)
+        if not whole or self.identifier_steps < 0:
+            raise ConfigError(
+                f"a source classifier's steps and hidden units must be whole numbers, got {counts}"
+            )
+        if self.identifier_steps and not (
+            self.identifier_hidden >= 1
+            and 0 < self.identifier_share < 1
+            and self.identifier_noise_multiplier > 0
+        ):
+            raise ConfigError(
+                f"a source classifier of {self.identifier_steps} steps needs hidden units >= 1, a share in "
+                f"(0, 1) and a positive noise multiplier, got {self.identifier_hidden}, "
+                f"{self.identifier_share} and {self.identifier_noise_multiplier}"
+            )
 
     @property
     def split_sgd(self) -> bool:
         return self.sgd_placement == Placement.SPLIT
 
     @property
+    def identifier_rounds(self) -> range:
+        """The rounds that step the source classifier (empty without one)."""
+        first = self.statistics.rounds
+        return range(first, first + self.identifier_steps)
+
+    def identifier_size(self, components: int) -> int:
+        """The classifier's parameter count (the size of each of its gradient releases)."""
+        return parameter_count(self.statistics.sketch_dim, self.identifier_hidden, components)
+
+    @property
     def rounds(self) -> int:
         steps = self.vae_rounds * self.steps_per_round if self.split_sgd else self.vae_rounds
-        return self.statistics.rounds + steps
+        return self.statistics.rounds + self.identifier_steps + steps
 
     @property
     def sgd_share_scale(self) -> float:
@@ -324,6 +370,12 @@ class PrivateMixturePlan:
     def round_entries(self, round_index: int) -> tuple[LedgerEntry, ...]:
         if round_index < self.statistics.rounds:
             return (self.statistics.entry(round_index),)
+        if round_index in self.identifier_rounds:
+            # Full batch: every record in every step, so each is a Gaussian mechanism on the
+            # clipped gradient sum (sensitivity the clipping norm), split as the VAEs' steps are.
+            sigma = self.identifier_noise_multiplier
+            fallback = dpsgd_event(sigma * self.sgd_share_scale, 1.0, 1) if self.split_sgd else None
+            return (LedgerEntry.of(round_index, EventName.DPSGD, dpsgd_event(sigma, 1.0, 1), fallback),)
         sigma, q = self.sgd_noise_multiplier, self.sample_rate
         if self.split_sgd:
             fallback = dpsgd_event(sigma * self.sgd_share_scale, q, 1)
@@ -352,22 +404,37 @@ def calibrate_private_mixture(
     statistics_share: float,
     sgd_placement: str = Placement.LOCAL,
     shares: tuple[float, float, float] = STATISTICS_SHARES,
+    identifier_steps: int = 0,
+    identifier_hidden: int = 0,
+    identifier_share: float = 0.0,
 ) -> PrivateMixturePlan:
-    """The statistics alone may spend `statistics_share` of epsilon; DP-SGD's noise then makes
-    the whole composition spend exactly the budget (PLD accountant)."""
+    """The identification (the statistics, then the source classifier's `identifier_steps`
+    where there are any) may spend `statistics_share` of epsilon, the statistics alone
+    (1 - `identifier_share`) of that; DP-SGD's noise on the VAEs then makes the whole
+    composition spend exactly the budget (PLD accountant)."""
     if vae_rounds < 1 or steps_per_round < 1:
         raise ConfigError("a private plan needs at least one DP-SGD round of at least one step")
     if not 0 < statistics_share < 1:
         raise ConfigError(f"statistics_share must be in (0, 1), got {statistics_share}")
-    sigma_total = _noise_for(
-        gaussian_event, budget.epsilon * statistics_share, budget.delta, statistics_share
-    )
+    if identifier_steps and not 0 < identifier_share < 1:
+        raise ConfigError(f"identifier_share must be in (0, 1), got {identifier_share}")
+    share = statistics_share * (1 - identifier_share) if identifier_steps else statistics_share
+    sigma_total = _noise_for(gaussian_event, budget.epsilon * share, budget.delta, share)
     m, c, h = statistics_noise(sigma_total, statistics.iterations, shares)
     stats = replace(statistics, moments_noise=m, cluster_noise=c, histogram_noise=h)
-    stat_events = [stats.entry(r).event for r in range(stats.rounds)]
+    identification = [stats.entry(r).event for r in range(stats.rounds)]
+    identifier_sigma = 0.0
+    if identifier_steps:
+        identifier_sigma = _noise_for(
+            lambda s: dp_accounting.ComposedDpEvent([*identification, dpsgd_event(s, 1.0, identifier_steps)]),
+            budget.epsilon * statistics_share,
+            budget.delta,
+            statistics_share,
+        )
+        identification.append(dpsgd_event(identifier_sigma, 1.0, identifier_steps))
     sgd_sigma = _noise_for(
         lambda s: dp_accounting.ComposedDpEvent(
-            [*stat_events, dpsgd_event(s, sample_rate, steps_per_round * vae_rounds)]
+            [*identification, dpsgd_event(s, sample_rate, steps_per_round * vae_rounds)]
         ),
         budget.epsilon,
         budget.delta,
@@ -383,9 +450,16 @@ def calibrate_private_mixture(
         statistics_share,
         sgd_sigma,
         sgd_placement,
+        identifier_steps=identifier_steps,
+        identifier_hidden=identifier_hidden if identifier_steps else 0,
+        identifier_noise_multiplier=identifier_sigma,
+        identifier_share=identifier_share if identifier_steps else 0.0,
     )
 
 
+# The distilled source classifier's defaults (bench/results/tuning.md#source-classifier).
+IDENTIFIER_HIDDEN = 32
+IDENTIFIER_SHARE = 0.15
 SKETCH_DIM = 64  # records are sketched to at most this many dimensions (core.fine_clusters.public_sketch)
 
 
@@ -406,6 +480,9 @@ def calibrate_statistics(
     projection_dim: int = 10,
     kmeans_iterations: int = 4,
     statistics_share: float = 0.9,
+    identifier_steps: int = 0,
+    identifier_hidden: int = IDENTIFIER_HIDDEN,
+    identifier_share: float = IDENTIFIER_SHARE,
     seed: int = 0,
 ) -> PrivateMixturePlan:
     """The default private design's plan (the statistics design) from the budget and public
@@ -416,7 +493,9 @@ def calibrate_statistics(
     bench/results/tuning.md#private-densities). `placement`/`sgd_placement` "split" (the
     `secure` protocol only) let each client add a share of the noise (`sgd_placement` defaults
     to `placement`); `min_clients` (default: every client) is
-    the fewest releases an aggregate may sum. Bind the protocol with
+    the fewest releases an aggregate may sum. `identifier_steps` > 0 distils a source classifier
+    of `identifier_hidden` units from the statistics in that many full-batch DP-SGD steps, on
+    `identifier_share` of the identification's budget. Bind the protocol with
     `securegmi.bind_protocol(name, components, plan=plan, clients=clients)`."""
     for name, value in (("clients", clients), ("features", features), ("local_epochs", local_epochs)):
         if value < 1:
@@ -444,6 +523,7 @@ def calibrate_statistics(
         moments_noise=0.0,
         cluster_noise=0.0,
         histogram_noise=0.0,
+        moments_weights=fc.MOMENTS_WEIGHTS,
     )
     return calibrate_private_mixture(
         budget,
@@ -454,6 +534,9 @@ def calibrate_statistics(
         sample_rate=sample_rate,
         clip_norm=clip_norm,
         statistics_share=statistics_share,
+        identifier_steps=identifier_steps,
+        identifier_hidden=identifier_hidden,
+        identifier_share=identifier_share,
     )
 
 

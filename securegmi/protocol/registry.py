@@ -18,7 +18,7 @@ from securegmi.protocol.spec import ProtocolBuilder, ProtocolSpec
 
 GROUP = "securegmi.protocols"
 # The statistics phase's sizes (protocols/_round.py): a spec binding "M" was built with them.
-STATISTICS_DIMS = ("M", "S", "H", "N", "G")
+STATISTICS_DIMS = ("M", "S", "H", "N", "I", "G")
 
 
 # securegmi's own protocols, and the one entry point each may have: another package (or a

@@ -590,6 +590,7 @@ def _configuration_problems(config: SimulationConfig, plan: Plan, dims: dict[str
             ("kmeans_iterations", config.kmeans_iterations, stats.iterations),
             ("fine_clusters", config.fine_clusters, stats.clusters),
             ("statistics_share", config.statistics_share, plan.statistics_share),
+            ("identifier_steps", config.planned_identifier_steps, plan.identifier_steps),
             # the histogram holds one block of fine clusters per client of the cohort
             ("clients x fine clusters", config.clients * stats.clusters, dims.get("H")),
         ]
@@ -599,6 +600,8 @@ def _configuration_problems(config: SimulationConfig, plan: Plan, dims: dict[str
             ("noise_placement", config.placement, Placement.LOCAL),  # the em design's noise is local
             ("count_share", config.count_share, plan.count_share),
         ]
+    if isinstance(plan, PrivateMixturePlan) and plan.identifier_steps:
+        pairs.append(("identifier_share", config.identifier_share, plan.identifier_share))
     problems = [
         f"config.json gives {name} {ours!r}, {PLAN} (or {PROTOCOL}) {theirs!r}: the plan is not this run's"
         for name, ours, theirs in pairs

@@ -248,7 +248,10 @@ def _identifier(arrays: dict[str, np.ndarray], components: int, dim: int, where:
             )
         probe = identifier.log_likelihood(np.full((1, dim), identifier.centre, dtype=np.float32))
         if probe.shape != (1, components) or not np.isfinite(probe).all():
-            raise ValueError(f"it scores a record as shape {probe.shape}, expected (1, {components})")
+            raise ValueError(
+                f"it scores a record as shape {probe.shape} (expected (1, {components})), finite: "
+                f"{bool(np.isfinite(probe).all())}"
+            )
     except (KeyError, IndexError, ValueError, TypeError, ArithmeticError) as exc:
         raise RunDirectoryError(f"{where}: the saved source identifier is corrupt ({exc!r:.160})") from exc
     return identifier

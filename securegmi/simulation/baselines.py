@@ -4,6 +4,7 @@ that knows every record's source, and the central-DP curator."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,8 @@ from securegmi.core.em import fixed_point_pi, infer_mixture, log_prior, mixture_
 from securegmi.core.mixture import MixtureOfVAEs
 from securegmi.core.training import e_step_elbo, train_components
 from securegmi.errors import ConfigError
-from securegmi.federation.local import LocalLearner, seed_torch
+from securegmi.federation.distillation import CLASSIFIER_SEED, ClassifierRole, pooled_prior
+from securegmi.federation.local import LocalLearner, derive_seed, seed_torch
 from securegmi.federation.statistics import SENSITIVITY
 from securegmi.privacy.accounting import PRIMARY
 from securegmi.privacy.calibration import PrivateMixturePlan
@@ -136,8 +138,9 @@ def run_central_dp(
     def release(total: np.ndarray, name: EventName) -> np.ndarray:
         return gaussian_release(total, stats.noise_multiplier(name), SENSITIVITY[name], rng)
 
-    total = release(np.sum([fc.moments_contribution(u) for u in spheres], axis=0), EventName.MOMENTS)
-    projection = fc.Projection.from_moments(total, stats.sketch_dim, stats.projection_dim)
+    weights = stats.moments_weights
+    total = release(np.sum([fc.moments_contribution(u, weights) for u in spheres], axis=0), EventName.MOMENTS)
+    projection = fc.Projection.from_moments(total, stats.sketch_dim, stats.projection_dim, weights)
     zs = [projection(u) for u in spheres]
     centroids = fc.initial_centroids(stats.clusters, stats.projection_dim, config.seed)
     for i in range(stats.iterations):
@@ -153,16 +156,34 @@ def run_central_dp(
     )
     pis = [np.maximum(p, config.pi_floor) / np.maximum(p, config.pi_floor).sum() for p in grouping.pi]
 
+
+    def pooled_responsibilities() -> torch.Tensor:
+        return torch.cat(
+            [
+                responsibilities(
+                    torch.as_tensor(identifier.log_likelihood(c.x_train), dtype=torch.float32), log_prior(pi)
+                )
+                for c, pi in zip(data.clients, pis, strict=True)
+            ]
+        )
+
+    resp = pooled_responsibilities()
+    if plan.identifier_steps:  # the federation's classifier phase, by one curator at full noise
+        role = ClassifierRole(
+            np.concatenate(spheres),
+            plan,
+            k,
+            derive_seed(config.seed, CLASSIFIER_SEED),
+            noise,
+            max(1.0, float(np.maximum(grouping.sizes, 0).sum())),
+        )
+        for _ in plan.identifier_rounds:
+            role.step(role.share(resp))
+        prior = pooled_prior(grouping.pi, grouping.sizes)
+        identifier = replace(identifier, classifier=role.classifier(prior))
+        resp = pooled_responsibilities()
     model = new_model(config, data)
     pooled = np.concatenate([c.x_train for c in data.clients])
-    resp = torch.cat(
-        [
-            responsibilities(
-                torch.as_tensor(identifier.log_likelihood(c.x_train), dtype=torch.float32), log_prior(pi)
-            )
-            for c, pi in zip(data.clients, pis, strict=True)
-        ]
-    )
     # The divisor of the noisy sum: the expected batch, from the released record count.
     normaliser = max(1.0, plan.sample_rate * float(grouping.sizes.sum()))
     trainer = PrivateTrainer(
@@ -192,6 +213,8 @@ def run_central_dp(
         "placement": "central",
         "secure_rng": True,  # ChaCha20 keyed from OS entropy (privacy.noise)
         "noise": "private",
+        "identifier_steps": plan.identifier_steps,
+        "identifier_noise_multiplier": plan.identifier_noise_multiplier,
     }
     own = [
         fixed_point_pi(torch.as_tensor(identifier.log_likelihood(c.x_train)), pi, config.pi_floor)

@@ -150,7 +150,10 @@ def own_config(clients: Sequence[Client], server: Server, rounds: int) -> Simula
             "kmeans_iterations": stats.iterations,
             "vae_rounds": plan.vae_rounds,
             "sgd_placement": plan.sgd_placement,
+            "identifier_steps": plan.identifier_steps,
         }
+        if plan.identifier_steps:
+            fields["identifier_share"] = plan.identifier_share
     else:
         fields |= {
             "private_training": PrivateDesign.EM,

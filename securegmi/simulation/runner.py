@@ -24,7 +24,7 @@ from securegmi.federation.driver import play_rounds
 from securegmi.federation.local import adopt_aggregate
 from securegmi.federation.server import RoundOutcome, Server
 from securegmi.federation.transport import ClientEndpoint, InProcessTransport, ServerEndpoint, Transport
-from securegmi.files import STATE_FILE, safetensors_metadata
+from securegmi.files import JSON_FILE, STATE_FILE, read_json, safetensors_metadata
 from securegmi.privacy.accounting import PRIMARY
 from securegmi.privacy.calibration import DpPlan, PrivateMixturePlan
 from securegmi.privacy.ledger import PrivacyLedger
@@ -35,6 +35,7 @@ from securegmi.records.rundir import (
     CONFIG,
     CONFIG_DIGEST,
     LEDGERS,
+    PLAN,
     RESULTS,
     SERVER_STATE,
     SIGNERS,
@@ -337,6 +338,7 @@ def run_federated(
     server_state = run_dir.file(SERVER_STATE) if run_dir is not None else None
     digest = {CONFIG_DIGEST: config_digest(federation.config)}  # kept with every saved round
     if server_state is not None and resume:
+        check_resumed_plan(run_dir, plan)
         saved = server.load_state(server_state)
         start, uplink_total = int(saved["next_round"]), int(saved["uplink"])
         recorder.resume(start)
@@ -402,6 +404,21 @@ def check_resumed_config(run_dir: RunDirectory, config: SimulationConfig) -> Non
         )
 
 
+def check_resumed_plan(run_dir: RunDirectory | None, plan: DpPlan | PrivateMixturePlan | None) -> None:
+    """`RunDirectoryError` unless this version of securegmi plans the run as the one that started
+    it did: the configuration digest cannot see a new version's design (its moments weights, say),
+    and a run continued under another plan would release what its ledgers do not describe."""
+    if plan is None or run_dir is None:
+        return
+    recorded = read_json(run_dir.file(PLAN), JSON_FILE)
+    if recorded != json.loads(json.dumps(plan.to_dict())):
+        raise RunDirectoryError(
+            f"{run_dir.file(PLAN)} is not the plan this version of securegmi makes for the run's "
+            "configuration (an upgrade changed the private design since the run started): finish it "
+            "with the version that started it, or start a new run"
+        )
+
+
 def open_model(server: Server, codec: ClientCodec, model: MixtureOfVAEs, round_index: int) -> None:
     """`model` set to what a client holds after opening the server's next broadcast."""
     message = server.broadcast(round_index, 1.0)
@@ -438,5 +455,7 @@ def privacy_summary(
             "histogram_noise_multiplier": s.histogram_noise,
             "min_clients": s.min_clients,
             "sgd_placement": plan.sgd_placement,
+            "identifier_steps": plan.identifier_steps,
+            "identifier_noise_multiplier": plan.identifier_noise_multiplier,
         }
     return summary

@@ -197,7 +197,7 @@ def bind_protocol(
                 f"the plan's minimum cohort is {plan.statistics.min_clients}, above the {clients} clients"
             )
         size = components.n_components * components.parameter_count()
-        statistics = statistics_dims(plan, clients, size)
+        statistics = statistics_dims(plan, clients, size, components.n_components)
     return registry.bind(
         name,
         components=components.n_components,
@@ -230,6 +230,8 @@ def dp_plan(config: SimulationConfig, data: FederatedData) -> DpPlan | PrivateMi
             projection_dim=config.projection_dim,
             kmeans_iterations=config.kmeans_iterations,
             statistics_share=config.statistics_share,
+            identifier_steps=config.planned_identifier_steps,
+            identifier_share=config.identifier_share,
             seed=config.seed,
         )
     return calibrate(

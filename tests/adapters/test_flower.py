@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,7 @@ from securegmi.records.rundir import AGGREGATE, CHECKPOINT, CLIENT_STATES, ENGIN
 from securegmi.records.trained import load
 from securegmi.simulation.runner import run_simulation, signing_ceremony
 from securegmi.simulation.study import Federation
+from tests.configs import IDENTIFIER_STEPS
 
 from ..no_pickle import non_data_files
 from ..secret_walk import secret_serialisations
@@ -57,6 +59,7 @@ SECURE = SimulationConfig(
     sgd_placement="split",
     vae_rounds=1,
     local_epochs=1,
+    identifier_steps=IDENTIFIER_STEPS,  # the classifier's state restored per message too
 )
 
 pytestmark = pytest.mark.slow
@@ -137,7 +140,7 @@ def test_simulation_engine_matches_in_process(tmp_path):
         assert report.signature_problems == 0 and report.signed_messages > 0 and report.signed_entries > 0
     # Negative control: the same study with other (private) noise gives other pi estimates, so
     # the tolerances above can fail.
-    private = SimulationConfig(clients=3, epsilon=8.0, protocol="secure", dp_noise="private")
+    private = replace(SECURE, dp_noise="private")
     run_simulation(private, out=tmp_path / "private")
     c = load_file(str(tmp_path / "private" / CHECKPOINT))
     assert np.abs(c["pi"] - b["pi"]).max() > 1e-3
@@ -206,7 +209,9 @@ def test_deployment_engine_on_loopback_completes_a_secure_run(tmp_path):
     `flwr run`; each node holds its own key directory, state and ledger, the server only the
     public context. The server's directory, audited with the ledgers gathered from the nodes
     (`audit_run(..., ledgers=)`, `securegmi audit --ledgers`), passes."""
-    config = SimulationConfig(clients=3, epsilon=8.0, protocol="secure")
+    # One classifier step: each message starts a process here, and the simulation engine's test
+    # above restores the classifier's state across several.
+    config = SimulationConfig(clients=3, epsilon=8.0, protocol="secure", identifier_steps=1)
     federation = Federation.build(config)
     keys = tmp_path / "keys"
     SecretContext.generate(federation.ckks_parameters()).save(keys)

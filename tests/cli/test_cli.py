@@ -146,7 +146,8 @@ def test_epsilon_alone_runs_the_secure_protocol_and_shows_the_plan(tmp_path):
     results = json.loads((out / "results.json").read_text())
     check_results(results, _config(out))
     assert results["protocol"] == "secure" and results["epsilon"]["target"] == 4.0
-    assert results["rounds"] == 4 + 2 + 1  # k-means iterations, moments and histogram, VAE
+    # k-means iterations, moments and histogram, the source classifier's 40 steps, the VAEs' step
+    assert results["rounds"] == 4 + 2 + 40 + 1
     assert runner.invoke(app, ["audit", str(out)]).exit_code == 0
 
 
@@ -194,10 +195,12 @@ def test_the_options_that_apply_reach_the_configuration(monkeypatch, tmp_path):
         ["--epsilon", "8", "--vae-rounds", "2", "--out", str(tmp_path / "a")],
         ["--epsilon", "8", "--private-training", "em", "--rounds", "12", "--out", str(tmp_path / "b")],
         ["--method", "central-dp", "--epsilon", "8", "--out", str(tmp_path / "c")],
-        ["--epsilon", "8", "--out", str(tmp_path / "d")],
+        ["--epsilon", "8", "--identifier-steps", "3", "--out", str(tmp_path / "d")],
     )
-    # Under secure the VAEs' DP-SGD is split by default: one round per step.
-    assert vae.split_sgd and vae.planned_rounds == 4 + 2 + 2 * 5 and em.planned_rounds == 12
+    # Under secure the VAEs' DP-SGD is split by default: one round per step, after the source
+    # classifier's 40 (3 where asked).
+    assert vae.split_sgd and vae.planned_rounds == 4 + 2 + 40 + 2 * 5 and em.planned_rounds == 12
+    assert fedgmi.planned_identifier_steps == 3
     # central-dp sends no message, so --epsilon alone gives it no protocol (which it would refuse).
     assert central.protocol == "plain" and fedgmi.protocol == "secure"
 

@@ -71,7 +71,8 @@ def test_every_statistics_release_adds_the_noise_its_ledger_claims(placement):
     entry the client commits for that round. Under split placement each client adds a share:
     the entry's fallback figure (the share alone) names it, and the minimum cohort's shares
     together must carry the aggregate's full noise."""
-    config = replace(DROPOUT_CONFIG, vae_rounds=5, noise_placement=placement)  # 4 clients, cohort 3
+    # 4 clients, cohort 3
+    config = replace(DROPOUT_CONFIG, vae_rounds=5, noise_placement=placement, identifier_steps=None)
     federation = Federation.build(config)
     assert isinstance(federation.plan, PrivateMixturePlan)
     client = federation.client(1, SecretContext.generate(federation.ckks_parameters()))

@@ -481,11 +481,20 @@ def test_a_placement_or_cohort_that_is_not_the_plans_fails_the_audit(runs, tmp_p
     assert config[key] is None  # the defaults: split under secure, every client
     config_file.write_text(json.dumps(config | {key: same}))
     assert _audit(tmp_path / "t") == (0, [])
-    config_file.write_text(json.dumps(config | {key: other}))
-    # DP-SGD's placement follows the statistics' by default: relabelled too, against the plan.
-    keys = [key, "sgd_placement"] if key == "noise_placement" else [key]
-    reasons = [f"config.json gives {k} {other!r}, dp_plan.json (or protocol.json) {same!r}" for k in keys]
-    assert _audit(tmp_path / "t") == (1, [f"{reason}: the plan is not this run's" for reason in reasons])
+    if key == "min_clients":
+        config_file.write_text(json.dumps(config | {key: other}))
+        reasons = [f"config.json gives {key} {other!r}, dp_plan.json (or protocol.json) {same!r}"]
+        assert _audit(tmp_path / "t") == (1, [f"{reason}: the plan is not this run's" for reason in reasons])
+        return
+    # Relabelled local, the configuration distils no classifier (its steps apply to split noise
+    # only), and DP-SGD's placement follows the statistics': each differs from the plan.
+    config_file.write_text(json.dumps(config | {key: other, "identifier_steps": None}))
+    steps = json.loads((tmp_path / "t" / "dp_plan.json").read_text())["identifier_steps"]
+    code, problems = _audit(tmp_path / "t")
+    assert code == 1 and all(p.endswith(": the plan is not this run's") for p in problems), problems
+    named = {p.removeprefix("config.json gives ").split(" ")[0] for p in problems}
+    assert named == {"planned", key, "sgd_placement", "identifier_steps"}, problems
+    assert f"identifier_steps 0, dp_plan.json (or protocol.json) {steps!r}" in " ".join(problems)
 
 
 @pytest.mark.slow

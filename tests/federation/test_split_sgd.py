@@ -18,7 +18,7 @@ from securegmi.federation.transport import InProcessTransport
 from securegmi.simulation.study import Federation
 from tests.configs import private_config
 
-from ..doubles import record_clipped_sums
+from ..doubles import record_shares
 from .gaussian_scale import assert_scale, has_scale
 
 CONFIG = private_config(
@@ -30,6 +30,7 @@ CONFIG = private_config(
     vae_rounds=1,
     kmeans_iterations=1,
     sgd_placement="split",
+    identifier_steps=0,  # the VAEs' steps alone; the classifier's: test_distillation.py
 )
 
 
@@ -46,21 +47,7 @@ def _federation():  # type: ignore[no-untyped-def]
 def finished():  # type: ignore[no-untyped-def]
     """A whole run, with each client's gradient shares and pre-noise sums observed."""
     federation, clients, server, transport = _federation()
-    shares: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {cid: [] for cid in clients}
-    for cid, client in clients.items():
-        policy = client.policy
-        trainer = policy.trainer  # type: ignore[attr-defined]
-        real_share, seen = trainer.noisy_share, record_clipped_sums(trainer)
-
-        def spy(loss_fn, batch, share, cid=cid, seen=seen, real_share=real_share):  # type: ignore[no-untyped-def]
-            released = real_share(loss_fn, batch, share)
-            (grads,) = seen  # the one clipped sum this share was drawn on
-            seen.clear()
-            pre = np.concatenate([g.reshape(-1).numpy() for g in grads]).astype(np.float64)
-            shares[cid].append((pre, released))
-            return released
-
-        trainer.noisy_share = spy
+    shares = {cid: record_shares(client.policy.trainer) for cid, client in clients.items()}  # type: ignore[attr-defined]
     for t in range(federation.rounds):
         play_round(server, transport, list(clients), t, 1.0)
     final = server.broadcast(federation.rounds, 1.0)

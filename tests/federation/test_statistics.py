@@ -13,7 +13,7 @@ from securegmi.config import SimulationConfig
 from securegmi.core import fine_clusters as fc
 from securegmi.errors import ConfigError, RunAbortedError
 from securegmi.federation.statistics import SENSITIVITY, StatisticsRole
-from securegmi.privacy.calibration import PrivateMixturePlan
+from securegmi.privacy.calibration import PrivateMixturePlan, plan_from_dict
 from securegmi.privacy.ledger import PrivacyBudget, PrivacyLedger
 from securegmi.simulation.runner import run_simulation
 from securegmi.simulation.study import Federation, dp_plan, load_federated_data
@@ -84,7 +84,7 @@ def test_each_share_carries_the_planned_fraction_of_the_noise(placement):
     sigma * sensitivity under local, so any min_clients - 1 shares (what a client that knows its
     own share sees) carry the full noise. Two-sided chi-square bound on the sample variance;
     false-failure rate below 1e-6 per test."""
-    config = replace(SMALL, noise_placement=placement, min_clients=3)
+    config = replace(SMALL, noise_placement=placement, min_clients=3, identifier_steps=None)
     plan = _plan(config)
     role = _role(load_federated_data(SMALL).clients[0].x_train[:30], plan, seed=11)
     exact = record_exact(role)
@@ -103,7 +103,7 @@ def test_each_share_carries_the_planned_fraction_of_the_noise(placement):
 
 
 def test_split_noise_has_a_fallback_figure_and_local_noise_does_not():
-    split, local = _plan(), _plan(replace(SMALL, noise_placement="local"))
+    split, local = _plan(), _plan(replace(SMALL, noise_placement="local", identifier_steps=None))
     for plan in (split, local):
         ledger = PrivacyLedger("c", PrivacyBudget(plan.epsilon, plan.delta))
         ledger = ledger.check([e for r in range(plan.rounds) for e in plan.round_entries(r)])
@@ -125,7 +125,7 @@ def test_split_noise_is_refused_without_encryption():
 def test_a_statistics_round_below_the_minimum_cohort_is_abandoned(protocol):
     """A sum of fewer shares than min_clients would be under-noised: the server refuses to
     form it. Negative control: the full cohort is added."""
-    config = replace(SMALL, protocol=protocol)
+    config = replace(SMALL, protocol=protocol, identifier_steps=None)
     federation = Federation.build(config)
     from securegmi.crypto.keys import SecretContext
 
@@ -185,6 +185,123 @@ def test_the_grouping_recovers_a_planted_block_structure():
 )
 def test_an_absurd_budget_is_one_clear_error(change, reason):
     """Never a traceback from the accountant: the planner says why and what range works."""
-    config = replace(SMALL, **change)
+    config = replace(SMALL, **{"identifier_steps": None, **change})
     with pytest.raises(ConfigError, match=reason):
         dp_plan(config, load_federated_data(config))
+
+
+def test_weighted_moments_read_back_as_the_unweighted_ones():
+    """The weights only move sensitivity between the count, the sum and the second moments: the
+    projection read back from exact weighted moments is the unweighted one. Negative control:
+    reading them back with other weights gives another mean and basis."""
+    u = fc.on_sphere(np.random.default_rng(3).random((50, 8)), 0.5)
+    weighted = fc.moments_contribution(u, fc.MOMENTS_WEIGHTS)
+    p = fc.Projection.from_moments(weighted, 8, 3, fc.MOMENTS_WEIGHTS)
+    q = fc.Projection.from_moments(
+        fc.moments_contribution(u, fc.UNWEIGHTED_MOMENTS), 8, 3, fc.UNWEIGHTED_MOMENTS
+    )
+    np.testing.assert_allclose(p.mean, q.mean, atol=1e-12)
+    np.testing.assert_allclose(np.abs(p.basis.T @ q.basis), np.eye(3), atol=1e-8)
+    wrong = fc.Projection.from_moments(weighted, 8, 3, fc.UNWEIGHTED_MOMENTS)
+    assert not np.allclose(wrong.mean, q.mean, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [
+        (1.0, 1.0, 2.0),
+        (0.0, 0.0, 1.8),
+        (1.0, 1.0, 1.0 + 1e-6),  # just over the bound
+        (0.0, 1.0, 1.0),  # a zero weight: nothing to read back
+        (-1.0, 1.0, 1.0),
+        (math.nan, 1.0, 1.0),
+        ("1", "1", "1"),
+        (True, True, True),
+    ],
+)
+def test_moments_weights_beyond_the_sensitivity_are_refused(weights):
+    """Every moments release is calibrated at sensitivity sqrt(3): weights whose squares sum to more
+    would release the moments with less noise than the ledger records, so a plan (or a forged
+    dp_plan.json) holding them is refused. The sensitivity test above is the control that the
+    shipped weights keep a neighbour within sqrt(3); these would not."""
+    plan = _plan().statistics
+    assert replace(plan, moments_weights=fc.MOMENTS_WEIGHTS).moments_weights == fc.MOMENTS_WEIGHTS  # control
+    with pytest.raises(ConfigError, match="moments weights"):
+        replace(plan, moments_weights=weights)
+    forged = {**_plan().to_dict()}
+    forged["statistics"] = {**forged["statistics"], "moments_weights": list(weights)}
+    with pytest.raises(ConfigError, match="moments weights"):
+        plan_from_dict(forged)
+    if all(isinstance(w, float) and w >= 0 for w in weights) and math.fsum(w * w for w in weights) > 3:
+        u = np.eye(4)[[0, 1, 2, 3, 0]]  # one-hot records: the bound is attained
+        moved = fc.moments_contribution(u, weights) - fc.moments_contribution(u[1:], weights)
+        assert np.linalg.norm(moved) > fc.MOMENTS_SENSITIVITY  # what the refusal prevents
+
+
+def test_a_plan_written_before_the_weights_reads_as_unweighted():
+    old = _plan().to_dict()
+    del old["statistics"]["moments_weights"]
+    plan = plan_from_dict(old)
+    assert isinstance(plan, PrivateMixturePlan)
+    assert plan.statistics.moments_weights == fc.UNWEIGHTED_MOMENTS
+    assert _plan().statistics.moments_weights == fc.MOMENTS_WEIGHTS  # control: new plans weigh
+
+
+def test_soft_assignment_scores_by_nearby_clusters_and_old_models_score_hard():
+    """A record's soft assignment weighs every fine cluster by its distance; at softness 0 (a model
+    saved before soft assignment, which has no `stats.softness`) it is the nearest cluster's row,
+    as that model was scored. Controls: the soft scores differ from the hard ones, and a saved
+    model keeps its softness."""
+    rng = np.random.default_rng(5)
+    x = rng.random((40, 6))
+    u = fc.on_sphere(x, 0.5)
+    projection = fc.Projection.from_moments(fc.moments_contribution(u), 6, 3)
+    table = rng.dirichlet(np.ones(7), size=2)
+    model = fc.FineClusterModel(0.5, None, projection, fc.initial_centroids(7, 3, 1) * 3, table)
+    z = projection(u)
+    hard = np.log(table.T[fc.nearest(z, model.centroids)] + 1e-6)
+    soft = model.log_likelihood(x)
+    assert not np.allclose(soft, hard, atol=1e-3)
+    assert (np.exp(soft) <= table.max(1)[None] + 2e-6).all()  # a weighted mean of each row
+    old = {k: v for k, v in model.arrays().items() if k != "stats.softness"}
+    np.testing.assert_array_equal(fc.FineClusterModel.from_arrays(old).log_likelihood(x), hard)
+    again = fc.FineClusterModel.from_arrays(model.arrays())
+    assert again.softness == fc.SOFT_ASSIGNMENT
+    np.testing.assert_array_equal(again.log_likelihood(x), soft)
+
+
+def test_the_moments_release_attains_its_sensitivity_on_worst_case_records():
+    """On one-hot records (||triu(u u^T)|| = 1, the bound attained) the shipped release path moves
+    by exactly sqrt(3) when a record is removed: a tight check, which a release weighing the
+    second moments more than the plan's weights (a review's mutant: 2.11 against sqrt(3)) fails,
+    where digit records (||triu(u u^T)||^2 about 0.5) would let it through."""
+    plan = _plan()
+    d = plan.statistics.sketch_dim
+    records = np.eye(d)[[0, 1, 2, 3, 0, 2]]
+    full, without = _role(records, plan), _role(records[1:], plan)
+    full.u, without.u = records, records[1:]
+    moved = np.linalg.norm(full.exact(0) - without.exact(0))
+    assert abs(moved - fc.MOMENTS_SENSITIVITY) < 1e-9
+    assert math.fsum(w * w for w in fc.MOMENTS_WEIGHTS) <= 3.0  # exactly, no slack
+
+
+@pytest.mark.parametrize("softness", [1e-308, -1.0, 1e30, math.nan])
+def test_a_saved_softness_outside_its_range_is_refused(softness):
+    """A model file's softness is 0 or within [1e-6, 10]: 1e-308 made a third of the records score
+    NaN, 1e30 every record the same (a review). Control: 1e-6, the sharpest allowed, scores every
+    record finitely (the logits are shifted by each row's nearest cluster)."""
+    rng = np.random.default_rng(2)
+    x = rng.random((30, 6))
+    u = fc.on_sphere(x, 0.5)
+    model = fc.FineClusterModel(
+        0.5,
+        None,
+        fc.Projection.from_moments(fc.moments_contribution(u), 6, 3),
+        fc.initial_centroids(5, 3, 0) * 3,
+        rng.dirichlet(np.ones(5), size=2),
+        1e-6,
+    )
+    assert np.isfinite(fc.FineClusterModel.from_arrays(model.arrays()).log_likelihood(x)).all()
+    forged = model.arrays() | {"stats.softness": np.asarray([softness])}
+    with pytest.raises(ValueError, match="softness"):
+        fc.FineClusterModel.from_arrays(forged)
