@@ -15,6 +15,7 @@ from securegmi.privacy import ledger as ledger_module
 from securegmi.records.rundir import CLIENT_STATES, ENGINE, METRICS, SERVER_STATE
 from securegmi.simulation.runner import run_simulation
 from tests.configs import private_config, small_config
+from tests.forgery import rechain
 
 runner = CliRunner()
 
@@ -64,12 +65,7 @@ def _rewrite(path: Path, change: Callable[[dict[str, Any]], None], *, consistent
     data = json.loads(path.read_text())
     change(data)
     if consistently:
-        link = ledger_module._genesis(data["client"], data["budget"], data["adjacency"], data.get("noise"))
-        for record in data["entries"]:
-            record.pop("chain", None)
-            record.pop("signature", None)
-            link = ledger_module._link(link, record)
-            record["chain"] = link
+        rechain(data)
     path.write_text(json.dumps(data))
 
 

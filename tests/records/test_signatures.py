@@ -34,6 +34,7 @@ from securegmi.protocol.signed import message_statement, row_statement, sign_mes
 from securegmi.simulation.runner import run_simulation
 from securegmi.simulation.study import Federation
 from tests.configs import private_config, small_config
+from tests.forgery import rechain
 from tests.secret_walk import secret_holders
 
 runner = CliRunner()
@@ -77,17 +78,6 @@ def _inflate(tree: Any) -> None:
             _inflate(item)
 
 
-def _rechain(data: dict[str, Any]) -> None:
-    """A ledger file's hash chain recomputed, as anyone who knows the format can; its
-    signatures dropped (nobody without the client's key can make them anew)."""
-    link = ledger_module._genesis(data["client"], data["budget"], data["adjacency"], data.get("noise"))
-    for record in data["entries"]:
-        record.pop("chain", None)
-        record.pop("signature", None)
-        link = ledger_module._link(link, record)
-        record["chain"] = link
-
-
 def forge(run_dir: Path, forger: dict[str, SigningKey] | None = None) -> float:
     """The consistent forgery: every noise multiplier FACTOR times what it was and the budget
     the plan then spends, in config.json, dp_plan.json, every ledger, every client state's copy
@@ -104,7 +94,7 @@ def forge(run_dir: Path, forger: dict[str, SigningKey] | None = None) -> float:
         data = json.loads(path.read_text())
         _inflate(data["entries"])
         data["budget"]["epsilon"] = claimed
-        _rechain(data)
+        rechain(data)
         path.write_text(json.dumps(data))
         ledger = PrivacyLedger.load(path)
         if forger is not None:
