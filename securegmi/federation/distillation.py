@@ -57,9 +57,11 @@ class ClassifierRole:
         components: int,
         seed: int,
         noise: NoiseSource,
-        normaliser: float,
+        sizes: np.ndarray,
     ) -> None:
+        """`sizes`: the clients' released record counts, whose sum divides each step's sum."""
         self.u = torch.as_tensor(np.ascontiguousarray(u, dtype=np.float32))
+        normaliser = max(1.0, float(np.maximum(np.asarray(sizes, dtype=np.float64), 0.0).sum()))
         self.plan = plan
         # Public: every client builds the same start from the federation's seed.
         self.module = classifier_module(self.u.shape[1], plan.identifier_hidden, components, seed)

@@ -401,8 +401,7 @@ class StatisticsRelease(DpMechanisms):
         return responsibilities(scores, log_prior(learner.pi))
 
     def _distiller(self) -> ClassifierRole:
-        """The classifier's trainer, set up on first use (its divisor, the pooled record count,
-        from the released sizes)."""
+        """The classifier's trainer, set up on first use (its divisor from the released sizes)."""
         if self.distiller is None:
             grouping = released(self.statistics.state.grouping, "the grouping of the fine clusters")
             self.distiller = ClassifierRole(
@@ -411,7 +410,7 @@ class StatisticsRelease(DpMechanisms):
                 self.learner.model.n_components,
                 derive_seed(self.learner.seed, CLASSIFIER_SEED),
                 self.noise,
-                max(1.0, float(np.maximum(grouping.sizes, 0).sum())),
+                grouping.sizes,
             )
         return self.distiller
 

@@ -175,7 +175,7 @@ def run_central_dp(
             k,
             derive_seed(config.seed, CLASSIFIER_SEED),
             noise,
-            max(1.0, float(np.maximum(grouping.sizes, 0).sum())),
+            grouping.sizes,
         )
         for _ in plan.identifier_rounds:
             role.step(role.share(resp))

@@ -17,7 +17,7 @@ from securegmi.config import SimulationConfig
 from securegmi.core import fine_clusters as fc
 from securegmi.core.source_classifier import SourceClassifier
 from securegmi.crypto.keys import SecretContext
-from securegmi.errors import ConfigError
+from securegmi.errors import ConfigError, RunAbortedError
 from securegmi.federation.distillation import ClassifierRole
 from securegmi.federation.release import StatisticsRelease
 from securegmi.federation.server import play_round
@@ -27,6 +27,7 @@ from tests.configs import private_config
 
 from ..doubles import record_shares
 from .gaussian_scale import assert_scale, has_scale
+from .whole_run import play_to_the_end, secure_federation
 
 STEPS = 6
 CONFIG = private_config(
@@ -43,11 +44,7 @@ def _policy(client: object) -> StatisticsRelease:
 @pytest.fixture(scope="module")
 def finished():  # type: ignore[no-untyped-def]
     """A whole secure run, with every classifier share and the clipped sum it was drawn on."""
-    federation = Federation.build(CONFIG)
-    keys = SecretContext.generate(federation.ckks_parameters())
-    clients = {cid: federation.client(i, keys) for i, cid in enumerate(federation.client_ids)}
-    server = federation.server(keys.public())
-    transport = InProcessTransport.linking(server, clients.values())
+    federation, clients, server, transport = secure_federation(CONFIG)
     shares: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
     for cid, client in clients.items():  # the classifier's trainer is built at its first step
         policy = _policy(client)
@@ -61,11 +58,7 @@ def finished():  # type: ignore[no-untyped-def]
             return role
 
         policy._distiller = observed  # type: ignore[method-assign]
-    for t in range(federation.rounds):
-        play_round(server, transport, list(clients), t, 1.0)
-    final = server.broadcast(federation.rounds, 1.0)
-    for client in clients.values():
-        client.conclude(final)
+    play_to_the_end(federation, server, transport, clients)
     return federation, clients, shares
 
 
@@ -110,14 +103,15 @@ def test_each_classifier_share_carries_its_planned_noise(finished):
 def _role(federation: Federation, u: np.ndarray) -> ClassifierRole:
     from securegmi.privacy.noise import NoiseSource
 
-    return ClassifierRole(u, federation.plan, 3, 0, NoiseSource(1), 100.0)
+    return ClassifierRole(u, federation.plan, 3, 0, NoiseSource(1), np.array([100.0]))
 
 
 def test_a_record_moves_a_classifier_step_by_at_most_the_clipping_norm(finished):
-    """The neighbour without record i, recomputed from scratch: every other record's target is
-    unchanged (targets are the record's own and released values'), and the clipped gradient sum
-    on the neighbour's own targets moves by at most C. Control: the removed records' unclipped
-    gradients exceed C, so the clipping is what keeps the step within its sensitivity."""
+    """The neighbour without record i, for every i, recomputed from scratch: every other
+    record's target is unchanged (targets are the record's own and released values'), and the
+    clipped gradient sum on the neighbour's own targets moves by at most C. Control: the
+    removed records' unclipped gradients exceed C, so the clipping keeps the step within its
+    sensitivity."""
     federation, clients, _ = finished
     policy = _policy(next(iter(clients.values())))
     x, c, classifier = policy.learner.x.copy(), federation.plan.clip_norm, policy.classifier
@@ -127,7 +121,7 @@ def test_a_record_moves_a_classifier_step_by_at_most_the_clipping_norm(finished)
     whole = role.trainer.clipped_sum(role.loss(targets), torch.arange(len(x)))
     unclipped = []
     try:
-        for i in (0, len(x) // 2, len(x) - 1):
+        for i in range(len(x)):  # every position: a positional draw would show at some
             policy.learner.x, policy.teacher = np.delete(x, i, 0), None
             neighbour = policy._teacher()
             np.testing.assert_array_equal(neighbour.numpy(), np.delete(targets.numpy(), i, 0))
@@ -171,11 +165,7 @@ def test_a_client_rebuilt_from_its_state_for_every_message_follows_the_same_clas
                 return clients[cid].receive(wire)
 
         transport = Restoring.linking(server, clients.values())
-        for t in range(federation.rounds):
-            play_round(server, transport, list(clients), t, 1.0)
-        final = server.broadcast(federation.rounds, 1.0)
-        for client in clients.values():
-            client.conclude(final)
+        play_to_the_end(federation, server, transport, clients)
         first = clients[federation.client_ids[0]]
         identifier = _policy(first).identifier
         assert identifier is not None and identifier.classifier is not None
@@ -250,3 +240,17 @@ def test_a_records_scores_depend_on_that_record_alone(finished):
             identifier.log_likelihood(np.delete(x, i, axis=0)), np.delete(scores, i, 0)
         )
     assert not np.allclose(identifier.log_likelihood(x[:1] * 0.5 + 0.25), scores[:1])
+
+
+def test_a_classifier_step_with_fewer_than_min_clients_is_abandoned():
+    """A classifier step's split shares are summed only over the plan's minimum cohort (law 3):
+    the server refuses a sum of min_clients - 1 of them. Control: the whole cohort is added."""
+    federation, clients, server, transport = secure_federation(CONFIG)
+    t = federation.plan.statistics.rounds
+    for r in range(t):
+        play_round(server, transport, list(clients), r, 1.0)
+    replies = transport.exchange({cid: server.broadcast(t, 1.0) for cid in clients}).replies
+    assert {m.stage for m in replies.values()} == {"identifier_gradient"}
+    with pytest.raises(RunAbortedError, match="minimum cohort"):
+        server.aggregate(dict(list(replies.items())[: CONFIG.min_clients - 1]))  # type: ignore[operator]
+    assert server.aggregate(replies) == {}

@@ -11,15 +11,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from securegmi.crypto.keys import SecretContext
 from securegmi.errors import ConfigError, RunAbortedError
 from securegmi.federation.server import play_round
-from securegmi.federation.transport import InProcessTransport
-from securegmi.simulation.study import Federation
 from tests.configs import private_config
 
 from ..doubles import record_shares
 from .gaussian_scale import assert_scale, has_scale
+from .whole_run import play_to_the_end, secure_federation
 
 CONFIG = private_config(
     "secure",
@@ -34,25 +32,12 @@ CONFIG = private_config(
 )
 
 
-def _federation():  # type: ignore[no-untyped-def]
-    federation = Federation.build(CONFIG)
-    keys = SecretContext.generate(federation.ckks_parameters())
-    clients = {cid: federation.client(i, keys) for i, cid in enumerate(federation.client_ids)}
-    server = federation.server(keys.public())
-    transport = InProcessTransport.linking(server, clients.values())
-    return federation, clients, server, transport
-
-
 @pytest.fixture(scope="module")
 def finished():  # type: ignore[no-untyped-def]
     """A whole run, with each client's gradient shares and pre-noise sums observed."""
-    federation, clients, server, transport = _federation()
+    federation, clients, server, transport = secure_federation(CONFIG)
     shares = {cid: record_shares(client.policy.trainer) for cid, client in clients.items()}  # type: ignore[attr-defined]
-    for t in range(federation.rounds):
-        play_round(server, transport, list(clients), t, 1.0)
-    final = server.broadcast(federation.rounds, 1.0)
-    for client in clients.values():
-        client.conclude(final)
+    play_to_the_end(federation, server, transport, clients)
     return federation, clients, shares
 
 
@@ -94,7 +79,7 @@ def test_each_share_carries_sigma_c_over_root_min_clients_less_one(finished):
 
 
 def test_a_step_with_fewer_than_min_clients_is_abandoned():
-    federation, clients, server, transport = _federation()
+    federation, clients, server, transport = secure_federation(CONFIG)
     for t in range(federation.plan.statistics.rounds):
         play_round(server, transport, list(clients), t, 1.0)
     t = federation.plan.statistics.rounds
