@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from enum import StrEnum
 from types import UnionType
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, NamedTuple, Union, get_args, get_origin, get_type_hints
 
 from securegmi.errors import ConfigError
 from securegmi.vocabulary import Placement, PrivateDesign
@@ -34,9 +34,32 @@ DEFAULT_TEMPERATURE = {"digits": 10.0, "synthetic": 10.0, "mnist5k": 300.0}
 # progress per round while the split forms (figures: bench/results/tuning.md#learning-rate);
 # the other sets keep the step their figures were measured with. DP-SGD has its own
 # (`dp_learning_rate`).
+DEFAULT_LEARNING_RATE = {"digits": 3e-3, "synthetic": 2e-3, "mnist5k": 2e-3}
 # The source classifier's full-batch DP-SGD steps (bench/results/tuning.md#source-classifier).
 IDENTIFIER_STEPS = 40
-DEFAULT_LEARNING_RATE = {"digits": 3e-3, "synthetic": 2e-3, "mnist5k": 2e-3}
+
+
+class StatisticsSizes(NamedTuple):
+    fine_clusters: int
+    projection_dim: int
+    kmeans_iterations: int
+
+
+# The statistics design's sizes by budget: (smallest epsilon, sizes), ascending. Less budget buys
+# fewer, coarser statistics, each less noisy: at epsilon 1 every release of 20 clusters in 10
+# dimensions is mostly noise (bench/results/tuning.md#sizes-by-epsilon). A function of epsilon
+# alone, so choosing by it reveals nothing of the records (Papernot & Steinke, ICLR 2022).
+STATISTICS_SIZES: tuple[tuple[float, StatisticsSizes], ...] = (
+    (0.0, StatisticsSizes(10, 5, 2)),
+    (3.0, StatisticsSizes(16, 8, 3)),
+    (6.0, StatisticsSizes(20, 10, 4)),
+)
+
+
+def statistics_sizes(epsilon: float) -> StatisticsSizes:
+    """The statistics design's default fine clusters, projection dimensions and k-means rounds
+    for a run of budget `epsilon` (STATISTICS_SIZES)."""
+    return [sizes for least, sizes in STATISTICS_SIZES if epsilon >= least][-1]
 
 
 # The fields that hold a vocabulary's names (securegmi.vocabulary), and which vocabulary.
@@ -136,9 +159,10 @@ class SimulationConfig:
     noise_placement: Placement | None = None
     min_clients: int | None = None  # the smallest cohort a round may complete with; None: all
     statistics_share: float = 0.9  # of epsilon, for the identification (statistics, classifier)
-    fine_clusters: int = 20
-    projection_dim: int = 10
-    kmeans_iterations: int = 4
+    # The statistics' sizes; None: by epsilon (statistics_sizes).
+    fine_clusters: int | None = None
+    projection_dim: int | None = None
+    kmeans_iterations: int | None = None
     vae_rounds: int = 1
     # Where DP-SGD's noise sits under the statistics design. "local": each client takes
     # `local_epochs` epochs of its own DP-SGD steps per VAE round, every upload carrying the full
@@ -278,7 +302,8 @@ class SimulationConfig:
         if self.identifier_steps is not None:
             _check(self.identifier_steps >= 0, "identifier_steps", "must be 0 or more", self.identifier_steps)
         for name in ("fine_clusters", "projection_dim", "kmeans_iterations", "vae_rounds"):
-            _check(getattr(self, name) >= 1, name, "must be at least 1", getattr(self, name))
+            if getattr(self, name) is not None:
+                _check(getattr(self, name) >= 1, name, "must be at least 1", getattr(self, name))
         if self.method in ("local", "central-em", "oracle"):
             raise ConfigError(f"method {self.method} sends nothing, so --epsilon does not apply to it")
         if self.method in ("ifca", "fedgmm"):
@@ -324,11 +349,12 @@ class SimulationConfig:
 
         if self.statistics_design:
             alternative = "" if self.method == "central-dp" else ", or --private-training em for DP-SGD EM"
+            statistics_rounds = self.statistics_sizes.kmeans_iterations + 2
             refuse(
                 "rounds",
                 False,
                 "does not apply under the statistics design (the default with --epsilon): its run is "
-                f"{self.kmeans_iterations + 2} rounds of DP statistics, then --vae-rounds rounds of "
+                f"{statistics_rounds} rounds of DP statistics, then --vae-rounds rounds of "
                 f"DP-SGD; set --vae-rounds{alternative}",
             )
         refuse(
@@ -412,7 +438,14 @@ class SimulationConfig:
         if not self.statistics_design:
             return self.rounds
         vae = self.vae_rounds * (self.sgd_steps if self.split_sgd else 1)
-        return self.kmeans_iterations + 2 + self.planned_identifier_steps + vae
+        return self.statistics_sizes.kmeans_iterations + 2 + self.planned_identifier_steps + vae
+
+    @property
+    def statistics_sizes(self) -> StatisticsSizes:
+        """The statistics design's sizes: as set, else by epsilon (statistics_sizes)."""
+        default = statistics_sizes(self.epsilon if self.epsilon is not None else 0.0)
+        chosen = (self.fine_clusters, self.projection_dim, self.kmeans_iterations)
+        return StatisticsSizes(*(d if c is None else c for d, c in zip(default, chosen, strict=True)))
 
     @property
     def split_sgd(self) -> bool:
@@ -502,6 +535,4 @@ def _without_earlier_defaults(data: dict[str, Any]) -> dict[str, Any]:
     statistics = private and design == PrivateDesign.STATISTICS
     central = data.get("method") == "central-dp"
     applies = {"vae_rounds": statistics, "sgd_placement": private and not central}
-    return {
-        k: v for k, v in data.items() if applies.get(k, True) or v != _EARLIER_DEFAULTS.get(k, object())
-    }
+    return {k: v for k, v in data.items() if applies.get(k, True) or v != _EARLIER_DEFAULTS.get(k, object())}

@@ -18,6 +18,7 @@ from typing import Any
 import dp_accounting
 from dp_accounting import mechanism_calibration
 
+from securegmi.config import statistics_sizes
 from securegmi.core import fine_clusters as fc
 from securegmi.core.source_classifier import parameter_count
 from securegmi.errors import ConfigError
@@ -476,9 +477,9 @@ def calibrate_statistics(
     placement: str = Placement.LOCAL,
     sgd_placement: str | None = None,
     min_clients: int | None = None,
-    fine_clusters: int = 20,
-    projection_dim: int = 10,
-    kmeans_iterations: int = 4,
+    fine_clusters: int | None = None,
+    projection_dim: int | None = None,
+    kmeans_iterations: int | None = None,
     statistics_share: float = 0.9,
     identifier_steps: int = 0,
     identifier_hidden: int = IDENTIFIER_HIDDEN,
@@ -495,7 +496,9 @@ def calibrate_statistics(
     to `placement`); `min_clients` (default: every client) is
     the fewest releases an aggregate may sum. `identifier_steps` > 0 distils a source classifier
     of `identifier_hidden` units from the statistics in that many full-batch DP-SGD steps, on
-    `identifier_share` of the identification's budget. Bind the protocol with
+    `identifier_share` of the identification's budget. The statistics' sizes (`fine_clusters`,
+    `projection_dim`, `kmeans_iterations`) left out are chosen by epsilon
+    (`securegmi.config.statistics_sizes`). Bind the protocol with
     `securegmi.bind_protocol(name, components, plan=plan, clients=clients)`."""
     for name, value in (("clients", clients), ("features", features), ("local_epochs", local_epochs)):
         if value < 1:
@@ -509,10 +512,13 @@ def calibrate_statistics(
     cohort = clients if min_clients is None else min_clients
     if not 1 <= cohort <= clients:
         raise ConfigError(f"min_clients must be between 1 and the {clients} clients, got {min_clients}")
+    sizes = statistics_sizes(budget.epsilon)
     statistics = StatisticsPlan(
-        clusters=fine_clusters,
-        projection_dim=min(projection_dim, features, SKETCH_DIM),
-        iterations=kmeans_iterations,
+        clusters=sizes.fine_clusters if fine_clusters is None else fine_clusters,
+        projection_dim=min(
+            sizes.projection_dim if projection_dim is None else projection_dim, features, SKETCH_DIM
+        ),
+        iterations=sizes.kmeans_iterations if kmeans_iterations is None else kmeans_iterations,
         # A public centre for the unit-sphere map: mid-range of [0, 1] intensities, the origin
         # for standardised (Gaussian-likelihood) data.
         centre=0.5 if likelihood == "bernoulli" else 0.0,

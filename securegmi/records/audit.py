@@ -587,8 +587,8 @@ def _configuration_problems(config: SimulationConfig, plan: Plan, dims: dict[str
             ("min_clients", config.cohort_minimum, stats.min_clients),
             ("sgd_placement", config.dp_sgd_placement, plan.sgd_placement),
             ("vae_rounds", config.vae_rounds, plan.vae_rounds),
-            ("kmeans_iterations", config.kmeans_iterations, stats.iterations),
-            ("fine_clusters", config.fine_clusters, stats.clusters),
+            ("kmeans_iterations", config.statistics_sizes.kmeans_iterations, stats.iterations),
+            ("fine_clusters", config.statistics_sizes.fine_clusters, stats.clusters),
             ("statistics_share", config.statistics_share, plan.statistics_share),
             ("identifier_steps", config.planned_identifier_steps, plan.identifier_steps),
             # the histogram holds one block of fine clusters per client of the cohort
