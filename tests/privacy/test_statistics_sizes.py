@@ -63,11 +63,12 @@ def test_a_size_set_by_hand_is_the_plan_s_and_the_rest_follow_epsilon():
     plan = _plan(config)
     assert _sizes(plan) == StatisticsSizes(20, 5, 2) == config.statistics_sizes  # 5 and 2: epsilon 1's
     assert config.planned_rounds == plan.rounds
-    # An earlier run's config.json holds the sizes it ran with, and reads back with them.
-    earlier = SimulationConfig.from_dict(
-        {**config.to_dict(), "fine_clusters": 20, "projection_dim": 10, "kmeans_iterations": 4}
-    )
+    # An earlier run's config.json holds the sizes it ran with, and reads back with them and
+    # writes them again, so its configuration digest (what resume checks) is unchanged.
+    written = {**config.to_dict(), "fine_clusters": 20, "projection_dim": 10, "kmeans_iterations": 4}
+    earlier = SimulationConfig.from_dict(written)
     assert earlier.statistics_sizes == StatisticsSizes(20, 10, 4)
+    assert earlier.to_dict() == written
 
 
 def test_the_audit_refuses_a_plan_whose_sizes_are_not_the_configuration_s():
