@@ -114,6 +114,7 @@ class MaskingKey:
         self.run_id = run_id
         self._private = private
         self.public_bytes = private.public_key().public_bytes_raw()
+        self._used: set[MaskContext] = set()
 
     @classmethod
     def generate(cls, client_id: str, run_id: str) -> MaskingKey:
@@ -141,9 +142,21 @@ class MaskingKey:
 
     def mask(self, registry: MaskRegistry, context: MaskContext, length: int, word_bits: int) -> np.ndarray:
         """This client's mask for `length` words: the pairwise PRG words, added for peers after
-        it in sorted order and subtracted for peers before it, modulo 2^word_bits."""
+        it in sorted order and subtracted for peers before it, modulo 2^word_bits.
+
+        A mask is used once: two uploads under one mask differ by the difference of their
+        values, in the clear to whoever decrypts both (a two-time pad), so a second mask for the
+        same context (a retry, a second field of the stage) is refused. A stage masks its whole
+        payload as one vector."""
         if self.client_id not in registry or registry[self.client_id] != self.public_bytes:
             raise CryptoError(f"{self.client_id}'s masking key is not the one the registry holds")
+        if context in self._used:
+            raise CryptoError(
+                f"{self.client_id} already masked an upload for round {context.round}, stage "
+                f"{context.stage!r}: a mask is used once (a second upload under it would reveal the "
+                "difference of the two); mask the stage's whole payload as one vector"
+            )
+        self._used.add(context)
         total = np.zeros(length, dtype=np.uint64)
         for peer in registry:
             if peer == self.client_id:

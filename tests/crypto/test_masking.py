@@ -49,10 +49,16 @@ def cohort() -> list[MaskingKey]:
     return [MaskingKey.generate(f"client-{i}", RUN) for i in range(MAX_CLIENTS)]
 
 
+def _again(cohort: list[MaskingKey]) -> list[MaskingKey]:
+    """The cohort's keys in fresh objects: each test scenario masks as if for the first time
+    (a MaskingKey masks once per context)."""
+    return [MaskingKey(k.client_id, k.run_id, k._private) for k in cohort]
+
+
 def _uploads(keys, cohort, values, context=CONTEXT, masked=True, registry=None):
     registry = registry or MaskRegistry.of(cohort)
     uploads = {}
-    for key, x in zip(cohort, values, strict=True):
+    for key, x in zip(_again(cohort), values, strict=True):
         words = ENCODING.encode(x)
         mask = (
             key.mask(registry, context, words.size + CHECK_WORDS, B)
@@ -110,7 +116,7 @@ def test_parameters_that_cannot_round_exactly_are_refused_and_would_fail(keys, c
     registry = MaskRegistry.of(cohort)
     values = _values(2)
     uploads = {}
-    for key, x in zip(cohort, values, strict=True):
+    for key, x in zip(_again(cohort), values, strict=True):
         words = ENCODING.encode(x)
         uploads[key.client_id] = encrypt(
             low_keys, masked_upload(words, key.mask(registry, CONTEXT, words.size + CHECK_WORDS, B), B)
@@ -190,7 +196,7 @@ def test_masks_are_bound_to_their_run_round_and_stage(cohort, other, field, monk
     def masks() -> tuple[np.ndarray, np.ndarray]:
         registry = MaskRegistry(other.run_id, {k.client_id: k.public_bytes for k in cohort})
         key = MaskingKey(cohort[0].client_id, other.run_id, cohort[0]._private)
-        return cohort[0].mask(MaskRegistry.of(cohort), CONTEXT, LENGTH, B), key.mask(
+        return _again(cohort)[0].mask(MaskRegistry.of(cohort), CONTEXT, LENGTH, B), key.mask(
             registry, other, LENGTH, B
         )
 
@@ -218,13 +224,34 @@ def test_both_ends_of_a_pair_derive_one_seed_and_pairs_differ(cohort):
     assert a.seed(b.client_id, b.public_bytes, CONTEXT) == b.seed(a.client_id, a.public_bytes, CONTEXT)
     assert a.seed(b.client_id, b.public_bytes, CONTEXT) != a.seed(c.client_id, c.public_bytes, CONTEXT)
     total = sum(
-        (k.mask(MaskRegistry.of(cohort), CONTEXT, 1000, B) for k in cohort), np.zeros(1000, dtype=np.uint64)
+        (k.mask(MaskRegistry.of(cohort), CONTEXT, 1000, B) for k in _again(cohort)),
+        np.zeros(1000, dtype=np.uint64),
     )
     np.testing.assert_array_equal(total & np.uint64(2**B - 1), 0)  # the masks cancel
     with pytest.raises(CryptoError, match="unusable"):
         a.seed("evil", bytes(32), CONTEXT)  # a low-order point gives an all-zero secret
     with pytest.raises(CryptoError, match="fresh per run"):
         a.seed(b.client_id, b.public_bytes, MaskContext("run-other", 0, "moments"))
+
+
+def test_a_mask_is_used_once(keys, cohort):
+    """Negative control first: two uploads under one mask (a client that reused it) give the key
+    holder the difference of their values in the clear; the key refuses a second mask."""
+    registry = MaskRegistry.of(cohort)
+    x, y = _values(6, 2)
+    seen = []
+    for values in (x, y):
+        key = _again(cohort)[0]  # the same key material, no memory of the first mask
+        words = ENCODING.encode(values)
+        mask = key.mask(registry, CONTEXT, words.size + CHECK_WORDS, B)
+        seen.append(np.rint(decrypt(keys, encrypt(keys, masked_upload(words, mask, B)))).astype(np.int64))
+    leaked = ENCODING.signed((seen[0] - seen[1]).astype(np.uint64))[:LENGTH]
+    np.testing.assert_array_equal(leaked, ENCODING.quantise(x) - ENCODING.quantise(y))
+    key = _again(cohort)[0]
+    key.mask(registry, CONTEXT, 10, B)
+    with pytest.raises(CryptoError, match="used once"):
+        key.mask(registry, CONTEXT, 10, B)
+    key.mask(registry, MaskContext(RUN, CONTEXT.round + 1, CONTEXT.stage), 10, B)  # the next round
 
 
 def test_the_prg_is_chacha20_keystream_reduced_mod_2_to_the_b():
