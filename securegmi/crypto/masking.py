@@ -3,11 +3,13 @@ Privacy-Preserving Machine Learning", CCS 2017), so that whoever holds the share
 decrypts ONE upload sees words uniform modulo 2^b, whatever the client's values.
 
 Each client holds an X25519 key pair per run (`MaskingKey`); only the public halves are
-registered (`MaskRegistry`). For every round and stage each pair (i, j) derives one seed by
-HKDF-SHA256 over its X25519 shared secret, with an info string that binds the domain, the run
-id, the two client ids in order, the round and the stage: a seed never serves two runs, rounds,
-stages or pairs. ChaCha20 (a keystream over zeros) expands a seed into 64-bit words, reduced
-modulo 2^b (2^b divides 2^64, so the low b bits of a uniform word are uniform). Client i adds
+registered (`MaskRegistry`), each signed with the client's Ed25519 key (`MaskRegistry.verified`:
+unsigned keys would let the server that relays them substitute its own and know every seed).
+For every round and stage each pair (i, j) derives one seed by HKDF-SHA256 over its X25519
+shared secret, with an info string that binds the domain, the run id, the two client ids in
+order, the round and the stage: a seed never serves two runs, rounds, stages or pairs.
+ChaCha20 (a keystream over zeros) expands a seed into 64-bit words, reduced modulo 2^b (2^b
+divides 2^64, so the low b bits of a uniform word are uniform). Client i adds
 
     mask_i = sum_{j > i} PRG(s_ij) - sum_{j < i} PRG(s_ij)   (mod 2^b, ids in sorted order)
 
@@ -43,9 +45,11 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from tenseal import sealapi
 
 from securegmi.crypto.params import CkksParameters
+from securegmi.crypto.signing import SignerRegistry, SigningKey, statement
 from securegmi.errors import CryptoError
 
 MASK_DOMAIN = "securegmi/pairwise-mask/v1"
+ANNOUNCEMENT_DOMAIN = "securegmi/masking-key/v1"
 _KEY_BYTES = 32
 _NONCE = bytes(16)  # one key per (pair, run, round, stage): a fixed nonce never repeats a keystream
 CHECK_WORDS = 4  # words of value 1 per upload: a sum short of a client unmasks them to garbage
@@ -123,6 +127,15 @@ class MaskingKey:
     def __repr__(self) -> str:
         return f"MaskingKey(client={self.client_id!r}, public={self.public_bytes.hex()[:12]}...)"
 
+    def announce(self, signing: SigningKey) -> MaskAnnouncement:
+        """This key's public half for the run, signed with the client's registered Ed25519 key:
+        what the key-agreement stage carries, so that a server relaying the keys cannot
+        substitute its own (it would then share, and know, every seed of the client's masks)."""
+        if signing.client_id != self.client_id:
+            raise CryptoError(f"{self.client_id}'s masking key is announced with its own signing key only")
+        body = announcement_statement(self.run_id, self.client_id, self.public_bytes)
+        return MaskAnnouncement(self.client_id, self.run_id, self.public_bytes, signing.sign(body))
+
     def seed(self, peer_id: str, peer_public: bytes, context: MaskContext) -> bytes:
         """The seed this client shares with `peer_id` for `context` (both ends derive the same)."""
         if context.run_id != self.run_id:
@@ -167,6 +180,21 @@ class MaskingKey:
         return total & _low_bits(word_bits)
 
 
+def announcement_statement(run_id: str, client_id: str, public: bytes) -> bytes:
+    """What a masking key's announcement signs: the run, the client and the public key."""
+    return statement(ANNOUNCEMENT_DOMAIN, {"run": run_id, "client": client_id, "public": public.hex()})
+
+
+@dataclass(frozen=True)
+class MaskAnnouncement:
+    """One client's masking public key for one run, and its Ed25519 signature (hex)."""
+
+    client_id: str
+    run_id: str
+    public_bytes: bytes
+    signature: str
+
+
 class MaskRegistry:
     """The cohort's masking public keys by client id: what the server holds and relays (public
     bytes only). The mask graph is the whole registry: a sum unmasks only over all of it."""
@@ -186,6 +214,27 @@ class MaskRegistry:
         if len(runs) != 1:
             raise CryptoError("a registry's masking keys all belong to one run")
         return cls(runs.pop(), {k.client_id: k.public_bytes for k in keys})
+
+    @classmethod
+    def verified(
+        cls, run_id: str, announcements: Sequence[MaskAnnouncement], signers: SignerRegistry
+    ) -> MaskRegistry:
+        """The registry of announcements for `run_id` whose signatures verify against the study's
+        registered signing keys; `CryptoError` (naming the client) for any other: a key
+        substituted on the way, an announcement replayed from another run, or a client twice."""
+        keys: dict[str, bytes] = {}
+        for a in announcements:
+            if a.run_id != run_id:
+                raise CryptoError(f"{a.client_id}'s masking key was announced for another run")
+            if a.client_id in keys:
+                raise CryptoError(f"{a.client_id} announced two masking keys")
+            body = announcement_statement(run_id, a.client_id, a.public_bytes)
+            try:
+                signers.verify(a.client_id, body, a.signature)
+            except CryptoError as exc:
+                raise CryptoError(f"{a.client_id}'s masking key is refused: {exc}") from None
+            keys[a.client_id] = a.public_bytes
+        return cls(run_id, keys)
 
     def __getitem__(self, client: str) -> bytes:
         return self._keys[client]

@@ -26,6 +26,7 @@ from securegmi.crypto.masking import (
     unmask_sum,
 )
 from securegmi.crypto.params import CkksParameters
+from securegmi.crypto.signing import SignerRegistry, SigningKey
 from securegmi.errors import CryptoError
 
 from ..secret_walk import secret_holders
@@ -300,3 +301,34 @@ def test_fixed_point_encoding_round_trips_signed_sums_and_refuses_what_would_wra
         FixedPoint(
             word_bits=B, frac_bits=12, value_bound=64.0, max_clients=MAX_CLIENTS, headroom=2 ** (B - 1)
         )
+
+
+def test_announced_keys_verify_and_a_substituted_key_is_refused(cohort):
+    """The server relays the masking keys. Negative control: if it could substitute its own for
+    every peer of client 0 (unverified), it would share, and so know, all of client 0's seeds,
+    and recompute client 0's mask exactly; the signed announcements refuse the substitution."""
+    signing = {k.client_id: SigningKey.generate(k.client_id) for k in cohort}
+    signers = SignerRegistry.of(signing)
+    announced = [k.announce(signing[k.client_id]) for k in cohort]
+    assert dict(MaskRegistry.verified(RUN, announced, signers)._keys) == dict(MaskRegistry.of(cohort)._keys)
+    fakes = {k.client_id: MaskingKey.generate(k.client_id, RUN) for k in cohort[1:]}  # the server's
+    forged = [announced[0]] + [
+        dataclasses.replace(a, public_bytes=fakes[a.client_id].public_bytes) for a in announced[1:]
+    ]
+    victim_view = MaskRegistry(RUN, {a.client_id: a.public_bytes for a in forged})
+    victim_mask = _again(cohort)[0].mask(victim_view, CONTEXT, 1000, B)
+    recomputed = np.zeros(1000, dtype=np.uint64)
+    for fake in fakes.values():
+        words = prg_words(fake.seed("client-0", cohort[0].public_bytes, CONTEXT), 1000, B)
+        recomputed = recomputed + words if fake.client_id > "client-0" else recomputed - words
+    np.testing.assert_array_equal(recomputed & np.uint64(2**B - 1), victim_mask)  # the attack works
+    with pytest.raises(CryptoError, match="client-1's masking key is refused"):
+        MaskRegistry.verified(RUN, forged, signers)
+    with pytest.raises(CryptoError, match="another run"):
+        MaskRegistry.verified("run-other", announced, signers)
+    with pytest.raises(CryptoError, match="own signing key"):
+        cohort[0].announce(signing["client-1"])
+    # An announcement for another run, re-labelled: its signature covers the run, so it fails.
+    other = MaskingKey(cohort[1].client_id, "run-other", cohort[1]._private).announce(signing["client-1"])
+    with pytest.raises(CryptoError, match="refused"):
+        MaskRegistry.verified(RUN, [announced[0], dataclasses.replace(other, run_id=RUN)], signers)
