@@ -29,6 +29,7 @@ from securegmi.crypto.envelope import decrypt, encrypt
 from securegmi.crypto.keys import SecretContext
 from securegmi.crypto.masking import (
     CHECK_WORDS,
+    ExpectedCohort,
     FixedPoint,
     MaskContext,
     MaskingKey,
@@ -64,7 +65,8 @@ def masking_rows(cohorts: list[int], length: int) -> list[dict[str, float]]:
         rng = np.random.default_rng(0)
         values = rng.uniform(-1, 1, (clients, length))
         start = time.perf_counter()
-        masks = [k.mask(registry, context, length + CHECK_WORDS, params.word_bits) for k in cohort]
+        expected = ExpectedCohort.of(registry, clients)
+        masks = [k.mask(registry, context, length + CHECK_WORDS, params.word_bits, expected) for k in cohort]
         mask_seconds = (time.perf_counter() - start) / clients
         start = time.perf_counter()
         uploads = {

@@ -7,7 +7,10 @@ registered (`MaskRegistry`), each signed with the client's Ed25519 key (`MaskReg
 unsigned keys would let the server that relays them substitute its own and know every seed).
 For every round and stage each pair (i, j) derives one seed by HKDF-SHA256 over its X25519
 shared secret, with an info string that binds the domain, the run id, the two client ids in
-order, the round and the stage: a seed never serves two runs, rounds, stages or pairs.
+order, the round, the stage and the digest of the whole registry (sorted ids and keys): a seed
+never serves two runs, rounds, stages, pairs or views of the cohort. A client masks only over a
+registry that is exactly the cohort it expects (`ExpectedCohort`, from the study's signer
+registry): a server-chosen subset would leave its mask to the few peers in it.
 ChaCha20 (a keystream over zeros) expands a seed into 64-bit words, reduced modulo 2^b (2^b
 divides 2^64, so the low b bits of a uniform word are uniform). Client i adds
 
@@ -30,9 +33,10 @@ encoding are ours.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from types import MappingProxyType
@@ -79,14 +83,47 @@ class MaskContext:
             raise CryptoError(f"a mask context's round is a non-negative integer, got {self.round!r}")
 
 
-def _info(context: MaskContext, low: str, high: str) -> bytes:
-    """HKDF's info: canonical JSON, so no two (run, pair, round, stage) give the same string."""
+@dataclass(frozen=True)
+class ExpectedCohort:
+    """The client ids a mask must run over, as the CLIENT knows them (the study's signer
+    registry, not the server's word), and the least cohort the study declared.
+
+    Why a client needs it: a server that relays only {client-0, client-1} to client 0 makes
+    client 0's whole mask PRG(s_01), which client 1 knows; if client 1 also holds the shared
+    CKKS key it reads client 0's values. A mask over exactly the declared cohort (at least
+    `min_clients` of it) leaves every honest peer's seed in it."""
+
+    members: frozenset[str]
+    min_clients: int
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.min_clients, int) and self.min_clients >= 2):
+            raise CryptoError(f"a masking cohort's declared minimum is at least 2, got {self.min_clients!r}")
+        if not all(isinstance(m, str) and m for m in self.members):
+            raise CryptoError("a masking cohort's members are non-empty client ids")
+        if len(self.members) < self.min_clients:
+            raise CryptoError(
+                f"the expected cohort has {len(self.members)} members, below the declared minimum "
+                f"{self.min_clients}: masks over fewer would expose a client to fewer colluders"
+            )
+
+    @classmethod
+    def of(cls, members: Iterable[str], min_clients: int) -> ExpectedCohort:
+        """From any list of ids (e.g. a SignerRegistry, which iterates over its client ids)."""
+        return cls(frozenset(members), min_clients)
+
+
+def _info(context: MaskContext, low: str, high: str, roster: str) -> bytes:
+    """HKDF's info: canonical JSON, so no two (run, pair, round, stage, roster) give the same
+    string. The roster digest (`MaskRegistry.digest`) makes clients that were shown different
+    registries derive unrelated seeds, so the sum refuses instead of unmasking a split view."""
     content = {
         "domain": MASK_DOMAIN,
         "run": context.run_id,
         "pair": [low, high],
         "round": context.round,
         "stage": context.stage,
+        "roster": roster,
     }
     return json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
 
@@ -136,8 +173,9 @@ class MaskingKey:
         body = announcement_statement(self.run_id, self.client_id, self.public_bytes)
         return MaskAnnouncement(self.client_id, self.run_id, self.public_bytes, signing.sign(body))
 
-    def seed(self, peer_id: str, peer_public: bytes, context: MaskContext) -> bytes:
-        """The seed this client shares with `peer_id` for `context` (both ends derive the same)."""
+    def seed(self, peer_id: str, peer_public: bytes, context: MaskContext, roster: str) -> bytes:
+        """The seed this client shares with `peer_id` for `context` under the registry whose
+        digest is `roster` (both ends derive the same when they saw the same registry)."""
         if context.run_id != self.run_id:
             raise CryptoError(
                 f"{self.client_id}'s masking key is for run {self.run_id[:12]!r}, not "
@@ -150,12 +188,24 @@ class MaskingKey:
         except ValueError as exc:  # a malformed or low-order public key (all-zero secret)
             raise CryptoError(f"{peer_id}'s masking public key is unusable: {exc}") from None
         low, high = sorted((self.client_id, peer_id))
-        hkdf = HKDF(algorithm=hashes.SHA256(), length=_KEY_BYTES, salt=None, info=_info(context, low, high))
+        hkdf = HKDF(
+            algorithm=hashes.SHA256(), length=_KEY_BYTES, salt=None, info=_info(context, low, high, roster)
+        )
         return hkdf.derive(shared)
 
-    def mask(self, registry: MaskRegistry, context: MaskContext, length: int, word_bits: int) -> np.ndarray:
+    def mask(
+        self,
+        registry: MaskRegistry,
+        context: MaskContext,
+        length: int,
+        word_bits: int,
+        cohort: ExpectedCohort,
+    ) -> np.ndarray:
         """This client's mask for `length` words: the pairwise PRG words, added for peers after
         it in sorted order and subtracted for peers before it, modulo 2^word_bits.
+
+        The registry must hold exactly the `cohort` the client expects: a server-chosen subset
+        would leave the client's mask to the few peers in it (`ExpectedCohort`).
 
         A mask is used once: two uploads under one mask differ by the difference of their
         values, in the clear to whoever decrypts both (a two-time pad), so a second mask for the
@@ -163,6 +213,7 @@ class MaskingKey:
         payload as one vector."""
         if self.client_id not in registry or registry[self.client_id] != self.public_bytes:
             raise CryptoError(f"{self.client_id}'s masking key is not the one the registry holds")
+        _check_cohort(registry, cohort)
         if context in self._used:
             raise CryptoError(
                 f"{self.client_id} already masked an upload for round {context.round}, stage "
@@ -171,13 +222,26 @@ class MaskingKey:
             )
         self._used.add(context)
         total = np.zeros(length, dtype=np.uint64)
+        roster = registry.digest()
         for peer in registry:
             if peer == self.client_id:
                 continue
-            words = prg_words(self.seed(peer, registry[peer], context), length, word_bits)
+            words = prg_words(self.seed(peer, registry[peer], context, roster), length, word_bits)
             # uint64 arithmetic wraps modulo 2^64, and 2^word_bits divides 2^64.
             total = total + words if self.client_id < peer else total - words
         return total & _low_bits(word_bits)
+
+
+def _check_cohort(registry: MaskRegistry, cohort: ExpectedCohort) -> None:
+    present = frozenset(registry)
+    if present != cohort.members:
+        missing = sorted(cohort.members - present)
+        extra = sorted(present - cohort.members)
+        raise CryptoError(
+            f"the masking registry is not the expected cohort (missing {missing}, unexpected {extra}): "
+            "a mask over a subset would leave this client's values to the few peers in it; refusing "
+            "to mask. Take the cohort from the study's signer registry, not from the server"
+        )
 
 
 def announcement_statement(run_id: str, client_id: str, public: bytes) -> bytes:
@@ -250,6 +314,13 @@ class MaskRegistry:
 
     def __repr__(self) -> str:
         return f"MaskRegistry(run={self.run_id[:12]!r}, {len(self)} clients)"
+
+    def digest(self) -> str:
+        """SHA-256 (hex) of the sorted (client id, public key) list: what every seed binds, so
+        that two clients shown different registries share no seed."""
+        roster = [[c, k.hex()] for c, k in self._keys.items()]  # sorted at construction
+        body = json.dumps(roster, separators=(",", ":")).encode()  # the run is in the info already
+        return hashlib.sha256(body).hexdigest()
 
     def to_json(self) -> dict[str, object]:
         return {

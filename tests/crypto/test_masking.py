@@ -16,6 +16,7 @@ from securegmi.crypto.keys import SecretContext
 from securegmi.crypto.masking import (
     CHECK_WORDS,
     ERROR_LIMIT,
+    ExpectedCohort,
     FixedPoint,
     MaskContext,
     MaskingKey,
@@ -40,6 +41,11 @@ RUN = "run-0123456789abcdef"
 CONTEXT = MaskContext(RUN, 3, "moments")
 
 
+def _cohort_of(keys) -> ExpectedCohort:
+    """What each client expects: the whole cohort of the study (here, every key made)."""
+    return ExpectedCohort.of((k.client_id for k in keys), MAX_CLIENTS)
+
+
 @pytest.fixture(scope="module")
 def keys() -> SecretContext:
     return SecretContext.generate(PARAMS.ckks)
@@ -62,7 +68,7 @@ def _uploads(keys, cohort, values, context=CONTEXT, masked=True, registry=None):
     for key, x in zip(_again(cohort), values, strict=True):
         words = ENCODING.encode(x)
         mask = (
-            key.mask(registry, context, words.size + CHECK_WORDS, B)
+            key.mask(registry, context, words.size + CHECK_WORDS, B, _cohort_of(cohort))
             if masked
             else np.zeros(words.size + CHECK_WORDS, dtype=np.uint64)
         )
@@ -120,7 +126,10 @@ def test_parameters_that_cannot_round_exactly_are_refused_and_would_fail(keys, c
     for key, x in zip(_again(cohort), values, strict=True):
         words = ENCODING.encode(x)
         uploads[key.client_id] = encrypt(
-            low_keys, masked_upload(words, key.mask(registry, CONTEXT, words.size + CHECK_WORDS, B), B)
+            low_keys,
+            masked_upload(
+                words, key.mask(registry, CONTEXT, words.size + CHECK_WORDS, B, _cohort_of(cohort)), B
+            ),
         )
     decrypted = _sum(low_keys, uploads)
     assert np.max(np.abs(decrypted - np.rint(decrypted))) > 0.25  # values land between integers
@@ -197,16 +206,16 @@ def test_masks_are_bound_to_their_run_round_and_stage(cohort, other, field, monk
     def masks() -> tuple[np.ndarray, np.ndarray]:
         registry = MaskRegistry(other.run_id, {k.client_id: k.public_bytes for k in cohort})
         key = MaskingKey(cohort[0].client_id, other.run_id, cohort[0]._private)
-        return _again(cohort)[0].mask(MaskRegistry.of(cohort), CONTEXT, LENGTH, B), key.mask(
-            registry, other, LENGTH, B
-        )
+        return _again(cohort)[0].mask(
+            MaskRegistry.of(cohort), CONTEXT, LENGTH, B, _cohort_of(cohort)
+        ), key.mask(registry, other, LENGTH, B, _cohort_of(cohort))
 
     assert _unrelated(*masks())
     # Negative control: an info string that forgets the field replays the masks.
     original = masking._info
 
-    def forgetful(context, low, high):
-        return original(dataclasses.replace(context, **{field: getattr(CONTEXT, field)}), low, high)
+    def forgetful(context, low, high, roster):
+        return original(dataclasses.replace(context, **{field: getattr(CONTEXT, field)}), low, high, roster)
 
     monkeypatch.setattr(masking, "_info", forgetful)
     assert not _unrelated(*masks())
@@ -222,17 +231,18 @@ def test_an_upload_masked_for_another_round_does_not_unmask(keys, cohort):
 
 def test_both_ends_of_a_pair_derive_one_seed_and_pairs_differ(cohort):
     a, b, c = cohort[:3]
-    assert a.seed(b.client_id, b.public_bytes, CONTEXT) == b.seed(a.client_id, a.public_bytes, CONTEXT)
-    assert a.seed(b.client_id, b.public_bytes, CONTEXT) != a.seed(c.client_id, c.public_bytes, CONTEXT)
+    r = MaskRegistry.of(cohort).digest()
+    assert a.seed(b.client_id, b.public_bytes, CONTEXT, r) == b.seed(a.client_id, a.public_bytes, CONTEXT, r)
+    assert a.seed(b.client_id, b.public_bytes, CONTEXT, r) != a.seed(c.client_id, c.public_bytes, CONTEXT, r)
     total = sum(
-        (k.mask(MaskRegistry.of(cohort), CONTEXT, 1000, B) for k in _again(cohort)),
+        (k.mask(MaskRegistry.of(cohort), CONTEXT, 1000, B, _cohort_of(cohort)) for k in _again(cohort)),
         np.zeros(1000, dtype=np.uint64),
     )
     np.testing.assert_array_equal(total & np.uint64(2**B - 1), 0)  # the masks cancel
     with pytest.raises(CryptoError, match="unusable"):
-        a.seed("evil", bytes(32), CONTEXT)  # a low-order point gives an all-zero secret
+        a.seed("evil", bytes(32), CONTEXT, r)  # a low-order point gives an all-zero secret
     with pytest.raises(CryptoError, match="fresh per run"):
-        a.seed(b.client_id, b.public_bytes, MaskContext("run-other", 0, "moments"))
+        a.seed(b.client_id, b.public_bytes, MaskContext("run-other", 0, "moments"), r)
 
 
 def test_a_mask_is_used_once(keys, cohort):
@@ -244,15 +254,17 @@ def test_a_mask_is_used_once(keys, cohort):
     for values in (x, y):
         key = _again(cohort)[0]  # the same key material, no memory of the first mask
         words = ENCODING.encode(values)
-        mask = key.mask(registry, CONTEXT, words.size + CHECK_WORDS, B)
+        mask = key.mask(registry, CONTEXT, words.size + CHECK_WORDS, B, _cohort_of(cohort))
         seen.append(np.rint(decrypt(keys, encrypt(keys, masked_upload(words, mask, B)))).astype(np.int64))
     leaked = ENCODING.signed((seen[0] - seen[1]).astype(np.uint64))[:LENGTH]
     np.testing.assert_array_equal(leaked, ENCODING.quantise(x) - ENCODING.quantise(y))
     key = _again(cohort)[0]
-    key.mask(registry, CONTEXT, 10, B)
+    key.mask(registry, CONTEXT, 10, B, _cohort_of(cohort))
     with pytest.raises(CryptoError, match="used once"):
-        key.mask(registry, CONTEXT, 10, B)
-    key.mask(registry, MaskContext(RUN, CONTEXT.round + 1, CONTEXT.stage), 10, B)  # the next round
+        key.mask(registry, CONTEXT, 10, B, _cohort_of(cohort))
+    key.mask(
+        registry, MaskContext(RUN, CONTEXT.round + 1, CONTEXT.stage), 10, B, _cohort_of(cohort)
+    )  # the next round
 
 
 def test_the_prg_is_chacha20_keystream_reduced_mod_2_to_the_b():
@@ -316,10 +328,11 @@ def test_announced_keys_verify_and_a_substituted_key_is_refused(cohort):
         dataclasses.replace(a, public_bytes=fakes[a.client_id].public_bytes) for a in announced[1:]
     ]
     victim_view = MaskRegistry(RUN, {a.client_id: a.public_bytes for a in forged})
-    victim_mask = _again(cohort)[0].mask(victim_view, CONTEXT, 1000, B)
+    victim_mask = _again(cohort)[0].mask(victim_view, CONTEXT, 1000, B, _cohort_of(cohort))
     recomputed = np.zeros(1000, dtype=np.uint64)
     for fake in fakes.values():
-        words = prg_words(fake.seed("client-0", cohort[0].public_bytes, CONTEXT), 1000, B)
+        seed = fake.seed("client-0", cohort[0].public_bytes, CONTEXT, victim_view.digest())
+        words = prg_words(seed, 1000, B)
         recomputed = recomputed + words if fake.client_id > "client-0" else recomputed - words
     np.testing.assert_array_equal(recomputed & np.uint64(2**B - 1), victim_mask)  # the attack works
     with pytest.raises(CryptoError, match="client-1's masking key is refused"):
@@ -332,3 +345,68 @@ def test_announced_keys_verify_and_a_substituted_key_is_refused(cohort):
     other = MaskingKey(cohort[1].client_id, "run-other", cohort[1]._private).announce(signing["client-1"])
     with pytest.raises(CryptoError, match="refused"):
         MaskRegistry.verified(RUN, [announced[0], dataclasses.replace(other, run_id=RUN)], signers)
+
+
+def test_a_registry_that_is_not_the_expected_cohort_is_refused(keys, cohort, monkeypatch):
+    """A server relays to client 0 only the signed announcements of client 0 and client 1: they
+    verify, but client 0's mask is then PRG(s_01) alone, which client 1 (holding the CKKS key)
+    strips. Negative control: with the cohort check bypassed, client 1 reads client 0's values
+    exactly; with it, client 0 refuses to mask."""
+    signing = {k.client_id: SigningKey.generate(k.client_id) for k in cohort}
+    signers = SignerRegistry.of(signing)
+    announced = [k.announce(signing[k.client_id]) for k in cohort]
+    subset = MaskRegistry.verified(RUN, announced[:2], signers)  # genuine, but two of six
+    expected = ExpectedCohort.of(signers, MAX_CLIENTS)  # the client's own list of the study
+    x = _values(7, 1)[0]
+    words = ENCODING.encode(x)
+    n = words.size + CHECK_WORDS
+
+    def attack() -> np.ndarray:
+        upload = masked_upload(words, _again(cohort)[0].mask(subset, CONTEXT, n, B, expected), B)
+        seen = np.rint(decrypt(keys, encrypt(keys, upload))).astype(np.int64).astype(np.uint64)
+        seed = cohort[1].seed("client-0", cohort[0].public_bytes, CONTEXT, subset.digest())
+        return ENCODING.signed((seen - prg_words(seed, n, B)) & np.uint64(2**B - 1))[:-CHECK_WORDS]
+
+    with pytest.raises(CryptoError, match="not the expected cohort"):
+        attack()
+    with monkeypatch.context() as m:
+        m.setattr(masking, "_check_cohort", lambda registry, cohort: None)
+        np.testing.assert_array_equal(attack(), ENCODING.quantise(x))  # the attack works unchecked
+    # A superset (a server's extra member) is refused too, and so is a cohort below the minimum.
+    extra = MaskRegistry(RUN, {**dict(MaskRegistry.of(cohort)._keys), "server-sybil": bytes(range(32))})
+    with pytest.raises(CryptoError, match="unexpected \\['server-sybil'\\]"):
+        _again(cohort)[0].mask(extra, CONTEXT, n, B, expected)
+    with pytest.raises(CryptoError, match="below the declared minimum"):
+        ExpectedCohort.of(["client-0", "client-1"], MAX_CLIENTS)
+
+
+def test_clients_shown_different_registries_do_not_unmask(keys, cohort, monkeypatch):
+    """Client 5 signed two masking keys (or the server holds two); clients 0-2 are shown one,
+    3-5 the other. Every seed binds the registry's digest, so even the pairs both views agree
+    on derive different seeds and the sum is refused. Negative control: without the digest in
+    the info, a pair inside the split (client 0, client 1 vs client 3) shares its seed."""
+    second = MaskingKey.generate("client-5", RUN)
+    view_a = MaskRegistry.of(cohort)
+    view_b = MaskRegistry.of([*cohort[:5], second])
+    assert view_a.digest() != view_b.digest()
+    expected = _cohort_of(cohort)
+    values = _values(8)
+    fresh = [*_again(cohort)[:5], second]
+    uploads = {}
+    for i, (key, x) in enumerate(zip(fresh, values, strict=True)):
+        w = ENCODING.encode(x)
+        view = view_a if i < 3 else view_b
+        uploads[key.client_id] = encrypt(
+            keys, masked_upload(w, key.mask(view, CONTEXT, w.size + CHECK_WORDS, B, expected), B)
+        )
+    with pytest.raises(CryptoError, match="does not unmask"):
+        unmask_sum(_sum(keys, uploads), PARAMS, contributors=len(cohort))
+    a, d = cohort[0], cohort[3]
+    assert a.seed(d.client_id, d.public_bytes, CONTEXT, view_a.digest()) != d.seed(
+        a.client_id, a.public_bytes, CONTEXT, view_b.digest()
+    )
+    original = masking._info
+    monkeypatch.setattr(masking, "_info", lambda c, low, high, roster: original(c, low, high, ""))
+    assert a.seed(d.client_id, d.public_bytes, CONTEXT, view_a.digest()) == d.seed(
+        a.client_id, a.public_bytes, CONTEXT, view_b.digest()
+    )
