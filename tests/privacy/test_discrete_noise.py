@@ -21,6 +21,7 @@ from securegmi.privacy.discrete_noise import (
     IntegerSensitivity,
     SecureIntegers,
     ddg_rdp,
+    ddg_tau,
     discrete_gaussian,
     epsilon_ddg,
     sigma_for_epsilon,
@@ -135,6 +136,45 @@ def test_the_renyi_bound_holds_against_the_summed_pmfs_own_divergence(sigma, sha
     assert all(n <= b * (1 + 1e-9) + 1e-12 for n, b in zip(numeric, bound, strict=True))
     wrong = [ddg_rdp(a, sensitivity, sigma, shares + 1) for a in orders]
     assert any(n > w for n, w in zip(numeric, wrong, strict=True))
+
+
+def _rdp_with_unscaled_tau(alpha: float, l2: float, l1: float, sigma: float, shares: int) -> float:
+    """The broken variant of Kairouz et al.'s Prop. 14: the tau terms as if d were 1."""
+    tau, n_s2 = ddg_tau(sigma, shares), shares * sigma**2
+    return min(
+        alpha * l2**2 / (2 * n_s2) + tau,
+        alpha / 2 * (l2**2 / n_s2 + 2 * l1 * tau / math.sqrt(n_s2) + tau**2),
+        alpha / 2 * (l2 / math.sqrt(n_s2) + tau) ** 2,
+    )
+
+
+def _d_dimensional(sigma: float, shares: int, dimension: int, orders: tuple[int, ...]):
+    """A shift of one step in every one of d independent coordinates (D2 = sqrt(d), D1 = d):
+    the product's divergence is d times the 1-d divergence of the exact summed pmf."""
+    sensitivity = IntegerSensitivity(math.sqrt(dimension), dimension, dimension)
+    log_p = _log_summed_pmf(sigma, shares, int(12 * sigma) + 30)
+    return sensitivity, [dimension * _renyi(log_p, 1, a) for a in orders]
+
+
+@pytest.mark.parametrize(
+    ("sigma", "shares", "dimension"), [(0.5, 2, 16), (0.5, 3, 16), (0.6, 2, 64), (0.8, 4, 100), (1.0, 2, 256)]
+)
+def test_the_renyi_bound_holds_in_d_dimensions(sigma, shares, dimension):
+    orders = (2, 3, 4, 6, 8)
+    sensitivity, truth = _d_dimensional(sigma, shares, dimension, orders)
+    bound = [ddg_rdp(a, sensitivity, sigma, shares) for a in orders]
+    assert all(t <= b * (1 + 1e-9) for t, b in zip(truth, bound, strict=True))
+
+
+@pytest.mark.parametrize(("sigma", "shares", "dimension"), [(0.5, 2, 16), (0.5, 3, 16)])
+def test_negative_control_tau_not_scaled_by_d_falls_below_the_truth(sigma, shares, dimension):
+    """Where tau is not negligible (small sigma), the tau terms taken as if d were 1 understate
+    the d-dimensional divergence: the test above would catch that variant."""
+    orders = (2, 3, 4, 6, 8)
+    sensitivity, truth = _d_dimensional(sigma, shares, dimension, orders)
+    unscaled = [_rdp_with_unscaled_tau(a, sensitivity.l2, sensitivity.l1, sigma, shares) for a in orders]
+    assert any(t > u for t, u in zip(truth, unscaled, strict=True))
+    assert truth[2] > unscaled[2]  # alpha = 4
 
 
 def _hockey_stick_epsilon(p: np.ndarray, shift: int, delta: float) -> float:
