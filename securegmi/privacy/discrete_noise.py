@@ -134,7 +134,9 @@ def sigma_squared_of(sigma: float, denominator: int = 2**20) -> Fraction:
     """A rational sigma^2 at least `sigma`^2 (never below: rounding up only adds noise)."""
     if not (sigma > 0 and math.isfinite(sigma)):
         raise PrivacyError(f"sigma must be positive and finite, got {sigma!r}")
-    return Fraction(math.ceil(sigma * sigma * denominator), denominator)
+    # Exact rational arithmetic: the float product sigma * sigma can round below the true
+    # square onto a multiple of 1/denominator, and the ceiling would then not lift it.
+    return Fraction(math.ceil(Fraction(sigma) ** 2 * denominator), denominator)
 
 
 @dataclass(frozen=True)

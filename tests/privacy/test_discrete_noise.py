@@ -260,6 +260,32 @@ def test_sigma_for_epsilon_inverts_the_account():
     assert epsilon_ddg(sensitivity, sigma / 1.002, 4, 10, 1e-5) > 2.0
 
 
+def _awkward_sigmas() -> list[float]:
+    """Square roots of integers and of grid multiples, and their neighbouring floats: where
+    sigma * sigma in floating point lands on (or just below) a multiple of 2^-20."""
+    out = [0.5, 1.0, 1e-3, 1e6, 0.1, 1 / 3, math.pi]
+    for k in range(1, 3000):
+        for root in (math.sqrt(k), math.sqrt(k / 1024), math.sqrt(k / 2**20)):
+            out += [root, math.nextafter(root, math.inf), math.nextafter(root, 0.0)]
+    return out
+
+
+def test_sigma_squared_is_never_below_sigma_squared_exactly():
+    """The sampled variance must be at least the one the account used: compared as exact
+    rationals (Fraction(s) is the float exactly). Negative control: the float product rounded
+    down to the grid falls below, on the same grid; the float product ceiled (the previous
+    code) falls below too, where its rounding lands on a grid point."""
+    sigmas = _awkward_sigmas()
+    assert all(sigma_squared_of(s) >= Fraction(s) ** 2 for s in sigmas)
+    assert all(sigma_squared_of(s) >= s * s for s in sigmas)
+    denominator = 2**20
+    floored = [Fraction(math.floor(s * s * denominator), denominator) for s in sigmas]
+    assert any(f < Fraction(s) ** 2 for f, s in zip(floored, sigmas, strict=True))
+    ceiled_float = [Fraction(math.ceil(s * s * denominator), denominator) for s in sigmas]
+    assert any(c < Fraction(s) ** 2 for c, s in zip(ceiled_float, sigmas, strict=True))
+    assert sigma_squared_of(4.123105625617661) >= Fraction(4.123105625617661) ** 2  # sqrt(17)
+
+
 def test_wrap_headroom_bounds_the_summed_noise():
     sigma, shares, d = 50.0, 4, 2000
     headroom = wrap_headroom(sigma, shares, d, 1e-6)
