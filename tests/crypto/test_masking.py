@@ -105,6 +105,12 @@ def test_a_full_cohorts_masked_sum_decodes_to_the_exact_sum(keys, cohort):
     exact = sum(ENCODING.quantise(x) for x in values)
     np.testing.assert_array_equal(ENCODING.signed(words), exact)
     np.testing.assert_allclose(ENCODING.decode(words), values.sum(0), atol=len(cohort) * 2.0**-13)
+    # The rounding refusal on its own: the same sum (check words intact) with one value moved
+    # 0.3 off its integer is refused for rounding, not for the check words.
+    nudged = decrypted.copy()
+    nudged[7] += 0.3
+    with pytest.raises(CryptoError, match="from an integer, beyond the parameters' bound"):
+        unmask_sum(nudged, PARAMS, contributors=len(cohort))
 
 
 def test_parameters_that_cannot_round_exactly_are_refused_and_would_fail(keys, cohort):
@@ -133,7 +139,7 @@ def test_parameters_that_cannot_round_exactly_are_refused_and_would_fail(keys, c
         )
     decrypted = _sum(low_keys, uploads)
     assert np.max(np.abs(decrypted - np.rint(decrypted))) > 0.25  # values land between integers
-    with pytest.raises(CryptoError):
+    with pytest.raises(CryptoError, match="from an integer, beyond the parameters' bound"):
         unmask_sum(decrypted, broken, contributors=len(cohort))
 
 
