@@ -79,7 +79,7 @@ def masking_rows(cohorts: list[int], length: int) -> list[dict[str, float]]:
         total = add_updates(server, uploads, n, max_envelope_bytes(server, n))
         assert total.data is not None
         decrypted = decrypt(keys, total.data)
-        words = unmask_sum(decrypted, params, clients)
+        words = unmask_sum(decrypted, params, expected)
         exact = sum(encoding.quantise(x) for x in values)
         assert np.array_equal(encoding.signed(words), exact)
         rows.append(

@@ -523,10 +523,22 @@ def masked_upload(words: np.ndarray, mask: np.ndarray, word_bits: int) -> np.nda
     return upload
 
 
-def unmask_sum(decrypted: np.ndarray, params: MaskingParameters, contributors: int) -> np.ndarray:
+def unmask_sum(
+    decrypted: np.ndarray, params: MaskingParameters, cohort: ExpectedCohort | MaskRegistry
+) -> np.ndarray:
     """The summed words modulo 2^b from a decrypted sum of masked uploads, or `CryptoError` when
     the sum is not the full cohort's: a missing (or extra, or repeated) upload leaves masks that
-    did not cancel, and the check words then do not read `contributors`."""
+    did not cancel, and the check words then do not read the cohort's size.
+
+    The count is the cohort's size, never a number the server supplies: a sum of every upload
+    twice cancels every mask too, and its check words read twice the cohort; only a count
+    taken from the cohort refuses it."""
+    contributors = len(cohort.members) if isinstance(cohort, ExpectedCohort) else len(cohort)
+    if contributors > params.ckks.max_clients:
+        raise CryptoError(
+            f"a cohort of {contributors} is beyond the {params.ckks.max_clients} clients these "
+            "parameters were admitted for: its sum may not round to its integer"
+        )
     values = np.asarray(decrypted, dtype=np.float64)
     if values.size <= CHECK_WORDS or not np.all(np.isfinite(values)):
         raise CryptoError("a masked sum holds finite values and its check words")

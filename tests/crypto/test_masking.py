@@ -101,16 +101,28 @@ def test_a_full_cohorts_masked_sum_decodes_to_the_exact_sum(keys, cohort):
     # CKKS's error stays far inside the bound the parameters were admitted on.
     error = float(np.max(np.abs(decrypted - np.rint(decrypted))))
     assert error < PARAMS.error_bound() / 100
-    words = unmask_sum(decrypted, PARAMS, contributors=len(cohort))
+    words = unmask_sum(decrypted, PARAMS, _cohort_of(cohort))
     exact = sum(ENCODING.quantise(x) for x in values)
     np.testing.assert_array_equal(ENCODING.signed(words), exact)
     np.testing.assert_allclose(ENCODING.decode(words), values.sum(0), atol=len(cohort) * 2.0**-13)
+    # The whole sum twice (a server that adds the aggregate to itself) cancels every mask too.
+    # Negative control: its check words read 2n, so a count the server supplies (2n) would
+    # accept it and release twice the sum; the count taken from the cohort refuses it.
+    doubled = 2 * decrypted
+    check = ENCODING.signed(np.rint(doubled[-CHECK_WORDS:]).astype(np.int64).astype(np.uint64))
+    np.testing.assert_array_equal(check, 2 * len(cohort))
+    with pytest.raises(CryptoError, match="does not unmask"):
+        unmask_sum(doubled, PARAMS, _cohort_of(cohort))
+    with pytest.raises(CryptoError, match="does not unmask"):
+        unmask_sum(doubled, PARAMS, MaskRegistry.of(cohort))
+    with pytest.raises(CryptoError, match="beyond the 6 clients"):
+        unmask_sum(doubled, PARAMS, ExpectedCohort.of([f"c{i}" for i in range(12)], 2))
     # The rounding refusal on its own: the same sum (check words intact) with one value moved
     # 0.3 off its integer is refused for rounding, not for the check words.
     nudged = decrypted.copy()
     nudged[7] += 0.3
     with pytest.raises(CryptoError, match="from an integer, beyond the parameters' bound"):
-        unmask_sum(nudged, PARAMS, contributors=len(cohort))
+        unmask_sum(nudged, PARAMS, _cohort_of(cohort))
 
 
 def test_parameters_that_cannot_round_exactly_are_refused_and_would_fail(keys, cohort):
@@ -140,7 +152,7 @@ def test_parameters_that_cannot_round_exactly_are_refused_and_would_fail(keys, c
     decrypted = _sum(low_keys, uploads)
     assert np.max(np.abs(decrypted - np.rint(decrypted))) > 0.25  # values land between integers
     with pytest.raises(CryptoError, match="from an integer, beyond the parameters' bound"):
-        unmask_sum(decrypted, broken, contributors=len(cohort))
+        unmask_sum(decrypted, broken, _cohort_of(cohort))
 
 
 def _word_stats(words_a: np.ndarray, words_b: np.ndarray) -> float:
@@ -180,16 +192,16 @@ def test_a_sum_short_of_a_client_or_with_one_twice_is_refused(keys, cohort):
     short = {k: v for k, v in uploads.items() if k != "client-2"}
     decrypted = _sum(keys, short)
     with pytest.raises(CryptoError, match="does not unmask"):
-        unmask_sum(decrypted, PARAMS, contributors=len(short))
+        unmask_sum(decrypted, PARAMS, ExpectedCohort.of(short, len(short)))
     with pytest.raises(CryptoError, match="does not unmask"):
-        unmask_sum(decrypted, PARAMS, contributors=len(cohort))
+        unmask_sum(decrypted, PARAMS, _cohort_of(cohort))
     # Negative control: without the check words the short sum would decode, silently wrong.
     words = np.rint(decrypted[:-CHECK_WORDS]).astype(np.int64).astype(np.uint64)
     present = sum(ENCODING.quantise(x) for i, x in enumerate(values) if i != 2)
     assert np.mean(ENCODING.signed(words) == present) < 1e-3
     doubled = {**uploads, "again": uploads["client-0"]}
     with pytest.raises(CryptoError, match="does not unmask"):
-        unmask_sum(_sum(keys, doubled), PARAMS, contributors=len(doubled))
+        unmask_sum(_sum(keys, doubled), PARAMS, _cohort_of(cohort))
 
 
 def _unrelated(a: np.ndarray, b: np.ndarray) -> bool:
@@ -232,7 +244,7 @@ def test_an_upload_masked_for_another_round_does_not_unmask(keys, cohort):
     uploads = _uploads(keys, cohort, values)
     uploads["client-1"] = _uploads(keys, cohort, values, context=MaskContext(RUN, 2, "moments"))["client-1"]
     with pytest.raises(CryptoError, match="does not unmask"):
-        unmask_sum(_sum(keys, uploads), PARAMS, contributors=len(cohort))
+        unmask_sum(_sum(keys, uploads), PARAMS, _cohort_of(cohort))
 
 
 def test_both_ends_of_a_pair_derive_one_seed_and_pairs_differ(cohort):
@@ -406,7 +418,7 @@ def test_clients_shown_different_registries_do_not_unmask(keys, cohort, monkeypa
             keys, masked_upload(w, key.mask(view, CONTEXT, w.size + CHECK_WORDS, B, expected), B)
         )
     with pytest.raises(CryptoError, match="does not unmask"):
-        unmask_sum(_sum(keys, uploads), PARAMS, contributors=len(cohort))
+        unmask_sum(_sum(keys, uploads), PARAMS, _cohort_of(cohort))
     a, d = cohort[0], cohort[3]
     assert a.seed(d.client_id, d.public_bytes, CONTEXT, view_a.digest()) != d.seed(
         a.client_id, a.public_bytes, CONTEXT, view_b.digest()
