@@ -428,3 +428,20 @@ def test_clients_shown_different_registries_do_not_unmask(keys, cohort, monkeypa
     assert a.seed(d.client_id, d.public_bytes, CONTEXT, view_a.digest()) == d.seed(
         a.client_id, a.public_bytes, CONTEXT, view_b.digest()
     )
+
+
+def test_a_word_that_holds_one_value_but_not_the_cohorts_sum_is_refused():
+    """At step 2^-(b-9) a value of magnitude 64 takes 2^(b-3): one fits the b-bit word, six
+    reach 1.5 2^(b-1). Negative control: the same grid admitted for one client (the check
+    counting a single value) lets six values of 63.9 wrap to a negative sum."""
+    frac = B - 9
+    single = FixedPoint(word_bits=B, frac_bits=frac, value_bound=64.0, max_clients=1)
+    assert single.max_integer < 2 ** (B - 1) <= MAX_CLIENTS * single.max_integer
+    with pytest.raises(CryptoError, match=f"a sum of {MAX_CLIENTS} values"):
+        FixedPoint(word_bits=B, frac_bits=frac, value_bound=64.0, max_clients=MAX_CLIENTS)
+    values = np.full((MAX_CLIENTS, 3), 63.9)
+    total = sum((single.encode(x) for x in values), np.zeros(3, dtype=np.uint64)) & np.uint64(2**B - 1)
+    assert np.all(single.decode(total) < 0)  # 383.4 decodes with the wrong sign
+    fits = FixedPoint(word_bits=B, frac_bits=frac - 3, value_bound=64.0, max_clients=MAX_CLIENTS)
+    total = sum((fits.encode(x) for x in values), np.zeros(3, dtype=np.uint64)) & np.uint64(2**B - 1)
+    np.testing.assert_allclose(fits.decode(total), MAX_CLIENTS * 63.9, atol=MAX_CLIENTS * 2.0 ** -(frac - 3))
