@@ -121,9 +121,7 @@ def main() -> None:
         started = time.perf_counter()
         with LoopbackRayHead(work) as head:
             ready = time.perf_counter()
-            run_flower_simulation(
-                config, work / "flower-cluster", ray_address=head.address
-            )
+            run_flower_simulation(config, work / "flower-cluster", ray_address=head.address)
             rows["flower-simulation-cluster"] = {
                 "start_ray_head_s": ready - started,
                 "total_s": time.perf_counter() - ready,

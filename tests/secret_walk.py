@@ -3,7 +3,7 @@ reach (instance dicts, __slots__, containers and their keys, closures, default a
 methods, partials, and the properties of securegmi's own classes) and reports the path to every
 secret it finds: a `SecretContext`, a TenSEAL context holding a secret key, SEAL's secret key or
 the objects built from it (a decryptor, a symmetric encryptor, a key generator), a client's
-Ed25519 signing key, or bytes containing a serialised secret."""
+Ed25519 signing key, its X25519 masking key, or bytes containing a serialised secret."""
 
 from __future__ import annotations
 
@@ -16,12 +16,15 @@ import numpy as np
 import tenseal as ts
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from tenseal import sealapi
 
 from securegmi.crypto.keys import SecretContext
+from securegmi.crypto.masking import MaskingKey
 from securegmi.crypto.signing import SigningKey
 
-# A client's Ed25519 signing key is a client secret too (crypto.signing).
+# A client's Ed25519 signing key (crypto.signing) and its X25519 masking key (crypto.masking)
+# are client secrets too.
 SECRET_TYPES = (
     SecretContext,
     sealapi.SecretKey,
@@ -30,6 +33,8 @@ SECRET_TYPES = (
     sealapi.KeyGenerator,
     SigningKey,
     Ed25519PrivateKey,
+    MaskingKey,
+    X25519PrivateKey,
 )
 _LEAVES = (
     str,
